@@ -1,0 +1,45 @@
+#pragma once
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <string>
+
+#include "../macros.h"
+
+namespace cnn_attention {
+namespace nn {
+
+// Options of ChannelAttention, with the defaults of the Python module:
+//   ChannelAttention(ChannelAttentionOptions(64).reduction(8).pool("avgmax"))
+struct CNN_ATTENTION_API ChannelAttentionOptions {
+  /* implicit */ ChannelAttentionOptions(int64_t channels) : channels_(channels) {}
+  TORCH_ARG(int64_t, channels);
+  TORCH_ARG(int64_t, reduction) = 16;
+  TORCH_ARG(int64_t, min_hidden) = 8;
+  TORCH_ARG(std::string, pool) = "avg";
+  TORCH_ARG(std::string, gate) = "sigmoid";
+};
+
+// SE / CBAM channel attention over cnn_attention::ops::channel_attention; the same
+// parameters (names, shapes, initialisation) as the Python cnn_attention.ChannelAttention.
+class CNN_ATTENTION_API ChannelAttentionImpl
+    : public torch::nn::Cloneable<ChannelAttentionImpl> {
+ public:
+  explicit ChannelAttentionImpl(ChannelAttentionOptions options);
+
+  void reset() override;
+  void reset_parameters();
+  torch::Tensor forward(const torch::Tensor& x);
+  void pretty_print(std::ostream& stream) const override;
+
+  ChannelAttentionOptions options;
+  int64_t hidden = 0;
+  torch::Tensor fc1_weight, fc1_bias, fc2_weight, fc2_bias;
+};
+
+TORCH_MODULE(ChannelAttention);
+
+}  // namespace nn
+}  // namespace cnn_attention

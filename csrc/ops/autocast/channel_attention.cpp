@@ -1,0 +1,48 @@
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include "../channel_attention.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+// Under autocast the op runs in the lower-precision dtype, as convolutions do: the feature
+// map usually arrives in it already, the parameters (float32) are cast to it, and the
+// kernels accumulate in float32 anyway, so nothing is lost but half the bytes moved.
+// float64 inputs are left alone.
+template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
+at::Tensor channel_attention_autocast(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const at::Tensor input = at::autocast::cached_cast(
+      at::autocast::get_lower_precision_fp_from_device_type(device_type), x, device_type);
+  const at::ScalarType param_dtype = input.scalar_type();
+  return channel_attention(
+      input, at::autocast::cached_cast(param_dtype, fc1_weight, device_type),
+      at::autocast::cached_cast(param_dtype, fc1_bias, device_type),
+      at::autocast::cached_cast(param_dtype, fc2_weight, device_type),
+      at::autocast::cached_cast(param_dtype, fc2_bias, device_type), pool, gate);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
+  m.impl("channel_attention",
+         TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
+}
+
+TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
+  m.impl("channel_attention",
+         TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,120 @@
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "../channel_attention.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class ChannelAttentionFunction
+    : public torch::autograd::Function<ChannelAttentionFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& fc1_weight,
+      const std::optional<at::Tensor>& fc1_bias,
+      const at::Tensor& fc2_weight,
+      const std::optional<at::Tensor>& fc2_bias,
+      c10::string_view pool,
+      c10::string_view gate) {
+    ctx->saved_data["pool"] = std::string(pool);
+    ctx->saved_data["gate"] = std::string(gate);
+    ctx->saved_data["has_fc1_bias"] = fc1_bias.has_value();
+    ctx->saved_data["has_fc2_bias"] = fc2_bias.has_value();
+    // Only inputs are saved: the backward recomputes the (N, C) statistics while it reads x.
+    ctx->save_for_backward({x, fc1_weight, fc1_bias.value_or(at::Tensor()), fc2_weight,
+                            fc2_bias.value_or(at::Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> fc1_bias =
+        ctx->saved_data["has_fc1_bias"].toBool() ? std::optional<at::Tensor>(saved[2])
+                                                 : std::nullopt;
+    const std::optional<at::Tensor> fc2_bias =
+        ctx->saved_data["has_fc2_bias"].toBool() ? std::optional<at::Tensor>(saved[4])
+                                                 : std::nullopt;
+    const std::string pool = ctx->saved_data["pool"].toStringRef();
+    const std::string gate = ctx->saved_data["gate"].toStringRef();
+    auto [grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias] =
+        detail::_channel_attention_backward(grad_outputs[0], saved[0], saved[1], fc1_bias,
+                                            saved[3], fc2_bias, pool, gate);
+    return {grad_x,
+            grad_fc1_weight,
+            fc1_bias.has_value() ? grad_fc1_bias : at::Tensor(),
+            grad_fc2_weight,
+            fc2_bias.has_value() ? grad_fc2_bias : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// The backward is not itself differentiable; say so instead of returning wrong zeros.
+class ChannelAttentionBackwardFunction
+    : public torch::autograd::Function<ChannelAttentionBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& grad_y,
+      const at::Tensor& x,
+      const at::Tensor& fc1_weight,
+      const std::optional<at::Tensor>& fc1_bias,
+      const at::Tensor& fc2_weight,
+      const std::optional<at::Tensor>& fc2_bias,
+      c10::string_view pool,
+      c10::string_view gate) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c, d, e] = detail::_channel_attention_backward(grad_y, x, fc1_weight, fc1_bias,
+                                                               fc2_weight, fc2_bias, pool, gate);
+    return {a, b, c, d, e};
+  }
+
+  static variable_list backward(AutogradContext*, const variable_list&) {
+    TORCH_CHECK(false, "channel_attention: double backward is not supported");
+  }
+};
+
+at::Tensor channel_attention_autograd(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  return ChannelAttentionFunction::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
+                                         gate);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+channel_attention_backward_autograd(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  auto grads = ChannelAttentionBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias,
+                                                       fc2_weight, fc2_bias, pool, gate);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
+  m.impl("channel_attention", TORCH_FN(channel_attention_autograd));
+  m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_autograd));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,127 @@
+#include "channel_attention.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+constexpr const char* kOp = "channel_attention";
+}  // namespace
+
+at::Tensor channel_attention(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cnn_attention::channel_attention", "")
+                       .typed<decltype(channel_attention)>();
+  return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+}
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+_channel_attention_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cnn_attention::_channel_attention_backward", "")
+                       .typed<decltype(_channel_attention_backward)>();
+  return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+}
+
+}  // namespace detail
+
+namespace {
+
+ChannelPool parse_channel_pool(c10::string_view pool) {
+  if (pool == "avg") return ChannelPool::Avg;
+  if (pool == "max") return ChannelPool::Max;
+  if (pool == "avgmax") return ChannelPool::AvgMax;
+  TORCH_CHECK(false, kOp, ": pool must be one of \"avg\", \"max\", \"avgmax\", got \"",
+              std::string(pool), "\"");
+}
+
+ChannelGate parse_channel_gate(c10::string_view gate) {
+  if (gate == "sigmoid") return ChannelGate::Sigmoid;
+  if (gate == "softmax") return ChannelGate::Softmax;
+  TORCH_CHECK(false, kOp, ": gate must be one of \"sigmoid\", \"softmax\", got \"",
+              std::string(gate), "\"");
+}
+
+}  // namespace
+
+ChannelAttentionModes check_channel_attention_args(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  check_feature_map(kOp, "x", x);
+  const c10::SymInt channels = x.sym_size(1);
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.sym_size(1) == channels,
+              kOp, ": fc1_weight must be (R, C) with C = ", channels, ", got ",
+              format_sizes(fc1_weight.sym_sizes()));
+  const c10::SymInt hidden = fc1_weight.sym_size(0);
+  TORCH_CHECK(hidden > 0, kOp, ": fc1_weight must have at least one row (R >= 1), got ",
+              format_sizes(fc1_weight.sym_sizes()));
+  check_sizes(kOp, "fc2_weight", fc2_weight, {channels, hidden}, "(C, R)");
+  check_like(kOp, "x", x, "fc1_weight", fc1_weight);
+  check_like(kOp, "x", x, "fc2_weight", fc2_weight);
+  if (fc1_bias.has_value()) {
+    check_sizes(kOp, "fc1_bias", *fc1_bias, {hidden}, "(R,)");
+    check_like(kOp, "x", x, "fc1_bias", *fc1_bias);
+  }
+  if (fc2_bias.has_value()) {
+    check_sizes(kOp, "fc2_bias", *fc2_bias, {channels}, "(C,)");
+    check_like(kOp, "x", x, "fc2_bias", *fc2_bias);
+  }
+  return {parse_channel_pool(pool), parse_channel_gate(gate)};
+}
+
+ChannelAttentionModes check_channel_attention_backward_args(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  const ChannelAttentionModes modes =
+      check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  check_like(kOp, "x", x, "grad_y", grad_y);
+  check_sizes(kOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  return modes;
+}
+
+TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
+  m.def(
+      "channel_attention(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, str pool=\"avg\", str gate=\"sigmoid\") -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_channel_attention_backward(Tensor grad_y, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, str pool, str gate) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,70 @@
+#pragma once
+
+// The device-independent half of the channel attention kernels. A forward or backward
+// pass is two sweeps over the feature map, which each backend implements (see
+// ChannelAttentionSweeps), around a tiny MLP on (N, C) statistics that is the same on
+// every device and is written here once with ATen calls in the accumulation dtype.
+//
+// Forward:  stats = reduce(x);            w = gate(mlp(stats));       y = x * w
+// Backward: stats = reduce(x, grad_y);    (w, dstats, dweights) = ...; grad_x = apply(...)
+// so the forward moves 3|x| bytes and the backward 4|x| (the position of each channel's
+// maximum is found in the backward reduction, so the second backward sweep needs no x).
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "channel_attention.h"
+#include "common.h"
+
+namespace cnn_attention {
+namespace ops {
+
+// Per (n, c) statistics over the P positions, in the accumulation dtype
+// (float32 for half types, else the dtype of x); `argmax` is int64.
+struct ChannelStats {
+  at::Tensor mean;      // (N, C)
+  at::Tensor max;       // (N, C)
+  at::Tensor argmax;    // (N, C), first position of the maximum; only when asked for
+  at::Tensor grad_dot;  // (N, C), sum over positions of grad_y * x; only in the backward
+};
+
+struct ChannelAttentionSweeps {
+  // Reads `x` (and `grad_y` when defined, laid out like `x`) once.
+  ChannelStats (*reduce)(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
+                         Layout layout);
+  // out = in * scale[n, c] + shift[n, c] + (position == argmax[n, c]) * at_argmax[n, c];
+  // `shift`, `at_argmax` and `argmax` may be undefined (forward).
+  void (*apply)(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
+                const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
+                Layout layout);
+};
+
+at::Tensor channel_attention_forward(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate,
+    const ChannelAttentionSweeps& sweeps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+channel_attention_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate,
+    const ChannelAttentionSweeps& sweeps);
+
+// Shapes and strides of the results, for the Meta kernels.
+at::Tensor channel_attention_output_like(const at::Tensor& x);
+
+}  // namespace ops
+}  // namespace cnn_attention

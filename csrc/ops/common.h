@@ -1,0 +1,118 @@
+#pragma once
+
+// Validation and memory-layout helpers shared by every operator and every backend
+// (CPU, CUDA, Meta), so that all of them accept the same inputs, raise the same
+// messages and produce outputs with the same strides.
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace cnn_attention {
+namespace ops {
+
+// "(8, 64, 56, 56)" for messages.
+inline std::string format_sizes(c10::SymIntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out << (i ? ", " : "") << sizes[i];
+  }
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// A feature map is (N, C, *S) with one to three spatial dims and a floating dtype.
+inline void check_feature_map(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(
+      x.dim() >= 3 && x.dim() <= 5,
+      op, ": ", name, " must be (N, C, *S) with 1 to 3 spatial dims, got ", x.dim(),
+      " dims with sizes ", format_sizes(x.sym_sizes()));
+  TORCH_CHECK(
+      at::isFloatingType(x.scalar_type()),
+      op, ": ", name, " must have a floating dtype (float16, bfloat16, float32, float64), got ",
+      x.scalar_type());
+}
+
+// `t` must live on the device of `x` and share its dtype.
+inline void check_like(const char* op, const char* x_name, const at::Tensor& x,
+                       const char* name, const at::Tensor& t) {
+  TORCH_CHECK(
+      t.scalar_type() == x.scalar_type(),
+      op, ": ", name, " must have the dtype of ", x_name, " (", x.scalar_type(), "), got ",
+      t.scalar_type());
+  TORCH_CHECK(
+      t.device() == x.device(),
+      op, ": ", name, " must be on the device of ", x_name, " (", x.device(), "), got ",
+      t.device());
+}
+
+inline void check_sizes(const char* op, const char* name, const at::Tensor& t,
+                        std::vector<c10::SymInt> expected, const char* expected_text) {
+  TORCH_CHECK(
+      t.sym_sizes().equals(expected),
+      op, ": ", name, " must be ", expected_text, " = ", format_sizes(expected), ", got ",
+      format_sizes(t.sym_sizes()));
+}
+
+// Number of spatial positions P of a feature map.
+inline int64_t num_positions(const at::Tensor& x) {
+  int64_t positions = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) positions *= x.size(d);
+  return positions;
+}
+
+// Kernels read a feature map as a dense (N, C, P) array ("channels first", the default
+// contiguous layout) or as a dense (N, P, C) array ("channels last"). Any other strides
+// are copied into channels-first once; both dense layouts are read in place.
+enum class Layout { ChannelsFirst, ChannelsLast };
+
+// Order of dims that makes a channels-last feature map contiguous: (0, 2, ..., dim-1, 1).
+inline std::vector<int64_t> channels_last_order(int64_t dim) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < dim; ++d) order.push_back(d);
+  order.push_back(1);
+  return order;
+}
+
+inline bool is_dense_in(const at::Tensor& x, Layout layout) {
+  return layout == Layout::ChannelsFirst
+             ? x.is_contiguous()
+             : x.permute(channels_last_order(x.dim())).is_contiguous();
+}
+
+// The layout a kernel works in for `x` (and in which it writes outputs shaped like `x`).
+inline Layout choose_layout(const at::Tensor& x) {
+  if (x.is_contiguous()) return Layout::ChannelsFirst;
+  return is_dense_in(x, Layout::ChannelsLast) ? Layout::ChannelsLast : Layout::ChannelsFirst;
+}
+
+// `x` itself when it is already dense in `layout`, else one copy into it.
+inline at::Tensor to_layout(const at::Tensor& x, Layout layout) {
+  if (is_dense_in(x, layout)) return x;
+  if (layout == Layout::ChannelsFirst) return x.contiguous();
+  const auto order = channels_last_order(x.dim());
+  std::vector<int64_t> inverse(order.size());
+  for (size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
+  return x.permute(order).contiguous().permute(inverse);
+}
+
+// An uninitialised tensor of `sizes` (N, C, *S) stored densely in `layout`.
+inline at::Tensor empty_in_layout(c10::SymIntArrayRef sizes, const at::TensorOptions& options,
+                                  Layout layout) {
+  const int64_t dim = static_cast<int64_t>(sizes.size());
+  std::vector<c10::SymInt> strides(dim);
+  c10::SymInt stride = 1;
+  const auto order = layout == Layout::ChannelsFirst ? std::vector<int64_t>{} : channels_last_order(dim);
+  for (int64_t i = dim - 1; i >= 0; --i) {
+    const int64_t d = layout == Layout::ChannelsFirst ? i : order[i];
+    strides[d] = stride;
+    stride = stride * sizes[d];
+  }
+  return at::empty_strided_symint(sizes, strides, options);
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

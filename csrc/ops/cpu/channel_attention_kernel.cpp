@@ -1,0 +1,307 @@
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../channel_attention_impl.h"
+#include "vec.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+using cpu::lane_max;
+using cpu::lane_sum;
+using cpu::nan_max;
+using cpu::OpmathVec;
+
+// Channels are reduced in blocks of this many when they are the innermost dim, so that
+// each task keeps its accumulators in registers or L1 while it walks the positions.
+constexpr int64_t kChannelBlock = 64;
+
+template <typename scalar_t, typename opmath_t>
+int64_t first_position_of(const scalar_t* row, int64_t positions, int64_t stride, opmath_t best) {
+  const bool best_is_nan = std::isnan(best);
+  for (int64_t p = 0; p < positions; ++p) {
+    const opmath_t v = static_cast<opmath_t>(row[p * stride]);
+    if (v == best || (best_is_nan && std::isnan(v))) return p;
+  }
+  return 0;  // unreachable for a maximum taken from this row; never an out-of-range index
+}
+
+// (N, C, P): one task per run of (n, c) rows, each row contiguous.
+template <typename scalar_t>
+void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t rows,
+                           int64_t positions, bool with_argmax, ChannelStats& stats) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  opmath_t* mean = stats.mean.data_ptr<opmath_t>();
+  opmath_t* max = stats.max.data_ptr<opmath_t>();
+  opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
+  int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / positions);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = x + row * positions;
+      const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
+      Vec vsum(opmath_t(0)), vdot(opmath_t(0));
+      Vec vmax(-std::numeric_limits<opmath_t>::infinity());
+      int64_t p = 0;
+      for (; p + V::size() <= positions; p += V::size()) {
+        const auto chunk = V::load(xr + p);
+        for (int k = 0; k < V::kVecs; ++k) {
+          vsum += chunk[k];
+          vmax = at::vec::maximum(vmax, chunk[k]);
+        }
+        if (gr) {
+          const auto grad = V::load(gr + p);
+          for (int k = 0; k < V::kVecs; ++k) vdot = at::vec::fmadd(chunk[k], grad[k], vdot);
+        }
+      }
+      opmath_t sum = lane_sum(vsum), best = lane_max(vmax), dot = lane_sum(vdot);
+      for (; p < positions; ++p) {
+        const opmath_t v = static_cast<opmath_t>(xr[p]);
+        sum += v;
+        best = nan_max(best, v);
+        if (gr) dot += v * static_cast<opmath_t>(gr[p]);
+      }
+      mean[row] = sum / static_cast<opmath_t>(positions);
+      max[row] = best;
+      if (grad_dot) grad_dot[row] = dot;
+      // The row was just read, so finding the first maximum costs a pass over cache.
+      if (argmax) argmax[row] = first_position_of(xr, positions, 1, best);
+    }
+  });
+}
+
+// (N, P, C): one task per (n, block of channels), walking all positions.
+template <typename scalar_t>
+void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t batch,
+                          int64_t channels, int64_t positions, bool with_argmax,
+                          ChannelStats& stats) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t* mean = stats.mean.data_ptr<opmath_t>();
+  opmath_t* max = stats.max.data_ptr<opmath_t>();
+  opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
+  int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    opmath_t sum[kChannelBlock], best[kChannelBlock], dot[kChannelBlock];
+    int64_t where[kChannelBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t c0 = (task % blocks) * kChannelBlock;
+      const int64_t width = std::min(kChannelBlock, channels - c0);
+      std::fill_n(sum, width, opmath_t(0));
+      std::fill_n(dot, width, opmath_t(0));
+      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+      std::fill_n(where, width, int64_t(0));
+      for (int64_t p = 0; p < positions; ++p) {
+        const int64_t offset = (n * positions + p) * channels + c0;
+        const scalar_t* xp = x + offset;
+        for (int64_t j = 0; j < width; ++j) {
+          const opmath_t v = static_cast<opmath_t>(xp[j]);
+          sum[j] += v;
+          // Strictly greater keeps the first maximum; the first NaN wins and stays.
+          if (v > best[j] || (std::isnan(v) && !std::isnan(best[j]))) {
+            best[j] = v;
+            where[j] = p;
+          }
+        }
+        if (grad_y) {
+          const scalar_t* gp = grad_y + offset;
+          for (int64_t j = 0; j < width; ++j) {
+            dot[j] += static_cast<opmath_t>(xp[j]) * static_cast<opmath_t>(gp[j]);
+          }
+        }
+      }
+      const int64_t row = n * channels + c0;
+      for (int64_t j = 0; j < width; ++j) {
+        mean[row + j] = sum[j] / static_cast<opmath_t>(positions);
+        max[row + j] = best[j];
+        if (grad_dot) grad_dot[row + j] = dot[j];
+        if (argmax) argmax[row + j] = where[j];
+      }
+    }
+  });
+}
+
+ChannelStats reduce_kernel(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
+                           Layout layout) {
+  const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
+  const auto stat_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  ChannelStats stats;
+  stats.mean = at::empty({batch, channels}, stat_options);
+  stats.max = at::empty({batch, channels}, stat_options);
+  if (grad_y.defined()) stats.grad_dot = at::empty({batch, channels}, stat_options);
+  if (with_argmax) stats.argmax = at::empty({batch, channels}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_reduce_cpu", [&] {
+        const scalar_t* grad = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+        if (layout == Layout::ChannelsFirst) {
+          reduce_channels_first(x.const_data_ptr<scalar_t>(), grad, batch * channels, positions,
+                                with_argmax, stats);
+        } else {
+          reduce_channels_last(x.const_data_ptr<scalar_t>(), grad, batch, channels, positions,
+                               with_argmax, stats);
+        }
+      });
+  return stats;
+}
+
+template <typename scalar_t>
+struct ApplyArgs {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* in;
+  scalar_t* out;
+  const opmath_t* scale;
+  const opmath_t* shift;      // may be null
+  const opmath_t* at_argmax;  // may be null
+  const int64_t* argmax;      // may be null
+  int64_t batch, channels, positions;
+
+  // The one element of channel `row` that receives the max-pool gradient; written with
+  // a single rounding from the accumulation dtype.
+  void fix_argmax(int64_t row, int64_t offset) const {
+    const opmath_t value = static_cast<opmath_t>(in[offset]) * scale[row] +
+                           (shift ? shift[row] : opmath_t(0)) + at_argmax[row];
+    out[offset] = static_cast<scalar_t>(value);
+  }
+};
+
+template <typename scalar_t>
+void apply_channels_first(const ApplyArgs<scalar_t>& a) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t positions = a.positions;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / positions);
+  at::parallel_for(0, a.batch * a.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* in = a.in + row * positions;
+      scalar_t* out = a.out + row * positions;
+      const opmath_t s = a.scale[row];
+      const opmath_t b = a.shift ? a.shift[row] : opmath_t(0);
+      const Vec vs(s), vb(b);
+      int64_t p = 0;
+      for (; p + V::size() <= positions; p += V::size()) {
+        auto chunk = V::load(in + p);
+        for (int k = 0; k < V::kVecs; ++k) chunk[k] = at::vec::fmadd(chunk[k], vs, vb);
+        V::store(out + p, chunk);
+      }
+      for (; p < positions; ++p) {
+        out[p] = static_cast<scalar_t>(static_cast<opmath_t>(in[p]) * s + b);
+      }
+      if (a.argmax) a.fix_argmax(row, row * positions + a.argmax[row]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void apply_channels_last(const ApplyArgs<scalar_t>& a) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  const int64_t channels = a.channels, positions = a.positions;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  at::parallel_for(0, a.batch * positions, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const int64_t n = pixel / positions;
+      const scalar_t* in = a.in + pixel * channels;
+      scalar_t* out = a.out + pixel * channels;
+      const opmath_t* scale = a.scale + n * channels;
+      const opmath_t* shift = a.shift ? a.shift + n * channels : nullptr;
+      int64_t c = 0;
+      for (; c + V::size() <= channels; c += V::size()) {
+        auto chunk = V::load(in + c);
+        const auto s = V::load_opmath(scale + c);
+        if (shift) {
+          const auto b = V::load_opmath(shift + c);
+          for (int k = 0; k < V::kVecs; ++k) chunk[k] = at::vec::fmadd(chunk[k], s[k], b[k]);
+        } else {
+          for (int k = 0; k < V::kVecs; ++k) chunk[k] = chunk[k] * s[k];
+        }
+        V::store(out + c, chunk);
+      }
+      for (; c < channels; ++c) {
+        out[c] = static_cast<scalar_t>(static_cast<opmath_t>(in[c]) * scale[c] +
+                                       (shift ? shift[c] : opmath_t(0)));
+      }
+    }
+  });
+  if (a.argmax) {
+    // After the sweep, so that no task overwrites a fixed element.
+    at::parallel_for(0, a.batch * channels, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t n = row / channels, c = row % channels;
+        a.fix_argmax(row, (n * positions + a.argmax[row]) * channels + c);
+      }
+    });
+  }
+}
+
+void apply_kernel(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
+                  const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
+                  Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.scalar_type(), "channel_attention_apply_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const ApplyArgs<scalar_t> args{
+            in.const_data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(),
+            scale.const_data_ptr<opmath_t>(),
+            shift.defined() ? shift.const_data_ptr<opmath_t>() : nullptr,
+            at_argmax.defined() ? at_argmax.const_data_ptr<opmath_t>() : nullptr,
+            at_argmax.defined() ? argmax.const_data_ptr<int64_t>() : nullptr,
+            in.size(0),
+            in.size(1),
+            num_positions(in)};
+        if (layout == Layout::ChannelsFirst) {
+          apply_channels_first(args);
+        } else {
+          apply_channels_last(args);
+        }
+      });
+}
+
+constexpr ChannelAttentionSweeps kCpuSweeps{reduce_kernel, apply_kernel};
+
+at::Tensor channel_attention_forward_kernel(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  return channel_attention_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate,
+                                   kCpuSweeps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+channel_attention_backward_kernel(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  return channel_attention_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
+                                    gate, kCpuSweeps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
+  m.impl("channel_attention", TORCH_FN(channel_attention_forward_kernel));
+  m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_kernel));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

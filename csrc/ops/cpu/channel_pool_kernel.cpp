@@ -1,0 +1,218 @@
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../channel_pool.h"
+#include "../common.h"
+#include "vec.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+using cpu::lane_max;
+using cpu::lane_sum;
+using cpu::nan_max;
+using cpu::OpmathVec;
+
+// Positions handled together when channels are the outer dim: the accumulators of a block
+// stay in L1 while each channel's stretch of the block streams through.
+constexpr int64_t kPositionBlock = 512;
+
+template <typename T>
+inline bool replaces_max(T value, T best) {
+  // Strictly greater keeps the first maximum; the first NaN wins and stays.
+  return value > best || (std::isnan(value) && !std::isnan(best));
+}
+
+template <typename scalar_t>
+void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int64_t channels,
+                            int64_t positions) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    opmath_t sum[kPositionBlock], best[kPositionBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t p0 = (task % blocks) * kPositionBlock;
+      const int64_t width = std::min(kPositionBlock, positions - p0);
+      std::fill_n(sum, width, opmath_t(0));
+      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* xc = x + (n * channels + c) * positions + p0;
+        int64_t j = 0;
+        for (; j + V::size() <= width; j += V::size()) {
+          const auto chunk = V::load(xc + j);
+          const auto s = V::load_opmath(sum + j);
+          const auto m = V::load_opmath(best + j);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = j + k * V::Vec::size();
+            (s[k] + chunk[k]).store(sum + at);
+            at::vec::maximum(m[k], chunk[k]).store(best + at);
+          }
+        }
+        for (; j < width; ++j) {
+          const opmath_t v = static_cast<opmath_t>(xc[j]);
+          sum[j] += v;
+          best[j] = nan_max(best[j], v);
+        }
+      }
+      scalar_t* mean_out = out + n * 2 * positions + p0;
+      scalar_t* max_out = mean_out + positions;
+      for (int64_t j = 0; j < width; ++j) {
+        mean_out[j] = static_cast<scalar_t>(sum[j] / static_cast<opmath_t>(channels));
+        max_out[j] = static_cast<scalar_t>(best[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int64_t channels) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const scalar_t* xp = x + pixel * channels;
+      Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity());
+      int64_t c = 0;
+      for (; c + V::size() <= channels; c += V::size()) {
+        const auto chunk = V::load(xp + c);
+        for (int k = 0; k < V::kVecs; ++k) {
+          vsum += chunk[k];
+          vmax = at::vec::maximum(vmax, chunk[k]);
+        }
+      }
+      opmath_t sum = lane_sum(vsum), best = lane_max(vmax);
+      for (; c < channels; ++c) {
+        const opmath_t v = static_cast<opmath_t>(xp[c]);
+        sum += v;
+        best = nan_max(best, v);
+      }
+      out[pixel * 2] = static_cast<scalar_t>(sum / static_cast<opmath_t>(channels));
+      out[pixel * 2 + 1] = static_cast<scalar_t>(best);
+    }
+  });
+}
+
+// grad_x = grad_mean / C everywhere, plus grad_max at the first channel attaining the max.
+template <typename scalar_t>
+void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
+                             int64_t batch, int64_t channels, int64_t positions) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    opmath_t best[kPositionBlock];
+    int64_t where[kPositionBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t p0 = (task % blocks) * kPositionBlock;
+      const int64_t width = std::min(kPositionBlock, positions - p0);
+      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+      std::fill_n(where, width, int64_t(0));
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* xc = x + (n * channels + c) * positions + p0;
+        for (int64_t j = 0; j < width; ++j) {
+          const opmath_t v = static_cast<opmath_t>(xc[j]);
+          if (replaces_max(v, best[j])) {
+            best[j] = v;
+            where[j] = c;
+          }
+        }
+      }
+      const scalar_t* grad_mean = grad + n * 2 * positions + p0;
+      const scalar_t* grad_max = grad_mean + positions;
+      for (int64_t c = 0; c < channels; ++c) {
+        scalar_t* gc = grad_x + (n * channels + c) * positions + p0;
+        for (int64_t j = 0; j < width; ++j) {
+          const opmath_t g = static_cast<opmath_t>(grad_mean[j]) / static_cast<opmath_t>(channels);
+          gc[j] = static_cast<scalar_t>(where[j] == c ? g + static_cast<opmath_t>(grad_max[j]) : g);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
+                            int64_t pixels, int64_t channels) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const scalar_t* xp = x + pixel * channels;
+      opmath_t best = -std::numeric_limits<opmath_t>::infinity();
+      int64_t where = 0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const opmath_t v = static_cast<opmath_t>(xp[c]);
+        if (replaces_max(v, best)) {
+          best = v;
+          where = c;
+        }
+      }
+      const opmath_t g =
+          static_cast<opmath_t>(grad[pixel * 2]) / static_cast<opmath_t>(channels);
+      scalar_t* gp = grad_x + pixel * channels;
+      std::fill_n(gp, channels, static_cast<scalar_t>(g));
+      gp[where] = static_cast<scalar_t>(g + static_cast<opmath_t>(grad[pixel * 2 + 1]));
+    }
+  });
+}
+
+at::Tensor channel_pool_forward_kernel(const at::Tensor& x) {
+  check_channel_pool_args(x);
+  const Layout layout = choose_layout(x);
+  at::Tensor out = channel_pool_output_like(x);
+  if (out.numel() == 0) return out;
+  const at::Tensor input = to_layout(x, layout);
+  const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_forward_cpu", [&] {
+        if (layout == Layout::ChannelsFirst) {
+          forward_channels_first(input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                 batch, channels, positions);
+        } else {
+          forward_channels_last(input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                batch * positions, channels);
+        }
+      });
+  return out;
+}
+
+at::Tensor channel_pool_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_channel_pool_backward_args(grad_out, x);
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = empty_in_layout(x.sym_sizes(), x.options(), layout);
+  if (grad_x.numel() == 0) return grad_x;
+  const at::Tensor input = to_layout(x, layout);
+  const at::Tensor grad = to_layout(grad_out, layout);
+  const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_backward_cpu", [&] {
+        if (layout == Layout::ChannelsFirst) {
+          backward_channels_first(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                  grad_x.data_ptr<scalar_t>(), batch, channels, positions);
+        } else {
+          backward_channels_last(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                 grad_x.data_ptr<scalar_t>(), batch * positions, channels);
+        }
+      });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
+  m.impl("channel_pool", TORCH_FN(channel_pool_forward_kernel));
+  m.impl("_channel_pool_backward", TORCH_FN(channel_pool_backward_kernel));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

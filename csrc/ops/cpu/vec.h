@@ -1,0 +1,81 @@
+#pragma once
+
+// Loads and stores of Vectorized<scalar_t>::size() elements as vectors of the accumulation
+// dtype (float32 for float16 / bfloat16), so each kernel is written once for every dtype.
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <cmath>
+
+namespace cnn_attention {
+namespace ops {
+namespace cpu {
+
+template <typename scalar_t>
+struct OpmathVec {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<scalar_t>;
+  static constexpr int kVecs = kReduced ? 2 : 1;
+  using Chunk = std::array<Vec, kVecs>;
+
+  // Elements of scalar_t in one chunk.
+  static constexpr int64_t size() { return at::vec::Vectorized<scalar_t>::size(); }
+
+  static Chunk load(const scalar_t* data) {
+    if constexpr (kReduced) {
+      auto [low, high] =
+          at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(data));
+      return {low, high};
+    } else {
+      return {Vec::loadu(data)};
+    }
+  }
+
+  // A chunk of values that are already in the accumulation dtype (per-channel weights).
+  static Chunk load_opmath(const opmath_t* data) {
+    Chunk chunk;
+    for (int k = 0; k < kVecs; ++k) chunk[k] = Vec::loadu(data + k * Vec::size());
+    return chunk;
+  }
+
+  static void store(scalar_t* data, const Chunk& chunk) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(chunk[0], chunk[1]).store(data);
+    } else {
+      chunk[0].store(data);
+    }
+  }
+};
+
+// max that propagates NaN, as torch.amax does.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+// Sum of the lanes of a vector in a fixed order (deterministic).
+template <typename T>
+inline T lane_sum(const at::vec::Vectorized<T>& v) {
+  alignas(64) T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int i = 0; i < at::vec::Vectorized<T>::size(); ++i) total += lanes[i];
+  return total;
+}
+
+template <typename T>
+inline T lane_max(const at::vec::Vectorized<T>& v) {
+  alignas(64) T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T best = lanes[0];
+  for (int i = 1; i < at::vec::Vectorized<T>::size(); ++i) best = nan_max(best, lanes[i]);
+  return best;
+}
+
+}  // namespace cpu
+}  // namespace ops
+}  // namespace cnn_attention

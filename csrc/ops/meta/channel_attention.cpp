@@ -1,0 +1,52 @@
+#include <torch/library.h>
+
+#include "../channel_attention.h"
+#include "../channel_attention_impl.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+// Same checks and the same output strides as the device kernels, so that fake tensors
+// (torch.compile, torch.export) see exactly what a real run produces.
+at::Tensor channel_attention_forward_meta(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  return channel_attention_output_like(x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+channel_attention_backward_meta(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate) {
+  check_channel_attention_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                        pool, gate);
+  return {channel_attention_output_like(x),
+          at::empty_symint(fc1_weight.sym_sizes(), fc1_weight.options()),
+          at::empty_symint({fc1_weight.sym_size(0)}, fc1_weight.options()),
+          at::empty_symint(fc2_weight.sym_sizes(), fc2_weight.options()),
+          at::empty_symint({fc2_weight.sym_size(0)}, fc2_weight.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, Meta, m) {
+  m.impl("channel_attention", TORCH_FN(channel_attention_forward_meta));
+  m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_meta));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,38 @@
+"""cnn-attention: channel, soft, hard and self attention for CNNs as fused PyTorch operators.
+
+Importing the package loads the operator library, so ``torch.ops.cnn_attention.*`` is
+available (to TorchScript too) as soon as ``import cnn_attention`` has run.
+"""
+
+from typing import Dict
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
+from . import functional
+from .modules import ChannelAttention
+
+__version__ = "0.1.0"
+
+__all__ = ["ChannelAttention", "functional", "build_info", "library_path", "__version__"]
+
+
+def build_info() -> Dict[str, object]:
+    """What the loaded operator library was built with.
+
+    Returns a dict with ``version``, ``torch`` (the torch it was compiled against),
+    ``cuda`` (the CUDA toolkit version, or ``None`` for a CPU-only build) and
+    ``cuda_archs`` (the list of architectures, empty for a CPU-only build).
+    """
+    fields = dict(item.split("=", 1) for item in torch.ops.cnn_attention._build_info().split(";"))
+    return {
+        "version": fields["version"],
+        "torch": fields["torch"],
+        "cuda": fields["cuda"] or None,
+        "cuda_archs": [a for a in fields["cuda_archs"].replace(",", " ").replace(";", " ").split() if a],
+    }
+
+
+def library_path() -> str:
+    """Path of the compiled extension (pass it to ``torch.ops.load_library`` elsewhere)."""
+    return _C.__file__

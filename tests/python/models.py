@@ -1,0 +1,23 @@
+"""Small CNNs with attention at a shallow (high-resolution) and a deep stage, shared by the
+runtime tests, the demo and the C++ tests."""
+
+import torch
+from torch import nn
+
+import cnn_attention
+
+
+class TinyAttentionCNN(nn.Module):
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.shallow_attention = cnn_attention.ChannelAttention(channels, reduction=2, pool="avgmax")
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.deep_attention = cnn_attention.ChannelAttention(2 * channels, reduction=4, gate="softmax")
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shallow_attention(self.stem(x))
+        x = self.deep_attention(self.down(x))
+        pooled = torch.ops.cnn_attention.channel_pool(x)  # exercised as an op of its own too
+        return self.head(x.mean((2, 3))) + pooled.mean()

@@ -1,0 +1,264 @@
+import itertools
+
+import pytest
+import torch
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    SPATIAL,
+    assert_close,
+    channel_attention_reference,
+    float64_leaves,
+    grads_of,
+    in_layout,
+)
+
+import cnn_attention
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.channel_attention
+
+POOLS = ["avg", "max", "avgmax"]
+GATES = ["sigmoid", "softmax"]
+
+
+def make_params(channels, hidden, dtype, device, bias=True):
+    w1 = torch.randn(hidden, channels, dtype=dtype, device=device) / channels**0.5
+    w2 = torch.randn(channels, hidden, dtype=dtype, device=device) / hidden**0.5
+    b1 = torch.randn(hidden, dtype=dtype, device=device) * 0.1 if bias else None
+    b2 = torch.randn(channels, dtype=dtype, device=device) * 0.1 if bias else None
+    return w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("pool,gate", [("avg", "sigmoid"), ("max", "softmax"), ("avgmax", "sigmoid")])
+def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, pool, gate):
+    channels, hidden = 12, 4
+    x = in_layout(torch.randn((3, channels) + spatial, device=device).to(dtype), layout)
+    params = make_params(channels, hidden, dtype, device)
+    leaves = [t.requires_grad_(True) for t in [x, *params]]
+    y = op(*leaves, pool, gate)
+
+    ref_inputs = float64_leaves([x, *params])
+    expected = channel_attention_reference(*ref_inputs, pool, gate)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, expected, dtype)
+    if layout == "channels_last":
+        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
+    if layout == "contiguous":
+        assert y.is_contiguous()
+
+    grad = torch.randn_like(y)
+    actual = torch.autograd.grad(y, leaves, grad)
+    wanted = grads_of(expected, grad.double(), ref_inputs)
+    for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
+        assert a.dtype == dtype, name
+        # Parameter gradients sum over N * P terms rounded to `dtype` once.
+        assert_close(a, w, dtype, scale=1.0 if name == "x" else 4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool,gate", list(itertools.product(POOLS, GATES)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(device, pool, gate, bias):
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    params = [
+        None if p is None else p.requires_grad_(True)
+        for p in make_params(6, 3, torch.float64, device, bias=bias)
+    ]
+    assert torch.autograd.gradcheck(lambda *a: op(*a, pool, gate), (x, *params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pool,gate", [("avg", "sigmoid"), ("avgmax", "softmax"), ("max", "sigmoid")])
+def test_opcheck(device, layout, pool, gate):
+    x = in_layout(torch.randn(2, 8, 4, 5, device=device), layout).requires_grad_(True)
+    params = [p.requires_grad_(True) for p in make_params(8, 4, torch.float32, device)]
+    torch.library.opcheck(op, (x, *params, pool, gate))
+    # The backward operator too (its own schema, fake kernel and refusal of double backward).
+    grad = torch.randn(2, 8, 4, 5, device=device)
+    torch.library.opcheck(
+        torch.ops.cnn_attention._channel_attention_backward,
+        (grad, x.detach(), *[p.detach() for p in params], pool, gate),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_attention_without_biases_matches_reference(device):
+    x = torch.randn(2, 5, 9, device=device)
+    w1, _, w2, _ = make_params(5, 2, torch.float32, device)
+    expected = channel_attention_reference(x.double(), w1.double(), None, w2.double(), None, "avgmax")
+    assert_close(CF.channel_attention(x, w1, None, w2, None, "avgmax"), expected, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_gate_of_uniform_logits_is_identity(device):
+    # Zero weights and biases give equal logits: C * softmax = 1 for every channel.
+    x = torch.randn(2, 7, 4, 4, device=device)
+    w1, w2 = torch.zeros(3, 7, device=device), torch.zeros(7, 3, device=device)
+    y = op(x, w1, torch.zeros(3, device=device), w2, torch.zeros(7, device=device), "avg", "softmax")
+    torch.testing.assert_close(y, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5), (2, 4, 0, 5), (2, 4, 0)])
+def test_empty_inputs_give_empty_results_and_zero_parameter_gradients(device, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    params = [p.requires_grad_(True) for p in make_params(4, 2, torch.float32, device)]
+    y = op(x, *params, "avgmax", "sigmoid")
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y.sum(), [x, *params])
+    assert grads[0].shape == x.shape
+    for g, p in zip(grads[1:], params):
+        assert g.shape == p.shape and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_send_max_gradient_to_first_position(device):
+    # Every position holds the same value: the whole max gradient lands on position 0.
+    x = torch.ones(1, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    w1, b1, w2, b2 = make_params(2, 2, torch.float64, device)
+    y = op(x, w1, b1, w2, b2, "max", "sigmoid")
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = channel_attention_reference(x2, w1, b1, w2, b2, "max", "sigmoid")
+    (gx2,) = torch.autograd.grad(y2.sum(), [x2])
+    torch.testing.assert_close(gx, gx2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_poisoned_output_memory_is_fully_overwritten(device):
+    # Fill the allocator's free blocks with NaN first: any element the kernel failed to
+    # write would surface as NaN.
+    for layout in LAYOUTS:
+        x = in_layout(torch.randn(3, 16, 9, 13, device=device), layout)
+        params = make_params(16, 4, torch.float32, device)
+        junk = torch.full((3 * 16 * 9 * 13 * 4,), float("nan"), device=device)
+        del junk
+        y = op(x, *params, "avgmax", "sigmoid")
+        assert torch.isfinite(y).all()
+        expected = channel_attention_reference(x.double(), *[p.double() for p in params], "avgmax")
+        assert_close(y, expected, torch.float32)
+
+
+def test_float16_and_bfloat16_accumulate_in_float32():
+    # A sum of 4096 float16 values of 1 + small noise would drift visibly in float16.
+    x = (1 + 1e-3 * torch.randn(1, 4, 64, 64)).half()
+    w1, b1, w2, b2 = make_params(4, 2, torch.float32, "cpu")
+    y = op(x, w1.half(), b1.half(), w2.half(), b2.half(), "avg", "sigmoid")
+    expected = channel_attention_reference(x.double(), w1.half().double(), b1.half().double(),
+                                           w2.half().double(), b2.half().double(), "avg")
+    assert_close(y, expected, torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_matches_functional_and_reference(device):
+    m = cnn_attention.ChannelAttention(32, reduction=4, pool="avgmax", gate="softmax").to(device)
+    assert m.hidden == 8 and m.fc1_weight.shape == (8, 32) and m.fc2_weight.shape == (32, 8)
+    assert "pool='avgmax'" in repr(m)
+    x = torch.randn(2, 32, 6, 6, device=device)
+    expected = channel_attention_reference(
+        x.double(), m.fc1_weight.double(), m.fc1_bias.double(), m.fc2_weight.double(), m.fc2_bias.double(),
+        "avgmax", "softmax",
+    )
+    assert_close(m(x), expected, torch.float32)
+    assert cnn_attention.ChannelAttention(4).hidden == 8  # min_hidden bounds R from below
+
+
+def test_module_rejects_bad_options():
+    with pytest.raises(ValueError, match=r"ChannelAttention: pool must be one of 'avg', 'max', 'avgmax', got 'mean'"):
+        cnn_attention.ChannelAttention(8, pool="mean")
+    with pytest.raises(ValueError, match=r"ChannelAttention: gate must be one of 'sigmoid', 'softmax', got 'relu'"):
+        cnn_attention.ChannelAttention(8, gate="relu")
+    with pytest.raises(ValueError, match=r"ChannelAttention: channels, reduction and min_hidden must be >= 1"):
+        cnn_attention.ChannelAttention(0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_in_lower_precision_and_trains_float32_parameters(device):
+    m = cnn_attention.ChannelAttention(16, pool="avgmax").to(device)
+    x = torch.randn(2, 16, 8, 8, device=device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = m(x)
+    assert y.dtype == dtype
+    expected = channel_attention_reference(
+        x.to(dtype).double(), *[p.to(dtype).double() for p in (m.fc1_weight, m.fc1_bias, m.fc2_weight, m.fc2_bias)],
+        "avgmax",
+    )
+    assert_close(y, expected, dtype)
+    y.float().sum().backward()
+    assert m.fc1_weight.grad is not None and m.fc1_weight.grad.dtype == torch.float32
+
+
+# ---- bad input: every message names the operator, the argument and what was expected ----
+
+def _good(device="cpu", dtype=torch.float32):
+    x = torch.randn(2, 8, 5, 5, device=device, dtype=dtype)
+    return [x, *make_params(8, 4, dtype, device)]
+
+
+BAD_INPUTS = [
+    ("rank", lambda a: [a[0][0, 0]] + a[1:], r"channel_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(5, 5\)"),
+    ("rank6", lambda a: [torch.randn(1, 8, 2, 2, 2, 2)] + a[1:], r"channel_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 6 dims"),
+    ("channels", lambda a: [torch.randn(2, 6, 5, 5)] + a[1:], r"channel_attention: fc1_weight must be \(R, C\) with C = 6, got \(4, 8\)"),
+    ("hidden", lambda a: a[:3] + [torch.randn(8, 3)] + a[4:], r"channel_attention: fc2_weight must be \(C, R\) = \(8, 4\), got \(8, 3\)"),
+    ("fc1_bias", lambda a: a[:2] + [torch.randn(5)] + a[3:], r"channel_attention: fc1_bias must be \(R,\) = \(4,\), got \(5,\)"),
+    ("fc2_bias", lambda a: a[:4] + [torch.randn(7)], r"channel_attention: fc2_bias must be \(C,\) = \(8,\), got \(7,\)"),
+    ("weight_dtype", lambda a: [a[0], a[1].double()] + a[2:], r"channel_attention: fc1_weight must have the dtype of x \(Float\), got Double"),
+    ("bias_dtype", lambda a: a[:4] + [a[4].half()], r"channel_attention: fc2_bias must have the dtype of x \(Float\), got Half"),
+    ("int_x", lambda a: [a[0].to(torch.int32)] + a[1:], r"channel_attention: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    ("bool_x", lambda a: [a[0] > 0] + a[1:], r"channel_attention: x must have a floating dtype .* got Bool"),
+    ("fc1_rank", lambda a: [a[0], a[1].flatten()] + a[2:], r"channel_attention: fc1_weight must be \(R, C\) with C = 8, got \(32,\)"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, message, device):
+    args = [a.to(device) for a in mutate(_good())]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, "avg", "sigmoid")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_strings_list_accepted_values(device):
+    args = [a.to(device) for a in _good()]
+    with pytest.raises(RuntimeError, match=r'channel_attention: pool must be one of "avg", "max", "avgmax", got "mean"'):
+        op(*args, "mean", "sigmoid")
+    with pytest.raises(RuntimeError, match=r'channel_attention: gate must be one of "sigmoid", "softmax", got "tanh"'):
+        op(*args, "avg", "tanh")
+    # Strings are checked even when there is nothing to compute.
+    args[0] = args[0][:0]
+    with pytest.raises(RuntimeError, match=r"channel_attention: pool must be one of"):
+        op(*args, "mean", "sigmoid")
+
+
+def test_bad_backward_grad_is_rejected():
+    args = _good()
+    with pytest.raises(RuntimeError, match=r"channel_attention: grad_y must be the size of x = \(2, 8, 5, 5\), got \(2, 8, 5\)"):
+        torch.ops.cnn_attention._channel_attention_backward(torch.randn(2, 8, 5), *args, "avg", "sigmoid")
+    with pytest.raises(RuntimeError, match=r"channel_attention: grad_y must have the dtype of x \(Float\), got Double"):
+        torch.ops.cnn_attention._channel_attention_backward(args[0].double(), *args, "avg", "sigmoid")
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_(True) for p in make_params(8, 4, torch.float64, "cpu")]
+    y = op(x, *params, "avg", "sigmoid")
+    (gx,) = torch.autograd.grad(y.sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="channel_attention: double backward is not supported"):
+        gx.sum().backward()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_rejected():
+    x, w1, b1, w2, b2 = _good()
+    with pytest.raises(RuntimeError, match=r"channel_attention: fc1_weight must be on the device of x \(cpu\), got cuda:0"):
+        op(x, w1.cuda(), b1, w2, b2, "avg", "sigmoid")

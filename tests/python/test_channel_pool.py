@@ -1,0 +1,94 @@
+import pytest
+import torch
+from helpers import DEVICES, DTYPES, LAYOUTS, SPATIAL, assert_close, channel_pool_reference, in_layout
+
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.channel_pool
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("channels", [1, 5, 40])
+def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, channels):
+    x = in_layout(torch.randn((2, channels) + spatial, device=device).to(dtype), layout).requires_grad_(True)
+    y = CF.channel_pool(x)
+    x64 = x.detach().double().requires_grad_(True)
+    expected = channel_pool_reference(x64)
+    assert y.shape == (2, 2) + spatial and y.dtype == dtype
+    assert_close(y, expected, dtype)
+    if layout == "channels_last" and channels > 1:
+        order = [0] + list(range(2, y.dim())) + [1]
+        assert y.permute(order).is_contiguous(), "channels_last input must give channels_last output"
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], grad)
+    (gx64,) = torch.autograd.grad(expected, [x64], grad.double())
+    assert gx.dtype == dtype and gx.shape == x.shape
+    assert_close(gx, gx64, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial", [(4,), (3, 4), (2, 3, 2)])
+def test_gradcheck(device, spatial):
+    x = torch.randn((2, 5) + spatial, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(op, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(device, layout):
+    x = in_layout(torch.randn(2, 6, 5, 4, device=device), layout).requires_grad_(True)
+    torch.library.opcheck(op, (x,))
+    torch.library.opcheck(
+        torch.ops.cnn_attention._channel_pool_backward,
+        (torch.randn(2, 2, 5, 4, device=device), x.detach()),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_send_max_gradient_to_first_channel(device):
+    x = torch.zeros(1, 4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    y = op(x)
+    grad = torch.zeros_like(y)
+    grad[:, 1] = 1.0  # gradient of the max only
+    (gx,) = torch.autograd.grad(y, [x], grad)
+    expected = torch.zeros_like(gx)
+    expected[:, 0] = 1.0
+    torch.testing.assert_close(gx, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+def test_empty_inputs(device, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = op(x)
+    assert y.shape == (shape[0], 2) + shape[2:]
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert gx.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 16, 8, 8, device=device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = op(x)
+    assert y.dtype == dtype
+    assert_close(y, channel_pool_reference(x.to(dtype).double()), dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(device):
+    with pytest.raises(RuntimeError, match=r"channel_pool: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(3, 4\)"):
+        op(torch.randn(3, 4, device=device))
+    with pytest.raises(RuntimeError, match=r"channel_pool: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Long"):
+        op(torch.zeros(1, 2, 3, dtype=torch.long, device=device))
+    with pytest.raises(RuntimeError, match=r"channel_pool: x must have a floating dtype .* got Bool"):
+        op(torch.zeros(1, 2, 3, dtype=torch.bool, device=device))
+    with pytest.raises(RuntimeError, match=r"channel_pool: x must have at least one channel \(C >= 1\), got sizes \(1, 0, 3\)"):
+        op(torch.zeros(1, 0, 3, device=device))
+    with pytest.raises(RuntimeError, match=r"channel_pool: grad_out must be \(N, 2, \*S\) = \(1, 2, 3\), got \(1, 3, 3\)"):
+        torch.ops.cnn_attention._channel_pool_backward(torch.zeros(1, 3, 3, device=device), torch.zeros(1, 4, 3, device=device))

@@ -1,0 +1,108 @@
+"""The operators and modules under every runtime the contract names: TorchScript (script,
+save, load in a fresh process), torch.compile(fullgraph=True), torch.export."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import TinyAttentionCNN
+
+import cnn_attention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _model_and_input(device="cpu"):
+    model = TinyAttentionCNN().to(device).eval()
+    return model, torch.randn(2, 3, 16, 16, device=device)
+
+
+def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
+    model, x = _model_and_input()
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(ROOT, 'python')!r})
+        import cnn_attention
+        m = torch.jit.load({str(path)!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        torch.testing.assert_close(m(io["x"]), io["y"])
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_torchscript_trains():
+    model, x = _model_and_input()
+    scripted = torch.jit.script(model.train())
+    scripted(x).sum().backward()
+    assert scripted.shallow_attention.fc1_weight.grad is not None
+    assert scripted.deep_attention.fc2_bias.grad is not None
+
+
+def test_scripted_functional_api():
+    fn = torch.jit.script(cnn_attention.functional.channel_attention)
+    x = torch.randn(2, 4, 3, 3)
+    w1, w2 = torch.randn(2, 4), torch.randn(4, 2)
+    torch.testing.assert_close(fn(x, w1, None, w2, None, "max", "sigmoid"),
+                               cnn_attention.functional.channel_attention(x, w1, None, w2, None, "max"))
+    torch.jit.script(cnn_attention.functional.channel_pool)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    model, x = _model_and_input()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    compiled(x1).sum().backward()
+    model(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_export(tmp_path):
+    model, x = _model_and_input()
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "cnn_attention.channel_attention.default" in targets
+    torch.testing.assert_close(exported.module()(x), model(x))
+    # Round trip through the .pt2 file format.
+    path = tmp_path / "model.pt2"
+    torch.export.save(exported, str(path))
+    torch.testing.assert_close(torch.export.load(str(path)).module()(x), model(x))
+
+
+def test_torch_export_with_dynamic_batch():
+    model, x = _model_and_input()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    x5 = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(exported.module()(x5), model(x5))
+
+
+def test_build_info():
+    info = cnn_attention.build_info()
+    assert info["version"] == cnn_attention.__version__
+    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    if info["cuda"] is not None:
+        assert info["cuda_archs"], "a CUDA build names its architectures"
+    assert os.path.exists(cnn_attention.library_path())
+
+
+@pytest.mark.cuda
+def test_cuda_model_matches_cpu():
+    model, x = _model_and_input()
+    expected = model(x)
+    torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)
