@@ -53,7 +53,8 @@ def extension():
     use_cuda = want_cuda()
     debug = os.environ.get("DEBUG", "0") == "1"
     # -g0: Python's own CFLAGS ask for -g, which only makes a release build slower to compile.
-    opt = (["-O0", "-g"] if debug else ["-O3", "-g0"]) + ["-Wno-unknown-pragmas"]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_opt = opt + ([] if debug else ["-g0"]) + ["-Wno-unknown-pragmas"]
     defines = [f'-DCNN_ATTENTION_VERSION="{VERSION}"', "-DCNN_ATTENTION_BUILD_LIBRARY"]
     # The C++ modules (csrc/modules) are for C++ users; Python has its own.
     srcs = sources(["build_info.cpp", "ops/**/*.cpp", "python/*.cpp"])
@@ -70,11 +71,11 @@ def extension():
             "cnn_attention._C",
             srcs + sources(["ops/cuda/*.cu"]),
             extra_compile_args={
-                "cxx": opt + defines,
+                "cxx": cxx_opt + defines,
                 "nvcc": opt + defines + ["--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
-    return CppExtension("cnn_attention._C", srcs, extra_compile_args={"cxx": opt + defines})
+    return CppExtension("cnn_attention._C", srcs, extra_compile_args={"cxx": cxx_opt + defines})
 
 
 setup(

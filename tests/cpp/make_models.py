@@ -1,0 +1,29 @@
+"""Writes a scripted model with the operators, an input and Python's output, for the C++
+tests and the C++ example to load: python make_models.py OUT_DIR"""
+
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+from models import TinyAttentionCNN  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    model = TinyAttentionCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x)
+    torch.jit.script(model).save(os.path.join(out_dir, "model.pt"))
+    torch.save(x, os.path.join(out_dir, "input.pt"))
+    torch.save(y, os.path.join(out_dir, "output.pt"))
+    print(f"wrote model.pt, input.pt, output.pt to {out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
