@@ -1,0 +1,45 @@
+# Quick start on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+BUILD ?= build
+export MAX_JOBS ?= 2
+# ccache's compiler links come first when present, so rebuilds reuse objects.
+export PATH := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)$(PATH)
+TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc))
+
+.PHONY: all setup build build-cpp test test-python test-cpp demo bench clean
+
+all: build build-cpp
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+# The Python extension cnn_attention._C, built in place (python/cnn_attention/) with ninja.
+build: setup
+	$(PYTHON) setup.py -q build_ext --inplace
+
+# The C++ library, GoogleTest suite and example (CMake + ninja).
+build-cpp: setup
+	@if [ ! -f $(BUILD)/cmake/build.ninja ]; then \
+	  cmake -S . -B $(BUILD)/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	    -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+	    $(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC)) -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
+	fi
+	cmake --build $(BUILD)/cmake -j $(MAX_JOBS)
+
+test-python: build
+	$(PYTHON) -m pytest tests/python -q
+
+test-cpp: build build-cpp
+	ctest --test-dir $(BUILD)/cmake --output-on-failure
+
+test: test-python test-cpp
+
+demo: build build-cpp
+	$(PYTHON) examples/demo.py --out out/demo --cpp-runner $(BUILD)/cmake/run_model
+
+bench: build
+	$(PYTHON) benchmarks/bench_channel_attention.py
+
+clean:
+	rm -rf $(BUILD) out python/cnn_attention/*.so
