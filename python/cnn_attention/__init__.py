@@ -6,7 +6,26 @@ available (to TorchScript too) as soon as ``import cnn_attention`` has run.
 
 from typing import Dict
 
+import platform
+
 import torch
+
+
+def _check_cpu() -> None:
+    # The x86-64 build uses AVX2 and FMA instructions; say so instead of dying of SIGILL.
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return
+    missing = [flag for flag in ("avx2", "fma", "f16c") if flag not in flags]
+    if flags and missing:
+        raise ImportError(f"cnn_attention: this CPU lacks {', '.join(missing)}, which the x86-64 build requires")
+
+
+_check_cpu()
 
 from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
 from . import functional
