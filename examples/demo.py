@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -101,7 +102,9 @@ def main() -> None:
     print(f"trained {args.steps} steps in {train_seconds:.1f} s; test accuracy {test_accuracy:.3f} "
           f"(chance {1 / CLASSES:.2f})")
 
-    # Script, save, and record an input with Python's output.
+    # Script, save, and record an input with Python's output. (TorchScript is deprecated
+    # upstream but remains the format C++ programs load without Python.)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
     model.eval()
     model_path = os.path.join(args.out, "model.pt")
     torch.jit.script(model).save(model_path)
