@@ -73,15 +73,24 @@ def test_gradcheck(device, pool, gate, bias):
     assert torch.autograd.gradcheck(lambda *a: op(*a, pool, gate), (x, *params))
 
 
+# opcheck samples: every dtype the kernels dispatch on x every layout x every spatial rank,
+# cycling through the pool / gate combinations.
+OPCHECK_SAMPLES = [
+    (dtype, layout, spatial, *list(itertools.product(POOLS, GATES))[i % 6])
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
+    )
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("pool,gate", [("avg", "sigmoid"), ("avgmax", "softmax"), ("max", "sigmoid")])
-def test_opcheck(device, layout, pool, gate):
-    x = in_layout(torch.randn(2, 8, 4, 5, device=device), layout).requires_grad_(True)
-    params = [p.requires_grad_(True) for p in make_params(8, 4, torch.float32, device)]
+@pytest.mark.parametrize("dtype,layout,spatial,pool,gate", OPCHECK_SAMPLES)
+def test_opcheck(device, dtype, layout, spatial, pool, gate):
+    x = in_layout(torch.randn((2, 8) + spatial, device=device).to(dtype), layout).requires_grad_(True)
+    params = [p.requires_grad_(True) for p in make_params(8, 4, dtype, device)]
     torch.library.opcheck(op, (x, *params, pool, gate))
-    # The backward operator too (its own schema, fake kernel and refusal of double backward).
-    grad = torch.randn(2, 8, 4, 5, device=device)
+    # The backward operator too (its own schema and fake kernel).
+    grad = torch.randn((2, 8) + spatial, device=device).to(dtype)
     torch.library.opcheck(
         torch.ops.cnn_attention._channel_attention_backward,
         (grad, x.detach(), *[p.detach() for p in params], pool, gate),

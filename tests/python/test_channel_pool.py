@@ -37,13 +37,15 @@ def test_gradcheck(device, spatial):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(device, layout):
-    x = in_layout(torch.randn(2, 6, 5, 4, device=device), layout).requires_grad_(True)
+@pytest.mark.parametrize("spatial", [(6,), (5, 4), (2, 3, 4)])
+def test_opcheck(device, dtype, layout, spatial):
+    x = in_layout(torch.randn((2, 6) + spatial, device=device).to(dtype), layout).requires_grad_(True)
     torch.library.opcheck(op, (x,))
     torch.library.opcheck(
         torch.ops.cnn_attention._channel_pool_backward,
-        (torch.randn(2, 2, 5, 4, device=device), x.detach()),
+        (torch.randn((2, 2) + spatial, device=device).to(dtype), x.detach()),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
