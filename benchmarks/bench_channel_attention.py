@@ -53,29 +53,48 @@ def sync(device: str) -> None:
 
 
 def median_ms(fn, device: str, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+    return interleaved_median_ms({"fn": fn}, device, repeat, warmup)["fn"]
+
+
+def interleaved_median_ms(fns, device: str, repeat: int, warmup: int = 3):
+    """Median time of each function, timed round-robin (one call of each per round) so
+    that slow phases of a shared machine hit every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
-    def forward():
-        with torch.no_grad():
-            module(x)
-
+def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
+    """{name: (forward ms, forward+backward ms)} for every module, measured side by side."""
     xg = x.detach().requires_grad_(True)
 
-    def forward_backward():
-        module(xg).backward(grad)
+    def forward(module):
+        def run():
+            with torch.no_grad():
+                module(x)
 
-    return median_ms(forward, device, repeat), median_ms(forward_backward, device, repeat)
+        return run
+
+    def forward_backward(module):
+        def run():
+            # As for an activation inside a network: x's gradient is stored, not accumulated.
+            xg.grad = None
+            module(xg).backward(grad)
+
+        return run
+
+    fwd = interleaved_median_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
+    both = interleaved_median_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
+    return {n: (fwd[n], both[n]) for n in modules}
 
 
 def main() -> None:
@@ -103,10 +122,10 @@ def main() -> None:
     for pool, eager_cls in (("avg", TimmSE), ("avgmax", TimmCbamChannel)):
         ours = cnn_attention.ChannelAttention(channels, reduction=args.reduction, pool=pool).to(device, dtype)
         eager = eager_cls(channels, hidden).to(device, dtype)
-        candidates = [("cnn_attention", ours), ("eager " + eager_cls.__name__, eager)]
+        candidates = {"cnn_attention": ours, "eager " + eager_cls.__name__: eager}
         if not args.no_compile:
-            candidates.append(("torch.compile(eager)", torch.compile(eager)))
-        results = {name: measure(m, x, grad, device, args.repeat) for name, m in candidates}
+            candidates["torch.compile(eager)"] = torch.compile(eager)
+        results = measure_all(candidates, x, grad, device, args.repeat)
         rows.append((pool, results))
 
     print(f"# channel attention, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "

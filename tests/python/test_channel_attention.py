@@ -62,6 +62,26 @@ def test_forward_and_backward_match_float64_reference(device, dtype, layout, spa
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [40, 70, 130])
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_channels_last_vector_lanes_and_block_tails(device, dtype, channels, pool):
+    # Channels-last kernels vectorize over channels in blocks: these counts give full
+    # vectors, partial blocks and scalar tails for every dtype's vector width.
+    x = in_layout(torch.randn(2, channels, 5, 3, device=device).to(dtype), "channels_last").requires_grad_(True)
+    params = [p.requires_grad_(True) for p in make_params(channels, 8, dtype, device)]
+    y = op(x, *params, pool, "sigmoid")
+    ref_inputs = float64_leaves([x, *params])
+    expected = channel_attention_reference(*ref_inputs, pool, "sigmoid")
+    assert_close(y, expected, dtype)
+    grad = torch.randn_like(y)
+    actual = torch.autograd.grad(y, [x, *params], grad)
+    wanted = grads_of(expected, grad.double(), ref_inputs)
+    for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
+        assert_close(a, w, dtype, scale=1.0 if name == "x" else 4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pool,gate", list(itertools.product(POOLS, GATES)))
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck(device, pool, gate, bias):
@@ -129,10 +149,12 @@ def test_empty_inputs_give_empty_results_and_zero_parameter_gradients(device, sh
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ties_send_max_gradient_to_first_position(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels", [2, 20])
+def test_ties_send_max_gradient_to_first_position(device, layout, channels):
     # Every position holds the same value: the whole max gradient lands on position 0.
-    x = torch.ones(1, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
-    w1, b1, w2, b2 = make_params(2, 2, torch.float64, device)
+    x = in_layout(torch.ones(1, channels, 3, 3, device=device, dtype=torch.float64), layout).requires_grad_(True)
+    w1, b1, w2, b2 = make_params(channels, 2, torch.float64, device)
     y = op(x, w1, b1, w2, b2, "max", "sigmoid")
     (gx,) = torch.autograd.grad(y.sum(), [x])
     x2 = x.detach().clone().requires_grad_(True)

@@ -22,13 +22,29 @@ using cpu::OpmathVec;
 // Channels are reduced in blocks of this many when they are the innermost dim, so that
 // each task keeps its accumulators in registers or L1 while it walks the positions.
 constexpr int64_t kChannelBlock = 64;
+// Independent accumulator vectors per row when positions are the inner dim.
+constexpr int kChains = 4;
 
-template <typename scalar_t, typename opmath_t>
-int64_t first_position_of(const scalar_t* row, int64_t positions, int64_t stride, opmath_t best) {
-  const bool best_is_nan = std::isnan(best);
-  for (int64_t p = 0; p < positions; ++p) {
-    const opmath_t v = static_cast<opmath_t>(row[p * stride]);
-    if (v == best || (best_is_nan && std::isnan(v))) return p;
+// First position of a contiguous row whose value equals `best` (the row's maximum).
+template <typename scalar_t>
+int64_t first_position_of(const scalar_t* row, int64_t positions, at::opmath_type<scalar_t> best) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  int64_t p = 0;
+  if (!std::isnan(best)) {
+    const Vec target(best);
+    constexpr int kAllLanes = (1 << Vec::size()) - 1;
+    for (; p + V::size() <= positions; p += V::size()) {
+      const auto chunk = V::load(row + p);
+      for (int k = 0; k < V::kVecs; ++k) {
+        const int differs = (chunk[k] == target).zero_mask();  // bit set: lane != best
+        if (differs != kAllLanes) return p + k * Vec::size() + __builtin_ctz(~differs);
+      }
+    }
+  }
+  for (; p < positions; ++p) {
+    const auto v = static_cast<at::opmath_type<scalar_t>>(row[p]);
+    if (v == best || (std::isnan(best) && std::isnan(v))) return p;
   }
   return 0;  // unreachable for a maximum taken from this row; never an out-of-range index
 }
@@ -49,21 +65,33 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * positions;
       const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
-      Vec vsum(opmath_t(0)), vdot(opmath_t(0));
-      Vec vmax(-std::numeric_limits<opmath_t>::infinity());
+      // kChains independent accumulators, so the adds are not one serial dependency chain.
+      Vec vsum[kChains], vdot[kChains], vmax[kChains];
+      std::fill_n(vsum, kChains, Vec(opmath_t(0)));
+      std::fill_n(vdot, kChains, Vec(opmath_t(0)));
+      std::fill_n(vmax, kChains, Vec(-std::numeric_limits<opmath_t>::infinity()));
       int64_t p = 0;
-      for (; p + V::size() <= positions; p += V::size()) {
-        const auto chunk = V::load(xr + p);
-        for (int k = 0; k < V::kVecs; ++k) {
-          vsum += chunk[k];
-          vmax = at::vec::maximum(vmax, chunk[k]);
-        }
-        if (gr) {
-          const auto grad = V::load(gr + p);
-          for (int k = 0; k < V::kVecs; ++k) vdot = at::vec::fmadd(chunk[k], grad[k], vdot);
+      for (; p + kChains * V::size() <= positions; p += kChains * V::size()) {
+        for (int chain = 0; chain < kChains; ++chain) {
+          const auto chunk = V::load(xr + p + chain * V::size());
+          for (int k = 0; k < V::kVecs; ++k) {
+            vsum[chain] += chunk[k];
+            vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
+          }
+          if (gr) {
+            const auto grad = V::load(gr + p + chain * V::size());
+            for (int k = 0; k < V::kVecs; ++k) {
+              vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
+            }
+          }
         }
       }
-      opmath_t sum = lane_sum(vsum), best = lane_max(vmax), dot = lane_sum(vdot);
+      for (int chain = 1; chain < kChains; ++chain) {
+        vsum[0] += vsum[chain];
+        vdot[0] += vdot[chain];
+        vmax[0] = at::vec::maximum(vmax[0], vmax[chain]);
+      }
+      opmath_t sum = lane_sum(vsum[0]), best = lane_max(vmax[0]), dot = lane_sum(vdot[0]);
       for (; p < positions; ++p) {
         const opmath_t v = static_cast<opmath_t>(xr[p]);
         sum += v;
@@ -74,51 +102,92 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       max[row] = best;
       if (grad_dot) grad_dot[row] = dot;
       // The row was just read, so finding the first maximum costs a pass over cache.
-      if (argmax) argmax[row] = first_position_of(xr, positions, 1, best);
+      if (argmax) argmax[row] = first_position_of(xr, positions, best);
     }
   });
 }
 
-// (N, P, C): one task per (n, block of channels), walking all positions.
+// (N, P, C): one task per (n, block of channels) walks all positions; the channels of the
+// block are vectorized (any tail narrower than a vector is done one channel at a time).
 template <typename scalar_t>
 void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t batch,
                           int64_t channels, int64_t positions, bool with_argmax,
                           ChannelStats& stats) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  constexpr int64_t kLanes = Vec::size();
+  constexpr int64_t kBlockVecs = kChannelBlock / kLanes;
+  static_assert(kChannelBlock % V::size() == 0, "a block holds whole chunks");
+  constexpr opmath_t kLowest = -std::numeric_limits<opmath_t>::infinity();
   opmath_t* mean = stats.mean.data_ptr<opmath_t>();
   opmath_t* max = stats.max.data_ptr<opmath_t>();
   opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
   int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
   const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    opmath_t sum[kChannelBlock], best[kChannelBlock], dot[kChannelBlock];
+    Vec vsum[kBlockVecs], vbest[kBlockVecs], vdot[kBlockVecs];
+    alignas(64) opmath_t sum[kChannelBlock], best[kChannelBlock], dot[kChannelBlock];
     int64_t where[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t c0 = (task % blocks) * kChannelBlock;
       const int64_t width = std::min(kChannelBlock, channels - c0);
+      const int64_t vector_width = width / V::size() * V::size();
+      std::fill_n(vsum, kBlockVecs, Vec(opmath_t(0)));
+      std::fill_n(vdot, kBlockVecs, Vec(opmath_t(0)));
+      std::fill_n(vbest, kBlockVecs, Vec(kLowest));
       std::fill_n(sum, width, opmath_t(0));
       std::fill_n(dot, width, opmath_t(0));
-      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+      std::fill_n(best, width, kLowest);
       std::fill_n(where, width, int64_t(0));
       for (int64_t p = 0; p < positions; ++p) {
         const int64_t offset = (n * positions + p) * channels + c0;
         const scalar_t* xp = x + offset;
-        for (int64_t j = 0; j < width; ++j) {
+        const scalar_t* gp = grad_y ? grad_y + offset : nullptr;
+        for (int64_t j = 0; j < vector_width; j += V::size()) {
+          const auto chunk = V::load(xp + j);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t i = j / kLanes + k;
+            const Vec v = chunk[k];
+            vsum[i] += v;
+            if (argmax) {
+              // Lanes that beat the running maximum (a first NaN beats everything and
+              // stays); rare after the first positions, so the scalar update is cheap.
+              const Vec improved = (v > vbest[i]) | ((v != v) & (vbest[i] == vbest[i]));
+              const int zero_lanes = improved.zero_mask();
+              if (zero_lanes != (1 << kLanes) - 1) {
+                for (int64_t lane = 0; lane < kLanes; ++lane) {
+                  if (!(zero_lanes & (1 << lane))) where[i * kLanes + lane] = p;
+                }
+                vbest[i] = Vec::blendv(vbest[i], v, improved);
+              }
+            } else {
+              vbest[i] = at::vec::maximum(vbest[i], v);
+            }
+          }
+          if (gp) {
+            const auto chunk_grad = V::load(gp + j);
+            for (int k = 0; k < V::kVecs; ++k) {
+              const int64_t i = j / kLanes + k;
+              vdot[i] = at::vec::fmadd(chunk[k], chunk_grad[k], vdot[i]);
+            }
+          }
+        }
+        for (int64_t j = vector_width; j < width; ++j) {
           const opmath_t v = static_cast<opmath_t>(xp[j]);
           sum[j] += v;
-          // Strictly greater keeps the first maximum; the first NaN wins and stays.
           if (v > best[j] || (std::isnan(v) && !std::isnan(best[j]))) {
             best[j] = v;
             where[j] = p;
           }
+          if (gp) dot[j] += v * static_cast<opmath_t>(gp[j]);
         }
-        if (grad_y) {
-          const scalar_t* gp = grad_y + offset;
-          for (int64_t j = 0; j < width; ++j) {
-            dot[j] += static_cast<opmath_t>(xp[j]) * static_cast<opmath_t>(gp[j]);
-          }
-        }
+      }
+      for (int64_t i = 0; i < vector_width / kLanes; ++i) {
+        vsum[i].store(sum + i * kLanes);
+        vbest[i].store(best + i * kLanes);
+        vdot[i].store(dot + i * kLanes);
       }
       const int64_t row = n * channels + c0;
       for (int64_t j = 0; j < width; ++j) {
