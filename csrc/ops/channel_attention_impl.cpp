@@ -35,6 +35,20 @@ std::vector<at::Tensor> pooled_branches(const ChannelStats& stats, ChannelPool p
   return branches;
 }
 
+// Sum over the pooled branches of fc2(relu(fc1(p))); each branch's hidden activation is
+// appended to `hidden` when it is given (the backward needs them).
+at::Tensor mlp_logits(const Mlp& mlp, const std::vector<at::Tensor>& pooled,
+                      std::vector<at::Tensor>* hidden = nullptr) {
+  at::Tensor logits;
+  for (const at::Tensor& p : pooled) {
+    const at::Tensor h = mlp.hidden(p);
+    if (hidden) hidden->push_back(h);
+    const at::Tensor branch = mlp.logits(h);
+    logits = logits.defined() ? logits + branch : branch;
+  }
+  return logits;
+}
+
 at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
   if (gate == ChannelGate::Sigmoid) return at::sigmoid(logits);
   // C * softmax keeps uniform weights equal to one (the identity).
@@ -65,11 +79,7 @@ at::Tensor channel_attention_forward(
   const at::Tensor input = to_layout(x, layout);
   const ChannelStats stats = sweeps.reduce(input, at::Tensor(), false, layout);
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type());
-  at::Tensor logits;
-  for (const at::Tensor& pooled : pooled_branches(stats, pool_mode)) {
-    const at::Tensor branch = mlp.logits(mlp.hidden(pooled));
-    logits = logits.defined() ? logits + branch : branch;
-  }
+  const at::Tensor logits = mlp_logits(mlp, pooled_branches(stats, pool_mode));
   sweeps.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
                layout);
   return y;
@@ -110,13 +120,7 @@ channel_attention_backward(
   // operator's forward a plain function of its inputs.
   const std::vector<at::Tensor> pooled = pooled_branches(stats, pool_mode);
   std::vector<at::Tensor> hidden;
-  at::Tensor logits;
-  for (const at::Tensor& p : pooled) {
-    hidden.push_back(mlp.hidden(p));
-    const at::Tensor branch = mlp.logits(hidden.back());
-    logits = logits.defined() ? logits + branch : branch;
-  }
-  const at::Tensor weights = apply_gate(logits, gate_mode);
+  const at::Tensor weights = apply_gate(mlp_logits(mlp, pooled, &hidden), gate_mode);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
   const at::Tensor& grad_weights = stats.grad_dot;
