@@ -1,6 +1,8 @@
 #include "channel_attention_impl.h"
 
-#include <vector>
+#include <ATen/OpMathType.h>
+
+#include <utility>
 
 namespace cnn_attention {
 namespace ops {
@@ -27,26 +29,20 @@ struct Mlp {
   }
 };
 
-// The pooled statistics the MLP sees, one per branch: [mean], [max] or [mean, max].
-std::vector<at::Tensor> pooled_branches(const ChannelStats& stats, ChannelPool pool) {
-  std::vector<at::Tensor> branches;
-  if (pool != ChannelPool::Max) branches.push_back(stats.mean);
-  if (pool != ChannelPool::Avg) branches.push_back(stats.max);
-  return branches;
+// The pooled statistics the MLP sees, stacked as (B, N, C): [mean], [max] or [mean, max].
+at::Tensor pooled_branches(const ChannelStats& stats, ChannelPool pool) {
+  if (pool == ChannelPool::Avg) return stats.pooled.narrow(0, 0, 1);
+  if (pool == ChannelPool::Max) return stats.pooled.narrow(0, 1, 1);
+  return stats.pooled;
 }
 
-// Sum over the pooled branches of fc2(relu(fc1(p))); each branch's hidden activation is
-// appended to `hidden` when it is given (the backward needs them).
-at::Tensor mlp_logits(const Mlp& mlp, const std::vector<at::Tensor>& pooled,
-                      std::vector<at::Tensor>* hidden = nullptr) {
-  at::Tensor logits;
-  for (const at::Tensor& p : pooled) {
-    const at::Tensor h = mlp.hidden(p);
-    if (hidden) hidden->push_back(h);
-    const at::Tensor branch = mlp.logits(h);
-    logits = logits.defined() ? logits + branch : branch;
-  }
-  return logits;
+// The MLP on every branch at once (one product per layer for both branches): returns
+// the summed logits (N, C) and the hidden activations (B * N, R).
+std::pair<at::Tensor, at::Tensor> mlp_forward(const Mlp& mlp, const at::Tensor& branches) {
+  const int64_t count = branches.size(0), batch = branches.size(1);
+  const at::Tensor hidden = mlp.hidden(branches.reshape({count * batch, branches.size(2)}));
+  const at::Tensor logits = mlp.logits(hidden);
+  return {count == 1 ? logits : logits.view({count, batch, -1}).sum(0), hidden};
 }
 
 at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
@@ -56,6 +52,18 @@ at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
 }
 
 }  // namespace
+
+ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax) {
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  ChannelStats stats;
+  stats.pooled = at::empty({2, batch, channels}, options);
+  stats.mean = stats.pooled[0];
+  stats.max = stats.pooled[1];
+  if (with_grad) stats.grad_dot = at::empty({batch, channels}, options);
+  if (with_argmax) stats.argmax = at::empty({batch, channels}, x.options().dtype(at::kLong));
+  return stats;
+}
 
 at::Tensor channel_attention_output_like(const at::Tensor& x) {
   return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
@@ -79,7 +87,7 @@ at::Tensor channel_attention_forward(
   const at::Tensor input = to_layout(x, layout);
   const ChannelStats stats = sweeps.reduce(input, at::Tensor(), false, layout);
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type());
-  const at::Tensor logits = mlp_logits(mlp, pooled_branches(stats, pool_mode));
+  const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).first;
   sweeps.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
                layout);
   return y;
@@ -118,9 +126,10 @@ channel_attention_backward(
 
   // Recompute the (N, C)-sized forward: cheaper than saving it, and it keeps the
   // operator's forward a plain function of its inputs.
-  const std::vector<at::Tensor> pooled = pooled_branches(stats, pool_mode);
-  std::vector<at::Tensor> hidden;
-  const at::Tensor weights = apply_gate(mlp_logits(mlp, pooled, &hidden), gate_mode);
+  const at::Tensor branches = pooled_branches(stats, pool_mode);  // (B, N, C)
+  const int64_t count = branches.size(0), batch = x.size(0);
+  const auto [logits, hidden] = mlp_forward(mlp, branches);       // (N, C), (B * N, R)
+  const at::Tensor weights = apply_gate(logits, gate_mode);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
   const at::Tensor& grad_weights = stats.grad_dot;
@@ -133,27 +142,27 @@ channel_attention_backward(
                                                 static_cast<double>(channels));
   }
 
-  at::Tensor grad_fc1_weight = at::zeros({hidden_size, channels}, mlp.fc1_weight.options());
-  at::Tensor grad_fc1_bias = at::zeros({hidden_size}, mlp.fc1_weight.options());
-  at::Tensor grad_fc2_weight = at::zeros({channels, hidden_size}, mlp.fc2_weight.options());
-  at::Tensor grad_fc2_bias = at::zeros({channels}, mlp.fc2_weight.options());
-  std::vector<at::Tensor> grad_pooled;
-  for (size_t i = 0; i < pooled.size(); ++i) {
-    grad_fc2_weight += grad_logits.t().mm(hidden[i]);
-    grad_fc2_bias += grad_logits.sum(0);
-    const at::Tensor grad_hidden = grad_logits.mm(mlp.fc2_weight) * (hidden[i] > 0);
-    grad_fc1_weight += grad_hidden.t().mm(pooled[i]);
-    grad_fc1_bias += grad_hidden.sum(0);
-    grad_pooled.push_back(grad_hidden.mm(mlp.fc1_weight));
-  }
+  // Every branch receives the same grad_logits, so the sums over branches fold into
+  // one product per parameter.
+  const at::Tensor hidden_by_branch = hidden.view({count, batch, hidden_size});
+  const at::Tensor grad_fc2_weight =
+      grad_logits.t().mm(count == 1 ? hidden : hidden_by_branch.sum(0));
+  const at::Tensor grad_fc2_bias = grad_logits.sum(0) * static_cast<double>(count);
+  const at::Tensor grad_hidden =
+      (grad_logits.mm(mlp.fc2_weight).unsqueeze(0) * (hidden_by_branch > 0))
+          .view({count * batch, hidden_size});
+  const at::Tensor grad_fc1_weight =
+      grad_hidden.t().mm(branches.reshape({count * batch, channels}));
+  const at::Tensor grad_fc1_bias = grad_hidden.sum(0);
+  const at::Tensor grad_pooled = grad_hidden.mm(mlp.fc1_weight).view({count, batch, channels});
 
   // The mean spreads its gradient evenly over the P positions; the max sends it to the
   // first position that attains it.
   at::Tensor shift, at_argmax;
   if (pool_mode != ChannelPool::Max) {
-    shift = grad_pooled.front() / static_cast<double>(num_positions(x));
+    shift = grad_pooled[0] / static_cast<double>(num_positions(x));
   }
-  if (pool_mode != ChannelPool::Avg) at_argmax = grad_pooled.back();
+  if (pool_mode != ChannelPool::Avg) at_argmax = grad_pooled[count - 1];
   sweeps.apply(grad_out, weights, shift, at_argmax, stats.argmax, grad_x, layout);
 
   return {grad_x, grad_fc1_weight.to(fc1_weight.scalar_type()),

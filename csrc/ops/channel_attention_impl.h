@@ -24,11 +24,16 @@ namespace ops {
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
 struct ChannelStats {
-  at::Tensor mean;      // (N, C)
-  at::Tensor max;       // (N, C)
+  at::Tensor pooled;    // (2, N, C): the mean, then the max (one buffer, so that both MLP
+                        // branches run as one batched product)
+  at::Tensor mean;      // pooled[0]
+  at::Tensor max;       // pooled[1]
   at::Tensor argmax;    // (N, C), first position of the maximum; only when asked for
   at::Tensor grad_dot;  // (N, C), sum over positions of grad_y * x; only in the backward
 };
+
+// Uninitialised statistics for `x`, for the device reductions to fill.
+ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax);
 
 struct ChannelAttentionSweeps {
   // Reads `x` (and `grad_y` when defined, laid out like `x`) once.

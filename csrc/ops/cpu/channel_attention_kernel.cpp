@@ -203,12 +203,7 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
 ChannelStats reduce_kernel(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
                            Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
-  const auto stat_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  ChannelStats stats;
-  stats.mean = at::empty({batch, channels}, stat_options);
-  stats.max = at::empty({batch, channels}, stat_options);
-  if (grad_y.defined()) stats.grad_dot = at::empty({batch, channels}, stat_options);
-  if (with_argmax) stats.argmax = at::empty({batch, channels}, x.options().dtype(at::kLong));
+  ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_reduce_cpu", [&] {
         const scalar_t* grad = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;

@@ -139,12 +139,8 @@ ChannelStats reduce_kernel(const at::Tensor& x, const at::Tensor& grad_y, bool w
                            Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   const int64_t rows = batch * channels;
-  const auto stat_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  ChannelStats stats;
-  stats.mean = at::empty({batch, channels}, stat_options);
-  stats.max = at::empty({batch, channels}, stat_options);
-  if (grad_y.defined()) stats.grad_dot = at::empty({batch, channels}, stat_options);
-  if (with_argmax) stats.argmax = at::empty({batch, channels}, x.options().dtype(at::kLong));
+  ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
+  const auto stat_options = stats.mean.options();
 
   const int64_t tiles = (channels + kTileChannels - 1) / kTileChannels;
   const bool first = layout == Layout::ChannelsFirst;
