@@ -53,12 +53,13 @@ def sync(device: str) -> None:
 
 
 def median_ms(fn, device: str, repeat: int, warmup: int = 3) -> float:
-    return interleaved_median_ms({"fn": fn}, device, repeat, warmup)["fn"]
+    return interleaved_ms({"fn": fn}, device, repeat, warmup)["fn"][0]
 
 
-def interleaved_median_ms(fns, device: str, repeat: int, warmup: int = 3):
-    """Median time of each function, timed round-robin (one call of each per round) so
-    that slow phases of a shared machine hit every candidate alike."""
+def interleaved_ms(fns, device: str, repeat: int, warmup: int = 3):
+    """(median, min) time of each function, timed round-robin (one call of each per round)
+    so that slow phases of a shared machine hit every candidate alike. The min is the
+    cost without interference; the median what a typical call saw."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -70,11 +71,11 @@ def interleaved_median_ms(fns, device: str, repeat: int, warmup: int = 3):
             fn()
             sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
-    """{name: (forward ms, forward+backward ms)} for every module, measured side by side."""
+    """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side."""
     xg = x.detach().requires_grad_(True)
 
     def forward(module):
@@ -92,8 +93,8 @@ def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repea
 
         return run
 
-    fwd = interleaved_median_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
-    both = interleaved_median_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
+    fwd = interleaved_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
+    both = interleaved_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
     return {n: (fwd[n], both[n]) for n in modules}
 
 
@@ -132,23 +133,28 @@ def main() -> None:
           f"{args.dtype}, x={shape}{' channels_last' if args.channels_last else ''}, R={hidden}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print()
+    print("Times in ms as median / min over the rounds; ratios > 1: ours is faster.")
+    print()
     print("| pool | implementation | forward ms | fwd+bwd ms | forward: eager / this | fwd+bwd: eager / this |")
     print("|---|---|---|---|---|---|")
+
+    def pair(a, b):
+        return f"{a[0]:.3f} / {a[1]:.3f}" if b is None else f"{b[0] / a[0]:.2f}x / {b[1] / a[1]:.2f}x"
+
     for pool, results in rows:
         eager_name = [n for n in results if n.startswith("eager")][0]
-        ef, eb = results[eager_name]
+        eager_f, eager_b = results[eager_name]
         for name, (f, b) in results.items():
-            print(f"| {pool} | {name} | {f:.3f} | {b:.3f} | {ef / f:.2f}x | {eb / b:.2f}x |")
+            print(f"| {pool} | {name} | {pair(f, None)} | {pair(b, None)} | {pair(f, eager_f)} | {pair(b, eager_b)} |")
         if "torch.compile(eager)" in results:
-            cf, cb = results["torch.compile(eager)"]
-            of, ob = results["cnn_attention"]
-            print(f"| {pool} | ours vs torch.compile | | | {cf / of:.2f}x | {cb / ob:.2f}x |")
+            (cf, cb), (of, ob) = results["torch.compile(eager)"], results["cnn_attention"]
+            print(f"| {pool} | ours vs torch.compile | | | {pair(of, cf)} | {pair(ob, cb)} |")
 
     if device == "cuda":
         nbytes = x.numel() * x.element_size()
         copy_ms = median_ms(lambda: x.clone(), device, args.repeat)
         bandwidth = 2 * nbytes / (copy_ms * 1e-3)
-        of, ob = rows[-1][1]["cnn_attention"]
+        (of, _), (ob, _) = rows[-1][1]["cnn_attention"]  # medians
         floor_f = 3 * nbytes / bandwidth * 1e3
         floor_b = 4 * nbytes / bandwidth * 1e3
         print()

@@ -19,9 +19,8 @@ using cpu::lane_sum;
 using cpu::nan_max;
 using cpu::OpmathVec;
 
-// Channels are reduced in blocks of this many when they are the innermost dim, so that
-// each task keeps its accumulators in registers or L1 while it walks the positions.
-constexpr int64_t kChannelBlock = 64;
+// Positions per task when channels are the innermost dim.
+constexpr int64_t kPositionChunk = 256;
 // Independent accumulator vectors per row when positions are the inner dim.
 constexpr int kChains = 4;
 
@@ -107,8 +106,10 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
   });
 }
 
-// (N, P, C): one task per (n, block of channels) walks all positions; the channels of the
-// block are vectorized (any tail narrower than a vector is done one channel at a time).
+// (N, P, C): one task per (n, run of kPositionChunk positions) accumulates every channel
+// of its positions into its own partial statistics (a row of C values, vectorized over the
+// contiguous channels and kept in L1); the partials of a sample are then combined in chunk
+// order, so the result does not depend on the number of threads.
 template <typename scalar_t>
 void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t batch,
                           int64_t channels, int64_t positions, bool with_argmax,
@@ -117,85 +118,98 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
   constexpr int64_t kLanes = Vec::size();
-  constexpr int64_t kBlockVecs = kChannelBlock / kLanes;
-  static_assert(kChannelBlock % V::size() == 0, "a block holds whole chunks");
+  constexpr int kAllLanes = (1 << kLanes) - 1;
   constexpr opmath_t kLowest = -std::numeric_limits<opmath_t>::infinity();
+  const int64_t chunks = (positions + kPositionChunk - 1) / kPositionChunk;
+  const int64_t parts = batch * chunks;
+  std::vector<opmath_t> part_sum(parts * channels), part_best(parts * channels);
+  std::vector<opmath_t> part_dot(grad_y ? parts * channels : 0);
+  std::vector<int64_t> part_where(with_argmax ? parts * channels : 0);
+
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t n = part / chunks;
+      const int64_t p0 = (part % chunks) * kPositionChunk;
+      const int64_t p1 = std::min(positions, p0 + kPositionChunk);
+      opmath_t* sum = part_sum.data() + part * channels;
+      opmath_t* best = part_best.data() + part * channels;
+      opmath_t* dot = grad_y ? part_dot.data() + part * channels : nullptr;
+      int64_t* where = with_argmax ? part_where.data() + part * channels : nullptr;
+      std::fill_n(sum, channels, opmath_t(0));
+      std::fill_n(best, channels, kLowest);
+      if (dot) std::fill_n(dot, channels, opmath_t(0));
+      if (where) std::fill_n(where, channels, p0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* xp = x + (n * positions + p) * channels;
+        const scalar_t* gp = grad_y ? grad_y + (n * positions + p) * channels : nullptr;
+        int64_t c = 0;
+        for (; c + V::size() <= channels; c += V::size()) {
+          const auto chunk = V::load(xp + c);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = c + k * kLanes;
+            const Vec v = chunk[k];
+            (Vec::loadu(sum + at) + v).store(sum + at);
+            const Vec running = Vec::loadu(best + at);
+            if (where) {
+              // Lanes that beat the running maximum (a first NaN beats everything and
+              // stays); rare after the first positions, so the scalar update is cheap.
+              const Vec improved = (v > running) | ((v != v) & (running == running));
+              const int not_improved = improved.zero_mask();
+              if (not_improved != kAllLanes) {
+                for (int64_t lane = 0; lane < kLanes; ++lane) {
+                  if (!(not_improved & (1 << lane))) where[at + lane] = p;
+                }
+                Vec::blendv(running, v, improved).store(best + at);
+              }
+            } else {
+              at::vec::maximum(running, v).store(best + at);
+            }
+          }
+          if (gp) {
+            const auto grad = V::load(gp + c);
+            for (int k = 0; k < V::kVecs; ++k) {
+              const int64_t at = c + k * kLanes;
+              at::vec::fmadd(chunk[k], grad[k], Vec::loadu(dot + at)).store(dot + at);
+            }
+          }
+        }
+        for (; c < channels; ++c) {
+          const opmath_t v = static_cast<opmath_t>(xp[c]);
+          sum[c] += v;
+          if (v > best[c] || (std::isnan(v) && !std::isnan(best[c]))) {
+            best[c] = v;
+            if (where) where[c] = p;
+          }
+          if (gp) dot[c] += v * static_cast<opmath_t>(gp[c]);
+        }
+      }
+    }
+  });
+
   opmath_t* mean = stats.mean.data_ptr<opmath_t>();
   opmath_t* max = stats.max.data_ptr<opmath_t>();
   opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
   int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
-  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    Vec vsum[kBlockVecs], vbest[kBlockVecs], vdot[kBlockVecs];
-    alignas(64) opmath_t sum[kChannelBlock], best[kChannelBlock], dot[kChannelBlock];
-    int64_t where[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks;
-      const int64_t c0 = (task % blocks) * kChannelBlock;
-      const int64_t width = std::min(kChannelBlock, channels - c0);
-      const int64_t vector_width = width / V::size() * V::size();
-      std::fill_n(vsum, kBlockVecs, Vec(opmath_t(0)));
-      std::fill_n(vdot, kBlockVecs, Vec(opmath_t(0)));
-      std::fill_n(vbest, kBlockVecs, Vec(kLowest));
-      std::fill_n(sum, width, opmath_t(0));
-      std::fill_n(dot, width, opmath_t(0));
-      std::fill_n(best, width, kLowest);
-      std::fill_n(where, width, int64_t(0));
-      for (int64_t p = 0; p < positions; ++p) {
-        const int64_t offset = (n * positions + p) * channels + c0;
-        const scalar_t* xp = x + offset;
-        const scalar_t* gp = grad_y ? grad_y + offset : nullptr;
-        for (int64_t j = 0; j < vector_width; j += V::size()) {
-          const auto chunk = V::load(xp + j);
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t i = j / kLanes + k;
-            const Vec v = chunk[k];
-            vsum[i] += v;
-            if (argmax) {
-              // Lanes that beat the running maximum (a first NaN beats everything and
-              // stays); rare after the first positions, so the scalar update is cheap.
-              const Vec improved = (v > vbest[i]) | ((v != v) & (vbest[i] == vbest[i]));
-              const int zero_lanes = improved.zero_mask();
-              if (zero_lanes != (1 << kLanes) - 1) {
-                for (int64_t lane = 0; lane < kLanes; ++lane) {
-                  if (!(zero_lanes & (1 << lane))) where[i * kLanes + lane] = p;
-                }
-                vbest[i] = Vec::blendv(vbest[i], v, improved);
-              }
-            } else {
-              vbest[i] = at::vec::maximum(vbest[i], v);
-            }
-          }
-          if (gp) {
-            const auto chunk_grad = V::load(gp + j);
-            for (int k = 0; k < V::kVecs; ++k) {
-              const int64_t i = j / kLanes + k;
-              vdot[i] = at::vec::fmadd(chunk[k], chunk_grad[k], vdot[i]);
-            }
-          }
-        }
-        for (int64_t j = vector_width; j < width; ++j) {
-          const opmath_t v = static_cast<opmath_t>(xp[j]);
-          sum[j] += v;
-          if (v > best[j] || (std::isnan(v) && !std::isnan(best[j]))) {
-            best[j] = v;
-            where[j] = p;
-          }
-          if (gp) dot[j] += v * static_cast<opmath_t>(gp[j]);
+  at::parallel_for(0, batch * channels, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / channels, c = row % channels;
+      opmath_t sum = 0, best = kLowest, dot = 0;
+      int64_t where = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t i = (n * chunks + chunk) * channels + c;
+        sum += part_sum[i];
+        if (grad_dot) dot += part_dot[i];
+        // Strictly greater: on a tie the earlier chunk (the lower position) keeps it.
+        const opmath_t v = part_best[i];
+        if (chunk == 0 || v > best || (std::isnan(v) && !std::isnan(best))) {
+          best = v;
+          if (argmax) where = part_where[i];
         }
       }
-      for (int64_t i = 0; i < vector_width / kLanes; ++i) {
-        vsum[i].store(sum + i * kLanes);
-        vbest[i].store(best + i * kLanes);
-        vdot[i].store(dot + i * kLanes);
-      }
-      const int64_t row = n * channels + c0;
-      for (int64_t j = 0; j < width; ++j) {
-        mean[row + j] = sum[j] / static_cast<opmath_t>(positions);
-        max[row + j] = best[j];
-        if (grad_dot) grad_dot[row + j] = dot[j];
-        if (argmax) argmax[row + j] = where[j];
-      }
+      mean[row] = sum / static_cast<opmath_t>(positions);
+      max[row] = best;
+      if (grad_dot) grad_dot[row] = dot;
+      if (argmax) argmax[row] = where;
     }
   });
 }
