@@ -9,15 +9,14 @@ bytes, backward 4|x|, at the copy bandwidth measured in the same run.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
+from common import measure_all, median_ms, print_table  # noqa: E402
 
 
 class TimmSE(nn.Module):
@@ -45,57 +44,6 @@ class TimmCbamChannel(nn.Module):
         avg = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
         mx = self.fc2(torch.relu(self.fc1(x.amax((2, 3), keepdim=True))))
         return x * torch.sigmoid(avg + mx)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device: str, repeat: int, warmup: int = 3) -> float:
-    return interleaved_ms({"fn": fn}, device, repeat, warmup)["fn"][0]
-
-
-def interleaved_ms(fns, device: str, repeat: int, warmup: int = 3):
-    """(median, min) time of each function, timed round-robin (one call of each per round)
-    so that slow phases of a shared machine hit every candidate alike. The min is the
-    cost without interference; the median what a typical call saw."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
-def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
-    """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side."""
-    xg = x.detach().requires_grad_(True)
-
-    def forward(module):
-        def run():
-            with torch.no_grad():
-                module(x)
-
-        return run
-
-    def forward_backward(module):
-        def run():
-            # As for an activation inside a network: x's gradient is stored, not accumulated.
-            xg.grad = None
-            module(xg).backward(grad)
-
-        return run
-
-    fwd = interleaved_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
-    both = interleaved_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
-    return {n: (fwd[n], both[n]) for n in modules}
 
 
 def main() -> None:
@@ -133,22 +81,7 @@ def main() -> None:
           f"{args.dtype}, x={shape}{' channels_last' if args.channels_last else ''}, R={hidden}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print()
-    print("Times in ms as median / min over the rounds; ratios > 1: ours is faster.")
-    print()
-    print("| pool | implementation | forward ms | fwd+bwd ms | forward: eager / this | fwd+bwd: eager / this |")
-    print("|---|---|---|---|---|---|")
-
-    def pair(a, b):
-        return f"{a[0]:.3f} / {a[1]:.3f}" if b is None else f"{b[0] / a[0]:.2f}x / {b[1] / a[1]:.2f}x"
-
-    for pool, results in rows:
-        eager_name = [n for n in results if n.startswith("eager")][0]
-        eager_f, eager_b = results[eager_name]
-        for name, (f, b) in results.items():
-            print(f"| {pool} | {name} | {pair(f, None)} | {pair(b, None)} | {pair(f, eager_f)} | {pair(b, eager_b)} |")
-        if "torch.compile(eager)" in results:
-            (cf, cb), (of, ob) = results["torch.compile(eager)"], results["cnn_attention"]
-            print(f"| {pool} | ours vs torch.compile | | | {pair(of, cf)} | {pair(ob, cb)} |")
+    print_table(rows, "pool")
 
     if device == "cuda":
         nbytes = x.numel() * x.element_size()

@@ -22,4 +22,6 @@ for dtype in float32 bfloat16; do
   echo
 done
 "$PYTHON" benchmarks/bench_channel_attention.py --device cuda --dtype float32 --channels-last --repeat 100 || status=1
+echo
+"$PYTHON" benchmarks/bench_channel_pool.py --device cuda --dtype bfloat16 --repeat 100 || status=1
 exit $status

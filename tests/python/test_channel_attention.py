@@ -294,3 +294,24 @@ def test_device_mismatch_is_rejected():
     x, w1, b1, w2, b2 = _good()
     with pytest.raises(RuntimeError, match=r"channel_attention: fc1_weight must be on the device of x \(cpu\), got cuda:0"):
         op(x, w1.cuda(), b1, w2, b2, "avg", "sigmoid")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_results_are_bitwise_identical_across_runs_and_thread_counts(layout):
+    x = in_layout(torch.randn(4, 40, 33, 17), layout)
+    params = make_params(40, 8, torch.float32, "cpu")
+    grad = torch.randn(4, 40, 33, 17)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2, 4):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
+            leaves[0] = in_layout(leaves[0].detach(), layout).requires_grad_(True)
+            y = op(*leaves, "avgmax", "softmax")
+            results.append([y.detach(), *torch.autograd.grad(y, leaves, grad)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -94,3 +94,20 @@ def test_bad_input_raises_runtime_error_naming_op_and_argument(device):
         op(torch.zeros(1, 0, 3, device=device))
     with pytest.raises(RuntimeError, match=r"channel_pool: grad_out must be \(N, 2, \*S\) = \(1, 2, 3\), got \(1, 3, 3\)"):
         torch.ops.cnn_attention._channel_pool_backward(torch.zeros(1, 3, 3, device=device), torch.zeros(1, 4, 3, device=device))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_results_are_bitwise_identical_across_thread_counts(layout):
+    x = in_layout(torch.randn(3, 37, 29, 31), layout).requires_grad_(True)
+    grad = torch.randn(3, 2, 29, 31)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            y = op(x)
+            results.append((y.detach(), torch.autograd.grad(y, [x], grad)[0]))
+    finally:
+        torch.set_num_threads(before)
+    for y, g in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(g, results[0][1])

@@ -24,30 +24,6 @@ constexpr int64_t kPositionChunk = 256;
 // Independent accumulator vectors per row when positions are the inner dim.
 constexpr int kChains = 4;
 
-// First position of a contiguous row whose value equals `best` (the row's maximum).
-template <typename scalar_t>
-int64_t first_position_of(const scalar_t* row, int64_t positions, at::opmath_type<scalar_t> best) {
-  using V = OpmathVec<scalar_t>;
-  using Vec = typename V::Vec;
-  int64_t p = 0;
-  if (!std::isnan(best)) {
-    const Vec target(best);
-    constexpr int kAllLanes = (1 << Vec::size()) - 1;
-    for (; p + V::size() <= positions; p += V::size()) {
-      const auto chunk = V::load(row + p);
-      for (int k = 0; k < V::kVecs; ++k) {
-        const int differs = (chunk[k] == target).zero_mask();  // bit set: lane != best
-        if (differs != kAllLanes) return p + k * Vec::size() + __builtin_ctz(~differs);
-      }
-    }
-  }
-  for (; p < positions; ++p) {
-    const auto v = static_cast<at::opmath_type<scalar_t>>(row[p]);
-    if (v == best || (std::isnan(best) && std::isnan(v))) return p;
-  }
-  return 0;  // unreachable for a maximum taken from this row; never an out-of-range index
-}
-
 // (N, C, P): one task per run of (n, c) rows, each row contiguous.
 template <typename scalar_t>
 void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t rows,
@@ -101,7 +77,7 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       max[row] = best;
       if (grad_dot) grad_dot[row] = dot;
       // The row was just read, so finding the first maximum costs a pass over cache.
-      if (argmax) argmax[row] = first_position_of(xr, positions, best);
+      if (argmax) argmax[row] = cpu::first_index_of(xr, positions, best);
     }
   });
 }

@@ -103,37 +103,73 @@ void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int
 }
 
 // grad_x = grad_mean / C everywhere, plus grad_max at the first channel attaining the max.
+// Vectorized over positions, with each position's best channel held as a number in the
+// accumulation dtype (exact below 2^24 channels; beyond that every position takes the
+// scalar path).
 template <typename scalar_t>
 void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
                              int64_t batch, int64_t channels, int64_t positions) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  constexpr int64_t kLanes = Vec::size();
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
+  const bool exact_channel_numbers = channels < (int64_t(1) << 24);
+  const opmath_t inv_channels = opmath_t(1) / static_cast<opmath_t>(channels);
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    opmath_t best[kPositionBlock];
-    int64_t where[kPositionBlock];
+    alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
+    alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t p0 = (task % blocks) * kPositionBlock;
       const int64_t width = std::min(kPositionBlock, positions - p0);
+      const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
       std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
-      std::fill_n(where, width, int64_t(0));
+      std::fill_n(where, width, opmath_t(0));
       for (int64_t c = 0; c < channels; ++c) {
         const scalar_t* xc = x + (n * channels + c) * positions + p0;
-        for (int64_t j = 0; j < width; ++j) {
+        const Vec channel(static_cast<opmath_t>(c));
+        int64_t j = 0;
+        for (; j < vector_width; j += V::size()) {
+          const auto chunk = V::load(xc + j);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = j + k * kLanes;
+            const Vec v = chunk[k], running = Vec::loadu(best + at);
+            // Strictly greater keeps the first maximum; the first NaN wins and stays.
+            const Vec improved = (v > running) | ((v != v) & (running == running));
+            Vec::blendv(running, v, improved).store(best + at);
+            Vec::blendv(Vec::loadu(where + at), channel, improved).store(where + at);
+          }
+        }
+        for (; j < width; ++j) {
           const opmath_t v = static_cast<opmath_t>(xc[j]);
           if (replaces_max(v, best[j])) {
             best[j] = v;
-            where[j] = c;
+            where[j] = static_cast<opmath_t>(c);
           }
         }
       }
-      const scalar_t* grad_mean = grad + n * 2 * positions + p0;
-      const scalar_t* grad_max = grad_mean + positions;
+      const scalar_t* g = grad + n * 2 * positions + p0;
+      for (int64_t j = 0; j < width; ++j) {
+        grad_mean[j] = static_cast<opmath_t>(g[j]) * inv_channels;
+        grad_max[j] = static_cast<opmath_t>(g[positions + j]);
+      }
       for (int64_t c = 0; c < channels; ++c) {
         scalar_t* gc = grad_x + (n * channels + c) * positions + p0;
-        for (int64_t j = 0; j < width; ++j) {
-          const opmath_t g = static_cast<opmath_t>(grad_mean[j]) / static_cast<opmath_t>(channels);
-          gc[j] = static_cast<scalar_t>(where[j] == c ? g + static_cast<opmath_t>(grad_max[j]) : g);
+        const Vec channel(static_cast<opmath_t>(c)), zero(opmath_t(0));
+        int64_t j = 0;
+        for (; j < vector_width; j += V::size()) {
+          typename V::Chunk out;
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = j + k * kLanes;
+            const Vec hit = Vec::loadu(where + at) == channel;
+            out[k] = Vec::loadu(grad_mean + at) + Vec::blendv(zero, Vec::loadu(grad_max + at), hit);
+          }
+          V::store(gc + j, out);
+        }
+        for (; j < width; ++j) {
+          const bool hit = where[j] == static_cast<opmath_t>(c);
+          gc[j] = static_cast<scalar_t>(hit ? grad_mean[j] + grad_max[j] : grad_mean[j]);
         }
       }
     }
@@ -143,20 +179,23 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
 template <typename scalar_t>
 void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
                             int64_t pixels, int64_t channels) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const scalar_t* xp = x + pixel * channels;
-      opmath_t best = -std::numeric_limits<opmath_t>::infinity();
-      int64_t where = 0;
-      for (int64_t c = 0; c < channels; ++c) {
-        const opmath_t v = static_cast<opmath_t>(xp[c]);
-        if (replaces_max(v, best)) {
-          best = v;
-          where = c;
-        }
+      Vec vmax(-std::numeric_limits<opmath_t>::infinity());
+      int64_t c = 0;
+      for (; c + V::size() <= channels; c += V::size()) {
+        const auto chunk = V::load(xp + c);
+        for (int k = 0; k < V::kVecs; ++k) vmax = at::vec::maximum(vmax, chunk[k]);
       }
+      opmath_t best = lane_max(vmax);
+      for (; c < channels; ++c) best = nan_max(best, static_cast<opmath_t>(xp[c]));
+      // The pixel's C values were just read: finding the first maximum runs in cache.
+      const int64_t where = cpu::first_index_of(xp, channels, best);
       const opmath_t g =
           static_cast<opmath_t>(grad[pixel * 2]) / static_cast<opmath_t>(channels);
       scalar_t* gp = grad_x + pixel * channels;

@@ -76,6 +76,31 @@ inline T lane_max(const at::vec::Vectorized<T>& v) {
   return best;
 }
 
+// First index of a contiguous row whose value equals `best` (the row's maximum, so ties go
+// to the lowest index; a NaN maximum matches the first NaN).
+template <typename scalar_t>
+int64_t first_index_of(const scalar_t* row, int64_t size, at::opmath_type<scalar_t> best) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  int64_t p = 0;
+  if (!std::isnan(best)) {
+    const Vec target(best);
+    constexpr int kAllLanes = (1 << Vec::size()) - 1;
+    for (; p + V::size() <= size; p += V::size()) {
+      const auto chunk = V::load(row + p);
+      for (int k = 0; k < V::kVecs; ++k) {
+        const int differs = (chunk[k] == target).zero_mask();  // bit set: lane != best
+        if (differs != kAllLanes) return p + k * Vec::size() + __builtin_ctz(~differs);
+      }
+    }
+  }
+  for (; p < size; ++p) {
+    const auto v = static_cast<at::opmath_type<scalar_t>>(row[p]);
+    if (v == best || (std::isnan(best) && std::isnan(v))) return p;
+  }
+  return 0;  // unreachable for a maximum taken from this row; never an out-of-range index
+}
+
 }  // namespace cpu
 }  // namespace ops
 }  // namespace cnn_attention

@@ -1,0 +1,79 @@
+"""Timing helpers shared by the benchmarks: round-robin timing of candidates side by side,
+median and minimum per candidate, and the markdown table every benchmark prints."""
+
+import statistics
+import time
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, repeat: int, warmup: int = 3) -> float:
+    return interleaved_ms({"fn": fn}, device, repeat, warmup)["fn"][0]
+
+
+def interleaved_ms(fns, device: str, repeat: int, warmup: int = 3):
+    """(median, min) time of each function, timed round-robin (one call of each per round)
+    so that slow phases of a shared machine hit every candidate alike. The min is the
+    cost without interference; the median what a typical call saw."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
+    """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side."""
+    xg = x.detach().requires_grad_(True)
+
+    def forward(module):
+        def run():
+            with torch.no_grad():
+                module(x)
+
+        return run
+
+    def forward_backward(module):
+        def run():
+            # As for an activation inside a network: x's gradient is stored, not accumulated.
+            xg.grad = None
+            module(xg).backward(grad)
+
+        return run
+
+    fwd = interleaved_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
+    both = interleaved_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
+    return {n: (fwd[n], both[n]) for n in modules}
+
+
+def print_table(rows, group_label: str) -> None:
+    """rows: [(group, {name: ((fwd median, min), (fwd+bwd median, min))})]; the candidate
+    whose name starts with "eager" is the baseline of the ratios."""
+    print("Times in ms as median / min over the rounds; ratios > 1: ours is faster.")
+    print()
+    print(f"| {group_label} | implementation | forward ms | fwd+bwd ms | forward: eager / this | fwd+bwd: eager / this |")
+    print("|---|---|---|---|---|---|")
+
+    def pair(a, b):
+        return f"{a[0]:.3f} / {a[1]:.3f}" if b is None else f"{b[0] / a[0]:.2f}x / {b[1] / a[1]:.2f}x"
+
+    for group, results in rows:
+        eager_name = [n for n in results if n.startswith("eager")][0]
+        eager_f, eager_b = results[eager_name]
+        for name, (f, b) in results.items():
+            print(f"| {group} | {name} | {pair(f, None)} | {pair(b, None)} | {pair(f, eager_f)} | {pair(b, eager_b)} |")
+        if "torch.compile(eager)" in results:
+            (cf, cb), (of, ob) = results["torch.compile(eager)"], results["cnn_attention"]
+            print(f"| {group} | ours vs torch.compile | | | {pair(of, cf)} | {pair(ob, cb)} |")
