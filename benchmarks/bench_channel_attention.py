@@ -32,13 +32,8 @@ class TimmSE(nn.Module):
         return x * torch.sigmoid(s)
 
 
-class TimmCbamChannel(nn.Module):
+class TimmCbamChannel(TimmSE):
     """timm's CBAM ChannelAttn: the same MLP on the mean and on the max, summed."""
-
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x):
         avg = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))

@@ -16,8 +16,10 @@ namespace {
 
 using cpu::lane_max;
 using cpu::lane_sum;
+using cpu::grain_for;
 using cpu::nan_max;
 using cpu::OpmathVec;
+using cpu::replaces_max;
 
 // Positions per task when channels are the innermost dim.
 constexpr int64_t kPositionChunk = 256;
@@ -35,7 +37,7 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
   opmath_t* max = stats.max.data_ptr<opmath_t>();
   opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
   int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / positions);
+  const int64_t grain = grain_for(positions);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * positions;
@@ -127,9 +129,9 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
             (Vec::loadu(sum + at) + v).store(sum + at);
             const Vec running = Vec::loadu(best + at);
             if (where) {
-              // Lanes that beat the running maximum (a first NaN beats everything and
-              // stays); rare after the first positions, so the scalar update is cheap.
-              const Vec improved = (v > running) | ((v != v) & (running == running));
+              // Lanes that beat the running maximum: rare after the first positions, so
+              // the scalar update is cheap.
+              const Vec improved = replaces_max(v, running);
               const int not_improved = improved.zero_mask();
               if (not_improved != kAllLanes) {
                 for (int64_t lane = 0; lane < kLanes; ++lane) {
@@ -152,7 +154,7 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
         for (; c < channels; ++c) {
           const opmath_t v = static_cast<opmath_t>(xp[c]);
           sum[c] += v;
-          if (v > best[c] || (std::isnan(v) && !std::isnan(best[c]))) {
+          if (replaces_max(v, best[c])) {
             best[c] = v;
             if (where) where[c] = p;
           }
@@ -175,9 +177,9 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
         const int64_t i = (n * chunks + chunk) * channels + c;
         sum += part_sum[i];
         if (grad_dot) dot += part_dot[i];
-        // Strictly greater: on a tie the earlier chunk (the lower position) keeps it.
+        // On a tie the earlier chunk (the lower position) keeps it.
         const opmath_t v = part_best[i];
-        if (chunk == 0 || v > best || (std::isnan(v) && !std::isnan(best))) {
+        if (chunk == 0 || replaces_max(v, best)) {
           best = v;
           if (argmax) where = part_where[i];
         }
@@ -234,7 +236,7 @@ void apply_channels_first(const ApplyArgs<scalar_t>& a) {
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
   const int64_t positions = a.positions;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / positions);
+  const int64_t grain = grain_for(positions);
   at::parallel_for(0, a.batch * a.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* in = a.in + row * positions;
@@ -261,7 +263,7 @@ void apply_channels_last(const ApplyArgs<scalar_t>& a) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   const int64_t channels = a.channels, positions = a.positions;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  const int64_t grain = grain_for(channels);
   at::parallel_for(0, a.batch * positions, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t n = pixel / positions;

@@ -16,18 +16,14 @@ namespace {
 
 using cpu::lane_max;
 using cpu::lane_sum;
+using cpu::grain_for;
 using cpu::nan_max;
 using cpu::OpmathVec;
+using cpu::replaces_max;
 
 // Positions handled together when channels are the outer dim: the accumulators of a block
 // stay in L1 while each channel's stretch of the block streams through.
 constexpr int64_t kPositionBlock = 512;
-
-template <typename T>
-inline bool replaces_max(T value, T best) {
-  // Strictly greater keeps the first maximum; the first NaN wins and stays.
-  return value > best || (std::isnan(value) && !std::isnan(best));
-}
 
 template <typename scalar_t>
 void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int64_t channels,
@@ -77,7 +73,7 @@ void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  const int64_t grain = grain_for(channels);
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const scalar_t* xp = x + pixel * channels;
@@ -135,8 +131,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
           for (int k = 0; k < V::kVecs; ++k) {
             const int64_t at = j + k * kLanes;
             const Vec v = chunk[k], running = Vec::loadu(best + at);
-            // Strictly greater keeps the first maximum; the first NaN wins and stays.
-            const Vec improved = (v > running) | ((v != v) & (running == running));
+            const Vec improved = replaces_max(v, running);
             Vec::blendv(running, v, improved).store(best + at);
             Vec::blendv(Vec::loadu(where + at), channel, improved).store(where + at);
           }
@@ -182,7 +177,7 @@ void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* g
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  const int64_t grain = grain_for(channels);
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const scalar_t* xp = x + pixel * channels;

@@ -1,12 +1,15 @@
 #pragma once
 
-// Loads and stores of Vectorized<scalar_t>::size() elements as vectors of the accumulation
-// dtype (float32 for float16 / bfloat16), so each kernel is written once for every dtype.
+// Helpers shared by the CPU kernels: loads and stores of Vectorized<scalar_t>::size()
+// elements as vectors of the accumulation dtype (float32 for float16 / bfloat16), so each
+// kernel is written once for every dtype; the running-maximum rules; task sizes.
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -55,6 +58,25 @@ struct OpmathVec {
 template <typename T>
 inline T nan_max(T a, T b) {
   return (std::isnan(a) || a > b) ? a : b;
+}
+
+// Whether `value` replaces the running maximum `best`: strictly greater keeps the first
+// maximum; the first NaN wins and stays.
+template <typename T>
+inline bool replaces_max(T value, T best) {
+  return value > best || (std::isnan(value) && !std::isnan(best));
+}
+
+// The same rule lane by lane: a mask of the lanes of `value` that replace `best`.
+template <typename T>
+inline at::vec::Vectorized<T> replaces_max(const at::vec::Vectorized<T>& value,
+                                           const at::vec::Vectorized<T>& best) {
+  return (value > best) | ((value != value) & (best == best));
+}
+
+// at::parallel_for grain for work items of `item_size` elements each.
+inline int64_t grain_for(int64_t item_size) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / item_size);
 }
 
 // Sum of the lanes of a vector in a fixed order (deterministic).
