@@ -29,11 +29,21 @@ _check_cpu()
 
 from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
 from . import functional
-from .modules import ChannelAttention
+from .modules import CBAM, ChannelAttention, HardAttention, SoftAttention, SpatialScores
 
 __version__ = "0.1.0"
 
-__all__ = ["ChannelAttention", "functional", "build_info", "library_path", "__version__"]
+__all__ = [
+    "CBAM",
+    "ChannelAttention",
+    "HardAttention",
+    "SoftAttention",
+    "SpatialScores",
+    "functional",
+    "build_info",
+    "library_path",
+    "__version__",
+]
 
 
 def build_info() -> Dict[str, object]:

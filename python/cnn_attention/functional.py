@@ -2,12 +2,18 @@
 eager mode, under ``torch.jit.script``, ``torch.compile(fullgraph=True)`` and ``torch.export``,
 and is differentiable (the autograd formulas are registered in C++)."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["channel_attention", "channel_pool"]
+__all__ = [
+    "channel_attention",
+    "channel_pool",
+    "soft_attention",
+    "soft_attention_pool",
+    "hard_attention",
+]
 
 
 def channel_attention(
@@ -49,3 +55,65 @@ def channel_pool(x: Tensor) -> Tensor:
     sends its gradient to the first channel that attains it.
     """
     return torch.ops.cnn_attention.channel_pool(x)
+
+
+def soft_attention(
+    x: Tensor, scores: Tensor, normalize: str = "sigmoid", temperature: float = 1.0
+) -> Tensor:
+    """Soft spatial attention: weight every position, keep them all.
+
+    ``y = x * w`` with ``w = sigmoid(scores / T)`` (``normalize="sigmoid"``: each position
+    its own weight in (0, 1)) or ``w = P * softmax(scores / T)`` over the ``P`` positions of
+    each sample and score channel (``"softmax"``: positions compete; the mean weight is 1).
+
+    Args:
+        x: ``(N, C, *S)`` with 1 to 3 spatial dims; any floating dtype and strides.
+        scores: ``(N, 1, *S)`` (one map shared by all channels, never expanded in memory)
+            or ``(N, C, *S)``; the dtype and device of ``x``.
+        normalize: ``"sigmoid"`` or ``"softmax"``.
+        temperature: ``T > 0``.
+
+    Returns:
+        ``y``, shaped and laid out like ``x``. Gradients flow to ``x`` and ``scores``.
+    """
+    return torch.ops.cnn_attention.soft_attention(x, scores, normalize, temperature)
+
+
+def soft_attention_pool(x: Tensor, scores: Tensor, temperature: float = 1.0) -> Tensor:
+    """Attention pooling: ``(N, C, *S) -> (N, C)``, the sum over positions of
+    ``softmax(scores / T) * x`` (softmax over the positions of each sample and score channel).
+
+    ``scores`` is ``(N, 1, *S)`` or ``(N, C, *S)``. Differentiable in ``x`` and ``scores``.
+    """
+    return torch.ops.cnn_attention.soft_attention_pool(x, scores, temperature)
+
+
+def hard_attention(
+    x: Tensor,
+    scores: Tensor,
+    mode: str = "threshold",
+    threshold: float = 0.5,
+    k: int = 1,
+    estimator: str = "sigmoid",
+    temperature: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """Hard spatial attention: keep some positions, drop the rest.
+
+    ``soft = sigmoid(scores / T)``; ``mode="threshold"`` keeps the positions where
+    ``soft > threshold``; ``mode="topk"`` keeps the ``k`` largest scores of each sample and
+    score channel (exact; ties go to the lower flat index; a NaN score ranks as ``+inf``).
+
+    Returns ``(y, mask)``: ``y = x * mask`` and the 0/1 ``mask`` (shaped like ``scores``, in
+    the dtype of ``x``, no gradient). Training uses a straight-through gradient:
+    ``grad_x = grad_y * mask`` and ``grad_scores = sum over broadcast channels of
+    grad_y * x * g`` with ``g = soft * (1 - soft) / T`` (``estimator="sigmoid"``) or
+    ``g = 1`` (``"identity"``).
+
+    Args:
+        x: ``(N, C, *S)``. scores: ``(N, 1, *S)`` or ``(N, C, *S)``.
+        threshold: in ``[0, 1]`` (threshold mode). k: in ``[1, P]`` (top-k mode).
+        temperature: ``T > 0``.
+    """
+    return torch.ops.cnn_attention.hard_attention(
+        x, scores, mode, threshold, k, estimator, temperature
+    )

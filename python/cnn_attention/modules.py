@@ -1,14 +1,19 @@
 """Attention modules. Each is a scriptable ``nn.Module`` over ``torch.ops.cnn_attention``."""
 
 import math
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelAttention"]
+__all__ = ["ChannelAttention", "SoftAttention", "HardAttention", "CBAM"]
 
 _POOLS = ("avg", "max", "avgmax")
 _GATES = ("sigmoid", "softmax")
+_NORMALIZE = ("sigmoid", "softmax")
+_HARD_MODES = ("threshold", "topk")
+_ESTIMATORS = ("sigmoid", "identity")
 
 
 def _check_choice(module: str, name: str, value: str, accepted) -> None:
@@ -74,3 +79,232 @@ class ChannelAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, hidden={self.hidden}, pool={self.pool!r}, gate={self.gate!r}"
+
+
+def _check_temperature(module: str, temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{module}: temperature must be finite and positive, got {temperature}")
+
+
+class SpatialScores(nn.Module):
+    """CBAM's score head: ``conv(channel_pool(x))``, one convolution from the 2 pooled
+    channels (mean and max over channels) to 1 score channel, ``kernel_size`` wide with same
+    padding, in ``spatial_dims`` (1 to 3) dimensions. ``(N, C, *S) -> (N, 1, *S)``.
+    """
+
+    def __init__(self, kernel_size: int = 7, spatial_dims: int = 2, owner: str = "SpatialScores") -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"{owner}: kernel_size must be odd and positive, got {kernel_size}")
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+        self.kernel_size = kernel_size
+        self.spatial_dims = spatial_dims
+        self.padding = kernel_size // 2
+        self.owner = owner
+        self.weight = nn.Parameter(torch.empty((1, 2) + (kernel_size,) * spatial_dims))
+        self.bias = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As nn.Conv2d initialises.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(2 * self.kernel_size**self.spatial_dims)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                self.owner + ": x must be (N, C, *S) with " + str(self.spatial_dims)
+                + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
+            )
+        pooled = torch.ops.cnn_attention.channel_pool(x)
+        if self.spatial_dims == 1:
+            return F.conv1d(pooled, self.weight, self.bias, padding=self.padding)
+        if self.spatial_dims == 2:
+            return F.conv2d(pooled, self.weight, self.bias, padding=self.padding)
+        return F.conv3d(pooled, self.weight, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, spatial_dims={self.spatial_dims}"
+
+
+class SoftAttention(nn.Module):
+    """Soft spatial attention (CBAM's spatial branch): ``y = x * w`` with one weight per
+    position from ``scores = conv(channel_pool(x))``.
+
+    Args:
+        kernel_size: odd width of the score convolution.
+        normalize: ``"sigmoid"`` (weights in (0, 1)) or ``"softmax"`` (``P * softmax`` over
+            the positions: they compete, the mean weight is 1).
+        temperature: ``T > 0``; the weights use ``scores / T``.
+        spatial_dims: 1, 2 or 3, the spatial rank of the inputs.
+
+    Shape: ``(N, C, *S) -> (N, C, *S)``.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        normalize: str = "sigmoid",
+        temperature: float = 1.0,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_choice("SoftAttention", "normalize", normalize, _NORMALIZE)
+        _check_temperature("SoftAttention", temperature)
+        self.scores = SpatialScores(kernel_size, spatial_dims, "SoftAttention")
+        self.normalize = normalize
+        self.temperature = float(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.cnn_attention.soft_attention(
+            x, self.scores(x), self.normalize, self.temperature
+        )
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize!r}, temperature={self.temperature}"
+
+
+class HardAttention(nn.Module):
+    """Hard spatial attention: a 0/1 mask over positions from ``scores =
+    conv(channel_pool(x))``; ``y = x * mask``. Trained with a straight-through gradient
+    (see ``functional.hard_attention``).
+
+    Args:
+        kernel_size: odd width of the score convolution.
+        mode: ``"threshold"`` (keep ``sigmoid(scores / T) > threshold``) or ``"topk"`` (keep
+            the ``k`` best positions of each sample).
+        threshold: in ``[0, 1]``.
+        k: positions kept in top-k mode, or
+        keep_ratio: in ``(0, 1]``: keep ``k = ceil(keep_ratio * P)`` positions of the input at
+            hand (implies ``mode="topk"``).
+        estimator: ``"sigmoid"`` or ``"identity"`` (the straight-through gradient).
+        temperature: ``T > 0``.
+        noise: scale of the logistic noise added to the scores in training (the binary
+            concrete relaxation: the mask explores); ``0`` turns it off; never applied in eval.
+        spatial_dims: 1, 2 or 3.
+
+    After each forward, ``last_mask`` holds the mask ``(N, 1, *S)`` and ``kept_fraction`` the
+    fraction of positions kept. Shape: ``(N, C, *S) -> (N, C, *S)``.
+    """
+
+    last_mask: Optional[Tensor]
+    # A Python convenience; scripted modules expose last_mask.
+    __jit_unused_properties__ = ["kept_fraction"]
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        mode: str = "threshold",
+        threshold: float = 0.5,
+        k: int = 1,
+        keep_ratio: Optional[float] = None,
+        estimator: str = "sigmoid",
+        temperature: float = 1.0,
+        noise: float = 0.0,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_choice("HardAttention", "mode", mode, _HARD_MODES)
+        _check_choice("HardAttention", "estimator", estimator, _ESTIMATORS)
+        _check_temperature("HardAttention", temperature)
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"HardAttention: threshold must be finite and in [0, 1], got {threshold}")
+        if keep_ratio is not None:
+            if mode != "topk":
+                raise ValueError(f"HardAttention: keep_ratio needs mode='topk', got mode={mode!r}")
+            if not (0.0 < keep_ratio <= 1.0):
+                raise ValueError(f"HardAttention: keep_ratio must be in (0, 1], got {keep_ratio}")
+        if k < 1:
+            raise ValueError(f"HardAttention: k must be >= 1, got {k}")
+        if not (math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"HardAttention: noise must be finite and >= 0, got {noise}")
+        self.scores = SpatialScores(kernel_size, spatial_dims, "HardAttention")
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.k = k
+        self.keep_ratio = keep_ratio
+        self.estimator = estimator
+        self.temperature = float(temperature)
+        self.noise = float(noise)
+        self.last_mask = None
+
+    def positions_kept(self, positions: int) -> int:
+        """``k`` for an input with ``positions`` positions."""
+        ratio = self.keep_ratio
+        if ratio is None:
+            return self.k
+        return max(1, min(positions, int(math.ceil(ratio * positions))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.scores(x)
+        if self.training and self.noise > 0:
+            # Logistic noise log(u) - log(1 - u): sigmoid(scores + noise) is a binary concrete
+            # sample, so training sees masks near the decision boundary flip.
+            u = torch.rand_like(scores).clamp_(1e-6, 1.0 - 1e-6)
+            scores = scores + self.noise * (torch.log(u) - torch.log1p(-u))
+        positions = 1
+        for size in x.shape[2:]:
+            positions *= size
+        y, mask = torch.ops.cnn_attention.hard_attention(
+            x,
+            scores,
+            self.mode,
+            self.threshold,
+            self.positions_kept(positions),
+            self.estimator,
+            self.temperature,
+        )
+        self._keep(mask)
+        return y
+
+    def _keep(self, mask: Tensor) -> None:
+        # torch.export forbids assigning module attributes while tracing; eager, TorchScript
+        # and torch.compile keep the mask.
+        if torch.jit.is_scripting():
+            self.last_mask = mask
+        elif not torch.compiler.is_exporting():
+            self.last_mask = mask
+
+    @property
+    def kept_fraction(self) -> Optional[float]:
+        """Fraction of positions the last forward kept (``None`` before the first)."""
+        mask = self.last_mask
+        if mask is None:
+            return None
+        return float(mask.float().mean().item())
+
+    def extra_repr(self) -> str:
+        kept = f"keep_ratio={self.keep_ratio}" if self.keep_ratio is not None else f"k={self.k}"
+        return (
+            f"mode={self.mode!r}, threshold={self.threshold}, {kept}, "
+            f"estimator={self.estimator!r}, temperature={self.temperature}, noise={self.noise}"
+        )
+
+
+class CBAM(nn.Module):
+    """CBAM: channel attention (``pool="avgmax"``), then soft spatial attention.
+
+    Args:
+        channels: ``C``. reduction, min_hidden: of the channel MLP (see ``ChannelAttention``).
+        kernel_size: odd width of the spatial score convolution.
+        spatial_dims: 1, 2 or 3.
+
+    Shape: ``(N, C, *S) -> (N, C, *S)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        min_hidden: int = 8,
+        kernel_size: int = 7,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction, min_hidden, pool="avgmax")
+        self.spatial = SoftAttention(kernel_size, spatial_dims=spatial_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.spatial(self.channel(x))

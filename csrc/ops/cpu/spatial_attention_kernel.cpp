@@ -1,0 +1,358 @@
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common.h"
+#include "../spatial_attention.h"
+#include "../spatial_attention_impl.h"
+#include "vec.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+using cpu::grain_for;
+using cpu::lane_sum;
+using cpu::OpmathVec;
+
+// Positions handled together when channels are the outer dim (see channel_pool).
+constexpr int64_t kPositionBlock = 512;
+// Channels handled together when positions are the outer dim of a reduction.
+constexpr int64_t kChannelBlock = 256;
+
+// Sizes of a sweep: x is (N, C, P) (channels first) or (N, P, C) (channels last), the
+// weights (N, Cs, P) with Cs = 1 or C (one (N, P) array when Cs = 1).
+struct Extent {
+  int64_t batch, channels, positions, score_channels;
+  bool shared() const { return score_channels == 1; }
+};
+
+Extent extent_of(const at::Tensor& x, const at::Tensor& weights) {
+  return {x.size(0), x.size(1), num_positions(x), weights.size(1)};
+}
+
+// One operand of a row operation: a row of `len` values, or one value for the whole row
+// (a weight shared by all channels, a gradient constant over positions).
+template <typename T>
+struct Row {
+  const T* data;
+  bool splat;
+};
+
+template <typename scalar_t, typename T>
+typename OpmathVec<scalar_t>::Chunk load_row(const Row<T>& row, int64_t j) {
+  using V = OpmathVec<scalar_t>;
+  if (row.splat) {
+    typename V::Chunk chunk;
+    chunk.fill(typename V::Vec(static_cast<typename V::opmath_t>(row.data[0])));
+    return chunk;
+  }
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    return V::load(row.data + j);
+  } else {
+    return V::load_opmath(row.data + j);
+  }
+}
+
+template <typename T>
+at::opmath_type<T> row_value(const Row<T>& row, int64_t j) {
+  return static_cast<at::opmath_type<T>>(row.data[row.splat ? 0 : j]);
+}
+
+// y = x * w over one row.
+template <typename scalar_t, typename opmath_t>
+void scale_row(const scalar_t* x, Row<opmath_t> w, scalar_t* y, int64_t len) {
+  using V = OpmathVec<scalar_t>;
+  int64_t j = 0;
+  for (; j + V::size() <= len; j += V::size()) {
+    auto xs = V::load(x + j);
+    const auto ws = load_row<scalar_t>(w, j);
+    for (int k = 0; k < V::kVecs; ++k) xs[k] = xs[k] * ws[k];
+    V::store(y + j, xs);
+  }
+  for (; j < len; ++j) y[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) * row_value(w, j));
+}
+
+// grad_x = g * w and grad_w = g * x over one row (weights not shared: elementwise).
+template <typename scalar_t, typename opmath_t>
+void scale_backward_row(Row<scalar_t> g, const scalar_t* x, const opmath_t* w, scalar_t* grad_x,
+                        opmath_t* grad_w, int64_t len) {
+  using V = OpmathVec<scalar_t>;
+  int64_t j = 0;
+  for (; j + V::size() <= len; j += V::size()) {
+    const auto gs = load_row<scalar_t>(g, j);
+    const auto xs = V::load(x + j);
+    const auto ws = V::load_opmath(w + j);
+    typename V::Chunk gx;
+    for (int k = 0; k < V::kVecs; ++k) {
+      gx[k] = gs[k] * ws[k];
+      (gs[k] * xs[k]).store(grad_w + j + k * V::Vec::size());
+    }
+    V::store(grad_x + j, gx);
+  }
+  for (; j < len; ++j) {
+    const opmath_t gj = row_value(g, j);
+    grad_x[j] = static_cast<scalar_t>(gj * w[j]);
+    grad_w[j] = gj * static_cast<opmath_t>(x[j]);
+  }
+}
+
+// grad_x = g * w for one shared weight w; returns sum of g * x over the row.
+template <typename scalar_t, typename opmath_t>
+opmath_t scale_backward_shared_row(const scalar_t* g, const scalar_t* x, opmath_t w,
+                                   scalar_t* grad_x, int64_t len) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  const Vec wv(w);
+  Vec dot(opmath_t(0));
+  int64_t j = 0;
+  for (; j + V::size() <= len; j += V::size()) {
+    const auto gs = V::load(g + j);
+    const auto xs = V::load(x + j);
+    typename V::Chunk gx;
+    for (int k = 0; k < V::kVecs; ++k) {
+      gx[k] = gs[k] * wv;
+      dot = at::vec::fmadd(gs[k], xs[k], dot);
+    }
+    V::store(grad_x + j, gx);
+  }
+  opmath_t total = lane_sum(dot);
+  for (; j < len; ++j) {
+    const opmath_t gj = static_cast<opmath_t>(g[j]);
+    grad_x[j] = static_cast<scalar_t>(gj * w);
+    total += gj * static_cast<opmath_t>(x[j]);
+  }
+  return total;
+}
+
+template <typename scalar_t>
+void scale_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* y, Extent e,
+                 Layout layout) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, e.batch * e.channels, grain_for(e.positions), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / e.channels, c = row % e.channels;
+        const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * e.positions;
+        scale_row(x + row * e.positions, Row<opmath_t>{w_row, false}, y + row * e.positions,
+                  e.positions);
+      }
+    });
+  } else {
+    at::parallel_for(0, e.batch * e.positions, grain_for(e.channels), [&](int64_t begin, int64_t end) {
+      for (int64_t pixel = begin; pixel < end; ++pixel) {
+        const Row<opmath_t> w_row{w + pixel * (e.shared() ? 1 : e.channels), e.shared()};
+        scale_row(x + pixel * e.channels, w_row, y + pixel * e.channels, e.channels);
+      }
+    });
+  }
+}
+
+// `pooled`: grad is (N, C), constant over the positions.
+template <typename scalar_t>
+void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
+                          const at::opmath_type<scalar_t>* w, scalar_t* grad_x,
+                          at::opmath_type<scalar_t>* grad_w, Extent e, Layout layout,
+                          bool pooled) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t C = e.channels, P = e.positions;
+  if (layout == Layout::ChannelsLast) {
+    at::parallel_for(0, e.batch * P, grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t pixel = begin; pixel < end; ++pixel) {
+        const scalar_t* g_row = grad + (pooled ? pixel / P : pixel) * C;
+        const int64_t at_pixel = pixel * C;
+        if (e.shared()) {
+          grad_w[pixel] =
+              scale_backward_shared_row(g_row, x + at_pixel, w[pixel], grad_x + at_pixel, C);
+        } else {
+          scale_backward_row(Row<scalar_t>{g_row, false}, x + at_pixel, w + at_pixel,
+                             grad_x + at_pixel, grad_w + at_pixel, C);
+        }
+      }
+    });
+  } else if (!e.shared()) {
+    at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
+                                           : Row<scalar_t>{grad + row * P, false};
+        scale_backward_row(g_row, x + row * P, w + row * P, grad_x + row * P, grad_w + row * P, P);
+      }
+    });
+  } else {
+    // One weight row shared by all channels: each block of positions keeps its running
+    // sum over the channels in L1 while the channels stream through.
+    const int64_t blocks = (P + kPositionBlock - 1) / kPositionBlock;
+    at::parallel_for(0, e.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) opmath_t sum[kPositionBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, p0 = (task % blocks) * kPositionBlock;
+        const int64_t width = std::min(kPositionBlock, P - p0);
+        const opmath_t* w_block = w + n * P + p0;
+        std::fill_n(sum, width, opmath_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t row = n * C + c, at_row = row * P + p0;
+          const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
+                                             : Row<scalar_t>{grad + at_row, false};
+          int64_t j = 0;
+          for (; j + V::size() <= width; j += V::size()) {
+            const auto gs = load_row<scalar_t>(g_row, j);
+            const auto xs = V::load(x + at_row + j);
+            const auto ws = V::load_opmath(w_block + j);
+            typename V::Chunk gx;
+            for (int k = 0; k < V::kVecs; ++k) {
+              const int64_t at = j + k * Vec::size();
+              gx[k] = gs[k] * ws[k];
+              at::vec::fmadd(gs[k], xs[k], Vec::loadu(sum + at)).store(sum + at);
+            }
+            V::store(grad_x + at_row + j, gx);
+          }
+          for (; j < width; ++j) {
+            const opmath_t gj = row_value(g_row, j);
+            grad_x[at_row + j] = static_cast<scalar_t>(gj * w_block[j]);
+            sum[j] = std::fma(gj, static_cast<opmath_t>(x[at_row + j]), sum[j]);
+          }
+        }
+        std::copy_n(sum, width, grad_w + n * P + p0);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* out, Extent e,
+                Layout layout) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t C = e.channels, P = e.positions;
+  if (layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / C, c = row % C;
+        const scalar_t* x_row = x + row * P;
+        const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * P;
+        Vec dot(opmath_t(0));
+        int64_t j = 0;
+        for (; j + V::size() <= P; j += V::size()) {
+          const auto xs = V::load(x_row + j);
+          const auto ws = V::load_opmath(w_row + j);
+          for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(xs[k], ws[k], dot);
+        }
+        opmath_t total = lane_sum(dot);
+        for (; j < P; ++j) total += static_cast<opmath_t>(x_row[j]) * w_row[j];
+        out[row] = static_cast<scalar_t>(total);
+      }
+    });
+  } else {
+    // Positions are the outer dim: each task sums a block of channels over all positions.
+    const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, e.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) opmath_t sum[kChannelBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
+        const int64_t width = std::min(kChannelBlock, C - c0);
+        std::fill_n(sum, width, opmath_t(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t pixel = n * P + p;
+          const scalar_t* x_row = x + pixel * C + c0;
+          const Row<opmath_t> w_row{w + (e.shared() ? pixel : pixel * C + c0), e.shared()};
+          int64_t j = 0;
+          for (; j + V::size() <= width; j += V::size()) {
+            const auto xs = V::load(x_row + j);
+            const auto ws = load_row<scalar_t>(w_row, j);
+            for (int k = 0; k < V::kVecs; ++k) {
+              const int64_t at = j + k * Vec::size();
+              at::vec::fmadd(xs[k], ws[k], Vec::loadu(sum + at)).store(sum + at);
+            }
+          }
+          for (; j < width; ++j) {
+            sum[j] = std::fma(static_cast<opmath_t>(x_row[j]), row_value(w_row, j), sum[j]);
+          }
+        }
+        for (int64_t j = 0; j < width; ++j) out[n * C + c0 + j] = static_cast<scalar_t>(sum[j]);
+      }
+    });
+  }
+}
+
+void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
+    scale_typed(x.const_data_ptr<scalar_t>(),
+                weights.const_data_ptr<at::opmath_type<scalar_t>>(), y.data_ptr<scalar_t>(),
+                extent_of(x, weights), layout);
+  });
+}
+
+void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
+                           at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cpu", [&] {
+    scale_backward_typed(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                         weights.const_data_ptr<at::opmath_type<scalar_t>>(),
+                         grad_x.data_ptr<scalar_t>(),
+                         grad_weights.data_ptr<at::opmath_type<scalar_t>>(),
+                         extent_of(x, weights), layout, grad.dim() == 2);
+  });
+}
+
+void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
+    pool_typed(x.const_data_ptr<scalar_t>(), weights.const_data_ptr<at::opmath_type<scalar_t>>(),
+               out.data_ptr<scalar_t>(), extent_of(x, weights), layout);
+  });
+}
+
+constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel};
+
+at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
+                                         c10::string_view normalize, double temperature) {
+  return soft_attention_forward(x, scores, normalize, temperature, kCpuSweeps);
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    c10::string_view normalize, double temperature) {
+  return soft_attention_backward(grad_y, x, scores, normalize, temperature, kCpuSweeps);
+}
+
+at::Tensor soft_attention_pool_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
+                                              double temperature) {
+  return soft_attention_pool_forward(x, scores, temperature, kCpuSweeps);
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
+    double temperature) {
+  return soft_attention_pool_backward(grad_out, x, scores, temperature, kCpuSweeps);
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward_kernel(
+    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
+    int64_t k, c10::string_view estimator, double temperature) {
+  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature,
+                                kCpuSweeps);
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_backward_kernel(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const at::Tensor& mask, c10::string_view estimator, double temperature) {
+  return hard_attention_backward(grad_y, x, scores, mask, estimator, temperature, kCpuSweeps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
+  m.impl("soft_attention", TORCH_FN(soft_attention_forward_kernel));
+  m.impl("_soft_attention_backward", TORCH_FN(soft_attention_backward_kernel));
+  m.impl("soft_attention_pool", TORCH_FN(soft_attention_pool_forward_kernel));
+  m.impl("_soft_attention_pool_backward", TORCH_FN(soft_attention_pool_backward_kernel));
+  m.impl("hard_attention", TORCH_FN(hard_attention_forward_kernel));
+  m.impl("_hard_attention_backward", TORCH_FN(hard_attention_backward_kernel));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,236 @@
+#include "spatial_attention.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "common.h"
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+constexpr const char* kSoft = "soft_attention";
+constexpr const char* kSoftPool = "soft_attention_pool";
+constexpr const char* kHard = "hard_attention";
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+}  // namespace
+
+at::Tensor soft_attention(const at::Tensor& x, const at::Tensor& scores,
+                          c10::string_view normalize, double temperature) {
+  static auto op = find_op<decltype(soft_attention)>("cnn_attention::soft_attention");
+  return op.call(x, scores, normalize, temperature);
+}
+
+at::Tensor soft_attention_pool(const at::Tensor& x, const at::Tensor& scores, double temperature) {
+  static auto op = find_op<decltype(soft_attention_pool)>("cnn_attention::soft_attention_pool");
+  return op.call(x, scores, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention(const at::Tensor& x, const at::Tensor& scores,
+                                                  c10::string_view mode, double threshold,
+                                                  int64_t k, c10::string_view estimator,
+                                                  double temperature) {
+  static auto op = find_op<decltype(hard_attention)>("cnn_attention::hard_attention");
+  return op.call(x, scores, mode, threshold, k, estimator, temperature);
+}
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> _soft_attention_backward(const at::Tensor& grad_y,
+                                                            const at::Tensor& x,
+                                                            const at::Tensor& scores,
+                                                            c10::string_view normalize,
+                                                            double temperature) {
+  static auto op =
+      find_op<decltype(_soft_attention_backward)>("cnn_attention::_soft_attention_backward");
+  return op.call(grad_y, x, scores, normalize, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(const at::Tensor& grad_out,
+                                                                 const at::Tensor& x,
+                                                                 const at::Tensor& scores,
+                                                                 double temperature) {
+  static auto op = find_op<decltype(_soft_attention_pool_backward)>(
+      "cnn_attention::_soft_attention_pool_backward");
+  return op.call(grad_out, x, scores, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(const at::Tensor& grad_y,
+                                                            const at::Tensor& x,
+                                                            const at::Tensor& scores,
+                                                            const at::Tensor& mask,
+                                                            c10::string_view estimator,
+                                                            double temperature) {
+  static auto op =
+      find_op<decltype(_hard_attention_backward)>("cnn_attention::_hard_attention_backward");
+  return op.call(grad_y, x, scores, mask, estimator, temperature);
+}
+
+}  // namespace detail
+
+namespace {
+
+// scores is (N, 1, *S) or (N, C, *S) for x (N, C, *S), with the dtype and device of x.
+void check_scores(const char* op, const at::Tensor& x, const at::Tensor& scores) {
+  check_feature_map(op, "x", x);
+  bool matches = scores.dim() == x.dim() && scores.sym_size(0) == x.sym_size(0) &&
+                 (scores.sym_size(1) == 1 || scores.sym_size(1) == x.sym_size(1));
+  for (int64_t d = 2; matches && d < x.dim(); ++d) {
+    matches = scores.sym_size(d) == x.sym_size(d);
+  }
+  if (!matches) {
+    std::ostringstream expected;
+    expected << "(" << x.sym_size(0) << ", 1 or " << x.sym_size(1);
+    for (int64_t d = 2; d < x.dim(); ++d) expected << ", " << x.sym_size(d);
+    expected << ")";
+    TORCH_CHECK(false, op, ": scores must be (N, 1, *S) or (N, C, *S) = ", expected.str(),
+                ", got ", format_sizes(scores.sym_sizes()));
+  }
+  check_like(op, "x", x, "scores", scores);
+}
+
+void check_temperature(const char* op, double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
+              ": temperature must be finite and positive, got ", temperature);
+}
+
+SoftNormalize parse_normalize(c10::string_view normalize) {
+  if (normalize == "sigmoid") return SoftNormalize::Sigmoid;
+  if (normalize == "softmax") return SoftNormalize::Softmax;
+  TORCH_CHECK(false, kSoft, ": normalize must be one of \"sigmoid\", \"softmax\", got \"",
+              std::string(normalize), "\"");
+}
+
+HardMode parse_mode(c10::string_view mode) {
+  if (mode == "threshold") return HardMode::Threshold;
+  if (mode == "topk") return HardMode::TopK;
+  TORCH_CHECK(false, kHard, ": mode must be one of \"threshold\", \"topk\", got \"",
+              std::string(mode), "\"");
+}
+
+HardEstimator parse_estimator(c10::string_view estimator) {
+  if (estimator == "sigmoid") return HardEstimator::Sigmoid;
+  if (estimator == "identity") return HardEstimator::Identity;
+  TORCH_CHECK(false, kHard, ": estimator must be one of \"sigmoid\", \"identity\", got \"",
+              std::string(estimator), "\"");
+}
+
+void check_grad_like_x(const char* op, const char* name, const at::Tensor& grad,
+                       const at::Tensor& x) {
+  check_like(op, "x", x, name, grad);
+  check_sizes(op, name, grad, x.sym_sizes().vec(), "the size of x");
+}
+
+}  // namespace
+
+SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& scores,
+                                        c10::string_view normalize, double temperature) {
+  check_scores(kSoft, x, scores);
+  const SoftNormalize mode = parse_normalize(normalize);
+  check_temperature(kSoft, temperature);
+  return mode;
+}
+
+SoftNormalize check_soft_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& scores,
+                                                 c10::string_view normalize,
+                                                 double temperature) {
+  const SoftNormalize mode = check_soft_attention_args(x, scores, normalize, temperature);
+  check_grad_like_x(kSoft, "grad_y", grad_y, x);
+  return mode;
+}
+
+void check_soft_attention_pool_args(const at::Tensor& x, const at::Tensor& scores,
+                                    double temperature) {
+  check_scores(kSoftPool, x, scores);
+  check_temperature(kSoftPool, temperature);
+}
+
+void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& scores, double temperature) {
+  check_soft_attention_pool_args(x, scores, temperature);
+  check_like(kSoftPool, "x", x, "grad_out", grad_out);
+  check_sizes(kSoftPool, "grad_out", grad_out, {x.sym_size(0), x.sym_size(1)}, "(N, C)");
+}
+
+HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
+                                             c10::string_view mode, double threshold,
+                                             int64_t k, c10::string_view estimator,
+                                             double temperature) {
+  check_scores(kHard, x, scores);
+  const HardAttentionModes modes{parse_mode(mode), parse_estimator(estimator)};
+  check_temperature(kHard, temperature);
+  if (modes.mode == HardMode::Threshold) {
+    TORCH_CHECK(std::isfinite(threshold) && threshold >= 0 && threshold <= 1, kHard,
+                ": threshold must be finite and in [0, 1], got ", threshold);
+  } else {
+    c10::SymInt positions = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
+    // With no positions there is nothing to select and the result is empty.
+    TORCH_CHECK(k >= 1 && (positions == 0 || positions >= k), kHard,
+                ": k must be in [1, P] with P = ", positions, " in top-k mode, got ", k);
+  }
+  return modes;
+}
+
+HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& scores,
+                                                 const at::Tensor& mask,
+                                                 c10::string_view estimator,
+                                                 double temperature) {
+  check_scores(kHard, x, scores);
+  const HardEstimator mode = parse_estimator(estimator);
+  check_temperature(kHard, temperature);
+  check_grad_like_x(kHard, "grad_y", grad_y, x);
+  check_like(kHard, "x", x, "mask", mask);
+  check_sizes(kHard, "mask", mask, scores.sym_sizes().vec(), "the size of scores");
+  return mode;
+}
+
+at::Tensor spatial_attention_output_like(const at::Tensor& x) {
+  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
+}
+
+at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Tensor& x) {
+  return empty_in_layout(scores.sym_sizes(), x.options(), choose_layout(x));
+}
+
+at::Tensor soft_attention_pool_output_like(const at::Tensor& x) {
+  return at::empty_symint({x.sym_size(0), x.sym_size(1)}, x.options());
+}
+
+TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
+  m.def(
+      "soft_attention(Tensor x, Tensor scores, str normalize=\"sigmoid\", "
+      "float temperature=1.0) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_soft_attention_backward(Tensor grad_y, Tensor x, Tensor scores, str normalize, "
+      "float temperature) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("soft_attention_pool(Tensor x, Tensor scores, float temperature=1.0) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_soft_attention_pool_backward(Tensor grad_out, Tensor x, Tensor scores, "
+      "float temperature) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "hard_attention(Tensor x, Tensor scores, str mode=\"threshold\", float threshold=0.5, "
+      "int k=1, str estimator=\"sigmoid\", float temperature=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_hard_attention_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor mask, "
+      "str estimator, float temperature) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,90 @@
+#pragma once
+
+// Spatial attention: a weight for every position of a feature map, from a map of scores.
+// Three operators share these files because they share their kernels (see
+// spatial_attention_impl.h): soft_attention, soft_attention_pool and hard_attention.
+// See DESIGN.md section 2. All are differentiable through the dispatcher (autograd is
+// registered in C++).
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "../macros.h"
+
+namespace cnn_attention {
+namespace ops {
+
+// y = x * w with w = sigmoid(scores / T) or P * softmax(scores / T over the P positions);
+// scores is (N, 1, *S) (shared by every channel) or (N, C, *S).
+CNN_ATTENTION_API at::Tensor soft_attention(const at::Tensor& x, const at::Tensor& scores,
+                                            c10::string_view normalize = "sigmoid",
+                                            double temperature = 1.0);
+
+// (N, C): sum over positions of softmax(scores / T) * x (attention pooling).
+CNN_ATTENTION_API at::Tensor soft_attention_pool(const at::Tensor& x, const at::Tensor& scores,
+                                                 double temperature = 1.0);
+
+// (y, mask): y = x * mask with a 0/1 mask (sigmoid(scores / T) > threshold, or the k best
+// scores per sample and score channel). The mask has the dtype of x and no gradient; the
+// scores get a straight-through gradient (see DESIGN.md).
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> hard_attention(
+    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode = "threshold",
+    double threshold = 0.5, int64_t k = 1, c10::string_view estimator = "sigmoid",
+    double temperature = 1.0);
+
+namespace detail {
+
+// Each returns (grad_x, grad_scores).
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    c10::string_view normalize, double temperature);
+
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
+    double temperature);
+
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const at::Tensor& mask, c10::string_view estimator, double temperature);
+
+}  // namespace detail
+
+enum class SoftNormalize { Sigmoid, Softmax };
+enum class HardMode { Threshold, TopK };
+enum class HardEstimator { Sigmoid, Identity };
+
+struct HardAttentionModes {
+  HardMode mode;
+  HardEstimator estimator;
+};
+
+// Every check of DESIGN.md section 2 on the arguments, shared by every backend so that
+// all raise the same messages.
+SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& scores,
+                                        c10::string_view normalize, double temperature);
+SoftNormalize check_soft_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& scores,
+                                                 c10::string_view normalize,
+                                                 double temperature);
+void check_soft_attention_pool_args(const at::Tensor& x, const at::Tensor& scores,
+                                    double temperature);
+void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& scores, double temperature);
+HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
+                                             c10::string_view mode, double threshold,
+                                             int64_t k, c10::string_view estimator,
+                                             double temperature);
+HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& scores,
+                                                 const at::Tensor& mask,
+                                                 c10::string_view estimator,
+                                                 double temperature);
+
+// Results laid out like x (and score-shaped results in the same layout), for every backend.
+at::Tensor spatial_attention_output_like(const at::Tensor& x);
+at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Tensor& x);
+at::Tensor soft_attention_pool_output_like(const at::Tensor& x);
+
+}  // namespace ops
+}  // namespace cnn_attention

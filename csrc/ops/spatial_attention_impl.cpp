@@ -1,0 +1,193 @@
+#include "spatial_attention_impl.h"
+
+#include <ATen/OpMathType.h>
+
+#include <limits>
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+// The score map in the accumulation dtype, stored like the weights.
+at::Tensor scores_for_weights(const at::Tensor& scores, const at::Tensor& x, Layout layout) {
+  return to_layout(scores, layout).to(at::toOpMathType(x.scalar_type()));
+}
+
+at::Tensor divided(const at::Tensor& s, double temperature) {
+  return temperature == 1.0 ? s : s / temperature;
+}
+
+// A per-row result (N, Cs, P) back to the shape and layout of the weights.
+at::Tensor as_weights(const at::Tensor& rows, const at::Tensor& s, Layout layout) {
+  return to_layout(rows.reshape(s.sizes()), layout);
+}
+
+// softmax(s / T) over the P positions of each sample and score channel. at::_softmax works
+// row by row (one thread or one block per row), so it is deterministic.
+at::Tensor position_softmax(const at::Tensor& s, double temperature, Layout layout) {
+  return as_weights(at::_softmax(divided(s, temperature).flatten(2), -1, false), s, layout);
+}
+
+// d loss / d s for a = softmax(s / T), from d loss / d a.
+at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor& a,
+                                     double temperature, Layout layout) {
+  const at::Tensor grad_rows = at::_softmax_backward_data(
+      grad_a.flatten(2), a.flatten(2), -1, a.scalar_type());
+  return as_weights(grad_rows, a, layout).div_(temperature);
+}
+
+// The k largest of each row, ties to the lower index: the k-th largest value is found by
+// selection (not a sort), everything above it is kept, and of the values equal to it the
+// first ones by index fill the remaining places. NaN ranks as +inf.
+at::Tensor top_k_mask(const at::Tensor& s, int64_t k, Layout layout) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor rows = at::nan_to_num(s.flatten(2), inf, inf, -inf);
+  const int64_t positions = rows.size(-1);
+  const at::Tensor kth =
+      std::get<0>(at::kthvalue(rows, positions - k + 1, -1, /*keepdim=*/true));
+  const at::Tensor above = rows > kth;
+  const at::Tensor tied = rows == kth;
+  const at::Tensor places_left = above.sum(-1, /*keepdim=*/true, at::kLong).neg_().add_(k);
+  const at::Tensor first_tied = tied.logical_and(at::cumsum(tied, -1, at::kLong) <= places_left);
+  return as_weights(above.logical_or_(first_tied).to(s.scalar_type()), s, layout);
+}
+
+at::Tensor hard_mask(const at::Tensor& s, HardMode mode, double threshold, int64_t k,
+                     double temperature, Layout layout) {
+  if (mode == HardMode::TopK) return top_k_mask(s, k, layout);
+  return at::sigmoid(divided(s, temperature)).gt_(threshold);
+}
+
+}  // namespace
+
+at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
+                                  c10::string_view normalize, double temperature,
+                                  const SpatialAttentionSweeps& sweeps) {
+  const SoftNormalize mode = check_soft_attention_args(x, scores, normalize, temperature);
+  const Layout layout = choose_layout(x);
+  at::Tensor y = spatial_attention_output_like(x);
+  if (y.numel() == 0) return y;
+  const at::Tensor s = scores_for_weights(scores, x, layout);
+  at::Tensor weights;
+  if (mode == SoftNormalize::Sigmoid) {
+    weights = at::sigmoid(divided(s, temperature));
+  } else {
+    // P * softmax keeps the mean weight 1 (uniform scores are the identity).
+    weights = position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
+  }
+  sweeps.scale(to_layout(x, layout), weights, y, layout);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    c10::string_view normalize, double temperature, const SpatialAttentionSweeps& sweeps) {
+  const SoftNormalize mode =
+      check_soft_attention_backward_args(grad_y, x, scores, normalize, temperature);
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = spatial_attention_output_like(x);
+  at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
+  if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
+
+  const at::Tensor s = scores_for_weights(scores, x, layout);
+  at::Tensor weights, probabilities;
+  if (mode == SoftNormalize::Sigmoid) {
+    weights = at::sigmoid(divided(s, temperature));
+  } else {
+    probabilities = position_softmax(s, temperature, layout);
+    weights = probabilities * static_cast<double>(num_positions(x));
+  }
+  at::Tensor grad_weights = at::empty_like(weights);
+  sweeps.scale_backward(to_layout(grad_y, layout), to_layout(x, layout), weights, grad_x,
+                        grad_weights, layout);
+  if (mode == SoftNormalize::Sigmoid) {
+    grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
+  } else {
+    // w = P a, so d loss / d a = P d loss / d w.
+    grad_scores.copy_(
+        position_softmax_backward(grad_weights, probabilities, temperature, layout)
+            .mul_(static_cast<double>(num_positions(x))));
+  }
+  return {grad_x, grad_scores};
+}
+
+at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
+                                       double temperature,
+                                       const SpatialAttentionSweeps& sweeps) {
+  check_soft_attention_pool_args(x, scores, temperature);
+  at::Tensor out = soft_attention_pool_output_like(x);
+  if (out.numel() == 0) return out;
+  // A sum over no positions.
+  if (num_positions(x) == 0) return out.zero_();
+  const Layout layout = choose_layout(x);
+  const at::Tensor probabilities =
+      position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+  sweeps.pool(to_layout(x, layout), probabilities, out, layout);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
+    double temperature, const SpatialAttentionSweeps& sweeps) {
+  check_soft_attention_pool_backward_args(grad_out, x, scores, temperature);
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = spatial_attention_output_like(x);
+  at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
+  if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
+
+  const at::Tensor probabilities =
+      position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+  at::Tensor grad_probabilities = at::empty_like(probabilities);
+  // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
+  sweeps.scale_backward(grad_out.contiguous(), to_layout(x, layout), probabilities, grad_x,
+                        grad_probabilities, layout);
+  grad_scores.copy_(
+      position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
+  return {grad_x, grad_scores};
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
+    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
+    int64_t k, c10::string_view estimator, double temperature,
+    const SpatialAttentionSweeps& sweeps) {
+  const HardAttentionModes modes =
+      check_hard_attention_args(x, scores, mode, threshold, k, estimator, temperature);
+  const Layout layout = choose_layout(x);
+  at::Tensor y = spatial_attention_output_like(x);
+  at::Tensor mask = spatial_attention_scores_like(scores, x);
+  if (mask.numel() == 0) return {y, mask};
+  const at::Tensor weights = hard_mask(scores_for_weights(scores, x, layout), modes.mode,
+                                       threshold, k, temperature, layout);
+  mask.copy_(weights);
+  if (y.numel() > 0) sweeps.scale(to_layout(x, layout), weights, y, layout);
+  return {y, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const at::Tensor& mask, c10::string_view estimator, double temperature,
+    const SpatialAttentionSweeps& sweeps) {
+  const HardEstimator mode =
+      check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = spatial_attention_output_like(x);
+  at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
+  if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
+
+  // Straight through: the forward's 0/1 mask scales grad_x, the surrogate's derivative
+  // scales grad_scores.
+  const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
+  at::Tensor grad_weights = at::empty_like(weights);
+  sweeps.scale_backward(to_layout(grad_y, layout), to_layout(x, layout), weights, grad_x,
+                        grad_weights, layout);
+  if (mode == HardEstimator::Sigmoid) {
+    const at::Tensor soft = at::sigmoid(divided(scores_for_weights(scores, x, layout), temperature));
+    grad_weights.mul_(soft * (1 - soft)).div_(temperature);
+  }
+  grad_scores.copy_(grad_weights);
+  return {grad_x, grad_scores};
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,64 @@
+#pragma once
+
+// The device-independent half of the spatial attention kernels (soft_attention,
+// soft_attention_pool, hard_attention). Every one of them is "weights from scores, then
+// one sweep over the feature map": the weights live on the (N, Cs, *S) score map, which
+// for the usual single score channel is C times smaller than x, so they are computed here
+// once with ATen calls in the accumulation dtype (sigmoid, a row softmax, a row selection
+// for top-k), while each backend implements the sweeps over x (SpatialAttentionSweeps).
+//
+// soft_attention / hard_attention forward:  w = weights(scores);  y = x * w
+//   backward: (grad_x, grad_w) = scale_backward(grad_y, x, w);  grad_scores from grad_w
+// soft_attention_pool forward:  a = softmax(scores / T);  out = pool(x, a)
+//   backward: (grad_x, grad_a) = scale_backward(grad_out broadcast over positions, x, a)
+// so the forward of soft/hard attention moves 3|x| bytes and the backward 4|x|.
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common.h"
+#include "spatial_attention.h"
+
+namespace cnn_attention {
+namespace ops {
+
+// Weights are (N, Cs, *S) in the accumulation dtype (float32 for half types, else the
+// dtype of x), stored densely in the kernel layout of x: for Cs == 1 both layouts are the
+// same (N, P) array; for Cs == C the weights line up element for element with x.
+struct SpatialAttentionSweeps {
+  // y = x * w, w broadcast over the channels when Cs == 1.
+  void (*scale)(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout);
+  // grad_x = grad * w and grad_w = sum over the broadcast channels of grad * x, in one
+  // read of grad and x. grad is laid out like x, or is (N, C) (constant over positions:
+  // the gradient of an attention pooling).
+  void (*scale_backward)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
+                         at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout);
+  // out (N, C) = sum over positions of x * w.
+  void (*pool)(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout);
+};
+
+at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
+                                  c10::string_view normalize, double temperature,
+                                  const SpatialAttentionSweeps& sweeps);
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    c10::string_view normalize, double temperature, const SpatialAttentionSweeps& sweeps);
+
+at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
+                                       double temperature, const SpatialAttentionSweeps& sweeps);
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
+    double temperature, const SpatialAttentionSweeps& sweeps);
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
+    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
+    int64_t k, c10::string_view estimator, double temperature,
+    const SpatialAttentionSweeps& sweeps);
+std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const at::Tensor& mask, c10::string_view estimator, double temperature,
+    const SpatialAttentionSweeps& sweeps);
+
+}  // namespace ops
+}  // namespace cnn_attention
