@@ -5,9 +5,12 @@
 
 #include "build_info.h"
 #include "macros.h"
+#include "modules/cbam.h"
 #include "modules/channel_attention.h"
+#include "modules/spatial_attention.h"
 #include "ops/channel_attention.h"
 #include "ops/channel_pool.h"
+#include "ops/spatial_attention.h"
 
 namespace cnn_attention {
 

@@ -1,7 +1,9 @@
 #include "spatial_attention_impl.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace cnn_attention {
@@ -18,23 +20,59 @@ at::Tensor divided(const at::Tensor& s, double temperature) {
   return temperature == 1.0 ? s : s / temperature;
 }
 
+// fn(samples) for the whole batch. ATen's CPU kernels split their work by the number of
+// threads, and their vector and scalar paths round differently, so a sigmoid or a softmax
+// backward over the score map would change in the last bit with the thread count. On CPU the
+// batch is therefore cut into blocks whose size depends on the shape alone, each computed
+// serially (ATen calls inside at::parallel_for do not fork again): the result depends on
+// the input alone. fn maps samples [n0, n1) of `like` to a result shaped like them.
+template <typename Fn>
+at::Tensor by_sample_blocks(const at::Tensor& like, const Fn& fn) {
+  const int64_t batch = like.size(0);
+  if (!like.is_cpu() || batch == 0) return fn(0, batch);
+  constexpr int64_t kBlockElements = 32768;
+  const int64_t per_sample = std::max<int64_t>(1, like.numel() / batch);
+  const int64_t block = std::max<int64_t>(1, kBlockElements / per_sample);
+  at::Tensor out = at::empty_like(like);
+  at::parallel_for(0, (batch + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * block, n1 = std::min(batch, n0 + block);
+      out.narrow(0, n0, n1 - n0).copy_(fn(n0, n1));
+    }
+  });
+  return out;
+}
+
+at::Tensor samples(const at::Tensor& t, int64_t n0, int64_t n1) { return t.narrow(0, n0, n1 - n0); }
+
+at::Tensor position_sigmoid(const at::Tensor& s, double temperature) {
+  return by_sample_blocks(s, [&](int64_t n0, int64_t n1) {
+    return at::sigmoid(divided(samples(s, n0, n1), temperature));
+  });
+}
+
 // A per-row result (N, Cs, P) back to the shape and layout of the weights.
 at::Tensor as_weights(const at::Tensor& rows, const at::Tensor& s, Layout layout) {
   return to_layout(rows.reshape(s.sizes()), layout);
 }
 
-// softmax(s / T) over the P positions of each sample and score channel. at::_softmax works
-// row by row (one thread or one block per row), so it is deterministic.
+// softmax(s / T) over the P positions of each sample and score channel.
 at::Tensor position_softmax(const at::Tensor& s, double temperature, Layout layout) {
-  return as_weights(at::_softmax(divided(s, temperature).flatten(2), -1, false), s, layout);
+  return by_sample_blocks(s, [&](int64_t n0, int64_t n1) {
+    const at::Tensor part = samples(s, n0, n1);
+    return as_weights(at::_softmax(divided(part, temperature).flatten(2), -1, false), part, layout);
+  });
 }
 
 // d loss / d s for a = softmax(s / T), from d loss / d a.
 at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor& a,
                                      double temperature, Layout layout) {
-  const at::Tensor grad_rows = at::_softmax_backward_data(
-      grad_a.flatten(2), a.flatten(2), -1, a.scalar_type());
-  return as_weights(grad_rows, a, layout).div_(temperature);
+  return by_sample_blocks(a, [&](int64_t n0, int64_t n1) {
+    const at::Tensor part = samples(a, n0, n1);
+    const at::Tensor grad_rows = at::_softmax_backward_data(
+        samples(grad_a, n0, n1).flatten(2), part.flatten(2), -1, a.scalar_type());
+    return as_weights(grad_rows, part, layout);
+  }).div_(temperature);
 }
 
 // The k largest of each row, ties to the lower index: the k-th largest value is found by
@@ -56,7 +94,7 @@ at::Tensor top_k_mask(const at::Tensor& s, int64_t k, Layout layout) {
 at::Tensor hard_mask(const at::Tensor& s, HardMode mode, double threshold, int64_t k,
                      double temperature, Layout layout) {
   if (mode == HardMode::TopK) return top_k_mask(s, k, layout);
-  return at::sigmoid(divided(s, temperature)).gt_(threshold);
+  return position_sigmoid(s, temperature).gt_(threshold);
 }
 
 }  // namespace
@@ -71,7 +109,7 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights;
   if (mode == SoftNormalize::Sigmoid) {
-    weights = at::sigmoid(divided(s, temperature));
+    weights = position_sigmoid(s, temperature);
   } else {
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
     weights = position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
@@ -93,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights, probabilities;
   if (mode == SoftNormalize::Sigmoid) {
-    weights = at::sigmoid(divided(s, temperature));
+    weights = position_sigmoid(s, temperature);
   } else {
     probabilities = position_softmax(s, temperature, layout);
     weights = probabilities * static_cast<double>(num_positions(x));
@@ -182,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
   sweeps.scale_backward(to_layout(grad_y, layout), to_layout(x, layout), weights, grad_x,
                         grad_weights, layout);
   if (mode == HardEstimator::Sigmoid) {
-    const at::Tensor soft = at::sigmoid(divided(scores_for_weights(scores, x, layout), temperature));
+    const at::Tensor soft = position_sigmoid(scores_for_weights(scores, x, layout), temperature);
     grad_weights.mul_(soft * (1 - soft)).div_(temperature);
   }
   grad_scores.copy_(grad_weights);

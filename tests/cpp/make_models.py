@@ -1,4 +1,4 @@
-"""Writes a scripted model with the operators, an input and Python's output, for the C++
+"""Writes scripted models with the operators, an input and Python's output, for the C++
 tests and the C++ example to load: python make_models.py OUT_DIR"""
 
 import os
@@ -9,7 +9,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
-from models import TinyAttentionCNN  # noqa: E402
+from models import TinyAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -22,7 +22,13 @@ def main(out_dir: str) -> None:
     torch.jit.script(model).save(os.path.join(out_dir, "model.pt"))
     torch.save(x, os.path.join(out_dir, "input.pt"))
     torch.save(y, os.path.join(out_dir, "output.pt"))
-    print(f"wrote model.pt, input.pt, output.pt to {out_dir}")
+    torch.manual_seed(0)
+    spatial = TinySpatialAttentionCNN().eval()
+    with torch.no_grad():
+        spatial_y = spatial(x)
+    torch.jit.script(spatial).save(os.path.join(out_dir, "spatial_model.pt"))
+    torch.save(spatial_y, os.path.join(out_dir, "spatial_output.pt"))
+    print(f"wrote model.pt, spatial_model.pt, input.pt, output.pt, spatial_output.pt to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,65 @@ def grads_of(out: Tensor, grad: Tensor, inputs: Sequence[Optional[Tensor]]) -> L
     present = [t for t in inputs if t is not None]
     found = iter(torch.autograd.grad(out, present, grad))
     return [None if t is None else next(found) for t in inputs]
+
+
+def _position_softmax(scores: Tensor, temperature: float) -> Tensor:
+    """softmax(scores / T) over the P positions of each sample and score channel."""
+    rows = (scores / temperature).flatten(2)
+    return torch.softmax(rows, dim=-1).reshape(scores.shape)
+
+
+def soft_attention_reference(x: Tensor, scores: Tensor, normalize: str = "sigmoid", temperature: float = 1.0) -> Tensor:
+    if normalize == "sigmoid":
+        w = torch.sigmoid(scores / temperature)
+    else:
+        positions = 1
+        for size in x.shape[2:]:
+            positions *= size
+        w = positions * _position_softmax(scores, temperature)
+    return x * w
+
+
+def soft_attention_pool_reference(x: Tensor, scores: Tensor, temperature: float = 1.0) -> Tensor:
+    return (_position_softmax(scores, temperature) * x).flatten(2).sum(-1)
+
+
+def hard_attention_reference(
+    x: Tensor,
+    scores: Tensor,
+    mode: str = "threshold",
+    threshold: float = 0.5,
+    k: int = 1,
+    temperature: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """(y, mask) in float64. The threshold mask is computed in the operator's accumulation
+    dtype (float32 for float32 and half inputs, float64 for float64): a value right at the
+    threshold may fall on either side in another precision. The top-k mask keeps the k
+    largest scores of each sample and score channel, ties to the lower flat index (a stable
+    descending sort), NaN ranking as +inf."""
+    if mode == "threshold":
+        acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        mask = (torch.sigmoid(scores.to(acc) / temperature) > threshold).double()
+    else:
+        rows = scores.double().flatten(2)
+        rows = torch.where(torch.isnan(rows), torch.full_like(rows, float("inf")), rows)
+        order = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
+        mask = torch.zeros_like(rows).scatter_(-1, order, 1.0).reshape(scores.shape)
+    return x.double() * mask, mask
+
+
+def hard_attention_backward_reference(
+    grad_y: Tensor, x: Tensor, scores: Tensor, mask: Tensor, estimator: str = "sigmoid", temperature: float = 1.0
+) -> Tuple[Tensor, Tensor]:
+    """The straight-through gradient of DESIGN.md in float64: dx = dy * mask; dscores = sum
+    over the broadcast channels of dy * x * g, g = soft * (1 - soft) / T ("sigmoid") or 1
+    ("identity")."""
+    grad_y, x, scores, mask = grad_y.double(), x.double(), scores.double(), mask.double()
+    grad_x = grad_y * mask
+    product = grad_y * x
+    if scores.shape[1] == 1:
+        product = product.sum(1, keepdim=True)
+    if estimator == "sigmoid":
+        soft = torch.sigmoid(scores / temperature)
+        product = product * soft * (1 - soft) / temperature
+    return grad_x, product

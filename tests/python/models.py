@@ -21,3 +21,23 @@ class TinyAttentionCNN(nn.Module):
         x = self.deep_attention(self.down(x))
         pooled = torch.ops.cnn_attention.channel_pool(x)  # exercised as an op of its own too
         return self.head(x.mean((2, 3))) + pooled.mean()
+
+
+class TinySpatialAttentionCNN(nn.Module):
+    """Soft, hard and CBAM attention at a shallow stage and attention pooling as the head."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.soft_attention = cnn_attention.SoftAttention(kernel_size=3, temperature=0.5)
+        self.cbam = cnn_attention.CBAM(channels, reduction=2, kernel_size=3)
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.hard_attention = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25)
+        self.pool_scores = nn.Conv2d(2 * channels, 1, 1)
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cbam(self.soft_attention(self.stem(x)))
+        x = self.hard_attention(self.down(x))
+        pooled = torch.ops.cnn_attention.soft_attention_pool(x, self.pool_scores(x), 1.0)
+        return self.head(pooled)

@@ -8,20 +8,30 @@ import textwrap
 
 import pytest
 import torch
-from models import TinyAttentionCNN
+from models import TinyAttentionCNN, TinySpatialAttentionCNN
 
 import cnn_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _model_and_input(device="cpu"):
-    model = TinyAttentionCNN().to(device).eval()
+# Each model and the operators it must show in an exported graph.
+MODELS = {
+    "channel": (TinyAttentionCNN, {"channel_attention", "channel_pool"}),
+    "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool",
+                                          "channel_attention", "channel_pool"}),
+}
+models = pytest.mark.parametrize("kind", sorted(MODELS))
+
+
+def _model_and_input(kind, device="cpu"):
+    model = MODELS[kind][0]().to(device).eval()
     return model, torch.randn(2, 3, 16, 16, device=device)
 
 
-def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
-    model, x = _model_and_input()
+@models
+def test_torchscript_save_and_load_in_a_fresh_process(tmp_path, kind):
+    model, x = _model_and_input(kind)
     scripted = torch.jit.script(model)
     torch.testing.assert_close(scripted(x), model(x))
     path = tmp_path / "model.pt"
@@ -43,12 +53,15 @@ def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
-def test_torchscript_trains():
-    model, x = _model_and_input()
+@models
+def test_torchscript_trains(kind):
+    model, x = _model_and_input(kind)
     scripted = torch.jit.script(model.train())
-    scripted(x).sum().backward()
-    assert scripted.shallow_attention.fc1_weight.grad is not None
-    assert scripted.deep_attention.fc2_bias.grad is not None
+    scripted(x).square().sum().backward()
+    attention = [(n, p) for n, p in scripted.named_parameters() if "attention" in n or "cbam" in n]
+    assert len(attention) >= 8
+    for name, p in attention:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_scripted_functional_api():
@@ -58,11 +71,20 @@ def test_scripted_functional_api():
     torch.testing.assert_close(fn(x, w1, None, w2, None, "max", "sigmoid"),
                                cnn_attention.functional.channel_attention(x, w1, None, w2, None, "max"))
     torch.jit.script(cnn_attention.functional.channel_pool)
+    soft = torch.jit.script(cnn_attention.functional.soft_attention)
+    s = torch.randn(2, 1, 3, 3)
+    torch.testing.assert_close(soft(x, s, "softmax", 0.5), cnn_attention.functional.soft_attention(x, s, "softmax", 0.5))
+    pool = torch.jit.script(cnn_attention.functional.soft_attention_pool)
+    torch.testing.assert_close(pool(x, s, 2.0), cnn_attention.functional.soft_attention_pool(x, s, 2.0))
+    hard = torch.jit.script(cnn_attention.functional.hard_attention)
+    torch.testing.assert_close(hard(x, s, "topk", 0.5, 3, "identity", 1.0),
+                               cnn_attention.functional.hard_attention(x, s, "topk", k=3, estimator="identity"))
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_forward_and_backward():
-    model, x = _model_and_input()
+@models
+def test_torch_compile_fullgraph_forward_and_backward(kind):
+    model, x = _model_and_input(kind)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
     x1 = x.clone().requires_grad_(True)
@@ -72,11 +94,12 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_export(tmp_path):
-    model, x = _model_and_input()
+@models
+def test_torch_export(tmp_path, kind):
+    model, x = _model_and_input(kind)
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "cnn_attention.channel_attention.default" in targets
+    assert {f"cnn_attention.{op}.default" for op in MODELS[kind][1]} <= targets
     torch.testing.assert_close(exported.module()(x), model(x))
     # Round trip through the .pt2 file format.
     path = tmp_path / "model.pt2"
@@ -84,8 +107,9 @@ def test_torch_export(tmp_path):
     torch.testing.assert_close(torch.export.load(str(path)).module()(x), model(x))
 
 
-def test_torch_export_with_dynamic_batch():
-    model, x = _model_and_input()
+@models
+def test_torch_export_with_dynamic_batch(kind):
+    model, x = _model_and_input(kind)
     batch = torch.export.Dim("batch", min=1, max=64)
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     x5 = torch.randn(5, 3, 16, 16)
@@ -102,7 +126,8 @@ def test_build_info():
 
 
 @pytest.mark.cuda
-def test_cuda_model_matches_cpu():
-    model, x = _model_and_input()
+@models
+def test_cuda_model_matches_cpu(kind):
+    model, x = _model_and_input(kind)
     expected = model(x)
     torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,127 @@
+"""Soft and hard spatial attention side by side, in one run: ours vs the eager composition
+users write vs torch.compile of it, forward and forward+backward (gradients of x and of the
+score parameters).
+
+- soft: the SoftAttention module (CBAM's spatial branch) vs
+  `torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)`, conv, sigmoid, multiply.
+- softmax: soft_attention(normalize="softmax") vs `x * P * softmax(scores over positions)`.
+- hard: hard_attention(mode="topk", k = P / 4) vs the eager straight-through composition
+  (`topk` + `scatter` for the mask, `mask - soft.detach() + soft`, multiply).
+- pool: soft_attention_pool vs `(x * softmax(scores over positions)).sum(positions)`.
+
+    python benchmarks/bench_spatial_attention.py                  # CPU, float32, (8, 64, 112, 112)
+    python benchmarks/bench_spatial_attention.py --device cuda --dtype bfloat16
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import cnn_attention  # noqa: E402
+from common import measure_all, print_table  # noqa: E402
+
+
+class EagerSoftAttention(nn.Module):
+    """CBAM's spatial branch as users write it, with the score head of `ours`."""
+
+    def __init__(self, ours: cnn_attention.SoftAttention) -> None:
+        super().__init__()
+        self.scores = ours.scores
+
+    def forward(self, x):
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(F.conv2d(pooled, self.scores.weight, self.scores.bias, padding=self.scores.padding))
+
+
+class WithScores(nn.Module):
+    """An operator on x and a learned score map (N, 1, *S)."""
+
+    def __init__(self, fn, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        self.scores = nn.Parameter(scores)
+
+    def forward(self, x):
+        return self.fn(x, self.scores)
+
+
+def eager_softmax(x, scores):
+    positions = scores[0].numel()
+    return x * (positions * torch.softmax(scores.flatten(2), -1)).view_as(scores)
+
+
+def eager_hard_topk(k):
+    def run(x, scores):
+        soft = torch.sigmoid(scores)
+        index = scores.flatten(2).topk(k, -1).indices
+        mask = torch.zeros_like(soft.flatten(2)).scatter_(-1, index, 1.0).view_as(soft)
+        return x * (mask - soft.detach() + soft)
+
+    return run
+
+
+def eager_pool(x, scores):
+    return (x.flatten(2) * torch.softmax(scores.flatten(2), -1)).sum(-1)
+
+
+def candidates_for(op, shape, device, dtype, compile_eager):
+    positions = 1
+    for size in shape[2:]:
+        positions *= size
+    scores = torch.randn((shape[0], 1) + shape[2:], device=device, dtype=dtype)
+    if op == "soft":
+        ours = cnn_attention.SoftAttention(7).to(device, dtype)
+        eager = EagerSoftAttention(ours)
+    elif op == "softmax":
+        ours = WithScores(lambda x, s: cnn_attention.functional.soft_attention(x, s, "softmax"), scores)
+        eager = WithScores(eager_softmax, scores.clone())
+    elif op == "hard":
+        k = positions // 4
+        ours = WithScores(lambda x, s: cnn_attention.functional.hard_attention(x, s, "topk", k=k)[0], scores)
+        eager = WithScores(eager_hard_topk(k), scores.clone())
+    else:
+        ours = WithScores(cnn_attention.functional.soft_attention_pool, scores)
+        eager = WithScores(eager_pool, scores.clone())
+    found = {"cnn_attention": ours, "eager": eager}
+    if compile_eager:
+        found["torch.compile(eager)"] = torch.compile(eager)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--shape", default="8,64,112,112")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--ops", default="soft,softmax,hard,pool")
+    parser.add_argument("--layouts", default="contiguous,channels_last")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    device, dtype = args.device, getattr(torch, args.dtype)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    torch.manual_seed(0)
+    print(f"# spatial attention, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
+          f"{args.dtype}, x={shape}, scores with one channel, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print()
+    rows = []
+    for op in args.ops.split(","):
+        for layout in args.layouts.split(","):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            found = candidates_for(op, shape, device, dtype, not args.no_compile)
+            with torch.no_grad():
+                grad = torch.randn_like(found["cnn_attention"](x))
+            rows.append((f"{op}, {layout}", measure_all(found, x, grad, device, args.repeat)))
+    print_table(rows, "operator, layout")
+
+
+if __name__ == "__main__":
+    main()

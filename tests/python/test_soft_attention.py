@@ -1,0 +1,297 @@
+import itertools
+
+import pytest
+import torch
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    SPATIAL,
+    assert_close,
+    float64_leaves,
+    grads_of,
+    in_layout,
+    soft_attention_reference,
+)
+
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.soft_attention
+backward_op = torch.ops.cnn_attention._soft_attention_backward
+
+NORMALIZE = ["sigmoid", "softmax"]
+TEMPERATURES = [1.0, 0.5]
+# (score channels: "one" is (N, 1, *S), "all" is (N, C, *S)) x normalize x temperature.
+CONFIGS = list(itertools.product(["one", "all"], NORMALIZE, TEMPERATURES))
+
+
+def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
+    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
+    cs = 1 if score_channels == "one" else shape[1]
+    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
+    return x, scores
+
+
+def check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=1.0):
+    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
+    y = op(*leaves, normalize, temperature)
+    ref_inputs = float64_leaves(leaves)
+    expected = soft_attention_reference(*ref_inputs, normalize, temperature)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, expected, dtype)
+    grad = torch.randn_like(y)
+    gx, gs = torch.autograd.grad(y, leaves, grad)
+    wx, ws = grads_of(expected, grad.double(), ref_inputs)
+    assert gx.dtype == dtype and gx.shape == x.shape
+    assert gs.dtype == dtype and gs.shape == scores.shape
+    assert_close(gx, wx, dtype)
+    # The score gradient sums over channels (shared scores) and over positions (softmax).
+    assert_close(gs, ws, dtype, scale=grad_scale)
+    return y, gx, gs
+
+
+# Every dtype x layout x spatial rank, each with one of the configurations in turn (so that
+# every configuration meets every dtype and every layout).
+FULL_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", FULL_SAMPLES)
+def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, normalize, temperature):
+    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    y, gx, gs = check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=4.0)
+    if layout == "channels_last":
+        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
+        assert gx.stride() == x.stride()
+    else:
+        assert y.is_contiguous() and gx.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("score_channels,normalize,temperature", CONFIGS)
+@pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
+def test_every_configuration_matches_reference(device, dtype, score_channels, normalize, temperature, spatial):
+    x, scores = make_inputs((2, 5) + spatial, score_channels, dtype, device, "contiguous")
+    check_against_reference(x, scores, normalize, temperature, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,scores_layout", list(itertools.product(LAYOUTS, LAYOUTS)))
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_scores_in_every_layout(device, layout, scores_layout, score_channels, normalize):
+    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    y, _, gs = check_against_reference(x, scores, normalize, 0.5, torch.float32)
+    if layout == "channels_last":
+        assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,spatial", [(1, (37,)), (40, (6, 5)), (130, (3, 7)), (300, (2, 3)), (3, (26, 45))])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
+    # The sweeps vectorize over the inner dim and block the outer one (512 positions, 256
+    # channels): these sizes give full vectors, partial blocks and scalar tails.
+    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    check_against_reference(x, scores, "softmax", 1.0, dtype, grad_scale=4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("spatial", [(5,), (3, 4), (2, 3, 2)])
+def test_gradcheck(device, score_channels, normalize, temperature, spatial):
+    x, scores = make_inputs((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
+    x.requires_grad_(True)
+    scores.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, normalize, temperature), (x, scores))
+
+
+OPCHECK_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[(3 * i) % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
+    )
+][::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", OPCHECK_SAMPLES)
+def test_opcheck(device, dtype, layout, spatial, score_channels, normalize, temperature):
+    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    torch.library.opcheck(op, (x.requires_grad_(True), scores.requires_grad_(True), normalize, temperature))
+    grad = in_layout(torch.randn((2, 4) + spatial, device=device).to(dtype), layout)
+    torch.library.opcheck(
+        backward_op,
+        (grad, x.detach(), scores.detach(), normalize, temperature),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize(
+    "x_shape,scores_shape",
+    [((0, 3, 4, 4), (0, 1, 4, 4)), ((0, 3, 4, 4), (0, 3, 4, 4)), ((2, 3, 0, 4), (2, 1, 0, 4)),
+     ((2, 3, 0), (2, 3, 0)), ((2, 0, 4, 4), (2, 1, 4, 4)), ((2, 0, 5), (2, 0, 5))],
+)
+def test_empty_inputs(device, normalize, x_shape, scores_shape):
+    x = torch.randn(x_shape, device=device, requires_grad=True)
+    scores = torch.randn(scores_shape, device=device, requires_grad=True)
+    y = op(x, scores, normalize, 1.0)
+    assert y.shape == x.shape
+    gx, gs = torch.autograd.grad(y.sum(), [x, scores])
+    assert gx.shape == x.shape and gs.shape == scores.shape
+    # With no channels, a shared score map still exists and has a zero gradient.
+    assert torch.count_nonzero(gs) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_extreme_scores_stay_finite(device, score_channels, normalize):
+    # The softmax subtracts the row maximum: exp(1e4) would overflow otherwise.
+    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    scores = scores.sign() * 1e4
+    scores[:, :, 0, 0] = 1e4
+    scores[:, :, 1, 1] = -1e4
+    scores[:, :, 2, 2] = 0.0
+    y, gx, gs = check_against_reference(x, scores, normalize, 0.5, torch.float32)
+    for t in (y, gx, gs):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniform_softmax_scores_are_the_identity(device):
+    x = torch.randn(2, 4, 6, 5, device=device)
+    torch.testing.assert_close(op(x, torch.full((2, 1, 6, 5), 3.0, device=device), "softmax", 0.3), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_autocast(device, normalize):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 8, 6, 6, device=device)
+    scores = torch.randn(2, 1, 6, 6, device=device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = CF.soft_attention(x, scores, normalize, 0.5)
+        y64 = CF.soft_attention(x.double(), scores.double(), normalize, 0.5)
+    assert y.dtype == dtype
+    assert y64.dtype == torch.float64, "autocast leaves float64 alone"
+    assert_close(y, soft_attention_reference(x.to(dtype).double(), scores.to(dtype).double(), normalize, 0.5), dtype)
+
+
+# ---- bad input: every message names the operator, the argument and what was expected ----
+
+def _good(device="cpu"):
+    return torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 1, 4, 5, device=device)
+
+
+BAD_INPUTS = [
+    ("batch", lambda x, s: (x, torch.randn(3, 1, 4, 5)),
+     r"soft_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(3, 1, 4, 5\)"),
+    ("channels", lambda x, s: (x, torch.randn(2, 2, 4, 5)),
+     r"soft_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 2, 4, 5\)"),
+    ("spatial", lambda x, s: (x, torch.randn(2, 1, 4, 6)),
+     r"soft_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 4, 6\)"),
+    ("scores_rank", lambda x, s: (x, s[:, :, 0]),
+     r"soft_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 5\)"),
+    ("x_rank", lambda x, s: (x[0, 0], s[0, 0]),
+     r"soft_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(4, 5\)"),
+    ("x_rank6", lambda x, s: (torch.randn(1, 3, 2, 2, 2, 2), torch.randn(1, 1, 2, 2, 2, 2)),
+     r"soft_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 6 dims"),
+    ("int_x", lambda x, s: (x.to(torch.int32), s),
+     r"soft_attention: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    ("bool_x", lambda x, s: (x > 0, s),
+     r"soft_attention: x must have a floating dtype .* got Bool"),
+    ("int_scores", lambda x, s: (x, s.long()),
+     r"soft_attention: scores must have the dtype of x \(Float\), got Long"),
+    ("dtype_mismatch", lambda x, s: (x, s.double()),
+     r"soft_attention: scores must have the dtype of x \(Float\), got Double"),
+    ("dtype_mismatch_half", lambda x, s: (x.half(), s),
+     r"soft_attention: scores must have the dtype of x \(Half\), got Float"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, message, device):
+    args = [a.to(device) for a in mutate(*_good())]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_normalize_and_temperature(device):
+    x, s = _good(device)
+    with pytest.raises(RuntimeError, match=r'soft_attention: normalize must be one of "sigmoid", "softmax", got "tanh"'):
+        op(x, s, "tanh", 1.0)
+    for temperature, shown in [(0.0, "0"), (-1.5, "-1.5"), (float("nan"), "nan"), (float("inf"), "inf")]:
+        with pytest.raises(RuntimeError, match=rf"soft_attention: temperature must be finite and positive, got {shown}$"):
+            op(x, s, "softmax", temperature)
+    # Checked even when there is nothing to compute.
+    with pytest.raises(RuntimeError, match=r"soft_attention: normalize must be one of"):
+        op(x[:0], s[:0], "tanh", 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention: temperature must be finite and positive, got 0"):
+        op(x[:0], s[:0], "sigmoid", 0.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_backward_arguments_are_rejected(device):
+    x, s = _good(device)
+    with pytest.raises(RuntimeError, match=r"soft_attention: grad_y must be the size of x = \(2, 3, 4, 5\), got \(2, 3, 4\)"):
+        backward_op(x[..., 0], x, s, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention: grad_y must have the dtype of x \(Float\), got Double"):
+        backward_op(x.double(), x, s, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\)"):
+        backward_op(x, x, s[:1], "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r'soft_attention: normalize must be one of "sigmoid", "softmax", got "max"'):
+        backward_op(x, x, s, "max", 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention: temperature must be finite and positive, got -1"):
+        backward_op(x, x, s, "sigmoid", -1.0)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_double_backward_is_refused(normalize):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = op(x, s, normalize, 1.0)
+    gx, gs = torch.autograd.grad(y.square().sum(), [x, s], create_graph=True)
+    with pytest.raises(RuntimeError, match="soft_attention: double backward is not supported"):
+        (gx.sum() + gs.sum()).backward()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_rejected():
+    x, s = _good()
+    with pytest.raises(RuntimeError, match=r"soft_attention: scores must be on the device of x \(cpu\), got cuda:0"):
+        op(x, s.cuda(), "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels, normalize):
+    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    grad = in_layout(torch.randn(x.shape), layout)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+            assert leaves[0].stride() == x.stride()
+            y = op(*leaves, normalize, 0.5)
+            results.append([y.detach(), *torch.autograd.grad(y, leaves, grad)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
