@@ -41,6 +41,7 @@ demo: build build-cpp
 bench: build
 	$(PYTHON) benchmarks/bench_channel_attention.py
 	$(PYTHON) benchmarks/bench_channel_pool.py
+	$(PYTHON) benchmarks/bench_spatial_attention.py
 
 clean:
 	rm -rf $(BUILD) out python/cnn_attention/*.so

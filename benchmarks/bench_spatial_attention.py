@@ -23,7 +23,13 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import measure_all, print_table  # noqa: E402
+from common import measure_all, median_ms, print_table  # noqa: E402
+
+# Bytes an operator must move, in units of |x|: (forward, backward). soft_attention and
+# hard_attention read x and write y, then read grad_y and x and write grad_x;
+# soft_attention_pool reads x, then reads x and writes grad_x. The score maps are C times
+# smaller and left out.
+FLOORS = {"softmax": (2, 3), "hard": (2, 3), "pool": (1, 2)}
 
 
 class EagerSoftAttention(nn.Module):
@@ -110,7 +116,7 @@ def main() -> None:
           f"{args.dtype}, x={shape}, scores with one channel, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print()
-    rows = []
+    rows, floors = [], []
     for op in args.ops.split(","):
         for layout in args.layouts.split(","):
             x = torch.randn(shape, device=device, dtype=dtype)
@@ -119,8 +125,22 @@ def main() -> None:
             found = candidates_for(op, shape, device, dtype, not args.no_compile)
             with torch.no_grad():
                 grad = torch.randn_like(found["cnn_attention"](x))
-            rows.append((f"{op}, {layout}", measure_all(found, x, grad, device, args.repeat)))
+            results = measure_all(found, x, grad, device, args.repeat)
+            rows.append((f"{op}, {layout}", results))
+            if device == "cuda" and op in FLOORS:
+                floors.append((op, layout, results["cnn_attention"], x.numel() * x.element_size()))
     print_table(rows, "operator, layout")
+    if floors:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        nbytes = x.numel() * x.element_size()
+        bandwidth = 2 * nbytes / (median_ms(lambda: x.clone(), device, args.repeat) * 1e-3)
+        print()
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ours against the bytes-moved floor (medians):")
+        for op, layout, ((fwd, _), (both, _)), size in floors:
+            floor_f, floor_b = (FLOORS[op][i] * size / bandwidth * 1e3 for i in range(2))
+            print(f"- {op}, {layout}: forward {fwd:.3f} ms = {fwd / floor_f:.2f}x its {FLOORS[op][0]}|x| floor; "
+                  f"backward (fwd+bwd - fwd) {both - fwd:.3f} ms = {(both - fwd) / floor_b:.2f}x its "
+                  f"{FLOORS[op][1]}|x| floor")
 
 
 if __name__ == "__main__":

@@ -24,4 +24,9 @@ done
 "$PYTHON" benchmarks/bench_channel_attention.py --device cuda --dtype float32 --channels-last --repeat 100 || status=1
 echo
 "$PYTHON" benchmarks/bench_channel_pool.py --device cuda --dtype bfloat16 --repeat 100 || status=1
+echo
+for dtype in float32 bfloat16; do
+  "$PYTHON" benchmarks/bench_spatial_attention.py --device cuda --dtype "$dtype" --repeat 100 || status=1
+  echo
+done
 exit $status

@@ -2,6 +2,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <limits>
@@ -25,7 +26,9 @@ at::Tensor divided(const at::Tensor& s, double temperature) {
 // backward over the score map would change in the last bit with the thread count. On CPU the
 // batch is therefore cut into blocks whose size depends on the shape alone, each computed
 // serially (ATen calls inside at::parallel_for do not fork again): the result depends on
-// the input alone. fn maps samples [n0, n1) of `like` to a result shaped like them.
+// the input alone. The worker threads get the caller's thread-local state (below autograd,
+// grad mode), as at::launch does. fn maps samples [n0, n1) of `like` to a result shaped
+// like them.
 template <typename Fn>
 at::Tensor by_sample_blocks(const at::Tensor& like, const Fn& fn) {
   const int64_t batch = like.size(0);
@@ -34,7 +37,9 @@ at::Tensor by_sample_blocks(const at::Tensor& like, const Fn& fn) {
   const int64_t per_sample = std::max<int64_t>(1, like.numel() / batch);
   const int64_t block = std::max<int64_t>(1, kBlockElements / per_sample);
   at::Tensor out = at::empty_like(like);
+  const at::ThreadLocalState caller;
   at::parallel_for(0, (batch + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * block, n1 = std::min(batch, n0 + block);
       out.narrow(0, n0, n1 - n0).copy_(fn(n0, n1));

@@ -62,7 +62,7 @@ FULL_SAMPLES = [
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", FULL_SAMPLES)
 def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, normalize, temperature):
     x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
-    y, gx, gs = check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=4.0)
+    y, gx, gs = check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=2.0)
     if layout == "channels_last":
         assert y.stride() == x.stride(), "channels_last input must give channels_last output"
         assert gx.stride() == x.stride()
@@ -85,7 +85,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, no
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels, normalize):
     x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
-    y, _, gs = check_against_reference(x, scores, normalize, 0.5, torch.float32)
+    y, _, _ = check_against_reference(x, scores, normalize, 0.5, torch.float32)
     if layout == "channels_last":
         assert y.stride() == x.stride()
 
@@ -99,7 +99,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
     # The sweeps vectorize over the inner dim and block the outer one (512 positions, 256
     # channels): these sizes give full vectors, partial blocks and scalar tails.
     x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
-    check_against_reference(x, scores, "softmax", 1.0, dtype, grad_scale=4.0)
+    check_against_reference(x, scores, "softmax", 1.0, dtype, grad_scale=2.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

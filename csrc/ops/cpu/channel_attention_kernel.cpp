@@ -104,7 +104,7 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
   std::vector<opmath_t> part_dot(grad_y ? parts * channels : 0);
   std::vector<int64_t> part_where(with_argmax ? parts * channels : 0);
 
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts, grain_for(kPositionChunk * channels), [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t n = part / chunks;
       const int64_t p0 = (part % chunks) * kPositionChunk;

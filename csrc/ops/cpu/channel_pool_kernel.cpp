@@ -31,7 +31,7 @@ void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
     opmath_t sum[kPositionBlock], best[kPositionBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
@@ -112,7 +112,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
   const opmath_t inv_channels = opmath_t(1) / static_cast<opmath_t>(channels);
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
     alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
     alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
     for (int64_t task = begin; task < end; ++task) {

@@ -187,7 +187,7 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
     // One weight row shared by all channels: each block of positions keeps its running
     // sum over the channels in L1 while the channels stream through.
     const int64_t blocks = (P + kPositionBlock - 1) / kPositionBlock;
-    at::parallel_for(0, e.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, e.batch * blocks, grain_for(kPositionBlock * C), [&](int64_t begin, int64_t end) {
       alignas(64) opmath_t sum[kPositionBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / blocks, p0 = (task % blocks) * kPositionBlock;
@@ -251,7 +251,7 @@ void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t*
   } else {
     // Positions are the outer dim: each task sums a block of channels over all positions.
     const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, e.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, e.batch * blocks, grain_for(kChannelBlock * P), [&](int64_t begin, int64_t end) {
       alignas(64) opmath_t sum[kChannelBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;

@@ -1,0 +1,347 @@
+import itertools
+
+import pytest
+import torch
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    SPATIAL,
+    assert_close,
+    hard_attention_backward_reference,
+    hard_attention_reference,
+    in_layout,
+)
+
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.hard_attention
+backward_op = torch.ops.cnn_attention._hard_attention_backward
+
+# (score channels, mode, threshold, k, estimator, temperature)
+CONFIGS = [
+    ("one", "threshold", 0.5, 1, "sigmoid", 1.0),
+    ("all", "topk", 0.5, 3, "identity", 0.5),
+    ("one", "topk", 0.5, 5, "sigmoid", 2.0),
+    ("all", "threshold", 0.3, 1, "identity", 1.0),
+    ("one", "threshold", 0.7, 1, "sigmoid", 0.5),
+    ("all", "topk", 0.5, 1, "sigmoid", 1.0),
+]
+
+
+def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
+    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
+    cs = 1 if score_channels == "one" else shape[1]
+    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
+    return x, scores
+
+
+def check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype):
+    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
+    y, mask = op(*leaves, mode, threshold, k, estimator, temperature)
+    y_ref, mask_ref = hard_attention_reference(x.detach(), scores.detach(), mode, threshold, k, temperature)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mask.dtype == dtype and mask.shape == scores.shape
+    assert not mask.requires_grad
+    # Both are exact: the mask is 0/1 and y is x times 0 or 1.
+    torch.testing.assert_close(mask.double(), mask_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=0)
+    if mode == "topk":
+        assert (mask.flatten(2).sum(-1) == k).all()
+
+    grad = torch.randn_like(y)
+    gx, gs = torch.autograd.grad(y, leaves, grad)
+    wx, ws = hard_attention_backward_reference(grad, x.detach(), scores.detach(), mask_ref, estimator, temperature)
+    assert gx.dtype == dtype and gx.shape == x.shape
+    assert gs.dtype == dtype and gs.shape == scores.shape
+    torch.testing.assert_close(gx.double(), wx, rtol=0, atol=0)
+    assert_close(gs, ws, dtype, scale=2.0)
+    return y, mask, gx, gs
+
+
+FULL_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", FULL_SAMPLES)
+def test_forward_and_backward_match_reference(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
+    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    y, mask, gx, _ = check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
+    if layout == "channels_last":
+        assert y.stride() == x.stride() and gx.stride() == x.stride(), "channels_last input must give channels_last output"
+        if score_channels == "all":
+            assert mask.stride() == x.stride()
+    else:
+        assert y.is_contiguous() and gx.is_contiguous() and mask.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("mode,threshold,k", [("threshold", 0.5, 1), ("threshold", 0.25, 1), ("topk", 0.5, 1), ("topk", 0.5, 7)])
+@pytest.mark.parametrize("estimator", ["sigmoid", "identity"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_every_configuration_matches_reference(device, dtype, score_channels, mode, threshold, k, estimator, temperature):
+    x, scores = make_inputs((2, 5, 4, 3), score_channels, dtype, device, "contiguous")
+    check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,scores_layout", list(itertools.product(LAYOUTS, LAYOUTS)))
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_scores_in_every_layout(device, layout, scores_layout, score_channels, mode):
+    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    check_against_reference(x, scores, mode, 0.5, 4, "sigmoid", 0.5, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,spatial", [(1, (37,)), (40, (6, 5)), (130, (3, 7)), (3, (26, 45))])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
+    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    check_against_reference(x, scores, "topk", 0.5, 6, "sigmoid", 1.0, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_topk_ties_go_to_the_lower_flat_index(device, layout, score_channels):
+    x, _ = make_inputs((2, 4, 3, 5), score_channels, torch.float32, device, layout)
+    cs = 1 if score_channels == "one" else 4
+    scores = in_layout(torch.full((2, cs, 3, 5), 0.25, device=device), layout)
+    y, mask = op(x, scores, "topk", 0.5, 3, "sigmoid", 1.0)
+    expected = torch.zeros(2, cs, 15, device=device)
+    expected[:, :, :3] = 1  # flat positions 0, 1, 2 of (3, 5): row 0, columns 0 to 2
+    torch.testing.assert_close(mask, expected.reshape(2, cs, 3, 5), rtol=0, atol=0)
+    torch.testing.assert_close(y, x * mask, rtol=0, atol=0)
+    # Partial ties: one larger value, then ties filled from the lowest index.
+    scores = torch.zeros(1, 1, 8, device=device)
+    scores[0, 0, 6] = 1.0
+    scores[0, 0, 2] = -1.0
+    _, mask = op(torch.randn(1, 2, 8, device=device), scores, "topk", 0.5, 4, "sigmoid", 1.0)
+    assert mask.flatten().tolist() == [1, 1, 0, 1, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_nan_scores(device, dtype):
+    # Top-k: a NaN score ranks as +inf (it is kept before every finite score; NaN and +inf
+    # tie, lower index first). Threshold: sigmoid(NaN) > threshold is false, so a NaN
+    # position is dropped.
+    scores = torch.tensor([[[0.5, float("nan"), 3.0, float("inf"), float("nan"), -1.0]]], device=device, dtype=dtype)
+    x = torch.randn(1, 2, 6, device=device, dtype=dtype)
+    for k, kept in [(1, [0, 1, 0, 0, 0, 0]), (2, [0, 1, 0, 1, 0, 0]), (3, [0, 1, 0, 1, 1, 0]), (4, [0, 1, 1, 1, 1, 0])]:
+        _, mask = op(x, scores, "topk", 0.5, k, "sigmoid", 1.0)
+        assert mask.flatten().tolist() == kept, k
+        torch.testing.assert_close(mask.double(), hard_attention_reference(x, scores, "topk", k=k)[1], rtol=0, atol=0)
+    _, mask = op(x, scores, "threshold", 0.5, 1, "sigmoid", 1.0)
+    assert mask.flatten().tolist() == [1, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_k_equal_to_positions_keeps_everything(device, score_channels):
+    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    y, mask = op(x, scores, "topk", 0.5, 20, "identity", 1.0)
+    assert (mask == 1).all()
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_bounds_zero_and_one(device):
+    # sigmoid(-1e4) underflows to 0, which is not > 0; nothing is > 1.
+    x = torch.randn(1, 2, 5, device=device)
+    scores = torch.tensor([[[-1e4, -3.0, 0.0, 3.0, 1e4]]], device=device)
+    assert op(x, scores, "threshold", 0.0, 1, "sigmoid", 1.0)[1].flatten().tolist() == [0, 1, 1, 1, 1]
+    assert op(x, scores, "threshold", 1.0, 1, "sigmoid", 1.0)[1].flatten().tolist() == [0, 0, 0, 0, 0]
+    # Exactly at the threshold is not above it.
+    assert op(x, scores, "threshold", 0.5, 1, "sigmoid", 1.0)[1].flatten().tolist() == [0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("estimator", ["sigmoid", "identity"])
+def test_straight_through_gradient_with_extreme_scores_is_finite(device, estimator):
+    x = torch.randn(2, 3, 6, device=device, requires_grad=True)
+    scores = (torch.tensor([1e4, -1e4, 0.0, 2.0, -2.0, 50.0], device=device).expand(2, 1, 6)).clone().requires_grad_(True)
+    y, mask = op(x, scores, "threshold", 0.5, 1, estimator, 0.5)
+    grad = torch.randn_like(y)
+    gx, gs = torch.autograd.grad(y, [x, scores], grad)
+    wx, ws = hard_attention_backward_reference(grad, x.detach(), scores.detach(), mask, estimator, 0.5)
+    assert torch.isfinite(gs).all()
+    torch.testing.assert_close(gx.double(), wx, rtol=0, atol=0)
+    assert_close(gs, ws, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize(
+    "x_shape,scores_shape",
+    [((0, 3, 4, 4), (0, 1, 4, 4)), ((0, 3, 4, 4), (0, 3, 4, 4)), ((2, 3, 0, 4), (2, 1, 0, 4)),
+     ((2, 3, 0), (2, 3, 0)), ((2, 0, 4, 4), (2, 1, 4, 4)), ((2, 0, 5), (2, 0, 5))],
+)
+def test_empty_inputs(device, mode, x_shape, scores_shape):
+    x = torch.randn(x_shape, device=device, requires_grad=True)
+    scores = torch.randn(scores_shape, device=device, requires_grad=True)
+    y, mask = op(x, scores, mode, 0.5, 2, "sigmoid", 1.0)
+    assert y.shape == x.shape and mask.shape == scores.shape
+    # With no channels, the shared mask is still computed.
+    torch.testing.assert_close(mask.double(), hard_attention_reference(x.detach(), scores.detach(), mode, 0.5, 2)[1], rtol=0, atol=0)
+    gx, gs = torch.autograd.grad(y.sum(), [x, scores])
+    assert gx.shape == x.shape and gs.shape == scores.shape
+    assert torch.count_nonzero(gs) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_autocast(device, mode):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 8, 6, 6, device=device)
+    scores = torch.randn(2, 1, 6, 6, device=device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y, mask = CF.hard_attention(x, scores, mode, 0.5, 5)
+    assert y.dtype == dtype and mask.dtype == dtype
+    y_ref, mask_ref = hard_attention_reference(x.to(dtype), scores.to(dtype), mode, 0.5, 5)
+    torch.testing.assert_close(mask.double(), mask_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=0)
+
+
+OPCHECK_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
+    )
+][::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", OPCHECK_SAMPLES)
+def test_opcheck(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
+    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    args = (x.requires_grad_(True), scores.requires_grad_(True), mode, threshold, k, estimator, temperature)
+    torch.library.opcheck(op, args)
+    _, mask = op(*args)
+    grad = in_layout(torch.randn((2, 4) + spatial, device=device).to(dtype), layout)
+    torch.library.opcheck(
+        backward_op,
+        (grad, x.detach(), scores.detach(), mask, estimator, temperature),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+# ---- bad input ----
+
+def _good(device="cpu"):
+    return torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 1, 4, 5, device=device)
+
+
+BAD_INPUTS = [
+    ("batch", lambda x, s: (x, torch.randn(1, 1, 4, 5)),
+     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(1, 1, 4, 5\)"),
+    ("channels", lambda x, s: (x, torch.randn(2, 4, 4, 5)),
+     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 4, 4, 5\)"),
+    ("spatial", lambda x, s: (x, torch.randn(2, 1, 5, 4)),
+     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 5, 4\)"),
+    ("scores_rank", lambda x, s: (x, s.flatten(2)),
+     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 20\)"),
+    ("x_rank", lambda x, s: (x[0, 0], s[0, 0]),
+     r"hard_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(4, 5\)"),
+    ("int_x", lambda x, s: (x.to(torch.int16), s),
+     r"hard_attention: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Short"),
+    ("bool_x", lambda x, s: (x > 0, s), r"hard_attention: x must have a floating dtype .* got Bool"),
+    ("int_scores", lambda x, s: (x, s.long()), r"hard_attention: scores must have the dtype of x \(Float\), got Long"),
+    ("dtype_mismatch", lambda x, s: (x, s.bfloat16()), r"hard_attention: scores must have the dtype of x \(Float\), got BFloat16"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, message, device):
+    args = [a.to(device) for a in mutate(*_good())]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, "threshold", 0.5, 1, "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_options(device):
+    x, s = _good(device)
+    with pytest.raises(RuntimeError, match=r'hard_attention: mode must be one of "threshold", "topk", got "top"'):
+        op(x, s, "top", 0.5, 1, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r'hard_attention: estimator must be one of "sigmoid", "identity", got "ste"'):
+        op(x, s, "threshold", 0.5, 1, "ste", 1.0)
+    for threshold, shown in [(-0.1, "-0.1"), (1.5, "1.5"), (float("nan"), "nan"), (float("inf"), "inf")]:
+        with pytest.raises(RuntimeError, match=rf"hard_attention: threshold must be finite and in \[0, 1\], got {shown}$"):
+            op(x, s, "threshold", threshold, 1, "sigmoid", 1.0)
+    for k in (0, -1, 21):
+        with pytest.raises(RuntimeError, match=rf"hard_attention: k must be in \[1, P\] with P = 20 in top-k mode, got {k}$"):
+            op(x, s, "topk", 0.5, k, "sigmoid", 1.0)
+    for temperature, shown in [(0.0, "0"), (-1.0, "-1"), (float("nan"), "nan"), (float("inf"), "inf")]:
+        with pytest.raises(RuntimeError, match=rf"hard_attention: temperature must be finite and positive, got {shown}$"):
+            op(x, s, "topk", 0.5, 1, "sigmoid", temperature)
+    # k only matters in top-k mode.
+    op(x, s, "threshold", 0.5, 0, "sigmoid", 1.0)
+    # Checked even when there is nothing to compute.
+    with pytest.raises(RuntimeError, match=r"hard_attention: mode must be one of"):
+        op(x[:0], s[:0], "top", 0.5, 1, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: k must be in \[1, P\] with P = 20 in top-k mode, got 21"):
+        op(x[:0], s[:0], "topk", 0.5, 21, "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_backward_arguments_are_rejected(device):
+    x, s = _good(device)
+    mask = torch.ones_like(s)
+    with pytest.raises(RuntimeError, match=r"hard_attention: mask must be the size of scores = \(2, 1, 4, 5\), got \(2, 3, 4, 5\)"):
+        backward_op(x, x, s, torch.ones_like(x), "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: mask must be the size of scores = \(2, 1, 4, 5\), got \(2, 1, 4\)"):
+        backward_op(x, x, s, mask[..., 0], "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: mask must have the dtype of x \(Float\), got Bool"):
+        backward_op(x, x, s, mask > 0, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: grad_y must be the size of x = \(2, 3, 4, 5\), got \(2, 1, 4, 5\)"):
+        backward_op(s, x, s, mask, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r'hard_attention: estimator must be one of "sigmoid", "identity", got "x"'):
+        backward_op(x, x, s, mask, "x", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: temperature must be finite and positive, got 0"):
+        backward_op(x, x, s, mask, "sigmoid", 0.0)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = op(x, s, "topk", 0.5, 4, "sigmoid", 1.0)
+    gx, gs = torch.autograd.grad(y.square().sum(), [x, s], create_graph=True)
+    with pytest.raises(RuntimeError, match="hard_attention: double backward is not supported"):
+        (gx.sum() + gs.sum()).backward()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_rejected():
+    x, s = _good()
+    with pytest.raises(RuntimeError, match=r"hard_attention: scores must be on the device of x \(cpu\), got cuda:0"):
+        op(x, s.cuda(), "threshold", 0.5, 1, "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels, mode):
+    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    grad = in_layout(torch.randn(x.shape), layout)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+            y, mask = op(*leaves, mode, 0.5, 100, "sigmoid", 0.5)
+            results.append([y.detach(), mask, *torch.autograd.grad(y, leaves, grad)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

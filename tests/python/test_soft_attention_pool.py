@@ -1,0 +1,278 @@
+import itertools
+
+import pytest
+import torch
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    SPATIAL,
+    assert_close,
+    float64_leaves,
+    grads_of,
+    in_layout,
+    soft_attention_pool_reference,
+)
+
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.soft_attention_pool
+backward_op = torch.ops.cnn_attention._soft_attention_pool_backward
+
+TEMPERATURES = [1.0, 0.5]
+CONFIGS = list(itertools.product(["one", "all"], TEMPERATURES))
+
+
+def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
+    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
+    cs = 1 if score_channels == "one" else shape[1]
+    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
+    return x, scores
+
+
+def check_against_reference(x, scores, temperature, dtype, scale=1.0):
+    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
+    out = op(*leaves, temperature)
+    ref_inputs = float64_leaves(leaves)
+    expected = soft_attention_pool_reference(*ref_inputs, temperature)
+    assert out.dtype == dtype and out.shape == x.shape[:2]
+    # A sum over positions rounded to `dtype` once.
+    assert_close(out, expected, dtype, scale=scale)
+    grad = torch.randn_like(out)
+    gx, gs = torch.autograd.grad(out, leaves, grad)
+    wx, ws = grads_of(expected, grad.double(), ref_inputs)
+    assert gx.dtype == dtype and gx.shape == x.shape
+    assert gs.dtype == dtype and gs.shape == scores.shape
+    assert_close(gx, wx, dtype)
+    assert_close(gs, ws, dtype, scale=scale)
+    return out, gx, gs
+
+
+FULL_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", FULL_SAMPLES)
+def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, temperature):
+    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    _, gx, _ = check_against_reference(x, scores, temperature, dtype, scale=2.0)
+    if layout == "channels_last":
+        assert gx.stride() == x.stride(), "channels_last input must give a channels_last gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("score_channels,temperature", CONFIGS)
+@pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
+def test_every_configuration_matches_reference(device, dtype, score_channels, temperature, spatial):
+    x, scores = make_inputs((2, 5) + spatial, score_channels, dtype, device, "contiguous")
+    check_against_reference(x, scores, temperature, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,scores_layout", list(itertools.product(LAYOUTS, LAYOUTS)))
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_scores_in_every_layout(device, layout, scores_layout, score_channels):
+    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    check_against_reference(x, scores, 0.5, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,spatial", [(1, (37,)), (40, (6, 5)), (130, (3, 7)), (300, (2, 3)), (3, (26, 45))])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
+    # Vectorized over the inner dim, blocked over 256 channels (channels last) and 512
+    # positions (shared scores): full vectors, partial blocks and scalar tails.
+    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    check_against_reference(x, scores, 1.0, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels,temperature", CONFIGS)
+@pytest.mark.parametrize("spatial", [(5,), (3, 4), (2, 3, 2)])
+def test_gradcheck(device, score_channels, temperature, spatial):
+    x, scores = make_inputs((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
+    x.requires_grad_(True)
+    scores.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, temperature), (x, scores))
+
+
+OPCHECK_SAMPLES = [
+    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
+    )
+][::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", OPCHECK_SAMPLES)
+def test_opcheck(device, dtype, layout, spatial, score_channels, temperature):
+    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    torch.library.opcheck(op, (x.requires_grad_(True), scores.requires_grad_(True), temperature))
+    torch.library.opcheck(
+        backward_op,
+        (torch.randn(2, 4, device=device).to(dtype), x.detach(), scores.detach(), temperature),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniform_scores_give_the_mean(device):
+    x = torch.randn(2, 5, 4, 6, device=device, dtype=torch.float64)
+    torch.testing.assert_close(op(x, torch.full((2, 1, 4, 6), -2.0, device=device, dtype=torch.float64), 0.3), x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_non_contiguous_grad_out(device, layout):
+    # out.sum() sends an expanded (stride 0) gradient; a transposed one has swapped strides.
+    x, scores = make_inputs((3, 4, 5, 6), "one", torch.float64, device, layout)
+    for grad in (torch.ones(1, 1, device=device, dtype=torch.float64).expand(3, 4),
+                 torch.randn(4, 3, device=device, dtype=torch.float64).t()):
+        actual = backward_op(grad, x, scores, 0.7)
+        expected = backward_op(grad.contiguous(), x, scores, 0.7)
+        torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=0)
+        ref_inputs = float64_leaves([x, scores])
+        wanted = grads_of(soft_attention_pool_reference(*ref_inputs, 0.7), grad, ref_inputs)
+        assert_close(actual[0], wanted[0], torch.float64)
+        assert_close(actual[1], wanted[1], torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "x_shape,scores_shape",
+    [((0, 3, 4, 4), (0, 1, 4, 4)), ((0, 3, 4, 4), (0, 3, 4, 4)), ((2, 3, 0, 4), (2, 1, 0, 4)),
+     ((2, 3, 0), (2, 3, 0)), ((2, 0, 4, 4), (2, 1, 4, 4)), ((2, 0, 5), (2, 0, 5))],
+)
+def test_empty_inputs(device, x_shape, scores_shape):
+    x = torch.randn(x_shape, device=device, requires_grad=True)
+    scores = torch.randn(scores_shape, device=device, requires_grad=True)
+    out = op(x, scores, 1.0)
+    assert out.shape == x_shape[:2]
+    # A sum over no positions is zero.
+    assert torch.count_nonzero(out) == 0
+    gx, gs = torch.autograd.grad(out.sum(), [x, scores])
+    assert gx.shape == x.shape and gs.shape == scores.shape
+    assert torch.count_nonzero(gs) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_extreme_scores_stay_finite(device, score_channels):
+    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    scores = scores.sign() * 1e4
+    scores[:, :, 0, 0] = 1e4
+    scores[:, :, 1, 1] = -1e4
+    out, gx, gs = check_against_reference(x, scores, 0.5, torch.float32)
+    for t in (out, gx, gs):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 8, 6, 6, device=device)
+    scores = torch.randn(2, 1, 6, 6, device=device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        out = CF.soft_attention_pool(x, scores, 0.5)
+    assert out.dtype == dtype
+    assert_close(out, soft_attention_pool_reference(x.to(dtype).double(), scores.to(dtype).double(), 0.5), dtype)
+
+
+# ---- bad input ----
+
+def _good(device="cpu"):
+    return torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 1, 4, 5, device=device)
+
+
+BAD_INPUTS = [
+    ("batch", lambda x, s: (x, torch.randn(3, 1, 4, 5)),
+     r"soft_attention_pool: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(3, 1, 4, 5\)"),
+    ("channels", lambda x, s: (x, torch.randn(2, 2, 4, 5)),
+     r"soft_attention_pool: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 2, 4, 5\)"),
+    ("spatial", lambda x, s: (x, torch.randn(2, 1, 5, 5)),
+     r"soft_attention_pool: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 5, 5\)"),
+    ("scores_rank", lambda x, s: (x, s[..., None]),
+     r"soft_attention_pool: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 4, 5, 1\)"),
+    ("x_rank", lambda x, s: (x[0, 0], s[0, 0]),
+     r"soft_attention_pool: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(4, 5\)"),
+    ("int_x", lambda x, s: (x.long(), s),
+     r"soft_attention_pool: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Long"),
+    ("bool_x", lambda x, s: (x > 0, s), r"soft_attention_pool: x must have a floating dtype .* got Bool"),
+    ("int_scores", lambda x, s: (x, s.int()), r"soft_attention_pool: scores must have the dtype of x \(Float\), got Int"),
+    ("dtype_mismatch", lambda x, s: (x.double(), s), r"soft_attention_pool: scores must have the dtype of x \(Double\), got Float"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, message, device):
+    args = [a.to(device) for a in mutate(*_good())]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_temperature(device):
+    x, s = _good(device)
+    for temperature, shown in [(0.0, "0"), (-2.0, "-2"), (float("nan"), "nan"), (float("inf"), "inf")]:
+        with pytest.raises(RuntimeError, match=rf"soft_attention_pool: temperature must be finite and positive, got {shown}$"):
+            op(x, s, temperature)
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: temperature must be finite and positive, got 0"):
+        op(x[:, :, :0], s[:, :, :0], 0.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_backward_arguments_are_rejected(device):
+    x, s = _good(device)
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: grad_out must be \(N, C\) = \(2, 3\), got \(2, 3, 4, 5\)"):
+        backward_op(x, x, s, 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: grad_out must be \(N, C\) = \(2, 3\), got \(3, 2\)"):
+        backward_op(torch.zeros(3, 2, device=device), x, s, 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: grad_out must have the dtype of x \(Float\), got Half"):
+        backward_op(torch.zeros(2, 3, device=device, dtype=torch.half), x, s, 1.0)
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: scores must be \(N, 1, \*S\) or \(N, C, \*S\)"):
+        backward_op(torch.zeros(2, 3, device=device), x, s[:, :, :2], 1.0)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    out = op(x, s, 1.0)
+    gx, gs = torch.autograd.grad(out.square().sum(), [x, s], create_graph=True)
+    with pytest.raises(RuntimeError, match="soft_attention_pool: double backward is not supported"):
+        (gx.sum() + gs.sum()).backward()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_rejected():
+    x, s = _good()
+    with pytest.raises(RuntimeError, match=r"soft_attention_pool: scores must be on the device of x \(cpu\), got cuda:0"):
+        op(x, s.cuda(), 1.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("score_channels", ["one", "all"])
+def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels):
+    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    grad = torch.randn(3, 37)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+            out = op(*leaves, 0.5)
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -1,0 +1,430 @@
+"""SpatialScores, SoftAttention, HardAttention and CBAM: each against its functional
+composition, their options and errors, every runtime (TorchScript in a fresh process,
+torch.compile, torch.export), and hard attention learning where to look."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    DEVICES,
+    assert_close,
+    channel_attention_reference,
+    channel_pool_reference,
+    hard_attention_reference,
+    soft_attention_reference,
+)
+from torch import nn
+
+from cnn_attention import CBAM, HardAttention, SoftAttention, SpatialScores
+from cnn_attention import functional as CF
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {1: (2, 6, 13), 2: (2, 6, 7, 9), 3: (2, 6, 3, 4, 5)}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def scores_of(head: SpatialScores, x: torch.Tensor) -> torch.Tensor:
+    """The score head as a composition of the functional API and torch's convolution."""
+    return CONV[head.spatial_dims](CF.channel_pool(x), head.weight, head.bias, padding=head.kernel_size // 2)
+
+
+def scores_reference(head: SpatialScores, x: torch.Tensor) -> torch.Tensor:
+    """The same in float64 from the plain-PyTorch references."""
+    return CONV[head.spatial_dims](
+        channel_pool_reference(x.double()), head.weight.double(), head.bias.double(), padding=head.kernel_size // 2
+    )
+
+
+# ---- each module is its functional composition ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+def test_spatial_scores_is_conv_of_channel_pool(device, spatial_dims, kernel_size):
+    head = SpatialScores(kernel_size, spatial_dims).to(device)
+    assert head.weight.shape == (1, 2) + (kernel_size,) * spatial_dims and head.bias.shape == (1,)
+    x = torch.randn(SHAPES[spatial_dims], device=device)
+    s = head(x)
+    assert s.shape == (x.shape[0], 1) + x.shape[2:]
+    torch.testing.assert_close(s, scores_of(head, x), rtol=0, atol=0)
+    assert_close(s, scores_reference(head, x), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("normalize,temperature", [("sigmoid", 1.0), ("softmax", 0.5)])
+def test_soft_attention_is_its_composition(device, spatial_dims, normalize, temperature):
+    m = SoftAttention(kernel_size=3, normalize=normalize, temperature=temperature, spatial_dims=spatial_dims).to(device)
+    x = torch.randn(SHAPES[spatial_dims], device=device, requires_grad=True)
+    y = m(x)
+    expected = CF.soft_attention(x, scores_of(m.scores, x), normalize, temperature)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    x64 = x.detach().double()
+    assert_close(y, soft_attention_reference(x64, scores_reference(m.scores, x64), normalize, temperature), torch.float32)
+    # Gradients reach the input and the score convolution, as through the composition.
+    grad = torch.randn_like(y)
+    params = [x, m.scores.weight, m.scores.bias]
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize(
+    "options,k",
+    [
+        (dict(mode="threshold", threshold=0.45), None),
+        (dict(mode="threshold", threshold=0.6, estimator="identity", temperature=0.5), None),
+        (dict(mode="topk", k=5), 5),
+        (dict(mode="topk", keep_ratio=0.1, temperature=2.0), "ratio"),
+    ],
+)
+def test_hard_attention_is_its_composition(device, spatial_dims, options, k):
+    m = HardAttention(kernel_size=3, spatial_dims=spatial_dims, **options).to(device)
+    assert m.last_mask is None and m.kept_fraction is None
+    x = torch.randn(SHAPES[spatial_dims], device=device, requires_grad=True)
+    positions = math.prod(x.shape[2:])
+    if k == "ratio":
+        k = math.ceil(0.1 * positions)
+    assert m.positions_kept(positions) == (k or 1)
+    y = m(x)
+    scores = scores_of(m.scores, x)
+    expected, mask = CF.hard_attention(
+        x, scores, m.mode, m.threshold, k or 1, m.estimator, m.temperature
+    )
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(m.last_mask, mask, rtol=0, atol=0)
+    assert m.last_mask.shape == (x.shape[0], 1) + x.shape[2:]
+    assert m.kept_fraction == pytest.approx(mask.float().mean().item())
+    if k is not None:
+        assert (m.last_mask.flatten(1).sum(1) == k).all()
+        assert m.kept_fraction == pytest.approx(k / positions)
+    _, mask_ref = hard_attention_reference(x.detach(), scores.detach(), m.mode, m.threshold, k or 1, m.temperature)
+    torch.testing.assert_close(mask.double(), mask_ref, rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    params = [x, m.scores.weight, m.scores.bias]
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_keep_ratio_picks_k_from_the_input_at_hand():
+    m = HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25)
+    for size, k in [((4, 4), 4), ((5, 5), 7), ((1, 1), 1), ((3, 7), 6)]:
+        m(torch.randn((2, 3) + size))
+        assert m.positions_kept(size[0] * size[1]) == k
+        assert (m.last_mask.flatten(1).sum(1) == k).all()
+    assert HardAttention(mode="topk", keep_ratio=1.0).positions_kept(10) == 10
+
+
+def test_hard_attention_noise_only_in_training():
+    torch.manual_seed(1)
+    noisy = HardAttention(kernel_size=3, mode="threshold", noise=1.0)
+    clean = HardAttention(kernel_size=3, mode="threshold", noise=0.0)
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    # Training: the logistic noise moves the mask from one call to the next.
+    first, second = noisy(x), noisy(x)
+    assert not torch.equal(first, second)
+    assert not torch.equal(first, clean(x))
+    # Without noise, training is deterministic.
+    assert torch.equal(clean(x), clean(x))
+    # Eval: no noise at all; the same output as the noise-free module, every call.
+    noisy.eval()
+    clean.eval()
+    out = noisy(x)
+    assert torch.equal(out, noisy(x))
+    assert torch.equal(out, clean(x))
+    assert torch.equal(noisy.last_mask, clean.last_mask)
+    # Top-k with noise still keeps exactly k positions.
+    m = HardAttention(kernel_size=3, mode="topk", k=9, noise=2.0)
+    m(x)
+    assert (m.last_mask.flatten(1).sum(1) == 9).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_cbam_is_channel_attention_then_soft_attention(device, spatial_dims):
+    m = CBAM(6, reduction=2, min_hidden=2, kernel_size=3, spatial_dims=spatial_dims).to(device)
+    assert m.channel.hidden == 3 and m.channel.pool == "avgmax" and m.spatial.normalize == "sigmoid"
+    x = torch.randn(SHAPES[spatial_dims], device=device, requires_grad=True)
+    y = m(x)
+    c = m.channel
+    after_channel = CF.channel_attention(x, c.fc1_weight, c.fc1_bias, c.fc2_weight, c.fc2_bias, "avgmax", "sigmoid")
+    expected = CF.soft_attention(after_channel, scores_of(m.spatial.scores, after_channel), "sigmoid", 1.0)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    x64 = x.detach().double()
+    ref = channel_attention_reference(
+        x64, c.fc1_weight.double(), c.fc1_bias.double(), c.fc2_weight.double(), c.fc2_bias.double(), "avgmax"
+    )
+    ref = soft_attention_reference(ref, scores_reference(m.spatial.scores, ref))
+    assert_close(y, ref, torch.float32, scale=4.0)
+    params = [x, *m.parameters()]
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_defaults_and_repr():
+    assert CBAM(64).channel.hidden == 8 and CBAM(64).spatial.scores.kernel_size == 7
+    soft = SoftAttention()
+    assert soft.normalize == "sigmoid" and soft.temperature == 1.0 and soft.scores.spatial_dims == 2
+    hard = HardAttention()
+    assert (hard.mode, hard.threshold, hard.k, hard.keep_ratio, hard.estimator, hard.temperature, hard.noise) == (
+        "threshold", 0.5, 1, None, "sigmoid", 1.0, 0.0
+    )
+    assert "normalize='sigmoid'" in repr(soft) and "kernel_size=7" in repr(soft)
+    assert "keep_ratio=0.5" in repr(HardAttention(mode="topk", keep_ratio=0.5))
+
+
+# ---- bad options ----
+
+BAD_OPTIONS = [
+    (lambda: SoftAttention(kernel_size=4), r"SoftAttention: kernel_size must be odd and positive, got 4"),
+    (lambda: SoftAttention(kernel_size=0), r"SoftAttention: kernel_size must be odd and positive, got 0"),
+    (lambda: SoftAttention(spatial_dims=4), r"SoftAttention: spatial_dims must be 1, 2 or 3, got 4"),
+    (lambda: SoftAttention(spatial_dims=0), r"SoftAttention: spatial_dims must be 1, 2 or 3, got 0"),
+    (lambda: SoftAttention(normalize="relu"), r"SoftAttention: normalize must be one of 'sigmoid', 'softmax', got 'relu'"),
+    (lambda: SoftAttention(temperature=0.0), r"SoftAttention: temperature must be finite and positive, got 0.0"),
+    (lambda: SoftAttention(temperature=float("nan")), r"SoftAttention: temperature must be finite and positive, got nan"),
+    (lambda: HardAttention(kernel_size=6), r"HardAttention: kernel_size must be odd and positive, got 6"),
+    (lambda: HardAttention(spatial_dims=4), r"HardAttention: spatial_dims must be 1, 2 or 3, got 4"),
+    (lambda: HardAttention(mode="sample"), r"HardAttention: mode must be one of 'threshold', 'topk', got 'sample'"),
+    (lambda: HardAttention(estimator="gumbel"), r"HardAttention: estimator must be one of 'sigmoid', 'identity', got 'gumbel'"),
+    (lambda: HardAttention(keep_ratio=0.5), r"HardAttention: keep_ratio needs mode='topk', got mode='threshold'"),
+    (lambda: HardAttention(mode="topk", keep_ratio=0.0), r"HardAttention: keep_ratio must be in \(0, 1\], got 0.0"),
+    (lambda: HardAttention(mode="topk", keep_ratio=1.5), r"HardAttention: keep_ratio must be in \(0, 1\], got 1.5"),
+    (lambda: HardAttention(temperature=0.0), r"HardAttention: temperature must be finite and positive, got 0.0"),
+    (lambda: HardAttention(temperature=-1.0), r"HardAttention: temperature must be finite and positive, got -1.0"),
+    (lambda: HardAttention(noise=-0.1), r"HardAttention: noise must be finite and >= 0, got -0.1"),
+    (lambda: HardAttention(noise=float("inf")), r"HardAttention: noise must be finite and >= 0, got inf"),
+    (lambda: HardAttention(threshold=1.5), r"HardAttention: threshold must be finite and in \[0, 1\], got 1.5"),
+    (lambda: HardAttention(mode="topk", k=0), r"HardAttention: k must be >= 1, got 0"),
+    (lambda: SpatialScores(kernel_size=2), r"SpatialScores: kernel_size must be odd and positive, got 2"),
+    (lambda: SpatialScores(spatial_dims=4), r"SpatialScores: spatial_dims must be 1, 2 or 3, got 4"),
+    (lambda: CBAM(0), r"ChannelAttention: channels, reduction and min_hidden must be >= 1"),
+    # CBAM's spatial branch is a SoftAttention, which names itself.
+    (lambda: CBAM(8, kernel_size=8), r"SoftAttention: kernel_size must be odd and positive, got 8"),
+    (lambda: CBAM(8, spatial_dims=4), r"SoftAttention: spatial_dims must be 1, 2 or 3, got 4"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_OPTIONS, ids=[str(i) for i in range(len(BAD_OPTIONS))])
+def test_bad_options_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+MODULE_FACTORIES = [
+    (lambda dims: SpatialScores(3, dims), "SpatialScores"),
+    (lambda dims: SoftAttention(3, spatial_dims=dims), "SoftAttention"),
+    (lambda dims: HardAttention(3, spatial_dims=dims), "HardAttention"),
+    # CBAM's channel branch takes any rank; its spatial branch checks it.
+    (lambda dims: CBAM(4, kernel_size=3, spatial_dims=dims), "SoftAttention"),
+]
+
+
+@pytest.mark.parametrize("make,name", MODULE_FACTORIES, ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
+def test_wrong_input_rank_raises_value_error(make, name):
+    module = make(2)
+    with pytest.raises(ValueError, match=rf"{name}: x must be \(N, C, \*S\) with 2 spatial dims \(spatial_dims\), got 3 dims"):
+        module(torch.randn(2, 4, 9))
+    with pytest.raises(ValueError, match=rf"{name}: x must be \(N, C, \*S\) with 2 spatial dims \(spatial_dims\), got 5 dims"):
+        module(torch.randn(2, 4, 3, 3, 3))
+    with pytest.raises(ValueError, match=rf"{name}: x must be \(N, C, \*S\) with 3 spatial dims \(spatial_dims\), got 4 dims"):
+        make(3)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 8, 6, 6, device=device)
+    modules = [SoftAttention(3, normalize="softmax"), HardAttention(3, mode="topk", k=4), CBAM(8, kernel_size=3)]
+    for m in modules:
+        m.to(device)
+        with torch.autocast(device_type=device, dtype=dtype):
+            y = m(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+# ---- runtimes ----
+
+class SpatialCNN(nn.Module):
+    """A small CNN with every spatial module, at a high- and a low-resolution stage."""
+
+    def __init__(self, channels: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.soft = SoftAttention(kernel_size=5, normalize="softmax", temperature=0.5)
+        self.hard = HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25)
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.cbam = CBAM(2 * channels, reduction=4, kernel_size=3)
+        self.gate = HardAttention(kernel_size=3, mode="threshold", threshold=0.4, estimator="identity")
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hard(self.soft(self.stem(x)))
+        x = self.gate(self.cbam(self.down(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _model_and_input():
+    return SpatialCNN().eval(), torch.randn(2, 3, 16, 16)
+
+
+def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
+    model, x = _model_and_input()
+    expected = model(x)
+    scripted = torch.jit.script(model)
+    out = scripted(x)
+    assert torch.equal(out, expected)
+    assert torch.equal(scripted.hard.last_mask, model.hard.last_mask)
+    # The scripted module trains too (the straight-through gradient is in C++).
+    scripted.train()
+    scripted(x).sum().backward()
+    assert scripted.hard.scores.weight.grad is not None and scripted.soft.scores.weight.grad is not None
+    scripted.eval()
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    torch.save({"x": x, "y": expected.detach(), "mask": model.hard.last_mask}, tmp_path / "io.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(ROOT, 'python')!r})
+        import cnn_attention
+        m = torch.jit.load({str(path)!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        assert torch.equal(m(io["x"]), io["y"])
+        assert torch.equal(m.hard.last_mask, io["mask"])
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_scripted_functional_api():
+    x, s = torch.randn(2, 4, 5, 5), torch.randn(2, 1, 5, 5)
+    soft = torch.jit.script(CF.soft_attention)
+    assert torch.equal(soft(x, s, "softmax", 0.5), CF.soft_attention(x, s, "softmax", 0.5))
+    pool = torch.jit.script(CF.soft_attention_pool)
+    assert torch.equal(pool(x, s, 2.0), CF.soft_attention_pool(x, s, 2.0))
+    hard = torch.jit.script(CF.hard_attention)
+    for a, b in zip(hard(x, s, "topk", 0.5, 3, "identity", 1.0), CF.hard_attention(x, s, "topk", k=3, estimator="identity")):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    model, x = _model_and_input()
+    compiled = torch.compile(model, fullgraph=True)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out1 = compiled(x1)
+    mask1 = model.hard.last_mask  # the compiled module keeps its mask too
+    out2 = model(x2)
+    torch.testing.assert_close(out1, out2, rtol=1e-4, atol=1e-5)
+    assert mask1 is not None and mask1 is not model.hard.last_mask
+    torch.testing.assert_close(mask1, model.hard.last_mask, rtol=0, atol=0)
+    out1.sum().backward()
+    # Parameter gradients too: through the straight-through estimator and the score heads.
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for a, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_export(tmp_path):
+    model, x = _model_and_input()
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    for op in ("soft_attention", "hard_attention", "channel_attention", "channel_pool"):
+        assert f"cnn_attention.{op}.default" in targets, op
+    torch.testing.assert_close(exported.module()(x), model(x))
+    path = tmp_path / "model.pt2"
+    torch.export.save(exported, str(path))
+    torch.testing.assert_close(torch.export.load(str(path)).module()(x), model(x))
+
+
+def test_torch_export_with_dynamic_batch():
+    model, x = _model_and_input()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    for n in (1, 5):
+        xn = torch.randn(n, 3, 16, 16)
+        torch.testing.assert_close(exported.module()(xn), model(xn))
+
+
+# ---- hard attention learns where to look ----
+
+SIZE, PATCH = 16, 4
+
+
+def _patch_data(n: int, gen: torch.Generator):
+    """1-channel SIZE x SIZE noise images; a PATCH x PATCH patch at a random place is bright
+    (+2) for class 1 and dark (-2) for class 0. Returns images, labels, patch indicator."""
+    x = torch.randn(n, 1, SIZE, SIZE, generator=gen)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    rows = torch.randint(0, SIZE - PATCH + 1, (n,), generator=gen)
+    cols = torch.randint(0, SIZE - PATCH + 1, (n,), generator=gen)
+    inside = torch.zeros(n, 1, SIZE, SIZE)
+    for i in range(n):
+        inside[i, 0, rows[i] : rows[i] + PATCH, cols[i] : cols[i] + PATCH] = 1
+    return x + inside * (4.0 * labels - 2.0).view(n, 1, 1, 1), labels, inside
+
+
+class _PatchClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        # Keep 16 of 256 positions: exactly as many as the patch has.
+        self.attention = HardAttention(kernel_size=5, mode="topk", keep_ratio=PATCH * PATCH / SIZE**2, estimator="sigmoid")
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(self.stem(x)).sum((2, 3)) / (PATCH * PATCH))
+
+
+def _evaluate(model, x, labels, inside):
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == labels).float().mean().item()
+        mask = model.attention.last_mask
+        on_patch = ((mask * inside).sum() / mask.sum()).item()
+    model.train()
+    return accuracy, on_patch
+
+
+def test_hard_attention_learns_to_keep_the_informative_region():
+    # The label lives in one small patch; everything else is noise. Only a mask on the
+    # patch lets the pooled features separate the classes, and the straight-through
+    # gradient is the only signal that moves the mask.
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = _PatchClassifier()
+    test_x, test_labels, test_inside = _patch_data(512, torch.Generator().manual_seed(1234))
+    accuracy, on_patch = _evaluate(model, test_x, test_labels, test_inside)
+    assert on_patch < 0.25, "the untrained mask should not already sit on the patch"
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        x, labels, _ = _patch_data(64, gen)
+        loss = F.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    accuracy, on_patch = _evaluate(model, test_x, test_labels, test_inside)
+    assert model.attention.last_mask.flatten(1).sum(1).eq(16).all()
+    chance = PATCH * PATCH / SIZE**2
+    assert on_patch > 0.5, f"kept positions on the patch: {on_patch:.3f} (chance {chance})"
+    assert accuracy > 0.9, f"held-out accuracy {accuracy:.3f}"
