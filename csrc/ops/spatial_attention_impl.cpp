@@ -80,10 +80,16 @@ at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor&
   }).div_(temperature);
 }
 
+at::Tensor threshold_mask(const at::Tensor& s, double threshold, double temperature) {
+  return position_sigmoid(s, temperature).gt_(threshold);
+}
+
+}  // namespace
+
 // The k largest of each row, ties to the lower index: the k-th largest value is found by
-// selection (not a sort), everything above it is kept, and of the values equal to it the
+// selection (at::kthvalue, not a sort), everything above it is kept, and of the values equal to it the
 // first ones by index fill the remaining places. NaN ranks as +inf.
-at::Tensor top_k_mask(const at::Tensor& s, int64_t k, Layout layout) {
+at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout) {
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor rows = at::nan_to_num(s.flatten(2), inf, inf, -inf);
   const int64_t positions = rows.size(-1);
@@ -95,14 +101,6 @@ at::Tensor top_k_mask(const at::Tensor& s, int64_t k, Layout layout) {
   const at::Tensor first_tied = tied.logical_and(at::cumsum(tied, -1, at::kLong) <= places_left);
   return as_weights(above.logical_or_(first_tied).to(s.scalar_type()), s, layout);
 }
-
-at::Tensor hard_mask(const at::Tensor& s, HardMode mode, double threshold, int64_t k,
-                     double temperature, Layout layout) {
-  if (mode == HardMode::TopK) return top_k_mask(s, k, layout);
-  return position_sigmoid(s, temperature).gt_(threshold);
-}
-
-}  // namespace
 
 at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
                                   c10::string_view normalize, double temperature,
@@ -200,8 +198,10 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
   at::Tensor y = spatial_attention_output_like(x);
   at::Tensor mask = spatial_attention_scores_like(scores, x);
   if (mask.numel() == 0) return {y, mask};
-  const at::Tensor weights = hard_mask(scores_for_weights(scores, x, layout), modes.mode,
-                                       threshold, k, temperature, layout);
+  const at::Tensor s = scores_for_weights(scores, x, layout);
+  const at::Tensor weights = modes.mode == HardMode::TopK
+                                 ? sweeps.top_k_mask(s, k, layout)
+                                 : threshold_mask(s, threshold, temperature);
   mask.copy_(weights);
   if (y.numel() > 0) sweeps.scale(to_layout(x, layout), weights, y, layout);
   return {y, mask};

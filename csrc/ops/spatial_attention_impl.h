@@ -36,7 +36,15 @@ struct SpatialAttentionSweeps {
                          at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout);
   // out (N, C) = sum over positions of x * w.
   void (*pool)(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout);
+  // The 0/1 mask of the k largest scores of each sample and score channel, ties to the
+  // lower index, NaN ranked as +inf; `scores` (accumulation dtype) and the mask are stored
+  // like the weights.
+  at::Tensor (*top_k_mask)(const at::Tensor& scores, int64_t k, Layout layout);
 };
+
+// top_k_mask with ATen calls only (any device): the k-th largest value of each row by
+// selection, then everything above it and the first ties by index.
+at::Tensor top_k_mask_by_kthvalue(const at::Tensor& scores, int64_t k, Layout layout);
 
 at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
                                   c10::string_view normalize, double temperature,

@@ -121,8 +121,16 @@ class SpatialScores(nn.Module):
         pooled = torch.ops.cnn_attention.channel_pool(x)
         if self.spatial_dims == 1:
             return F.conv1d(pooled, self.weight, self.bias, padding=self.padding)
+        # oneDNN convolves 2 -> 1 channels several times faster channels-last (backward 2.6
+        # vs 12 ms at (8, 2, 112, 112), 7 x 7); the pooled map is C / 2 times smaller than x,
+        # so the copy is cheap.
+        cpu = pooled.device.type == "cpu"
         if self.spatial_dims == 2:
+            if cpu:
+                pooled = pooled.contiguous(memory_format=torch.channels_last)
             return F.conv2d(pooled, self.weight, self.bias, padding=self.padding)
+        if cpu:
+            pooled = pooled.contiguous(memory_format=torch.channels_last_3d)
         return F.conv3d(pooled, self.weight, self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ from helpers import (
     float64_leaves,
     grads_of,
     in_layout,
+    soft_attention_pool_reference,
     soft_attention_reference,
 )
 
@@ -295,3 +296,36 @@ def test_results_are_bitwise_identical_across_thread_counts(layout, score_channe
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_channels", [1, 16])
+def test_poisoned_output_memory_is_fully_overwritten(device, score_channels):
+    # Free a NaN-filled block first: on CUDA the caching allocator hands it to the outputs,
+    # so any element a kernel failed to write would surface as NaN (on CPU this is a plain
+    # reference comparison). Covers every output of the three spatial operators.
+    for layout in LAYOUTS:
+        x = in_layout(torch.randn(3, 16, 9, 13, device=device), layout).requires_grad_(True)
+        scores = torch.randn(3, score_channels, 9, 13, device=device, requires_grad=True)
+        junk = torch.full((3 * 16 * 9 * 13 * 8,), float("nan"), device=device)
+        del junk
+        outputs = [
+            CF.soft_attention(x, scores, "softmax", 0.5),
+            CF.soft_attention_pool(x, scores),
+            CF.hard_attention(x, scores, "topk", k=20)[0],
+        ]
+        x64, s64 = x.detach().double().requires_grad_(True), scores.detach().double().requires_grad_(True)
+        expected = [
+            soft_attention_reference(x64, s64, "softmax", 0.5),
+            soft_attention_pool_reference(x64, s64),
+        ]
+        for out, ref in zip(outputs[:2], expected):
+            assert torch.isfinite(out).all()
+            assert_close(out, ref, torch.float32)
+            grads = torch.autograd.grad(out, [x, scores], torch.ones_like(out))
+            ref_grads = torch.autograd.grad(ref, [x64, s64], torch.ones_like(ref))
+            for g, r in zip(grads, ref_grads):
+                assert torch.isfinite(g).all()
+                assert_close(g, r, torch.float32)
+        grads = torch.autograd.grad(outputs[2], [x, scores], torch.ones_like(outputs[2]))
+        assert all(torch.isfinite(g).all() for g in grads)

@@ -31,8 +31,12 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def scores_of(head: SpatialScores, x: torch.Tensor) -> torch.Tensor:
-    """The score head as a composition of the functional API and torch's convolution."""
-    return CONV[head.spatial_dims](CF.channel_pool(x), head.weight, head.bias, padding=head.kernel_size // 2)
+    """The score head as a composition of the functional API and torch's convolution (on
+    CPU the head convolves channels-last, which rounds differently in the last bit)."""
+    pooled = CF.channel_pool(x)
+    if x.device.type == "cpu" and head.spatial_dims > 1:
+        pooled = pooled.contiguous(memory_format=torch.channels_last if head.spatial_dims == 2 else torch.channels_last_3d)
+    return CONV[head.spatial_dims](pooled, head.weight, head.bias, padding=head.kernel_size // 2)
 
 
 def scores_reference(head: SpatialScores, x: torch.Tensor) -> torch.Tensor:

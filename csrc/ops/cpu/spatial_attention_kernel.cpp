@@ -3,6 +3,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
 
 #include "../common.h"
 #include "../spatial_attention.h"
@@ -280,6 +284,49 @@ void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t*
   }
 }
 
+// One row of P scores (element p at row[p * stride]) to its top-k mask: the k-th largest
+// key by std::nth_element on a copy (O(P), no sort), then every key above it and the first
+// keys equal to it by index.
+template <typename T>
+void top_k_row(const T* row, int64_t stride, int64_t positions, int64_t k, T* mask,
+               std::vector<T>& keys, std::vector<T>& scratch) {
+  for (int64_t p = 0; p < positions; ++p) {
+    const T v = row[p * stride];
+    keys[p] = std::isnan(v) ? std::numeric_limits<T>::infinity() : v;
+  }
+  scratch.assign(keys.begin(), keys.end());
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<T>());
+  const T kth = scratch[k - 1];
+  int64_t places_left = k;
+  for (int64_t p = 0; p < positions; ++p) places_left -= keys[p] > kth;
+  for (int64_t p = 0; p < positions; ++p) {
+    const bool keep = keys[p] > kth || (keys[p] == kth && places_left-- > 0);
+    mask[p * stride] = keep ? T(1) : T(0);
+  }
+}
+
+at::Tensor top_k_mask_kernel(const at::Tensor& scores, int64_t k, Layout layout) {
+  at::Tensor mask = at::empty_like(scores);
+  const int64_t batch = scores.size(0), score_channels = scores.size(1);
+  const int64_t positions = num_positions(scores);
+  // Rows are (n, score channel); channels-last rows with several score channels are strided.
+  const bool strided_rows = layout == Layout::ChannelsLast && score_channels > 1;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "hard_attention_top_k_cpu", [&] {
+    const scalar_t* s = scores.const_data_ptr<scalar_t>();
+    scalar_t* m = mask.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * score_channels, grain_for(positions), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> keys(positions), scratch(positions);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / score_channels, c = row % score_channels;
+        const int64_t offset = strided_rows ? n * positions * score_channels + c : row * positions;
+        top_k_row(s + offset, strided_rows ? score_channels : 1, positions, k, m + offset, keys,
+                  scratch);
+      }
+    });
+  });
+  return mask;
+}
+
 void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
     scale_typed(x.const_data_ptr<scalar_t>(),
@@ -306,7 +353,8 @@ void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
   });
 }
 
-constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel};
+constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
+                                            top_k_mask_kernel};
 
 at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
                                          c10::string_view normalize, double temperature) {
