@@ -112,6 +112,10 @@ def main() -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     shape = tuple(int(s) for s in args.shape.split(","))
     torch.manual_seed(0)
+    # Every operator's eager composition runs through WithScores.forward: one code object
+    # that torch.compile specialises per wrapped function and grad mode, more often than the
+    # default recompile limit allows (past it, it would silently run eager).
+    torch._dynamo.config.recompile_limit = 64
     print(f"# spatial attention, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
           f"{args.dtype}, x={shape}, scores with one channel, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -87,6 +89,48 @@ inline bool is_dense_in(const at::Tensor& x, Layout layout) {
 inline Layout choose_layout(const at::Tensor& x) {
   if (x.is_contiguous()) return Layout::ChannelsFirst;
   return is_dense_in(x, Layout::ChannelsLast) ? Layout::ChannelsLast : Layout::ChannelsFirst;
+}
+
+// {batch stride, row stride} of the rows a kernel walks in `layout`, when every row is
+// contiguous: channels first, the (n, c) runs of P positions (row stride: that of the
+// channels); channels last, the (n, p) runs of C channels (row stride: that of the
+// positions, whose dims must merge into one). The row starts may be strided or overlap (a
+// channel slice, an expanded tensor): kernels that take these strides read such an input in
+// place. nullopt when the rows are not contiguous.
+inline std::optional<std::pair<int64_t, int64_t>> row_strides(const at::Tensor& t, Layout layout) {
+  const int64_t dim = t.dim();
+  if (layout == Layout::ChannelsFirst) {
+    int64_t expected = 1;
+    for (int64_t d = dim - 1; d >= 2; --d) {
+      if (t.size(d) != 1 && t.stride(d) != expected) return std::nullopt;
+      expected *= t.size(d);
+    }
+    return std::make_pair(t.stride(0), t.stride(1));
+  }
+  if (t.size(1) != 1 && t.stride(1) != 1) return std::nullopt;
+  std::optional<int64_t> position_stride, expected;
+  for (int64_t d = dim - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (!expected.has_value()) {
+      position_stride = t.stride(d);
+    } else if (t.stride(d) != *expected) {
+      return std::nullopt;
+    }
+    expected = t.stride(d) * t.size(d);
+  }
+  return std::make_pair(t.stride(0), position_stride.value_or(t.size(1)));
+}
+
+// choose_layout, except that an input whose rows are contiguous only channels-last (a
+// channel slice of a channels-last tensor) is worked on channels-last, where it can be read
+// in place by kernels that take row strides.
+inline Layout choose_row_layout(const at::Tensor& x) {
+  const Layout layout = choose_layout(x);
+  if (layout == Layout::ChannelsFirst && !x.is_contiguous() &&
+      !row_strides(x, Layout::ChannelsFirst) && row_strides(x, Layout::ChannelsLast)) {
+    return Layout::ChannelsLast;
+  }
+  return layout;
 }
 
 // `x` itself when it is already dense in `layout`, else one copy into it.

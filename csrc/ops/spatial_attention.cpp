@@ -196,11 +196,11 @@ HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const
 }
 
 at::Tensor spatial_attention_output_like(const at::Tensor& x) {
-  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
+  return empty_in_layout(x.sym_sizes(), x.options(), choose_row_layout(x));
 }
 
 at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Tensor& x) {
-  return empty_in_layout(scores.sym_sizes(), x.options(), choose_layout(x));
+  return empty_in_layout(scores.sym_sizes(), x.options(), choose_row_layout(x));
 }
 
 at::Tensor soft_attention_pool_output_like(const at::Tensor& x) {

@@ -12,6 +12,11 @@ namespace ops {
 
 namespace {
 
+// x or grad_y as the sweeps read it: in place when they can, else dense in `layout`.
+at::Tensor sweep_input(const at::Tensor& t, Layout layout, const SpatialAttentionSweeps& sweeps) {
+  return sweeps.reads_strided_rows && row_strides(t, layout) ? t : to_layout(t, layout);
+}
+
 // The score map in the accumulation dtype, stored like the weights.
 at::Tensor scores_for_weights(const at::Tensor& scores, const at::Tensor& x, Layout layout) {
   return to_layout(scores, layout).to(at::toOpMathType(x.scalar_type()));
@@ -87,8 +92,9 @@ at::Tensor threshold_mask(const at::Tensor& s, double threshold, double temperat
 }  // namespace
 
 // The k largest of each row, ties to the lower index: the k-th largest value is found by
-// selection (at::kthvalue, not a sort), everything above it is kept, and of the values equal to it the
-// first ones by index fill the remaining places. NaN ranks as +inf.
+// selection (at::kthvalue, not a sort), everything above it is kept, and of the values equal
+// to it the first ones by index fill the remaining places. NaN ranks as +inf. (It was the
+// CPU path, tested there, before the CPU got its own selection kernel.)
 at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout) {
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor rows = at::nan_to_num(s.flatten(2), inf, inf, -inf);
@@ -106,7 +112,7 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
                                   c10::string_view normalize, double temperature,
                                   const SpatialAttentionSweeps& sweeps) {
   const SoftNormalize mode = check_soft_attention_args(x, scores, normalize, temperature);
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   at::Tensor y = spatial_attention_output_like(x);
   if (y.numel() == 0) return y;
   const at::Tensor s = scores_for_weights(scores, x, layout);
@@ -117,7 +123,7 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
     weights = position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
   }
-  sweeps.scale(to_layout(x, layout), weights, y, layout);
+  sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
   return y;
 }
 
@@ -126,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     c10::string_view normalize, double temperature, const SpatialAttentionSweeps& sweeps) {
   const SoftNormalize mode =
       check_soft_attention_backward_args(grad_y, x, scores, normalize, temperature);
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
@@ -140,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     weights = probabilities * static_cast<double>(num_positions(x));
   }
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(to_layout(grad_y, layout), to_layout(x, layout), weights, grad_x,
+  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps), weights, grad_x,
                         grad_weights, layout);
   if (mode == SoftNormalize::Sigmoid) {
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
@@ -161,10 +167,10 @@ at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& sc
   if (out.numel() == 0) return out;
   // A sum over no positions.
   if (num_positions(x) == 0) return out.zero_();
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   const at::Tensor probabilities =
       position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
-  sweeps.pool(to_layout(x, layout), probabilities, out, layout);
+  sweeps.pool(sweep_input(x, layout, sweeps), probabilities, out, layout);
   return out;
 }
 
@@ -172,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
     double temperature, const SpatialAttentionSweeps& sweeps) {
   check_soft_attention_pool_backward_args(grad_out, x, scores, temperature);
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
@@ -181,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
       position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   at::Tensor grad_probabilities = at::empty_like(probabilities);
   // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
-  sweeps.scale_backward(grad_out.contiguous(), to_layout(x, layout), probabilities, grad_x,
+  sweeps.scale_backward(grad_out.contiguous(), sweep_input(x, layout, sweeps), probabilities, grad_x,
                         grad_probabilities, layout);
   grad_scores.copy_(
       position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
@@ -194,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
     const SpatialAttentionSweeps& sweeps) {
   const HardAttentionModes modes =
       check_hard_attention_args(x, scores, mode, threshold, k, estimator, temperature);
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   at::Tensor y = spatial_attention_output_like(x);
   at::Tensor mask = spatial_attention_scores_like(scores, x);
   if (mask.numel() == 0) return {y, mask};
@@ -203,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
                                  ? sweeps.top_k_mask(s, k, layout)
                                  : threshold_mask(s, threshold, temperature);
   mask.copy_(weights);
-  if (y.numel() > 0) sweeps.scale(to_layout(x, layout), weights, y, layout);
+  if (y.numel() > 0) sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
   return {y, mask};
 }
 
@@ -213,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
     const SpatialAttentionSweeps& sweeps) {
   const HardEstimator mode =
       check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
-  const Layout layout = choose_layout(x);
+  const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
@@ -222,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
   // scales grad_scores.
   const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(to_layout(grad_y, layout), to_layout(x, layout), weights, grad_x,
+  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps), weights, grad_x,
                         grad_weights, layout);
   if (mode == HardEstimator::Sigmoid) {
     const at::Tensor soft = position_sigmoid(scores_for_weights(scores, x, layout), temperature);

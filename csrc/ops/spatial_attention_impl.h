@@ -40,6 +40,9 @@ struct SpatialAttentionSweeps {
   // lower index, NaN ranked as +inf; `scores` (accumulation dtype) and the mask are stored
   // like the weights.
   at::Tensor (*top_k_mask)(const at::Tensor& scores, int64_t k, Layout layout);
+  // Whether x and grad may come with strided row starts (see row_strides); if not, they
+  // arrive dense in `layout`. Everything else (weights, outputs) is always dense.
+  bool reads_strided_rows;
 };
 
 // top_k_mask with ATen calls only (any device): the k-th largest value of each row by

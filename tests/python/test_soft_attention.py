@@ -329,3 +329,64 @@ def test_poisoned_output_memory_is_fully_overwritten(device, score_channels):
                 assert_close(g, r, torch.float32)
         grads = torch.autograd.grad(outputs[2], [x, scores], torch.ones_like(outputs[2]))
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _copies_of(shape, fn):
+    """The copies of a tensor shaped `shape` that `fn` makes (ATen copy_/clone/contiguous)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events()
+            if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+            and list(shape) in [list(s) for s in e.input_shapes]]
+
+
+def _strided_views(x):
+    """Views of x's values whose rows are contiguous but whose row starts are strided: a
+    channel slice of a contiguous tensor, of a channels-last tensor, and a batch expanded
+    from one sample (stride 0)."""
+    n, c = x.shape[:2]
+    wide = torch.randn((n, c + 3) + x.shape[2:])
+    wide[:, 1:c + 1] = x
+    wide_last = wide.contiguous(memory_format=torch.channels_last)
+    return {
+        "channel slice": wide[:, 1:c + 1],
+        "channels_last channel slice": wide_last[:, 1:c + 1],
+        "expanded batch": x[:1].expand_as(x),
+    }
+
+
+@pytest.mark.parametrize("score_channels", [1, 6])
+def test_strided_inputs_are_read_in_place(score_channels):
+    # DESIGN: any strides; the CPU kernels read inputs whose rows are contiguous without a
+    # copy (the output comes back dense), and give the reference's values.
+    base = torch.randn(3, 6, 5, 7)
+    scores = torch.randn(3, score_channels, 5, 7)
+    for name, x in _strided_views(base).items():
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last), name
+        grad_y = _strided_views(torch.randn_like(base))[name]
+        grad_out = torch.randn(3, 6)
+        calls = {
+            "soft_attention": lambda: CF.soft_attention(x, scores, "softmax", 0.5),
+            "soft_attention_pool": lambda: CF.soft_attention_pool(x, scores),
+            "hard_attention": lambda: CF.hard_attention(x, scores, "topk", k=9),
+            "_soft_attention_backward": lambda: torch.ops.cnn_attention._soft_attention_backward(
+                grad_y, x, scores, "sigmoid", 1.0),
+            "_soft_attention_pool_backward": lambda: torch.ops.cnn_attention._soft_attention_pool_backward(
+                grad_out, x, scores, 1.0),
+            "_hard_attention_backward": lambda: torch.ops.cnn_attention._hard_attention_backward(
+                grad_y, x, scores, (scores > 0).float(), "sigmoid", 1.0),
+        }
+        # With one score channel no other operand is shaped like x, so any copy of that shape
+        # would be a copy of x or grad_y.
+        for op_name, call in calls.items():
+            if score_channels == 1:
+                assert _copies_of(x.shape, call) == [], f"{op_name} copied the {name} input"
+        xd, sd = x.detach().double(), scores.double()
+        assert_close(calls["soft_attention"](), soft_attention_reference(xd, sd, "softmax", 0.5), torch.float32)
+        assert_close(calls["soft_attention_pool"](), soft_attention_pool_reference(xd, sd), torch.float32)
+        gx, gs = calls["_soft_attention_backward"]()
+        x64, s64 = xd.clone().requires_grad_(True), sd.clone().requires_grad_(True)
+        ref = soft_attention_reference(x64, s64, "sigmoid", 1.0)
+        rgx, rgs = torch.autograd.grad(ref, [x64, s64], grad_y.double())
+        assert_close(gx, rgx, torch.float32)
+        assert_close(gs, rgs, torch.float32)

@@ -38,6 +38,21 @@ Extent extent_of(const at::Tensor& x, const at::Tensor& weights) {
   return {x.size(0), x.size(1), num_positions(x), weights.size(1)};
 }
 
+// Where the rows of an input (x, grad_y) start: row r of sample n (channel r channels
+// first, position r channels last) at n * batch_stride + r * row_stride. The rows themselves
+// are contiguous; their starts may be strided, so channel slices and expanded tensors are
+// read in place (see row_strides). Outputs are dense.
+struct Rows {
+  int64_t batch_stride, row_stride;
+  int64_t at(int64_t n, int64_t r) const { return n * batch_stride + r * row_stride; }
+};
+
+Rows rows_of(const at::Tensor& t, Layout layout) {
+  const auto strides = row_strides(t, layout);
+  TORCH_INTERNAL_ASSERT(strides.has_value(), "spatial attention: an input with non-contiguous rows");
+  return {strides->first, strides->second};
+}
+
 // One operand of a row operation: a row of `len` values, or one value for the whole row
 // (a weight shared by all channels, a gradient constant over positions).
 template <typename T>
@@ -133,15 +148,15 @@ opmath_t scale_backward_shared_row(const scalar_t* g, const scalar_t* x, opmath_
 }
 
 template <typename scalar_t>
-void scale_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* y, Extent e,
-                 Layout layout) {
+void scale_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, scalar_t* y,
+                 Extent e, Layout layout) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (layout == Layout::ChannelsFirst) {
     at::parallel_for(0, e.batch * e.channels, grain_for(e.positions), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / e.channels, c = row % e.channels;
         const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * e.positions;
-        scale_row(x + row * e.positions, Row<opmath_t>{w_row, false}, y + row * e.positions,
+        scale_row(x + xr.at(n, c), Row<opmath_t>{w_row, false}, y + row * e.positions,
                   e.positions);
       }
     });
@@ -149,7 +164,8 @@ void scale_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t
     at::parallel_for(0, e.batch * e.positions, grain_for(e.channels), [&](int64_t begin, int64_t end) {
       for (int64_t pixel = begin; pixel < end; ++pixel) {
         const Row<opmath_t> w_row{w + pixel * (e.shared() ? 1 : e.channels), e.shared()};
-        scale_row(x + pixel * e.channels, w_row, y + pixel * e.channels, e.channels);
+        const int64_t n = pixel / e.positions, p = pixel % e.positions;
+        scale_row(x + xr.at(n, p), w_row, y + pixel * e.channels, e.channels);
       }
     });
   }
@@ -157,7 +173,7 @@ void scale_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t
 
 // `pooled`: grad is (N, C), constant over the positions.
 template <typename scalar_t>
-void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
+void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows xr,
                           const at::opmath_type<scalar_t>* w, scalar_t* grad_x,
                           at::opmath_type<scalar_t>* grad_w, Extent e, Layout layout,
                           bool pooled) {
@@ -168,13 +184,15 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
   if (layout == Layout::ChannelsLast) {
     at::parallel_for(0, e.batch * P, grain_for(C), [&](int64_t begin, int64_t end) {
       for (int64_t pixel = begin; pixel < end; ++pixel) {
-        const scalar_t* g_row = grad + (pooled ? pixel / P : pixel) * C;
+        const int64_t n = pixel / P, p = pixel % P;
+        const scalar_t* g_row = grad + (pooled ? n * C : gr.at(n, p));
+        const scalar_t* x_row = x + xr.at(n, p);
         const int64_t at_pixel = pixel * C;
         if (e.shared()) {
           grad_w[pixel] =
-              scale_backward_shared_row(g_row, x + at_pixel, w[pixel], grad_x + at_pixel, C);
+              scale_backward_shared_row(g_row, x_row, w[pixel], grad_x + at_pixel, C);
         } else {
-          scale_backward_row(Row<scalar_t>{g_row, false}, x + at_pixel, w + at_pixel,
+          scale_backward_row(Row<scalar_t>{g_row, false}, x_row, w + at_pixel,
                              grad_x + at_pixel, grad_w + at_pixel, C);
         }
       }
@@ -182,9 +200,11 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
   } else if (!e.shared()) {
     at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / C, c = row % C;
         const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
-                                           : Row<scalar_t>{grad + row * P, false};
-        scale_backward_row(g_row, x + row * P, w + row * P, grad_x + row * P, grad_w + row * P, P);
+                                           : Row<scalar_t>{grad + gr.at(n, c), false};
+        scale_backward_row(g_row, x + xr.at(n, c), w + row * P, grad_x + row * P,
+                           grad_w + row * P, P);
       }
     });
   } else {
@@ -200,12 +220,13 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
         std::fill_n(sum, width, opmath_t(0));
         for (int64_t c = 0; c < C; ++c) {
           const int64_t row = n * C + c, at_row = row * P + p0;
+          const scalar_t* x_block = x + xr.at(n, c) + p0;
           const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
-                                             : Row<scalar_t>{grad + at_row, false};
+                                             : Row<scalar_t>{grad + gr.at(n, c) + p0, false};
           int64_t j = 0;
           for (; j + V::size() <= width; j += V::size()) {
             const auto gs = load_row<scalar_t>(g_row, j);
-            const auto xs = V::load(x + at_row + j);
+            const auto xs = V::load(x_block + j);
             const auto ws = V::load_opmath(w_block + j);
             typename V::Chunk gx;
             for (int k = 0; k < V::kVecs; ++k) {
@@ -218,7 +239,7 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
           for (; j < width; ++j) {
             const opmath_t gj = row_value(g_row, j);
             grad_x[at_row + j] = static_cast<scalar_t>(gj * w_block[j]);
-            sum[j] = std::fma(gj, static_cast<opmath_t>(x[at_row + j]), sum[j]);
+            sum[j] = std::fma(gj, static_cast<opmath_t>(x_block[j]), sum[j]);
           }
         }
         std::copy_n(sum, width, grad_w + n * P + p0);
@@ -228,8 +249,8 @@ void scale_backward_typed(const scalar_t* grad, const scalar_t* x,
 }
 
 template <typename scalar_t>
-void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* out, Extent e,
-                Layout layout) {
+void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, scalar_t* out,
+                Extent e, Layout layout) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -238,7 +259,7 @@ void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t*
     at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / C, c = row % C;
-        const scalar_t* x_row = x + row * P;
+        const scalar_t* x_row = x + xr.at(n, c);
         const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * P;
         Vec dot(opmath_t(0));
         int64_t j = 0;
@@ -263,7 +284,7 @@ void pool_typed(const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t*
         std::fill_n(sum, width, opmath_t(0));
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pixel = n * P + p;
-          const scalar_t* x_row = x + pixel * C + c0;
+          const scalar_t* x_row = x + xr.at(n, p) + c0;
           const Row<opmath_t> w_row{w + (e.shared() ? pixel : pixel * C + c0), e.shared()};
           int64_t j = 0;
           for (; j + V::size() <= width; j += V::size()) {
@@ -329,7 +350,7 @@ at::Tensor top_k_mask_kernel(const at::Tensor& scores, int64_t k, Layout layout)
 
 void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
-    scale_typed(x.const_data_ptr<scalar_t>(),
+    scale_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
                 weights.const_data_ptr<at::opmath_type<scalar_t>>(), y.data_ptr<scalar_t>(),
                 extent_of(x, weights), layout);
   });
@@ -338,23 +359,27 @@ void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
 void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
                            at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cpu", [&] {
-    scale_backward_typed(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    const bool pooled = grad.dim() == 2;
+    scale_backward_typed(grad.const_data_ptr<scalar_t>(),
+                         pooled ? Rows{0, 0} : rows_of(grad, layout),
+                         x.const_data_ptr<scalar_t>(), rows_of(x, layout),
                          weights.const_data_ptr<at::opmath_type<scalar_t>>(),
                          grad_x.data_ptr<scalar_t>(),
                          grad_weights.data_ptr<at::opmath_type<scalar_t>>(),
-                         extent_of(x, weights), layout, grad.dim() == 2);
+                         extent_of(x, weights), layout, pooled);
   });
 }
 
 void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
-    pool_typed(x.const_data_ptr<scalar_t>(), weights.const_data_ptr<at::opmath_type<scalar_t>>(),
+    pool_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
+               weights.const_data_ptr<at::opmath_type<scalar_t>>(),
                out.data_ptr<scalar_t>(), extent_of(x, weights), layout);
   });
 }
 
 constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
-                                            top_k_mask_kernel};
+                                            top_k_mask_kernel, /*reads_strided_rows=*/true};
 
 at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
                                          c10::string_view normalize, double temperature) {

@@ -244,8 +244,9 @@ void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
 }
 
 // at::kthvalue is a radix selection on CUDA: exact, deterministic and O(P) per row.
+// x and grad arrive dense (copied once if need be).
 constexpr SpatialAttentionSweeps kCudaSweeps{scale_launch, scale_backward_launch, pool_launch,
-                                             top_k_mask_by_kthvalue};
+                                             top_k_mask_by_kthvalue, /*reads_strided_rows=*/false};
 
 at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
                                          c10::string_view normalize, double temperature) {
