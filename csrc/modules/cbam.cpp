@@ -15,7 +15,9 @@ void CBAMImpl::reset() {
                                                          .spatial_dims(options.spatial_dims())));
 }
 
-torch::Tensor CBAMImpl::forward(const torch::Tensor& x) { return spatial->forward(channel->forward(x)); }
+torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
+  return spatial->forward(channel->forward(x));
+}
 
 void CBAMImpl::pretty_print(std::ostream& stream) const {
   stream << "cnn_attention::nn::CBAM(" << options.channels() << ")";

@@ -72,14 +72,13 @@ SoftAttentionImpl::SoftAttentionImpl(SoftAttentionOptions options_) : options(st
 void SoftAttentionImpl::reset() {
   const std::string& normalize = options.normalize();
   TORCH_CHECK(normalize == "sigmoid" || normalize == "softmax",
-              "SoftAttention: normalize must be one of \"sigmoid\", \"softmax\", got \"",
-              normalize, "\"");
+              "SoftAttention: normalize must be one of \"sigmoid\", \"softmax\", got \"", normalize,
+              "\"");
   check_temperature("SoftAttention", options.temperature());
-  scores = register_module(
-      "scores", SpatialScores(SpatialScoresOptions()
-                                  .kernel_size(options.kernel_size())
-                                  .spatial_dims(options.spatial_dims()),
-                              "SoftAttention"));
+  scores = register_module("scores", SpatialScores(SpatialScoresOptions()
+                                                       .kernel_size(options.kernel_size())
+                                                       .spatial_dims(options.spatial_dims()),
+                                                   "SoftAttention"));
 }
 
 torch::Tensor SoftAttentionImpl::forward(const torch::Tensor& x) {
@@ -116,11 +115,10 @@ void HardAttentionImpl::reset() {
   TORCH_CHECK(options.k() >= 1, "HardAttention: k must be >= 1, got ", options.k());
   TORCH_CHECK(std::isfinite(options.noise()) && options.noise() >= 0,
               "HardAttention: noise must be finite and >= 0, got ", options.noise());
-  scores = register_module(
-      "scores", SpatialScores(SpatialScoresOptions()
-                                  .kernel_size(options.kernel_size())
-                                  .spatial_dims(options.spatial_dims()),
-                              "HardAttention"));
+  scores = register_module("scores", SpatialScores(SpatialScoresOptions()
+                                                       .kernel_size(options.kernel_size())
+                                                       .spatial_dims(options.spatial_dims()),
+                                                   "HardAttention"));
   last_mask = torch::Tensor();
 }
 
@@ -139,9 +137,9 @@ torch::Tensor HardAttentionImpl::forward(const torch::Tensor& x) {
   }
   int64_t positions = 1;
   for (int64_t d = 2; d < x.dim(); ++d) positions *= x.size(d);
-  auto [y, mask] = ops::hard_attention(x, s, options.mode(), options.threshold(),
-                                       positions_kept(positions), options.estimator(),
-                                       options.temperature());
+  auto [y, mask] =
+      ops::hard_attention(x, s, options.mode(), options.threshold(), positions_kept(positions),
+                          options.estimator(), options.temperature());
   last_mask = mask;
   return y;
 }

@@ -22,7 +22,8 @@ struct CNN_ATTENTION_API SpatialScoresOptions {
 
 class CNN_ATTENTION_API SpatialScoresImpl : public torch::nn::Cloneable<SpatialScoresImpl> {
  public:
-  explicit SpatialScoresImpl(SpatialScoresOptions options = {}, std::string owner = "SpatialScores");
+  explicit SpatialScoresImpl(SpatialScoresOptions options = {},
+                             std::string owner = "SpatialScores");
 
   void reset() override;
   void reset_parameters();

@@ -23,8 +23,8 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
 }
 }  // namespace
 
-at::Tensor soft_attention(const at::Tensor& x, const at::Tensor& scores,
-                          c10::string_view normalize, double temperature) {
+at::Tensor soft_attention(const at::Tensor& x, const at::Tensor& scores, c10::string_view normalize,
+                          double temperature) {
   static auto op = find_op<decltype(soft_attention)>("cnn_attention::soft_attention");
   return op.call(x, scores, normalize, temperature);
 }
@@ -63,12 +63,9 @@ std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(const at::Tenso
   return op.call(grad_out, x, scores, temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(const at::Tensor& grad_y,
-                                                            const at::Tensor& x,
-                                                            const at::Tensor& scores,
-                                                            const at::Tensor& mask,
-                                                            c10::string_view estimator,
-                                                            double temperature) {
+std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature) {
   static auto op =
       find_op<decltype(_hard_attention_backward)>("cnn_attention::_hard_attention_backward");
   return op.call(grad_y, x, scores, mask, estimator, temperature);
@@ -91,8 +88,8 @@ void check_scores(const char* op, const at::Tensor& x, const at::Tensor& scores)
     expected << "(" << x.sym_size(0) << ", 1 or " << x.sym_size(1);
     for (int64_t d = 2; d < x.dim(); ++d) expected << ", " << x.sym_size(d);
     expected << ")";
-    TORCH_CHECK(false, op, ": scores must be (N, 1, *S) or (N, C, *S) = ", expected.str(),
-                ", got ", format_sizes(scores.sym_sizes()));
+    TORCH_CHECK(false, op, ": scores must be (N, 1, *S) or (N, C, *S) = ", expected.str(), ", got ",
+                format_sizes(scores.sym_sizes()));
   }
   check_like(op, "x", x, "scores", scores);
 }
@@ -141,8 +138,7 @@ SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& s
 
 SoftNormalize check_soft_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                                  const at::Tensor& scores,
-                                                 c10::string_view normalize,
-                                                 double temperature) {
+                                                 c10::string_view normalize, double temperature) {
   const SoftNormalize mode = check_soft_attention_args(x, scores, normalize, temperature);
   check_grad_like_x(kSoft, "grad_y", grad_y, x);
   return mode;
@@ -162,9 +158,8 @@ void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const a
 }
 
 HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
-                                             c10::string_view mode, double threshold,
-                                             int64_t k, c10::string_view estimator,
-                                             double temperature) {
+                                             c10::string_view mode, double threshold, int64_t k,
+                                             c10::string_view estimator, double temperature) {
   check_scores(kHard, x, scores);
   const HardAttentionModes modes{parse_mode(mode), parse_estimator(estimator)};
   check_temperature(kHard, temperature);
@@ -182,10 +177,8 @@ HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tens
 }
 
 HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores,
-                                                 const at::Tensor& mask,
-                                                 c10::string_view estimator,
-                                                 double temperature) {
+                                                 const at::Tensor& scores, const at::Tensor& mask,
+                                                 c10::string_view estimator, double temperature) {
   check_scores(kHard, x, scores);
   const HardEstimator mode = parse_estimator(estimator);
   check_temperature(kHard, temperature);

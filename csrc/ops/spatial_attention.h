@@ -41,12 +41,11 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_backward(
     c10::string_view normalize, double temperature);
 
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature);
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature);
 
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature);
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature);
 
 }  // namespace detail
 
@@ -65,21 +64,17 @@ SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& s
                                         c10::string_view normalize, double temperature);
 SoftNormalize check_soft_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                                  const at::Tensor& scores,
-                                                 c10::string_view normalize,
-                                                 double temperature);
+                                                 c10::string_view normalize, double temperature);
 void check_soft_attention_pool_args(const at::Tensor& x, const at::Tensor& scores,
                                     double temperature);
 void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                              const at::Tensor& scores, double temperature);
 HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
-                                             c10::string_view mode, double threshold,
-                                             int64_t k, c10::string_view estimator,
-                                             double temperature);
+                                             c10::string_view mode, double threshold, int64_t k,
+                                             c10::string_view estimator, double temperature);
 HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores,
-                                                 const at::Tensor& mask,
-                                                 c10::string_view estimator,
-                                                 double temperature);
+                                                 const at::Tensor& scores, const at::Tensor& mask,
+                                                 c10::string_view estimator, double temperature);
 
 // Results laid out like x (and score-shaped results in the same layout), for every backend.
 at::Tensor spatial_attention_output_like(const at::Tensor& x);

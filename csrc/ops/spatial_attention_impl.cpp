@@ -77,12 +77,15 @@ at::Tensor position_softmax(const at::Tensor& s, double temperature, Layout layo
 // d loss / d s for a = softmax(s / T), from d loss / d a.
 at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor& a,
                                      double temperature, Layout layout) {
-  return by_sample_blocks(a, [&](int64_t n0, int64_t n1) {
-    const at::Tensor part = samples(a, n0, n1);
-    const at::Tensor grad_rows = at::_softmax_backward_data(
-        samples(grad_a, n0, n1).flatten(2), part.flatten(2), -1, a.scalar_type());
-    return as_weights(grad_rows, part, layout);
-  }).div_(temperature);
+  return by_sample_blocks(a,
+                          [&](int64_t n0, int64_t n1) {
+                            const at::Tensor part = samples(a, n0, n1);
+                            const at::Tensor grad_rows =
+                                at::_softmax_backward_data(samples(grad_a, n0, n1).flatten(2),
+                                                           part.flatten(2), -1, a.scalar_type());
+                            return as_weights(grad_rows, part, layout);
+                          })
+      .div_(temperature);
 }
 
 at::Tensor threshold_mask(const at::Tensor& s, double threshold, double temperature) {
@@ -99,8 +102,7 @@ at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout)
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor rows = at::nan_to_num(s.flatten(2), inf, inf, -inf);
   const int64_t positions = rows.size(-1);
-  const at::Tensor kth =
-      std::get<0>(at::kthvalue(rows, positions - k + 1, -1, /*keepdim=*/true));
+  const at::Tensor kth = std::get<0>(at::kthvalue(rows, positions - k + 1, -1, /*keepdim=*/true));
   const at::Tensor above = rows > kth;
   const at::Tensor tied = rows == kth;
   const at::Tensor places_left = above.sum(-1, /*keepdim=*/true, at::kLong).neg_().add_(k);
@@ -146,22 +148,20 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     weights = probabilities * static_cast<double>(num_positions(x));
   }
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps), weights, grad_x,
-                        grad_weights, layout);
+  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps),
+                        weights, grad_x, grad_weights, layout);
   if (mode == SoftNormalize::Sigmoid) {
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
-    grad_scores.copy_(
-        position_softmax_backward(grad_weights, probabilities, temperature, layout)
-            .mul_(static_cast<double>(num_positions(x))));
+    grad_scores.copy_(position_softmax_backward(grad_weights, probabilities, temperature, layout)
+                          .mul_(static_cast<double>(num_positions(x))));
   }
   return {grad_x, grad_scores};
 }
 
 at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
-                                       double temperature,
-                                       const SpatialAttentionSweeps& sweeps) {
+                                       double temperature, const SpatialAttentionSweeps& sweeps) {
   check_soft_attention_pool_args(x, scores, temperature);
   at::Tensor out = soft_attention_pool_output_like(x);
   if (out.numel() == 0) return out;
@@ -175,8 +175,8 @@ at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& sc
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature, const SpatialAttentionSweeps& sweeps) {
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature,
+    const SpatialAttentionSweeps& sweeps) {
   check_soft_attention_pool_backward_args(grad_out, x, scores, temperature);
   const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
@@ -187,17 +187,19 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
       position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   at::Tensor grad_probabilities = at::empty_like(probabilities);
   // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
-  sweeps.scale_backward(grad_out.contiguous(), sweep_input(x, layout, sweeps), probabilities, grad_x,
-                        grad_probabilities, layout);
+  sweeps.scale_backward(grad_out.contiguous(), sweep_input(x, layout, sweeps), probabilities,
+                        grad_x, grad_probabilities, layout);
   grad_scores.copy_(
       position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
   return {grad_x, grad_scores};
 }
 
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature,
-    const SpatialAttentionSweeps& sweeps) {
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const at::Tensor& x,
+                                                          const at::Tensor& scores,
+                                                          c10::string_view mode, double threshold,
+                                                          int64_t k, c10::string_view estimator,
+                                                          double temperature,
+                                                          const SpatialAttentionSweeps& sweeps) {
   const HardAttentionModes modes =
       check_hard_attention_args(x, scores, mode, threshold, k, estimator, temperature);
   const Layout layout = choose_row_layout(x);
@@ -214,9 +216,8 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature,
-    const SpatialAttentionSweeps& sweeps) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature, const SpatialAttentionSweeps& sweeps) {
   const HardEstimator mode =
       check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
   const Layout layout = choose_row_layout(x);
@@ -228,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
   // scales grad_scores.
   const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps), weights, grad_x,
-                        grad_weights, layout);
+  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps),
+                        weights, grad_x, grad_weights, layout);
   if (mode == HardEstimator::Sigmoid) {
     const at::Tensor soft = position_sigmoid(scores_for_weights(scores, x, layout), temperature);
     grad_weights.mul_(soft * (1 - soft)).div_(temperature);

@@ -59,17 +59,18 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
 at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
                                        double temperature, const SpatialAttentionSweeps& sweeps);
 std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature, const SpatialAttentionSweeps& sweeps);
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature,
+    const SpatialAttentionSweeps& sweeps);
 
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature,
-    const SpatialAttentionSweeps& sweeps);
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const at::Tensor& x,
+                                                          const at::Tensor& scores,
+                                                          c10::string_view mode, double threshold,
+                                                          int64_t k, c10::string_view estimator,
+                                                          double temperature,
+                                                          const SpatialAttentionSweeps& sweeps);
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature,
-    const SpatialAttentionSweeps& sweeps);
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature, const SpatialAttentionSweeps& sweeps);
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -36,8 +36,7 @@ torch::Tensor soft_reference(const torch::Tensor& x, const torch::Tensor& scores
   return x * w;
 }
 
-class SoftAttentionTest
-    : public ::testing::TestWithParam<std::tuple<std::string, bool, bool>> {};
+class SoftAttentionTest : public ::testing::TestWithParam<std::tuple<std::string, bool, bool>> {};
 
 TEST_P(SoftAttentionTest, ForwardAndBackwardMatchFloat64Reference) {
   const auto [normalize, shared, channels_last] = GetParam();
@@ -116,17 +115,24 @@ TEST(HardAttention, ThresholdModeAndIdentityEstimator) {
 
 TEST(SpatialAttention, BadInputNamesOperatorAndArgument) {
   const auto x = torch::randn({2, 4, 5, 5});
-  EXPECT_NE(error_of([&] { soft_attention(x, torch::randn({2, 3, 5, 5})); })
-                .find("soft_attention: scores must be (N, 1, *S) or (N, C, *S) = (2, 1 or 4, 5, 5), got (2, 3, 5, 5)"),
+  EXPECT_NE(error_of([&] {
+              soft_attention(x, torch::randn({2, 3, 5, 5}));
+            })
+                .find("soft_attention: scores must be (N, 1, *S) or (N, C, *S) = (2, 1 or 4, 5, "
+                      "5), got (2, 3, 5, 5)"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { soft_attention(x, torch::randn({2, 1, 5, 5}), "tanh"); })
-                .find("soft_attention: normalize must be one of \"sigmoid\", \"softmax\", got \"tanh\""),
+  EXPECT_NE(
+      error_of([&] {
+        soft_attention(x, torch::randn({2, 1, 5, 5}), "tanh");
+      }).find("soft_attention: normalize must be one of \"sigmoid\", \"softmax\", got \"tanh\""),
+      std::string::npos);
+  EXPECT_NE(error_of([&] {
+              soft_attention_pool(x, torch::randn({2, 1, 5, 5}), 0.0);
+            }).find("soft_attention_pool: temperature must be finite and positive, got 0"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { soft_attention_pool(x, torch::randn({2, 1, 5, 5}), 0.0); })
-                .find("soft_attention_pool: temperature must be finite and positive, got 0"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { hard_attention(x, torch::randn({2, 1, 5, 5}), "topk", 0.5, 26); })
-                .find("hard_attention: k must be in [1, P] with P = 25 in top-k mode, got 26"),
+  EXPECT_NE(error_of([&] {
+              hard_attention(x, torch::randn({2, 1, 5, 5}), "topk", 0.5, 26);
+            }).find("hard_attention: k must be in [1, P] with P = 25 in top-k mode, got 26"),
             std::string::npos);
 }
 
@@ -160,15 +166,21 @@ TEST(SpatialAttentionModules, ParametersAndForward) {
   for (const auto& p : hard->parameters()) EXPECT_TRUE(p.grad().defined());
   for (const auto& p : cbam->parameters()) EXPECT_GT(p.grad().abs().sum().item<double>(), 0.0);
 
-  EXPECT_NE(error_of([] { cnn_attention::nn::SoftAttention(cnn_attention::nn::SoftAttentionOptions().kernel_size(4)); })
-                .find("SoftAttention: kernel_size must be odd and positive, got 4"),
-            std::string::npos);
-  EXPECT_NE(error_of([] { cnn_attention::nn::HardAttention(cnn_attention::nn::HardAttentionOptions().keep_ratio(0.5)); })
-                .find("HardAttention: keep_ratio needs mode='topk', got mode='threshold'"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { soft->forward(torch::randn({2, 8, 8})); })
-                .find("SoftAttention: x must be (N, C, *S) with 2 spatial dims (spatial_dims), got 3 dims"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] {
+        cnn_attention::nn::SoftAttention(cnn_attention::nn::SoftAttentionOptions().kernel_size(4));
+      }).find("SoftAttention: kernel_size must be odd and positive, got 4"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([] {
+        cnn_attention::nn::HardAttention(cnn_attention::nn::HardAttentionOptions().keep_ratio(0.5));
+      }).find("HardAttention: keep_ratio needs mode='topk', got mode='threshold'"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] {
+        soft->forward(torch::randn({2, 8, 8}));
+      }).find("SoftAttention: x must be (N, C, *S) with 2 spatial dims (spatial_dims), got 3 dims"),
+      std::string::npos);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
+#include "../spatial_attention.h"
+
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
-
-#include "../spatial_attention.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -35,9 +35,11 @@ at::Tensor soft_attention_pool_autocast(const at::Tensor& x, const at::Tensor& s
 }
 
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
-std::tuple<at::Tensor, at::Tensor> hard_attention_autocast(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature) {
+std::tuple<at::Tensor, at::Tensor> hard_attention_autocast(const at::Tensor& x,
+                                                           const at::Tensor& scores,
+                                                           c10::string_view mode, double threshold,
+                                                           int64_t k, c10::string_view estimator,
+                                                           double temperature) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const auto [input, input_scores] = autocast_inputs<device_type>(x, scores);
   return hard_attention(input, input_scores, mode, threshold, k, estimator, temperature);

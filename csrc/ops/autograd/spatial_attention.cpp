@@ -1,7 +1,7 @@
+#include "../spatial_attention.h"
+
 #include <torch/autograd.h>
 #include <torch/library.h>
-
-#include "../spatial_attention.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -53,10 +53,9 @@ class SoftAttentionPoolFunction : public torch::autograd::Function<SoftAttention
 
 class HardAttentionFunction : public torch::autograd::Function<HardAttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const at::Tensor& scores, c10::string_view mode,
-                               double threshold, int64_t k, c10::string_view estimator,
-                               double temperature) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scores,
+                               c10::string_view mode, double threshold, int64_t k,
+                               c10::string_view estimator, double temperature) {
     at::Tensor y, mask;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -72,9 +71,9 @@ class HardAttentionFunction : public torch::autograd::Function<HardAttentionFunc
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     auto [grad_x, grad_scores] = detail::_hard_attention_backward(
-        grad_outputs[0], saved[0], saved[1], saved[2],
-        ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble());
-    return {grad_x, grad_scores, at::Tensor(), at::Tensor(),
+        grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["estimator"].toStringRef(),
+        ctx->saved_data["temperature"].toDouble());
+    return {grad_x,       grad_scores,  at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -101,8 +100,7 @@ struct SoftAttentionBackward {
   static constexpr const char* kOp = "soft_attention";
   static std::tuple<at::Tensor, at::Tensor> call(const at::Tensor& grad_y, const at::Tensor& x,
                                                  const at::Tensor& scores,
-                                                 c10::string_view normalize,
-                                                 double temperature) {
+                                                 c10::string_view normalize, double temperature) {
     return detail::_soft_attention_backward(grad_y, x, scores, normalize, temperature);
   }
 };
@@ -119,8 +117,7 @@ struct HardAttentionBackward {
   static constexpr const char* kOp = "hard_attention";
   static std::tuple<at::Tensor, at::Tensor> call(const at::Tensor& grad_y, const at::Tensor& x,
                                                  const at::Tensor& scores, const at::Tensor& mask,
-                                                 c10::string_view estimator,
-                                                 double temperature) {
+                                                 c10::string_view estimator, double temperature) {
     return detail::_hard_attention_backward(grad_y, x, scores, mask, estimator, temperature);
   }
 };
@@ -134,11 +131,13 @@ at::Tensor soft_attention_autograd(const at::Tensor& x, const at::Tensor& scores
   return SoftAttentionFunction::apply(x, scores, normalize, temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_autograd(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature) {
-  return pair_of(NotTwiceDifferentiable<SoftAttentionBackward>::apply(grad_y, x, scores,
-                                                                      normalize, temperature));
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward_autograd(const at::Tensor& grad_y,
+                                                                    const at::Tensor& x,
+                                                                    const at::Tensor& scores,
+                                                                    c10::string_view normalize,
+                                                                    double temperature) {
+  return pair_of(NotTwiceDifferentiable<SoftAttentionBackward>::apply(grad_y, x, scores, normalize,
+                                                                      temperature));
 }
 
 at::Tensor soft_attention_pool_autograd(const at::Tensor& x, const at::Tensor& scores,
@@ -146,25 +145,28 @@ at::Tensor soft_attention_pool_autograd(const at::Tensor& x, const at::Tensor& s
   return SoftAttentionPoolFunction::apply(x, scores, temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_autograd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature) {
-  return pair_of(NotTwiceDifferentiable<SoftAttentionPoolBackward>::apply(grad_out, x, scores,
-                                                                          temperature));
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_autograd(const at::Tensor& grad_out,
+                                                                         const at::Tensor& x,
+                                                                         const at::Tensor& scores,
+                                                                         double temperature) {
+  return pair_of(
+      NotTwiceDifferentiable<SoftAttentionPoolBackward>::apply(grad_out, x, scores, temperature));
 }
 
-std::tuple<at::Tensor, at::Tensor> hard_attention_autograd(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature) {
+std::tuple<at::Tensor, at::Tensor> hard_attention_autograd(const at::Tensor& x,
+                                                           const at::Tensor& scores,
+                                                           c10::string_view mode, double threshold,
+                                                           int64_t k, c10::string_view estimator,
+                                                           double temperature) {
   return pair_of(
       HardAttentionFunction::apply(x, scores, mode, threshold, k, estimator, temperature));
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_autograd(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature) {
-  return pair_of(NotTwiceDifferentiable<HardAttentionBackward>::apply(
-      grad_y, x, scores, mask, estimator, temperature));
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature) {
+  return pair_of(NotTwiceDifferentiable<HardAttentionBackward>::apply(grad_y, x, scores, mask,
+                                                                      estimator, temperature));
 }
 
 }  // namespace

@@ -49,7 +49,8 @@ struct Rows {
 
 Rows rows_of(const at::Tensor& t, Layout layout) {
   const auto strides = row_strides(t, layout);
-  TORCH_INTERNAL_ASSERT(strides.has_value(), "spatial attention: an input with non-contiguous rows");
+  TORCH_INTERNAL_ASSERT(strides.has_value(),
+                        "spatial attention: an input with non-contiguous rows");
   return {strides->first, strides->second};
 }
 
@@ -152,22 +153,24 @@ void scale_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w,
                  Extent e, Layout layout) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (layout == Layout::ChannelsFirst) {
-    at::parallel_for(0, e.batch * e.channels, grain_for(e.positions), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / e.channels, c = row % e.channels;
-        const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * e.positions;
-        scale_row(x + xr.at(n, c), Row<opmath_t>{w_row, false}, y + row * e.positions,
-                  e.positions);
-      }
-    });
+    at::parallel_for(
+        0, e.batch * e.channels, grain_for(e.positions), [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t n = row / e.channels, c = row % e.channels;
+            const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * e.positions;
+            scale_row(x + xr.at(n, c), Row<opmath_t>{w_row, false}, y + row * e.positions,
+                      e.positions);
+          }
+        });
   } else {
-    at::parallel_for(0, e.batch * e.positions, grain_for(e.channels), [&](int64_t begin, int64_t end) {
-      for (int64_t pixel = begin; pixel < end; ++pixel) {
-        const Row<opmath_t> w_row{w + pixel * (e.shared() ? 1 : e.channels), e.shared()};
-        const int64_t n = pixel / e.positions, p = pixel % e.positions;
-        scale_row(x + xr.at(n, p), w_row, y + pixel * e.channels, e.channels);
-      }
-    });
+    at::parallel_for(
+        0, e.batch * e.positions, grain_for(e.channels), [&](int64_t begin, int64_t end) {
+          for (int64_t pixel = begin; pixel < end; ++pixel) {
+            const Row<opmath_t> w_row{w + pixel * (e.shared() ? 1 : e.channels), e.shared()};
+            const int64_t n = pixel / e.positions, p = pixel % e.positions;
+            scale_row(x + xr.at(n, p), w_row, y + pixel * e.channels, e.channels);
+          }
+        });
   }
 }
 
@@ -175,8 +178,7 @@ void scale_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w,
 template <typename scalar_t>
 void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows xr,
                           const at::opmath_type<scalar_t>* w, scalar_t* grad_x,
-                          at::opmath_type<scalar_t>* grad_w, Extent e, Layout layout,
-                          bool pooled) {
+                          at::opmath_type<scalar_t>* grad_w, Extent e, Layout layout, bool pooled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -189,11 +191,10 @@ void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows
         const scalar_t* x_row = x + xr.at(n, p);
         const int64_t at_pixel = pixel * C;
         if (e.shared()) {
-          grad_w[pixel] =
-              scale_backward_shared_row(g_row, x_row, w[pixel], grad_x + at_pixel, C);
+          grad_w[pixel] = scale_backward_shared_row(g_row, x_row, w[pixel], grad_x + at_pixel, C);
         } else {
-          scale_backward_row(Row<scalar_t>{g_row, false}, x_row, w + at_pixel,
-                             grad_x + at_pixel, grad_w + at_pixel, C);
+          scale_backward_row(Row<scalar_t>{g_row, false}, x_row, w + at_pixel, grad_x + at_pixel,
+                             grad_w + at_pixel, C);
         }
       }
     });
@@ -201,50 +202,51 @@ void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows
     at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / C, c = row % C;
-        const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
-                                           : Row<scalar_t>{grad + gr.at(n, c), false};
-        scale_backward_row(g_row, x + xr.at(n, c), w + row * P, grad_x + row * P,
-                           grad_w + row * P, P);
+        const Row<scalar_t> g_row =
+            pooled ? Row<scalar_t>{grad + row, true} : Row<scalar_t>{grad + gr.at(n, c), false};
+        scale_backward_row(g_row, x + xr.at(n, c), w + row * P, grad_x + row * P, grad_w + row * P,
+                           P);
       }
     });
   } else {
     // One weight row shared by all channels: each block of positions keeps its running
     // sum over the channels in L1 while the channels stream through.
     const int64_t blocks = (P + kPositionBlock - 1) / kPositionBlock;
-    at::parallel_for(0, e.batch * blocks, grain_for(kPositionBlock * C), [&](int64_t begin, int64_t end) {
-      alignas(64) opmath_t sum[kPositionBlock];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / blocks, p0 = (task % blocks) * kPositionBlock;
-        const int64_t width = std::min(kPositionBlock, P - p0);
-        const opmath_t* w_block = w + n * P + p0;
-        std::fill_n(sum, width, opmath_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t row = n * C + c, at_row = row * P + p0;
-          const scalar_t* x_block = x + xr.at(n, c) + p0;
-          const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
-                                             : Row<scalar_t>{grad + gr.at(n, c) + p0, false};
-          int64_t j = 0;
-          for (; j + V::size() <= width; j += V::size()) {
-            const auto gs = load_row<scalar_t>(g_row, j);
-            const auto xs = V::load(x_block + j);
-            const auto ws = V::load_opmath(w_block + j);
-            typename V::Chunk gx;
-            for (int k = 0; k < V::kVecs; ++k) {
-              const int64_t at = j + k * Vec::size();
-              gx[k] = gs[k] * ws[k];
-              at::vec::fmadd(gs[k], xs[k], Vec::loadu(sum + at)).store(sum + at);
+    at::parallel_for(
+        0, e.batch * blocks, grain_for(kPositionBlock * C), [&](int64_t begin, int64_t end) {
+          alignas(64) opmath_t sum[kPositionBlock];
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t n = task / blocks, p0 = (task % blocks) * kPositionBlock;
+            const int64_t width = std::min(kPositionBlock, P - p0);
+            const opmath_t* w_block = w + n * P + p0;
+            std::fill_n(sum, width, opmath_t(0));
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t row = n * C + c, at_row = row * P + p0;
+              const scalar_t* x_block = x + xr.at(n, c) + p0;
+              const Row<scalar_t> g_row = pooled ? Row<scalar_t>{grad + row, true}
+                                                 : Row<scalar_t>{grad + gr.at(n, c) + p0, false};
+              int64_t j = 0;
+              for (; j + V::size() <= width; j += V::size()) {
+                const auto gs = load_row<scalar_t>(g_row, j);
+                const auto xs = V::load(x_block + j);
+                const auto ws = V::load_opmath(w_block + j);
+                typename V::Chunk gx;
+                for (int k = 0; k < V::kVecs; ++k) {
+                  const int64_t at = j + k * Vec::size();
+                  gx[k] = gs[k] * ws[k];
+                  at::vec::fmadd(gs[k], xs[k], Vec::loadu(sum + at)).store(sum + at);
+                }
+                V::store(grad_x + at_row + j, gx);
+              }
+              for (; j < width; ++j) {
+                const opmath_t gj = row_value(g_row, j);
+                grad_x[at_row + j] = static_cast<scalar_t>(gj * w_block[j]);
+                sum[j] = std::fma(gj, static_cast<opmath_t>(x_block[j]), sum[j]);
+              }
             }
-            V::store(grad_x + at_row + j, gx);
+            std::copy_n(sum, width, grad_w + n * P + p0);
           }
-          for (; j < width; ++j) {
-            const opmath_t gj = row_value(g_row, j);
-            grad_x[at_row + j] = static_cast<scalar_t>(gj * w_block[j]);
-            sum[j] = std::fma(gj, static_cast<opmath_t>(x_block[j]), sum[j]);
-          }
-        }
-        std::copy_n(sum, width, grad_w + n * P + p0);
-      }
-    });
+        });
   }
 }
 
@@ -276,32 +278,33 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
   } else {
     // Positions are the outer dim: each task sums a block of channels over all positions.
     const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, e.batch * blocks, grain_for(kChannelBlock * P), [&](int64_t begin, int64_t end) {
-      alignas(64) opmath_t sum[kChannelBlock];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
-        const int64_t width = std::min(kChannelBlock, C - c0);
-        std::fill_n(sum, width, opmath_t(0));
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t pixel = n * P + p;
-          const scalar_t* x_row = x + xr.at(n, p) + c0;
-          const Row<opmath_t> w_row{w + (e.shared() ? pixel : pixel * C + c0), e.shared()};
-          int64_t j = 0;
-          for (; j + V::size() <= width; j += V::size()) {
-            const auto xs = V::load(x_row + j);
-            const auto ws = load_row<scalar_t>(w_row, j);
-            for (int k = 0; k < V::kVecs; ++k) {
-              const int64_t at = j + k * Vec::size();
-              at::vec::fmadd(xs[k], ws[k], Vec::loadu(sum + at)).store(sum + at);
+    at::parallel_for(
+        0, e.batch * blocks, grain_for(kChannelBlock * P), [&](int64_t begin, int64_t end) {
+          alignas(64) opmath_t sum[kChannelBlock];
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
+            const int64_t width = std::min(kChannelBlock, C - c0);
+            std::fill_n(sum, width, opmath_t(0));
+            for (int64_t p = 0; p < P; ++p) {
+              const int64_t pixel = n * P + p;
+              const scalar_t* x_row = x + xr.at(n, p) + c0;
+              const Row<opmath_t> w_row{w + (e.shared() ? pixel : pixel * C + c0), e.shared()};
+              int64_t j = 0;
+              for (; j + V::size() <= width; j += V::size()) {
+                const auto xs = V::load(x_row + j);
+                const auto ws = load_row<scalar_t>(w_row, j);
+                for (int k = 0; k < V::kVecs; ++k) {
+                  const int64_t at = j + k * Vec::size();
+                  at::vec::fmadd(xs[k], ws[k], Vec::loadu(sum + at)).store(sum + at);
+                }
+              }
+              for (; j < width; ++j) {
+                sum[j] = std::fma(static_cast<opmath_t>(x_row[j]), row_value(w_row, j), sum[j]);
+              }
             }
+            for (int64_t j = 0; j < width; ++j) out[n * C + c0 + j] = static_cast<scalar_t>(sum[j]);
           }
-          for (; j < width; ++j) {
-            sum[j] = std::fma(static_cast<opmath_t>(x_row[j]), row_value(w_row, j), sum[j]);
-          }
-        }
-        for (int64_t j = 0; j < width; ++j) out[n * C + c0 + j] = static_cast<scalar_t>(sum[j]);
-      }
-    });
+        });
   }
 }
 
@@ -335,47 +338,51 @@ at::Tensor top_k_mask_kernel(const at::Tensor& scores, int64_t k, Layout layout)
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "hard_attention_top_k_cpu", [&] {
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
     scalar_t* m = mask.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * score_channels, grain_for(positions), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> keys(positions), scratch(positions);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / score_channels, c = row % score_channels;
-        const int64_t offset = strided_rows ? n * positions * score_channels + c : row * positions;
-        top_k_row(s + offset, strided_rows ? score_channels : 1, positions, k, m + offset, keys,
-                  scratch);
-      }
-    });
+    at::parallel_for(0, batch * score_channels, grain_for(positions),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<scalar_t> keys(positions), scratch(positions);
+                       for (int64_t row = begin; row < end; ++row) {
+                         const int64_t n = row / score_channels, c = row % score_channels;
+                         const int64_t offset =
+                             strided_rows ? n * positions * score_channels + c : row * positions;
+                         top_k_row(s + offset, strided_rows ? score_channels : 1, positions, k,
+                                   m + offset, keys, scratch);
+                       }
+                     });
   });
   return mask;
 }
 
 void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
-    scale_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
-                weights.const_data_ptr<at::opmath_type<scalar_t>>(), y.data_ptr<scalar_t>(),
-                extent_of(x, weights), layout);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
+        scale_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
+                    weights.const_data_ptr<at::opmath_type<scalar_t>>(), y.data_ptr<scalar_t>(),
+                    extent_of(x, weights), layout);
+      });
 }
 
 void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
                            at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cpu", [&] {
-    const bool pooled = grad.dim() == 2;
-    scale_backward_typed(grad.const_data_ptr<scalar_t>(),
-                         pooled ? Rows{0, 0} : rows_of(grad, layout),
-                         x.const_data_ptr<scalar_t>(), rows_of(x, layout),
-                         weights.const_data_ptr<at::opmath_type<scalar_t>>(),
-                         grad_x.data_ptr<scalar_t>(),
-                         grad_weights.data_ptr<at::opmath_type<scalar_t>>(),
-                         extent_of(x, weights), layout, pooled);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cpu", [&] {
+        const bool pooled = grad.dim() == 2;
+        scale_backward_typed(
+            grad.const_data_ptr<scalar_t>(), pooled ? Rows{0, 0} : rows_of(grad, layout),
+            x.const_data_ptr<scalar_t>(), rows_of(x, layout),
+            weights.const_data_ptr<at::opmath_type<scalar_t>>(), grad_x.data_ptr<scalar_t>(),
+            grad_weights.data_ptr<at::opmath_type<scalar_t>>(), extent_of(x, weights), layout,
+            pooled);
+      });
 }
 
 void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
-    pool_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
-               weights.const_data_ptr<at::opmath_type<scalar_t>>(),
-               out.data_ptr<scalar_t>(), extent_of(x, weights), layout);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
+        pool_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
+                   weights.const_data_ptr<at::opmath_type<scalar_t>>(), out.data_ptr<scalar_t>(),
+                   extent_of(x, weights), layout);
+      });
 }
 
 constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
@@ -386,9 +393,11 @@ at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& 
   return soft_attention_forward(x, scores, normalize, temperature, kCpuSweeps);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(const at::Tensor& grad_y,
+                                                                  const at::Tensor& x,
+                                                                  const at::Tensor& scores,
+                                                                  c10::string_view normalize,
+                                                                  double temperature) {
   return soft_attention_backward(grad_y, x, scores, normalize, temperature, kCpuSweeps);
 }
 
@@ -397,22 +406,22 @@ at::Tensor soft_attention_pool_forward_kernel(const at::Tensor& x, const at::Ten
   return soft_attention_pool_forward(x, scores, temperature, kCpuSweeps);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(const at::Tensor& grad_out,
+                                                                       const at::Tensor& x,
+                                                                       const at::Tensor& scores,
+                                                                       double temperature) {
   return soft_attention_pool_backward(grad_out, x, scores, temperature, kCpuSweeps);
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_forward_kernel(
     const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
     int64_t k, c10::string_view estimator, double temperature) {
-  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature,
-                                kCpuSweeps);
+  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature, kCpuSweeps);
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature) {
   return hard_attention_backward(grad_y, x, scores, mask, estimator, temperature, kCpuSweeps);
 }
 

@@ -52,13 +52,13 @@ __global__ void scale_kernel(const scalar_t* __restrict__ x, const acc_t* __rest
 // Weights not shared (Cs = C): everything is elementwise.
 template <typename scalar_t, typename acc_t>
 __global__ void scale_backward_elementwise_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    const acc_t* __restrict__ w, scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w,
-    int64_t numel, int64_t channels, int64_t positions, bool pooled, bool channels_last) {
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+    scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w, int64_t numel, int64_t channels,
+    int64_t positions, bool pooled, bool channels_last) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    const acc_t g = static_cast<acc_t>(
-        grad[pooled ? pooled_index(i, channels, positions, channels_last) : i]);
+    const acc_t g =
+        static_cast<acc_t>(grad[pooled ? pooled_index(i, channels, positions, channels_last) : i]);
     grad_x[i] = static_cast<scalar_t>(g * w[i]);
     grad_w[i] = g * static_cast<acc_t>(x[i]);
   }
@@ -69,9 +69,9 @@ __global__ void scale_backward_elementwise_kernel(
 // positions (coalesced).
 template <typename scalar_t, typename acc_t>
 __global__ void scale_backward_shared_channels_first_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    const acc_t* __restrict__ w, scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w,
-    int64_t pixels, int64_t channels, int64_t positions, bool pooled) {
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+    scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w, int64_t pixels, int64_t channels,
+    int64_t positions, bool pooled) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; pixel < pixels;
        pixel += stride) {
@@ -91,9 +91,9 @@ __global__ void scale_backward_shared_channels_first_kernel(
 // Shared weights, (N, P, C): one warp per pixel reads its C contiguous channels.
 template <typename scalar_t, typename acc_t>
 __global__ void scale_backward_shared_channels_last_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    const acc_t* __restrict__ w, scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w,
-    int64_t pixels, int64_t channels, int64_t positions, bool pooled) {
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+    scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_w, int64_t pixels, int64_t channels,
+    int64_t positions, bool pooled) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
   for (int64_t pixel = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -115,9 +115,8 @@ __global__ void scale_backward_shared_channels_last_kernel(
 // (N, C, P): one block per (n, c) sums its row.
 template <typename scalar_t, typename acc_t>
 __global__ void pool_channels_first_kernel(const scalar_t* __restrict__ x,
-                                           const acc_t* __restrict__ w,
-                                           scalar_t* __restrict__ out, int64_t rows,
-                                           int64_t channels, int64_t positions,
+                                           const acc_t* __restrict__ w, scalar_t* __restrict__ out,
+                                           int64_t rows, int64_t channels, int64_t positions,
                                            int64_t score_channels) {
   __shared__ acc_t scratch[kThreads / kWarpSize];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -137,13 +136,11 @@ __global__ void pool_channels_first_kernel(const scalar_t* __restrict__ x,
 // neighbouring channels.
 template <typename scalar_t, typename acc_t>
 __global__ void pool_channels_last_kernel(const scalar_t* __restrict__ x,
-                                          const acc_t* __restrict__ w,
-                                          scalar_t* __restrict__ out, int64_t rows,
-                                          int64_t channels, int64_t positions,
+                                          const acc_t* __restrict__ w, scalar_t* __restrict__ out,
+                                          int64_t rows, int64_t channels, int64_t positions,
                                           int64_t score_channels) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
-       row += stride) {
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += stride) {
     const int64_t n = row / channels, c = row - n * channels;
     acc_t sum = 0;
     for (int64_t p = 0; p < positions; ++p) {
@@ -170,23 +167,23 @@ void scale_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
   const Extent e = extent_of(x, weights);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = cuda::grid_size(e.numel(), kThreads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
-                                              weights.const_data_ptr<acc_t>(),
-                                              y.data_ptr<scalar_t>(), e.numel(), e.channels,
-                                              e.positions);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (!e.shared()) {
-      launch(scale_kernel<scalar_t, acc_t, Indexing::Elementwise>);
-    } else if (layout == Layout::ChannelsFirst) {
-      launch(scale_kernel<scalar_t, acc_t, Indexing::SharedChannelsFirst>);
-    } else {
-      launch(scale_kernel<scalar_t, acc_t, Indexing::SharedChannelsLast>);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto launch = [&](auto kernel) {
+          kernel<<<blocks, kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
+              e.numel(), e.channels, e.positions);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (!e.shared()) {
+          launch(scale_kernel<scalar_t, acc_t, Indexing::Elementwise>);
+        } else if (layout == Layout::ChannelsFirst) {
+          launch(scale_kernel<scalar_t, acc_t, Indexing::SharedChannelsFirst>);
+        } else {
+          launch(scale_kernel<scalar_t, acc_t, Indexing::SharedChannelsLast>);
+        }
+      });
 }
 
 void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
@@ -196,29 +193,30 @@ void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at
   const bool pooled = grad.dim() == 2;
   const int64_t pixels = e.batch * e.positions;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    const acc_t* w = weights.const_data_ptr<acc_t>();
-    scalar_t* gx = grad_x.data_ptr<scalar_t>();
-    acc_t* gw = grad_weights.data_ptr<acc_t>();
-    if (!e.shared()) {
-      scale_backward_elementwise_kernel<scalar_t, acc_t>
-          <<<cuda::grid_size(e.numel(), kThreads), kThreads, 0, stream>>>(
-              g, in, w, gx, gw, e.numel(), e.channels, e.positions, pooled,
-              layout == Layout::ChannelsLast);
-    } else if (layout == Layout::ChannelsFirst) {
-      scale_backward_shared_channels_first_kernel<scalar_t, acc_t>
-          <<<cuda::grid_size(pixels, kThreads), kThreads, 0, stream>>>(
-              g, in, w, gx, gw, pixels, e.channels, e.positions, pooled);
-    } else {
-      scale_backward_shared_channels_last_kernel<scalar_t, acc_t>
-          <<<cuda::grid_size(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(
-              g, in, w, gx, gw, pixels, e.channels, e.positions, pooled);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* g = grad.const_data_ptr<scalar_t>();
+        const scalar_t* in = x.const_data_ptr<scalar_t>();
+        const acc_t* w = weights.const_data_ptr<acc_t>();
+        scalar_t* gx = grad_x.data_ptr<scalar_t>();
+        acc_t* gw = grad_weights.data_ptr<acc_t>();
+        if (!e.shared()) {
+          scale_backward_elementwise_kernel<scalar_t, acc_t>
+              <<<cuda::grid_size(e.numel(), kThreads), kThreads, 0, stream>>>(
+                  g, in, w, gx, gw, e.numel(), e.channels, e.positions, pooled,
+                  layout == Layout::ChannelsLast);
+        } else if (layout == Layout::ChannelsFirst) {
+          scale_backward_shared_channels_first_kernel<scalar_t, acc_t>
+              <<<cuda::grid_size(pixels, kThreads), kThreads, 0, stream>>>(
+                  g, in, w, gx, gw, pixels, e.channels, e.positions, pooled);
+        } else {
+          scale_backward_shared_channels_last_kernel<scalar_t, acc_t>
+              <<<cuda::grid_size(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(
+                  g, in, w, gx, gw, pixels, e.channels, e.positions, pooled);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
@@ -226,21 +224,22 @@ void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
   const Extent e = extent_of(x, weights);
   const int64_t rows = e.batch * e.channels;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (layout == Layout::ChannelsFirst) {
-      pool_channels_first_kernel<scalar_t, acc_t>
-          <<<cuda::grid_size(rows, 1), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
-              out.data_ptr<scalar_t>(), rows, e.channels, e.positions, e.score_channels);
-    } else {
-      pool_channels_last_kernel<scalar_t, acc_t>
-          <<<cuda::grid_size(rows, kThreads), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
-              out.data_ptr<scalar_t>(), rows, e.channels, e.positions, e.score_channels);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (layout == Layout::ChannelsFirst) {
+          pool_channels_first_kernel<scalar_t, acc_t>
+              <<<cuda::grid_size(rows, 1), kThreads, 0, stream>>>(
+                  x.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
+                  out.data_ptr<scalar_t>(), rows, e.channels, e.positions, e.score_channels);
+        } else {
+          pool_channels_last_kernel<scalar_t, acc_t>
+              <<<cuda::grid_size(rows, kThreads), kThreads, 0, stream>>>(
+                  x.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
+                  out.data_ptr<scalar_t>(), rows, e.channels, e.positions, e.score_channels);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // at::kthvalue is a radix selection on CUDA: exact, deterministic and O(P) per row.
@@ -254,9 +253,11 @@ at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& 
   return soft_attention_forward(x, scores, normalize, temperature, kCudaSweeps);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(const at::Tensor& grad_y,
+                                                                  const at::Tensor& x,
+                                                                  const at::Tensor& scores,
+                                                                  c10::string_view normalize,
+                                                                  double temperature) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   return soft_attention_backward(grad_y, x, scores, normalize, temperature, kCudaSweeps);
 }
@@ -267,9 +268,10 @@ at::Tensor soft_attention_pool_forward_kernel(const at::Tensor& x, const at::Ten
   return soft_attention_pool_forward(x, scores, temperature, kCudaSweeps);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(const at::Tensor& grad_out,
+                                                                       const at::Tensor& x,
+                                                                       const at::Tensor& scores,
+                                                                       double temperature) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   return soft_attention_pool_backward(grad_out, x, scores, temperature, kCudaSweeps);
 }
@@ -278,13 +280,12 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward_kernel(
     const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
     int64_t k, c10::string_view estimator, double temperature) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature,
-                                kCudaSweeps);
+  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature, kCudaSweeps);
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   return hard_attention_backward(grad_y, x, scores, mask, estimator, temperature, kCudaSweeps);
 }

@@ -1,6 +1,6 @@
-#include <torch/library.h>
-
 #include "../spatial_attention.h"
+
+#include <torch/library.h>
 
 namespace cnn_attention {
 namespace ops {
@@ -14,9 +14,11 @@ at::Tensor soft_attention_forward_meta(const at::Tensor& x, const at::Tensor& sc
   return spatial_attention_output_like(x);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_meta(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_backward_meta(const at::Tensor& grad_y,
+                                                                const at::Tensor& x,
+                                                                const at::Tensor& scores,
+                                                                c10::string_view normalize,
+                                                                double temperature) {
   check_soft_attention_backward_args(grad_y, x, scores, normalize, temperature);
   return {spatial_attention_output_like(x), spatial_attention_scores_like(scores, x)};
 }
@@ -27,9 +29,10 @@ at::Tensor soft_attention_pool_forward_meta(const at::Tensor& x, const at::Tenso
   return soft_attention_pool_output_like(x);
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    double temperature) {
+std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_meta(const at::Tensor& grad_out,
+                                                                     const at::Tensor& x,
+                                                                     const at::Tensor& scores,
+                                                                     double temperature) {
   check_soft_attention_pool_backward_args(grad_out, x, scores, temperature);
   return {spatial_attention_output_like(x), spatial_attention_scores_like(scores, x)};
 }
@@ -42,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward_meta(
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_meta(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& mask, c10::string_view estimator, double temperature) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    c10::string_view estimator, double temperature) {
   check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
   return {spatial_attention_output_like(x), spatial_attention_scores_like(scores, x)};
 }
