@@ -268,11 +268,12 @@ class HardAttention(nn.Module):
         return y
 
     def _keep(self, mask: Tensor) -> None:
-        # torch.export forbids assigning module attributes while tracing; eager, TorchScript
-        # and torch.compile keep the mask.
+        # torch.export (non-strict) forbids assigning module attributes while tracing; eager,
+        # TorchScript and torch.compile keep the mask. (torch 2.11 reports is_exporting() under
+        # torch.compile too, hence the test for dynamo.)
         if torch.jit.is_scripting():
             self.last_mask = mask
-        elif not torch.compiler.is_exporting():
+        elif torch.compiler.is_dynamo_compiling() or not torch.compiler.is_exporting():
             self.last_mask = mask
 
     @property

@@ -359,6 +359,9 @@ def test_torch_export(tmp_path):
     path = tmp_path / "model.pt2"
     torch.export.save(exported, str(path))
     torch.testing.assert_close(torch.export.load(str(path)).module()(x), model(x))
+    # Strict export traces with dynamo, which keeps HardAttention's attribute assignment.
+    strict = torch.export.export(model, (x,), strict=True)
+    torch.testing.assert_close(strict.module()(x), model(x))
 
 
 def test_torch_export_with_dynamic_batch():
