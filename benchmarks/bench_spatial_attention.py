@@ -8,6 +8,9 @@ score parameters).
 - hard: hard_attention(mode="topk", k = P / 4) vs the eager straight-through composition
   (`topk` + `scatter` for the mask, `mask - soft.detach() + soft`, multiply).
 - pool: soft_attention_pool vs `(x * softmax(scores over positions)).sum(positions)`.
+- sigmoid, threshold (not in the default set): soft_attention(normalize="sigmoid") vs
+  `x * sigmoid(scores)`, hard_attention(mode="threshold") vs its straight-through composition;
+  with --channel-scores these take the per-element path.
 
     python benchmarks/bench_spatial_attention.py                  # CPU, float32, (8, 64, 112, 112)
     python benchmarks/bench_spatial_attention.py --device cuda --dtype bfloat16
@@ -71,18 +74,29 @@ def eager_hard_topk(k):
     return run
 
 
+def eager_hard_threshold(x, scores):
+    soft = torch.sigmoid(scores)
+    return x * ((soft > 0.5).to(x.dtype) - soft.detach() + soft)
+
+
 def eager_pool(x, scores):
     return (x.flatten(2) * torch.softmax(scores.flatten(2), -1)).sum(-1)
 
 
-def candidates_for(op, shape, device, dtype, compile_eager):
+def candidates_for(op, shape, device, dtype, compile_eager, score_channels):
     positions = 1
     for size in shape[2:]:
         positions *= size
-    scores = torch.randn((shape[0], 1) + shape[2:], device=device, dtype=dtype)
+    scores = torch.randn((shape[0], score_channels) + shape[2:], device=device, dtype=dtype)
     if op == "soft":
         ours = cnn_attention.SoftAttention(7).to(device, dtype)
         eager = EagerSoftAttention(ours)
+    elif op == "sigmoid":
+        ours = WithScores(cnn_attention.functional.soft_attention, scores)
+        eager = WithScores(lambda x, s: x * torch.sigmoid(s), scores.clone())
+    elif op == "threshold":
+        ours = WithScores(lambda x, s: cnn_attention.functional.hard_attention(x, s)[0], scores)
+        eager = WithScores(eager_hard_threshold, scores.clone())
     elif op == "softmax":
         ours = WithScores(lambda x, s: cnn_attention.functional.soft_attention(x, s, "softmax"), scores)
         eager = WithScores(eager_softmax, scores.clone())
@@ -107,6 +121,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--ops", default="soft,softmax,hard,pool")
     parser.add_argument("--layouts", default="contiguous,channels_last")
+    parser.add_argument("--channel-scores", action="store_true",
+                        help="scores with C channels (N, C, *S) instead of one (not for 'soft')")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -117,7 +133,8 @@ def main() -> None:
     # default recompile limit allows (past it, it would silently run eager).
     torch._dynamo.config.recompile_limit = 64
     print(f"# spatial attention, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-          f"{args.dtype}, x={shape}, scores with one channel, torch {torch.__version__}, "
+          f"{args.dtype}, x={shape}, scores with {'C channels' if args.channel_scores else 'one channel'}, "
+          f"torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print()
     rows, floors = [], []
@@ -126,7 +143,8 @@ def main() -> None:
             x = torch.randn(shape, device=device, dtype=dtype)
             if layout == "channels_last":
                 x = x.contiguous(memory_format=torch.channels_last)
-            found = candidates_for(op, shape, device, dtype, not args.no_compile)
+            found = candidates_for(op, shape, device, dtype, not args.no_compile,
+                                   shape[1] if args.channel_scores else 1)
             with torch.no_grad():
                 grad = torch.randn_like(found["cnn_attention"](x))
             results = measure_all(found, x, grad, device, args.repeat)

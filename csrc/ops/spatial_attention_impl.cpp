@@ -88,6 +88,13 @@ at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor&
       .div_(temperature);
 }
 
+// Whether the weights are computed per element by the backend instead of stored (see
+// ElementwiseWeights): a score channel per channel of x and a backend that can.
+bool elementwise(const at::Tensor& x, const at::Tensor& scores,
+                 const SpatialAttentionSweeps& sweeps) {
+  return sweeps.scale_by_scores != nullptr && scores.size(1) == x.size(1) && x.size(1) > 1;
+}
+
 at::Tensor threshold_mask(const at::Tensor& s, double threshold, double temperature) {
   return position_sigmoid(s, temperature).gt_(threshold);
 }
@@ -117,6 +124,13 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
   const Layout layout = choose_row_layout(x);
   at::Tensor y = spatial_attention_output_like(x);
   if (y.numel() == 0) return y;
+  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, sweeps)) {
+    const ElementwiseWeights how{ElementwiseWeights::Weight::Sigmoid,
+                                 ElementwiseWeights::ScoreFactor::Sigmoid, temperature, 0.0};
+    at::Tensor no_mask;
+    sweeps.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, no_mask);
+    return y;
+  }
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights;
   if (mode == SoftNormalize::Sigmoid) {
@@ -138,6 +152,14 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
+  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, sweeps)) {
+    const ElementwiseWeights how{ElementwiseWeights::Weight::Sigmoid,
+                                 ElementwiseWeights::ScoreFactor::Sigmoid, temperature, 0.0};
+    sweeps.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
+                                    to_layout(scores, layout), at::Tensor(), how, grad_x,
+                                    grad_scores);
+    return {grad_x, grad_scores};
+  }
 
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights, probabilities;
@@ -206,6 +228,13 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const at::Tensor& x,
   at::Tensor y = spatial_attention_output_like(x);
   at::Tensor mask = spatial_attention_scores_like(scores, x);
   if (mask.numel() == 0) return {y, mask};
+  if (modes.mode == HardMode::Threshold && elementwise(x, scores, sweeps)) {
+    const ElementwiseWeights how{ElementwiseWeights::Weight::Threshold,
+                                 ElementwiseWeights::ScoreFactor::Identity, temperature,
+                                 threshold};
+    sweeps.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, mask);
+    return {y, mask};
+  }
   const at::Tensor s = scores_for_weights(scores, x, layout);
   const at::Tensor weights = modes.mode == HardMode::TopK
                                  ? sweeps.top_k_mask(s, k, layout)
@@ -227,6 +256,17 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
 
   // Straight through: the forward's 0/1 mask scales grad_x, the surrogate's derivative
   // scales grad_scores.
+  if (elementwise(x, scores, sweeps)) {
+    const ElementwiseWeights how{ElementwiseWeights::Weight::Mask,
+                                 mode == HardEstimator::Sigmoid
+                                     ? ElementwiseWeights::ScoreFactor::Sigmoid
+                                     : ElementwiseWeights::ScoreFactor::Identity,
+                                 temperature, 0.0};
+    sweeps.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
+                                    to_layout(scores, layout), to_layout(mask, layout), how,
+                                    grad_x, grad_scores);
+    return {grad_x, grad_scores};
+  }
   const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
   at::Tensor grad_weights = at::empty_like(weights);
   sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps),

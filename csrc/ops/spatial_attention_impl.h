@@ -23,6 +23,18 @@
 namespace cnn_attention {
 namespace ops {
 
+// With a score map of C channels the weights are as large as x, so rather than storing
+// them a backend may compute each from its score on the fly (SpatialAttentionSweeps::
+// scale_by_scores): the forward weight a(s) and, in the backward, the factor b(s) of the
+// score gradient, grad_scores = grad * x * b.
+struct ElementwiseWeights {
+  enum class Weight { Sigmoid, Threshold, Mask };  // sigmoid(s / T), sigmoid(s / T) > t, mask
+  enum class ScoreFactor { Sigmoid, Identity };    // sigmoid'(s / T) / T, 1
+  Weight weight;
+  ScoreFactor score_factor;
+  double temperature, threshold;
+};
+
 // Weights are (N, Cs, *S) in the accumulation dtype (float32 for half types, else the
 // dtype of x), stored densely in the kernel layout of x: for Cs == 1 both layouts are the
 // same (N, P) array; for Cs == C the weights line up element for element with x.
@@ -43,6 +55,15 @@ struct SpatialAttentionSweeps {
   // Whether x and grad may come with strided row starts (see row_strides); if not, they
   // arrive dense in `layout`. Everything else (weights, outputs) is always dense.
   bool reads_strided_rows;
+  // Optional (nullptr: the weights are stored): for Cs == C, every tensor dense in one layout
+  // and of the dtype of x. Forward: y = x * a(s), and mask = a(s) when mask is defined.
+  void (*scale_by_scores)(const at::Tensor& x, const at::Tensor& scores,
+                          const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask);
+  // Backward: grad_x = grad * a, grad_scores = grad * x * b(s); `mask` is a for Weight::Mask.
+  void (*scale_by_scores_backward)(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& scores, const at::Tensor& mask,
+                                   const ElementwiseWeights& how, at::Tensor& grad_x,
+                                   at::Tensor& grad_scores);
 };
 
 // top_k_mask with ATen calls only (any device): the k-th largest value of each row by

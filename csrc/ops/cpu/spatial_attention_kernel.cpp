@@ -353,6 +353,125 @@ at::Tensor top_k_mask_kernel(const at::Tensor& scores, int64_t k, Layout layout)
   return mask;
 }
 
+// ---- Weights computed per element (score maps with C channels) ----
+
+// fn(offset, count) over [0, numel) in vectors of OpmathVec<scalar_t>::size() elements
+// (count is smaller only for the last), in parallel. A partial vector goes through the
+// vector code too (load_partial / store_partial), so every element gets the same arithmetic
+// whatever the split: results do not depend on the number of threads.
+template <typename scalar_t, typename Fn>
+void for_each_vector(int64_t numel, const Fn& fn) {
+  constexpr int64_t kSize = OpmathVec<scalar_t>::size();
+  const int64_t vectors = (numel + kSize - 1) / kSize;
+  at::parallel_for(0, vectors, grain_for(kSize), [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) fn(v * kSize, std::min(kSize, numel - v * kSize));
+  });
+}
+
+template <typename scalar_t>
+typename OpmathVec<scalar_t>::Chunk load_partial(const scalar_t* data, int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  if (count == V::size()) return V::load(data);
+  alignas(64) scalar_t buffer[V::size()];
+  std::fill_n(buffer, V::size(), scalar_t(0));
+  std::copy_n(data, count, buffer);
+  return V::load(buffer);
+}
+
+template <typename scalar_t>
+void store_partial(scalar_t* data, const typename OpmathVec<scalar_t>::Chunk& chunk,
+                   int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  if (count == V::size()) return V::store(data, chunk);
+  alignas(64) scalar_t buffer[V::size()];
+  V::store(buffer, chunk);
+  std::copy_n(buffer, count, data);
+}
+
+template <typename T>
+at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
+  const at::vec::Vectorized<T> one(T(1));
+  return one / (one + z.neg().exp());
+}
+
+template <typename scalar_t>
+void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, scalar_t* mask,
+                           int64_t numel, const ElementwiseWeights& how) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  const Vec temperature(static_cast<opmath_t>(how.temperature));
+  const Vec threshold(static_cast<opmath_t>(how.threshold)), one(1), zero(0);
+  const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+    const auto xs = load_partial(x + at, count);
+    const auto ss = load_partial(s + at, count);
+    typename V::Chunk ys, weights;
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec soft = vec_sigmoid(ss[k] / temperature);
+      weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
+      ys[k] = xs[k] * weights[k];
+    }
+    store_partial(y + at, ys, count);
+    if (mask != nullptr) store_partial(mask + at, weights, count);
+  });
+}
+
+template <typename scalar_t>
+void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* s,
+                                    const scalar_t* mask, scalar_t* grad_x,
+                                    scalar_t* grad_scores, int64_t numel,
+                                    const ElementwiseWeights& how) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1);
+  const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
+  const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+    const auto gs = load_partial(grad + at, count);
+    const auto xs = load_partial(x + at, count);
+    const auto ss = load_partial(s + at, count);
+    typename V::Chunk masks;
+    if (given_mask) masks = load_partial(mask + at, count);
+    typename V::Chunk gx, gscores;
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec soft = vec_sigmoid(ss[k] / temperature);
+      gx[k] = gs[k] * (given_mask ? masks[k] : soft);
+      const Vec factor = sigmoid_factor ? soft * (one - soft) / temperature : one;
+      gscores[k] = gs[k] * xs[k] * factor;
+    }
+    store_partial(grad_x + at, gx, count);
+    store_partial(grad_scores + at, gscores, count);
+  });
+}
+
+void scale_by_scores_kernel(const at::Tensor& x, const at::Tensor& scores,
+                            const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_by_scores_cpu", [&] {
+        scale_by_scores_typed(x.const_data_ptr<scalar_t>(), scores.const_data_ptr<scalar_t>(),
+                              y.data_ptr<scalar_t>(),
+                              mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, x.numel(),
+                              how);
+      });
+}
+
+void scale_by_scores_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
+                                     const at::Tensor& scores, const at::Tensor& mask,
+                                     const ElementwiseWeights& how, at::Tensor& grad_x,
+                                     at::Tensor& grad_scores) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(),
+      "spatial_attention_scale_by_scores_backward_cpu", [&] {
+        scale_by_scores_backward_typed(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            scores.const_data_ptr<scalar_t>(),
+            mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr,
+            grad_x.data_ptr<scalar_t>(), grad_scores.data_ptr<scalar_t>(), x.numel(), how);
+      });
+}
+
 void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
@@ -386,7 +505,9 @@ void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
 }
 
 constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
-                                            top_k_mask_kernel, /*reads_strided_rows=*/true};
+                                            top_k_mask_kernel, /*reads_strided_rows=*/true,
+                                            scale_by_scores_kernel,
+                                            scale_by_scores_backward_kernel};
 
 at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
                                          c10::string_view normalize, double temperature) {

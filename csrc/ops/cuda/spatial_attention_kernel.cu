@@ -243,9 +243,12 @@ void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
 }
 
 // at::kthvalue is a radix selection on CUDA: exact, deterministic and O(P) per row.
-// x and grad arrive dense (copied once if need be).
+// x and grad arrive dense (copied once if need be); weights of C-channel score maps are
+// stored.
 constexpr SpatialAttentionSweeps kCudaSweeps{scale_launch, scale_backward_launch, pool_launch,
-                                             top_k_mask_by_kthvalue, /*reads_strided_rows=*/false};
+                                             top_k_mask_by_kthvalue, /*reads_strided_rows=*/false,
+                                             /*scale_by_scores=*/nullptr,
+                                             /*scale_by_scores_backward=*/nullptr};
 
 at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
                                          c10::string_view normalize, double temperature) {
