@@ -391,7 +391,9 @@ void store_partial(scalar_t* data, const typename OpmathVec<scalar_t>::Chunk& ch
 template <typename T>
 at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
   const at::vec::Vectorized<T> one(T(1));
-  return one / (one + z.neg().exp());
+  // exp_u20 (20 ulp, the exp torch.compile's CPU code uses) is faster than exp and more
+  // accurate than a weight needs (forward at C score channels: 3.67 -> 3.37 ms, min).
+  return one / (one + z.neg().exp_u20());
 }
 
 template <typename scalar_t>
