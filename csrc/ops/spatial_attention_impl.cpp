@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace cnn_attention {
 namespace ops {
@@ -61,16 +63,35 @@ at::Tensor position_sigmoid(const at::Tensor& s, double temperature) {
   });
 }
 
-// A per-row result (N, Cs, P) back to the shape and layout of the weights.
-at::Tensor as_weights(const at::Tensor& rows, const at::Tensor& s, Layout layout) {
-  return to_layout(rows.reshape(s.sizes()), layout);
+// A map stored like the weights, seen without a copy as rows of positions for a softmax:
+// (N, Cs, P) with positions in dim 2 (channels first, or one score channel), or (N, P, Cs)
+// with positions in dim 1 (channels last with Cs = C, so the softmax runs across
+// contiguous channels). Returns the view and the dim of the positions.
+std::pair<at::Tensor, int64_t> positions_view(const at::Tensor& t, Layout layout) {
+  if (layout == Layout::ChannelsFirst || t.size(1) == 1) return {t.flatten(2), 2};
+  return {t.permute(channels_last_order(t.dim())).flatten(1, -2), 1};
+}
+
+// A result on positions_view(like) back to the shape and layout of `like`.
+at::Tensor from_positions_view(const at::Tensor& rows, const at::Tensor& like, Layout layout) {
+  if (layout == Layout::ChannelsFirst || like.size(1) == 1) {
+    return to_layout(rows.reshape(like.sizes()), layout);
+  }
+  const auto order = channels_last_order(like.dim());
+  std::vector<int64_t> permuted_sizes, inverse(order.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    permuted_sizes.push_back(like.size(order[i]));
+    inverse[order[i]] = static_cast<int64_t>(i);
+  }
+  return to_layout(rows.reshape(permuted_sizes).permute(inverse), layout);
 }
 
 // softmax(s / T) over the P positions of each sample and score channel.
 at::Tensor position_softmax(const at::Tensor& s, double temperature, Layout layout) {
   return by_sample_blocks(s, [&](int64_t n0, int64_t n1) {
-    const at::Tensor part = samples(s, n0, n1);
-    return as_weights(at::_softmax(divided(part, temperature).flatten(2), -1, false), part, layout);
+    const at::Tensor part = divided(samples(s, n0, n1), temperature);
+    const auto [rows, dim] = positions_view(part, layout);
+    return from_positions_view(at::_softmax(rows, dim, false), part, layout);
   });
 }
 
@@ -80,10 +101,12 @@ at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor&
   return by_sample_blocks(a,
                           [&](int64_t n0, int64_t n1) {
                             const at::Tensor part = samples(a, n0, n1);
-                            const at::Tensor grad_rows =
-                                at::_softmax_backward_data(samples(grad_a, n0, n1).flatten(2),
-                                                           part.flatten(2), -1, a.scalar_type());
-                            return as_weights(grad_rows, part, layout);
+                            const auto [rows, dim] = positions_view(part, layout);
+                            const auto grad_rows =
+                                positions_view(samples(grad_a, n0, n1), layout).first;
+                            return from_positions_view(
+                                at::_softmax_backward_data(grad_rows, rows, dim, a.scalar_type()),
+                                part, layout);
                           })
       .div_(temperature);
 }
@@ -114,7 +137,7 @@ at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout)
   const at::Tensor tied = rows == kth;
   const at::Tensor places_left = above.sum(-1, /*keepdim=*/true, at::kLong).neg_().add_(k);
   const at::Tensor first_tied = tied.logical_and(at::cumsum(tied, -1, at::kLong) <= places_left);
-  return as_weights(above.logical_or_(first_tied).to(s.scalar_type()), s, layout);
+  return to_layout(above.logical_or_(first_tied).to(s.scalar_type()).reshape(s.sizes()), layout);
 }
 
 at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
