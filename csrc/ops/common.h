@@ -8,8 +8,8 @@
 
 #include <optional>
 #include <sstream>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cnn_attention {

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelAttention", "SoftAttention", "HardAttention", "CBAM"]
+__all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "CBAM"]
 
 _POOLS = ("avg", "max", "avgmax")
 _GATES = ("sigmoid", "softmax")
