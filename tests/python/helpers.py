@@ -154,3 +154,28 @@ def hard_attention_backward_reference(
         soft = torch.sigmoid(scores / temperature)
         product = product * soft * (1 - soft) / temperature
     return grad_x, product
+
+
+def feature_map_and_scores(shape, score_channels: str, dtype, device, layout: str, scores_layout: Optional[str] = None):
+    """x of `shape` (N, C, *S) in `layout`, and scores with one channel (`score_channels`
+    "one") or C ("all") in `scores_layout` (default: that of x)."""
+    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
+    cs = 1 if score_channels == "one" else shape[1]
+    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
+    return x, scores
+
+
+def assert_bitwise_identical_across_thread_counts(run, threads: Sequence[int] = (1, 2, 4)) -> None:
+    """run() returns a list of tensors; they must be equal bit for bit whatever the number of
+    intra-op threads."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

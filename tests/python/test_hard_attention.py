@@ -7,7 +7,9 @@ from helpers import (
     DTYPES,
     LAYOUTS,
     SPATIAL,
+    assert_bitwise_identical_across_thread_counts,
     assert_close,
+    feature_map_and_scores,
     hard_attention_backward_reference,
     hard_attention_reference,
     in_layout,
@@ -28,12 +30,6 @@ CONFIGS = [
     ("all", "topk", 0.5, 1, "sigmoid", 1.0),
 ]
 
-
-def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
-    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
-    cs = 1 if score_channels == "one" else shape[1]
-    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
-    return x, scores
 
 
 def check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype):
@@ -68,7 +64,7 @@ FULL_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", FULL_SAMPLES)
 def test_forward_and_backward_match_reference(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
     y, mask, gx, _ = check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
     if layout == "channels_last":
         assert y.stride() == x.stride() and gx.stride() == x.stride(), "channels_last input must give channels_last output"
@@ -85,7 +81,7 @@ def test_forward_and_backward_match_reference(device, dtype, layout, spatial, sc
 @pytest.mark.parametrize("estimator", ["sigmoid", "identity"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_every_configuration_matches_reference(device, dtype, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = make_inputs((2, 5, 4, 3), score_channels, dtype, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 5, 4, 3), score_channels, dtype, device, "contiguous")
     check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
 
 
@@ -94,7 +90,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, mo
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels, mode):
-    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
     check_against_reference(x, scores, mode, 0.5, 4, "sigmoid", 0.5, torch.float32)
 
 
@@ -104,7 +100,7 @@ def test_scores_in_every_layout(device, layout, scores_layout, score_channels, m
 @pytest.mark.parametrize("channels,spatial", [(1, (37,)), (40, (6, 5)), (130, (3, 7)), (3, (26, 45))])
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
-    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
     check_against_reference(x, scores, "topk", 0.5, 6, "sigmoid", 1.0, dtype)
 
 
@@ -112,7 +108,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_topk_ties_go_to_the_lower_flat_index(device, layout, score_channels):
-    x, _ = make_inputs((2, 4, 3, 5), score_channels, torch.float32, device, layout)
+    x, _ = feature_map_and_scores((2, 4, 3, 5), score_channels, torch.float32, device, layout)
     cs = 1 if score_channels == "one" else 4
     scores = in_layout(torch.full((2, cs, 3, 5), 0.25, device=device), layout)
     y, mask = op(x, scores, "topk", 0.5, 3, "sigmoid", 1.0)
@@ -147,7 +143,7 @@ def test_nan_scores(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_k_equal_to_positions_keeps_everything(device, score_channels):
-    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
     y, mask = op(x, scores, "topk", 0.5, 20, "identity", 1.0)
     assert (mask == 1).all()
     torch.testing.assert_close(y, x, rtol=0, atol=0)
@@ -222,7 +218,7 @@ OPCHECK_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", OPCHECK_SAMPLES)
 def test_opcheck(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, 4) + spatial, score_channels, dtype, device, layout)
     args = (x.requires_grad_(True), scores.requires_grad_(True), mode, threshold, k, estimator, temperature)
     torch.library.opcheck(op, args)
     _, mask = op(*args)
@@ -330,18 +326,12 @@ def test_device_mismatch_is_rejected():
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels, mode):
-    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    x, scores = feature_map_and_scores((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
     grad = in_layout(torch.randn(x.shape), layout)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
-            y, mask = op(*leaves, mode, 0.5, 100, "sigmoid", 0.5)
-            results.append([y.detach(), mask, *torch.autograd.grad(y, leaves, grad)])
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+        y, mask = op(*leaves, mode, 0.5, 100, "sigmoid", 0.5)
+        return [y.detach(), mask, *torch.autograd.grad(y, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)

@@ -7,7 +7,9 @@ from helpers import (
     DTYPES,
     LAYOUTS,
     SPATIAL,
+    assert_bitwise_identical_across_thread_counts,
     assert_close,
+    feature_map_and_scores,
     float64_leaves,
     grads_of,
     in_layout,
@@ -25,12 +27,6 @@ TEMPERATURES = [1.0, 0.5]
 # (score channels: "one" is (N, 1, *S), "all" is (N, C, *S)) x normalize x temperature.
 CONFIGS = list(itertools.product(["one", "all"], NORMALIZE, TEMPERATURES))
 
-
-def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
-    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
-    cs = 1 if score_channels == "one" else shape[1]
-    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
-    return x, scores
 
 
 def check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=1.0):
@@ -62,7 +58,7 @@ FULL_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", FULL_SAMPLES)
 def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, normalize, temperature):
-    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
     y, gx, gs = check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=2.0)
     if layout == "channels_last":
         assert y.stride() == x.stride(), "channels_last input must give channels_last output"
@@ -76,7 +72,7 @@ def test_forward_and_backward_match_float64_reference(device, dtype, layout, spa
 @pytest.mark.parametrize("score_channels,normalize,temperature", CONFIGS)
 @pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
 def test_every_configuration_matches_reference(device, dtype, score_channels, normalize, temperature, spatial):
-    x, scores = make_inputs((2, 5) + spatial, score_channels, dtype, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 5) + spatial, score_channels, dtype, device, "contiguous")
     check_against_reference(x, scores, normalize, temperature, dtype)
 
 
@@ -85,7 +81,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, no
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels, normalize):
-    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
     y, _, _ = check_against_reference(x, scores, normalize, 0.5, torch.float32)
     if layout == "channels_last":
         assert y.stride() == x.stride()
@@ -99,7 +95,7 @@ def test_scores_in_every_layout(device, layout, scores_layout, score_channels, n
 def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
     # The sweeps vectorize over the inner dim and block the outer one (512 positions, 256
     # channels): these sizes give full vectors, partial blocks and scalar tails.
-    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
     check_against_reference(x, scores, "softmax", 1.0, dtype, grad_scale=2.0)
 
 
@@ -109,7 +105,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("spatial", [(5,), (3, 4), (2, 3, 2)])
 def test_gradcheck(device, score_channels, normalize, temperature, spatial):
-    x, scores = make_inputs((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
     x.requires_grad_(True)
     scores.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: op(a, b, normalize, temperature), (x, scores))
@@ -126,7 +122,7 @@ OPCHECK_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", OPCHECK_SAMPLES)
 def test_opcheck(device, dtype, layout, spatial, score_channels, normalize, temperature):
-    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, 4) + spatial, score_channels, dtype, device, layout)
     torch.library.opcheck(op, (x.requires_grad_(True), scores.requires_grad_(True), normalize, temperature))
     grad = in_layout(torch.randn((2, 4) + spatial, device=device).to(dtype), layout)
     torch.library.opcheck(
@@ -159,7 +155,7 @@ def test_empty_inputs(device, normalize, x_shape, scores_shape):
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_extreme_scores_stay_finite(device, score_channels, normalize):
     # The softmax subtracts the row maximum: exp(1e4) would overflow otherwise.
-    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
     scores = scores.sign() * 1e4
     scores[:, :, 0, 0] = 1e4
     scores[:, :, 1, 1] = -1e4
@@ -280,22 +276,16 @@ def test_device_mismatch_is_rejected():
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels, normalize):
-    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    x, scores = feature_map_and_scores((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
     grad = in_layout(torch.randn(x.shape), layout)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
-            assert leaves[0].stride() == x.stride()
-            y = op(*leaves, normalize, 0.5)
-            results.append([y.detach(), *torch.autograd.grad(y, leaves, grad)])
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+        assert leaves[0].stride() == x.stride()
+        y = op(*leaves, normalize, 0.5)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,10 +7,11 @@ from helpers import (
     DTYPES,
     LAYOUTS,
     SPATIAL,
+    assert_bitwise_identical_across_thread_counts,
     assert_close,
+    feature_map_and_scores,
     float64_leaves,
     grads_of,
-    in_layout,
     soft_attention_pool_reference,
 )
 
@@ -22,12 +23,6 @@ backward_op = torch.ops.cnn_attention._soft_attention_pool_backward
 TEMPERATURES = [1.0, 0.5]
 CONFIGS = list(itertools.product(["one", "all"], TEMPERATURES))
 
-
-def make_inputs(shape, score_channels, dtype, device, layout, scores_layout=None):
-    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
-    cs = 1 if score_channels == "one" else shape[1]
-    scores = in_layout(torch.randn((shape[0], cs) + tuple(shape[2:]), device=device).to(dtype), scores_layout or layout)
-    return x, scores
 
 
 def check_against_reference(x, scores, temperature, dtype, scale=1.0):
@@ -57,7 +52,7 @@ FULL_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", FULL_SAMPLES)
 def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, temperature):
-    x, scores = make_inputs((3, 6) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
     _, gx, _ = check_against_reference(x, scores, temperature, dtype, scale=2.0)
     if layout == "channels_last":
         assert gx.stride() == x.stride(), "channels_last input must give a channels_last gradient"
@@ -68,7 +63,7 @@ def test_forward_and_backward_match_float64_reference(device, dtype, layout, spa
 @pytest.mark.parametrize("score_channels,temperature", CONFIGS)
 @pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
 def test_every_configuration_matches_reference(device, dtype, score_channels, temperature, spatial):
-    x, scores = make_inputs((2, 5) + spatial, score_channels, dtype, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 5) + spatial, score_channels, dtype, device, "contiguous")
     check_against_reference(x, scores, temperature, dtype)
 
 
@@ -76,7 +71,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, te
 @pytest.mark.parametrize("layout,scores_layout", list(itertools.product(LAYOUTS, LAYOUTS)))
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels):
-    x, scores = make_inputs((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
+    x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
     check_against_reference(x, scores, 0.5, torch.float32)
 
 
@@ -88,7 +83,7 @@ def test_scores_in_every_layout(device, layout, scores_layout, score_channels):
 def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
     # Vectorized over the inner dim, blocked over 256 channels (channels last) and 512
     # positions (shared scores): full vectors, partial blocks and scalar tails.
-    x, scores = make_inputs((2, channels) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
     check_against_reference(x, scores, 1.0, dtype, scale=2.0)
 
 
@@ -96,7 +91,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
 @pytest.mark.parametrize("score_channels,temperature", CONFIGS)
 @pytest.mark.parametrize("spatial", [(5,), (3, 4), (2, 3, 2)])
 def test_gradcheck(device, score_channels, temperature, spatial):
-    x, scores = make_inputs((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
     x.requires_grad_(True)
     scores.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: op(a, b, temperature), (x, scores))
@@ -113,7 +108,7 @@ OPCHECK_SAMPLES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", OPCHECK_SAMPLES)
 def test_opcheck(device, dtype, layout, spatial, score_channels, temperature):
-    x, scores = make_inputs((2, 4) + spatial, score_channels, dtype, device, layout)
+    x, scores = feature_map_and_scores((2, 4) + spatial, score_channels, dtype, device, layout)
     torch.library.opcheck(op, (x.requires_grad_(True), scores.requires_grad_(True), temperature))
     torch.library.opcheck(
         backward_op,
@@ -132,7 +127,7 @@ def test_uniform_scores_give_the_mean(device):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_non_contiguous_grad_out(device, layout):
     # out.sum() sends an expanded (stride 0) gradient; a transposed one has swapped strides.
-    x, scores = make_inputs((3, 4, 5, 6), "one", torch.float64, device, layout)
+    x, scores = feature_map_and_scores((3, 4, 5, 6), "one", torch.float64, device, layout)
     for grad in (torch.ones(1, 1, device=device, dtype=torch.float64).expand(3, 4),
                  torch.randn(4, 3, device=device, dtype=torch.float64).t()):
         actual = backward_op(grad, x, scores, 0.7)
@@ -166,7 +161,7 @@ def test_empty_inputs(device, x_shape, scores_shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_extreme_scores_stay_finite(device, score_channels):
-    x, scores = make_inputs((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
+    x, scores = feature_map_and_scores((2, 3, 4, 5), score_channels, torch.float32, device, "contiguous")
     scores = scores.sign() * 1e4
     scores[:, :, 0, 0] = 1e4
     scores[:, :, 1, 1] = -1e4
@@ -261,18 +256,12 @@ def test_device_mismatch_is_rejected():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_results_are_bitwise_identical_across_thread_counts(layout, score_channels):
-    x, scores = make_inputs((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
+    x, scores = feature_map_and_scores((3, 37, 29, 31), score_channels, torch.float32, "cpu", layout)
     grad = torch.randn(3, 37)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
-            out = op(*leaves, 0.5)
-            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, scores)]
+        out = op(*leaves, 0.5)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)
