@@ -29,7 +29,7 @@ _check_cpu()
 
 from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
 from . import functional
-from .modules import CBAM, ChannelAttention, HardAttention, SoftAttention, SpatialScores
+from .modules import CBAM, ChannelAttention, HardAttention, SelfAttention, SoftAttention, SpatialScores
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "CBAM",
     "ChannelAttention",
     "HardAttention",
+    "SelfAttention",
     "SoftAttention",
     "SpatialScores",
     "functional",

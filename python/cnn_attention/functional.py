@@ -13,6 +13,7 @@ __all__ = [
     "soft_attention",
     "soft_attention_pool",
     "hard_attention",
+    "self_attention",
 ]
 
 
@@ -116,4 +117,39 @@ def hard_attention(
     """
     return torch.ops.cnn_attention.hard_attention(
         x, scores, mode, threshold, k, estimator, temperature
+    )
+
+
+def self_attention(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    out_weight: Tensor,
+    out_bias: Optional[Tensor],
+    gamma: Tensor,
+    qk_dim: int,
+    num_heads: int = 1,
+    kv_stride: int = 1,
+) -> Tensor:
+    """Self attention over the positions of a feature map (a non-local / SAGAN block).
+
+    Every position is a token. One projection gives queries, keys and values:
+    ``qkv = qkv_weight @ x + qkv_bias`` per position (rows ``[0, qk_dim)`` queries,
+    ``[qk_dim, 2 qk_dim)`` keys, the remaining ``v_dim`` rows values). With ``kv_stride > 1``
+    keys and values are max-pooled (kernel = stride = ``kv_stride`` on every spatial dim,
+    trailing positions that fill no window dropped). Heads split ``qk_dim`` and ``v_dim``
+    evenly; each computes ``softmax(q k^T / sqrt(qk_dim / num_heads)) v``. Returns
+    ``y = x + gamma * (out_weight @ heads + out_bias)``, laid out like ``x``.
+
+    Memory is linear in the number of positions P: the P x P matrix is never built.
+
+    Args:
+        x: ``(N, C, *S)`` with 1 to 3 spatial dims.
+        qkv_weight: ``(2 * qk_dim + v_dim, C)``. qkv_bias: ``(2 * qk_dim + v_dim,)`` or None.
+        out_weight: ``(C, v_dim)``. out_bias: ``(C,)`` or None. gamma: one element.
+        qk_dim: query and key features; ``num_heads`` must divide ``qk_dim`` and ``v_dim``.
+        kv_stride: in ``[1, smallest spatial size]``.
+    """
+    return torch.ops.cnn_attention.self_attention(
+        x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride
     )

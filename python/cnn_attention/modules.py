@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "CBAM"]
+__all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "SelfAttention", "CBAM"]
 
 _POOLS = ("avg", "max", "avgmax")
 _GATES = ("sigmoid", "softmax")
@@ -289,6 +289,92 @@ class HardAttention(nn.Module):
         return (
             f"mode={self.mode!r}, threshold={self.threshold}, {kept}, "
             f"estimator={self.estimator!r}, temperature={self.temperature}, noise={self.noise}"
+        )
+
+
+class SelfAttention(nn.Module):
+    """Self attention over the positions of a feature map: a non-local / SAGAN block with
+    multi-head attention whose memory is linear in the number of positions, so it fits at
+    shallow, high-resolution layers too.
+
+    ``y = x + gamma * out_proj(attention(q, k, v))`` with ``q, k, v`` from one 1x1 projection
+    of ``x``; see :func:`cnn_attention.functional.self_attention`.
+
+    Args:
+        channels: ``C``, the number of input channels.
+        num_heads: attention heads; must divide ``qk_dim`` and ``v_dim``.
+        qk_reduction: ``qk_dim = max(channels // qk_reduction, num_heads)`` query and key
+            features (SAGAN's C/8).
+        v_reduction: ``v_dim = max(channels // v_reduction, num_heads)`` value features.
+        kv_stride: keys and values max-pooled by this stride on every spatial dim (non-local
+            sub-sampling: ``kv_stride ** d`` times fewer keys).
+        gamma_init: initial residual weight; 0 (the default, as SAGAN) starts as the identity.
+
+    Shape: ``(N, C, *S) -> (N, C, *S)`` for 1 to 3 spatial dims.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        qk_reduction: int = 8,
+        v_reduction: int = 1,
+        kv_stride: int = 1,
+        gamma_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if min(channels, num_heads, qk_reduction, v_reduction, kv_stride) < 1:
+            raise ValueError(
+                "SelfAttention: channels, num_heads, qk_reduction, v_reduction and kv_stride must "
+                f"be >= 1, got {channels}, {num_heads}, {qk_reduction}, {v_reduction}, {kv_stride}"
+            )
+        qk_dim = max(channels // qk_reduction, num_heads)
+        v_dim = max(channels // v_reduction, num_heads)
+        if qk_dim % num_heads or v_dim % num_heads:
+            raise ValueError(
+                f"SelfAttention: num_heads = {num_heads} must divide qk_dim = {qk_dim} "
+                f"(channels // qk_reduction) and v_dim = {v_dim} (channels // v_reduction)"
+            )
+        if not math.isfinite(gamma_init):
+            raise ValueError(f"SelfAttention: gamma_init must be finite, got {gamma_init}")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.kv_stride = kv_stride
+        self.gamma_init = float(gamma_init)
+        self.qkv_weight = nn.Parameter(torch.empty(2 * qk_dim + v_dim, channels))
+        self.qkv_bias = nn.Parameter(torch.empty(2 * qk_dim + v_dim))
+        self.out_weight = nn.Parameter(torch.empty(channels, v_dim))
+        self.out_bias = nn.Parameter(torch.empty(channels))
+        self.gamma = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As the 1x1 convolutions of a non-local block initialise.
+        for weight, bias in ((self.qkv_weight, self.qkv_bias), (self.out_weight, self.out_bias)):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(bias, -bound, bound)
+        nn.init.constant_(self.gamma, self.gamma_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.cnn_attention.self_attention(
+            x,
+            self.qkv_weight,
+            self.qkv_bias,
+            self.out_weight,
+            self.out_bias,
+            self.gamma,
+            self.qk_dim,
+            self.num_heads,
+            self.kv_stride,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, "
+            f"v_dim={self.v_dim}, kv_stride={self.kv_stride}"
         )
 
 

@@ -1,0 +1,129 @@
+#include "../self_attention.h"
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace cnn_attention {
+namespace ops {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Saves the inputs, the concatenated head outputs and the softmax statistics: the backward
+// recomputes the projection (one matrix product) rather than keeping q, k and v alive.
+class SelfAttentionFunction : public torch::autograd::Function<SelfAttentionFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qkv_weight,
+                            const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+                            const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                            int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+    at::Tensor y, attn, lse;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, attn, lse) = detail::_self_attention_forward(
+          x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
+    }
+    ctx->saved_data["qk_dim"] = qk_dim;
+    ctx->saved_data["num_heads"] = num_heads;
+    ctx->saved_data["kv_stride"] = kv_stride;
+    ctx->saved_data["has_qkv_bias"] = qkv_bias.has_value();
+    ctx->saved_data["has_out_bias"] = out_bias.has_value();
+    ctx->save_for_backward({x, qkv_weight, qkv_bias.value_or(at::Tensor()), out_weight,
+                            out_bias.value_or(at::Tensor()), gamma, attn, lse});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    auto optional_of = [&](const char* flag, const at::Tensor& t) {
+      return ctx->saved_data[flag].toBool() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const auto qkv_bias = optional_of("has_qkv_bias", saved[2]);
+    const auto out_bias = optional_of("has_out_bias", saved[4]);
+    auto [grad_x, grad_qkv_weight, grad_qkv_bias, grad_out_weight, grad_out_bias, grad_gamma] =
+        detail::_self_attention_backward(
+            grad_outputs[0], saved[0], saved[1], qkv_bias, saved[3], out_bias, saved[5], saved[6],
+            saved[7], ctx->saved_data["qk_dim"].toInt(), ctx->saved_data["num_heads"].toInt(),
+            ctx->saved_data["kv_stride"].toInt());
+    return {grad_x,
+            grad_qkv_weight,
+            qkv_bias.has_value() ? grad_qkv_bias : at::Tensor(),
+            grad_out_weight,
+            out_bias.has_value() ? grad_out_bias : at::Tensor(),
+            grad_gamma,
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// The backward op is not itself differentiable; say so instead of returning wrong zeros.
+class SelfAttentionBackwardFunction
+    : public torch::autograd::Function<SelfAttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& qkv_weight,
+                               const std::optional<at::Tensor>& qkv_bias,
+                               const at::Tensor& out_weight,
+                               const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                               const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
+                               int64_t num_heads, int64_t kv_stride) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c, d, e, f] =
+        detail::_self_attention_backward(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
+                                         gamma, attn, lse, qk_dim, num_heads, kv_stride);
+    return {a, b, c, d, e, f};
+  }
+
+  static variable_list backward(AutogradContext*, const variable_list&) {
+    TORCH_CHECK(false, "self_attention: double backward is not supported");
+  }
+};
+
+at::Tensor self_attention_autograd(const at::Tensor& x, const at::Tensor& qkv_weight,
+                                   const std::optional<at::Tensor>& qkv_bias,
+                                   const at::Tensor& out_weight,
+                                   const std::optional<at::Tensor>& out_bias,
+                                   const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads,
+                                   int64_t kv_stride) {
+  return SelfAttentionFunction::apply(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
+                                      num_heads, kv_stride);
+}
+
+// _self_attention_forward is what the Autograd kernel above calls below autograd; called
+// directly it is not differentiable.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_autograd(
+    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
+    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return detail::_self_attention_forward(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma,
+                                         qk_dim, num_heads, kv_stride);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+self_attention_backward_autograd(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& qkv_weight,
+                                 const std::optional<at::Tensor>& qkv_bias,
+                                 const at::Tensor& out_weight,
+                                 const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                                 const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
+                                 int64_t num_heads, int64_t kv_stride) {
+  const auto grads = SelfAttentionBackwardFunction::apply(grad_y, x, qkv_weight, qkv_bias,
+                                                          out_weight, out_bias, gamma, attn, lse,
+                                                          qk_dim, num_heads, kv_stride);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
+  m.impl("self_attention", TORCH_FN(self_attention_autograd));
+  m.impl("_self_attention_forward", TORCH_FN(self_attention_forward_autograd));
+  m.impl("_self_attention_backward", TORCH_FN(self_attention_backward_autograd));
+}
+
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,53 @@
+#pragma once
+
+// The device-independent half of self_attention. Everything but the attention itself is a
+// handful of matrix products over positions, done here with ATen (BLAS / cuBLAS) in the
+// token-major layout (N, P, features) that attention wants:
+//
+//   qkv  (N, P, 2 qk + v)  = x_tokens @ qkv_weight^T + qkv_bias   one product, no copy of x
+//   k, v (N, Pk, qk + v)   = max-pool of qkv's key and value columns when kv_stride > 1
+//   attn (N, P, v)         = per head softmax(q k^T * scale) v     SelfAttentionKernels
+//   y                      = x + gamma * (attn @ out_weight^T + out_bias), laid out like x
+//
+// The backward recomputes qkv from x (one product) instead of saving it, and gets the
+// gamma gradient from the out-projection's input gradient, so that only attn and the
+// softmax statistics lse are saved.
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "self_attention.h"
+
+namespace cnn_attention {
+namespace ops {
+
+// q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv): views with a unit stride on the last
+// dim and any other strides, in the dtype of x. Backends choose how to compute attention.
+struct SelfAttentionKernels {
+  // (out (N, H, P, dv) in the dtype of q with any strides, lse (N, H, P) dense in the
+  // accumulation dtype): out = softmax(q k^T * scale) v, lse = logsumexp(q k^T * scale).
+  std::tuple<at::Tensor, at::Tensor> (*attention_forward)(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale);
+  // (grad_q, grad_k, grad_v), each shaped like its input (any strides).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*attention_backward)(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, double scale);
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
+    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
+    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+    const SelfAttentionKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                        const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+                        const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
+                        const at::Tensor& gamma, const at::Tensor& attn, const at::Tensor& lse,
+                        int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+                        const SelfAttentionKernels& kernels);
+
+}  // namespace ops
+}  // namespace cnn_attention
