@@ -7,9 +7,11 @@
 #include "macros.h"
 #include "modules/cbam.h"
 #include "modules/channel_attention.h"
+#include "modules/self_attention.h"
 #include "modules/spatial_attention.h"
 #include "ops/channel_attention.h"
 #include "ops/channel_pool.h"
+#include "ops/self_attention.h"
 #include "ops/spatial_attention.h"
 
 namespace cnn_attention {

@@ -215,31 +215,30 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
   grad_attn.mul_(gamma_value);
 
-  // Attention.
-  const Projection p = project(x_tokens, qkv_weight, qkv_bias, g);
+  // Attention, its gradients written straight into that of the projection, grad_qkv (N, P,
+  // R). Pooled keys and values get theirs in a buffer first, then sent back to the positions
+  // that won their windows (the windows do not overlap, so every position gets at most one
+  // value: a deterministic scatter).
+  Projection p = project(x_tokens, qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
-  auto [grad_q, grad_k, grad_v] = kernels.attention_backward(
+  const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
+  at::Tensor grad_qkv = at::empty({g.batch, g.positions, rows}, x.options());
+  const at::Tensor grad_kv =
+      sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                           : at::empty({g.batch, g.key_positions, kv_columns}, x.options());
+  kernels.attention_backward(
       heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
       heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
-      heads_of(attn_dense, 0, heads, dv), lse.contiguous(), softmax_scale(sizes));
-
-  // Projection: the gradient of qkv (N, P, R), with the pooled key and value gradients sent
-  // back to the positions that won their windows (the windows do not overlap, so every
-  // position gets at most one value: a deterministic scatter).
-  at::Tensor grad_qkv = at::empty({g.batch, g.positions, rows}, x.options());
-  heads_of(grad_qkv, 0, heads, dq).copy_(grad_q);
-  const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
-  if (sizes.kv_stride == 1) {
-    heads_of(grad_qkv, sizes.qk_dim, heads, dq).copy_(grad_k);
-    heads_of(grad_qkv, 2 * sizes.qk_dim, heads, dv).copy_(grad_v);
-  } else {
-    at::Tensor grad_kv = at::empty({g.batch, g.key_positions, kv_columns}, x.options());
-    heads_of(grad_kv, 0, heads, dq).copy_(grad_k);
-    heads_of(grad_kv, sizes.qk_dim, heads, dv).copy_(grad_v);
+      heads_of(attn_dense, 0, heads, dv), lse.contiguous(), softmax_scale(sizes),
+      heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
+      heads_of(grad_kv, sizes.qk_dim, heads, dv));
+  grad_attn.reset();  // memory: free what is no longer needed before the last products
+  if (sizes.kv_stride > 1) {
     const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
                                  .reshape({g.batch, g.key_positions, kv_columns});
     grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
   }
+  p = Projection();
   const at::Tensor grad_qkv_weight = tokens_outer(grad_qkv, x_tokens);
   const at::Tensor grad_qkv_bias = grad_qkv.sum({0, 1});
 

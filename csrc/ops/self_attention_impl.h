@@ -29,10 +29,13 @@ struct SelfAttentionKernels {
   // accumulation dtype): out = softmax(q k^T * scale) v, lse = logsumexp(q k^T * scale).
   std::tuple<at::Tensor, at::Tensor> (*attention_forward)(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale);
-  // (grad_q, grad_k, grad_v), each shaped like its input (any strides).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*attention_backward)(
-      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-      const at::Tensor& out, const at::Tensor& lse, double scale);
+  // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
+  // in the dtype of q, whose contents on entry are undefined (they are slices of the
+  // projection's gradient, so nothing is copied afterwards).
+  void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                             const at::Tensor& grad_v);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(

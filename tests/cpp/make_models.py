@@ -9,7 +9,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
-from models import TinyAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
+from models import TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -28,7 +28,13 @@ def main(out_dir: str) -> None:
         spatial_y = spatial(x)
     torch.jit.script(spatial).save(os.path.join(out_dir, "spatial_model.pt"))
     torch.save(spatial_y, os.path.join(out_dir, "spatial_output.pt"))
-    print(f"wrote model.pt, spatial_model.pt, input.pt, output.pt, spatial_output.pt to {out_dir}")
+    torch.manual_seed(0)
+    self_model = TinySelfAttentionCNN().eval()
+    with torch.no_grad():
+        self_y = self_model(x)
+    torch.jit.script(self_model).save(os.path.join(out_dir, "self_model.pt"))
+    torch.save(self_y, os.path.join(out_dir, "self_output.pt"))
+    print(f"wrote model.pt, spatial_model.pt, self_model.pt, input.pt and their outputs to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -83,4 +83,28 @@ TEST(LoadModel, SpatialAttentionModelReproducesPythonOutputAndTrains) {
   EXPECT_EQ(with_grad, 10);
 }
 
+TEST(LoadModel, SelfAttentionModelReproducesPythonOutputAndTrains) {
+  ASSERT_FALSE(models_dir().empty());
+  auto model = torch::jit::load(models_dir() + "/self_model.pt");
+  model.eval();
+  const auto x = load_tensor(models_dir() + "/input.pt");
+  const auto expected = load_tensor(models_dir() + "/self_output.pt");
+  {
+    torch::NoGradGuard no_grad;
+    const auto y = model.forward({x}).toTensor();
+    EXPECT_TRUE(torch::allclose(y, expected, 1e-5, 1e-6)) << (y - expected).abs().max();
+  }
+  model.train();
+  model.forward({x}).toTensor().sum().backward();
+  int with_grad = 0;
+  for (const auto& p : model.named_parameters()) {
+    if (p.name.find("attention") != std::string::npos) {
+      ASSERT_TRUE(p.value.grad().defined()) << p.name;
+      EXPECT_GT(p.value.grad().abs().sum().item<double>(), 0.0) << p.name;
+      ++with_grad;
+    }
+  }
+  EXPECT_EQ(with_grad, 10);  // qkv and out weights and biases and gamma, in two modules
+}
+
 }  // namespace

@@ -132,8 +132,8 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
   });
 }
 
-// grad_q, grad_k, grad_v: dense (N, H, rows, d), zero on entry; delta (N, H, P) =
-// rowsum(grad_out * out).
+// grad_q, grad_k, grad_v: (N, H, rows, d) with a unit last stride, zero on entry; delta
+// (N, H, P) = rowsum(grad_out * out).
 template <typename T>
 void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -147,23 +147,22 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   const int64_t blocks_per_group =
       (key_blocks + std::min(wanted_groups, key_blocks) - 1) / std::min(wanted_groups, key_blocks);
   const int64_t groups = (key_blocks + blocks_per_group - 1) / blocks_per_group;
-  // Group 0 adds straight into grad_q, the others into their partial.
+  // Group 0 adds straight into grad_q, the others into their dense partial.
   const at::Tensor partials =
       at::zeros({std::max<int64_t>(groups - 1, 0), batch, heads, positions, dq}, q.options());
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
-  const HeadRows<T> grad_keys(grad_k), grad_values(grad_v);
+  const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
   const T* lse_data = lse.data_ptr<T>();
   const T* delta_data = delta.data_ptr<T>();
-  T* grad_q_data = grad_q.data_ptr<T>();
   T* partial_data = partials.data_ptr<T>();
 
   at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
-      T* grad_query = (group == 0 ? grad_q_data
-                                  : partial_data + (group - 1) * batch * heads * positions * dq) +
-                      nh * positions * dq;
+      T* grad_query = group == 0 ? grad_queries.rows(n, h, 0)
+                                 : partial_data + ((group - 1) * batch * heads + nh) * positions * dq;
+      const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
       const T* row_lse = lse_data + nh * positions;
       const T* row_delta = delta_data + nh * positions;
       const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
@@ -210,7 +209,8 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
           block_gemm<T>(true, false, cols, dq, rows, scale, grad_scores.data(), kKeyBlock, query,
                         queries.row_stride, T(1), grad_key, grad_keys.row_stride);
           block_gemm<T>(false, false, rows, dq, cols, scale, grad_scores.data(), kKeyBlock, key,
-                        keys.row_stride, T(1), grad_query + first * dq, dq);
+                        keys.row_stride, T(1), grad_query + first * grad_query_stride,
+                        grad_query_stride);
         }
       }
     }
@@ -238,22 +238,31 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
+void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& lse, double scale, const at::Tensor& grad_q,
+                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
   const at::Tensor delta = at::mul(grad_acc, out.to(acc)).sum(-1).contiguous();
-  at::Tensor grad_q = at::zeros(q.sizes(), q.options().dtype(acc));
-  at::Tensor grad_k = at::zeros(k.sizes(), k.options().dtype(acc));
-  at::Tensor grad_v = at::zeros(v.sizes(), v.options().dtype(acc));
+  // float32 and float64 gradients accumulate in place; half ones in float32 first.
+  const bool in_place = acc == q.scalar_type();
+  auto accumulator = [&](const at::Tensor& grad) {
+    return in_place ? grad.zero_() : at::zeros(grad.sizes(), grad.options().dtype(acc));
+  };
+  const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
+                   grad_v_acc = accumulator(grad_v);
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
     attention_backward_kernel<scalar_t>(grad_acc, q.to(acc), k.to(acc), v.to(acc),
                                         lse.to(acc).contiguous(), delta,
-                                        static_cast<scalar_t>(scale), grad_q, grad_k, grad_v);
+                                        static_cast<scalar_t>(scale), grad_q_acc, grad_k_acc,
+                                        grad_v_acc);
   });
-  const auto dtype = q.scalar_type();
-  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype)};
+  if (!in_place) {
+    grad_q.copy_(grad_q_acc);
+    grad_k.copy_(grad_k_acc);
+    grad_v.copy_(grad_v_acc);
+  }
 }
 
 const SelfAttentionKernels kCpuKernels{attention_forward_cpu, attention_backward_cpu};
