@@ -1,5 +1,9 @@
 #include "self_attention_impl.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -47,16 +51,52 @@ at::Tensor tokens_mm(const at::Tensor& a, const at::Tensor& b,
   return out;
 }
 
-// sum over samples of a[n]^T (K, M) @ b[n] (M, L): the weight gradient of a per-position
-// linear map, accumulated sample after sample (a fixed order).
+// tokens_outer on CPU: positions per partial sum, and per product within it.
+constexpr int64_t kOuterChunk = 1024;
+constexpr int64_t kOuterProduct = 128;
+
+// sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L): the weight gradient of a
+// per-position linear map. On CPU, BLAS splits a long inner dimension among threads
+// differently for different thread counts (a (1024, 24)^T (1024, 16) product differs in the
+// last bits between 1 and 2 threads), so the sum is cut into fixed chunks of positions. Each
+// chunk is a partial built from short products (an inner dimension of 128, which BLAS does
+// not split, run on one thread inside the parallel region) added in order; the partials are
+// then added in chunk order: the same bits for every thread count. The worker threads get
+// the caller's thread-local state (below autograd, grad mode), as at::launch does.
 at::Tensor tokens_outer(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t batch = a.size(0);
-  if (rows_stack(a) && rows_stack(b)) {
-    return at::mm(a.reshape({batch * a.size(1), a.size(2)}).t(),
-                  b.reshape({batch * b.size(1), b.size(2)}));
+  const int64_t batch = a.size(0), positions = a.size(1);
+  if (!a.is_cpu()) {
+    at::Tensor out = at::mm(a.select(0, 0).t(), b.select(0, 0));
+    for (int64_t n = 1; n < batch; ++n) out.addmm_(a.select(0, n).t(), b.select(0, n));
+    return out;
   }
-  at::Tensor out = at::mm(a.select(0, 0).t(), b.select(0, 0));
-  for (int64_t n = 1; n < batch; ++n) out.addmm_(a.select(0, n).t(), b.select(0, n));
+  const int64_t chunks_per_sample = (positions + kOuterChunk - 1) / kOuterChunk;
+  const at::Tensor partials =
+      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options());
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t n = chunk / chunks_per_sample;
+      const int64_t chunk_end = std::min(positions, (chunk % chunks_per_sample + 1) * kOuterChunk);
+      at::Tensor partial = partials.select(0, chunk);
+      for (int64_t first = chunk % chunks_per_sample * kOuterChunk; first < chunk_end;
+           first += kOuterProduct) {
+        const int64_t length = std::min(kOuterProduct, chunk_end - first);
+        const at::Tensor lhs = a.select(0, n).narrow(0, first, length).t();
+        const at::Tensor rhs = b.select(0, n).narrow(0, first, length);
+        if (first % kOuterChunk == 0) {
+          at::mm_out(partial, lhs, rhs);
+        } else {
+          partial.addmm_(lhs, rhs);
+        }
+      }
+    }
+  });
+  at::Tensor out = partials.select(0, 0).clone();
+  for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
+    out.add_(partials.select(0, chunk));
+  }
   return out;
 }
 
@@ -209,7 +249,9 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   at::Tensor grad_attn = tokens_mm(grad_tokens, out_weight);
   const at::Tensor grad_sum = grad_tokens.sum({0, 1});  // (C,)
   const at::Tensor gamma_value = gamma.reshape({});
-  at::Tensor grad_gamma = at::mul(grad_attn, attn_dense).sum();
+  // Summed per column first: a reduction over the outer dims runs in a fixed order whatever
+  // the thread count, a full sum does not.
+  at::Tensor grad_gamma = at::mul(grad_attn, attn_dense).sum({0, 1}).sum();
   if (out_bias.has_value()) grad_gamma = grad_gamma + at::mul(grad_sum, *out_bias).sum();
   const at::Tensor grad_out_weight = tokens_outer(grad_tokens, attn_dense).mul_(gamma_value);
   const at::Tensor grad_out_bias = grad_sum * gamma_value;

@@ -1,6 +1,7 @@
 """Shared test helpers: devices, layouts, tolerances and the float64 references written
 from DESIGN.md section 2."""
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
@@ -179,3 +180,57 @@ def assert_bitwise_identical_across_thread_counts(run, threads: Sequence[int] = 
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def self_attention_reference(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    out_weight: Tensor,
+    out_bias: Optional[Tensor],
+    gamma: Tensor,
+    qk_dim: int,
+    num_heads: int = 1,
+    kv_stride: int = 1,
+    pool_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """DESIGN.md's self attention in plain PyTorch, materialising the P x L attention matrix
+    of every sample and head (small inputs only): qkv = qkv_weight @ x + qkv_bias per position;
+    keys and values max-pooled by kv_stride (ceil_mode=False); per head softmax(q k^T /
+    sqrt(qk_dim / num_heads)) v; y = x + gamma * (out_weight @ concat(heads) + out_bias).
+
+    pool_dtype: pick the maximum of each pooling window among the keys and values rounded to
+    this dtype (ties to the first position), as an operator that holds its float16 or bfloat16
+    projection in that dtype does; the pooled values and their gradients stay in the dtype of
+    the inputs. Without it a window whose two largest values round to nearly the same half
+    value may send its gradient to another position than the operator's."""
+    n, spatial = x.shape[0], tuple(x.shape[2:])
+    lift = (1,) * len(spatial)
+    qkv = torch.einsum("oc,nc...->no...", qkv_weight, x)
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias.reshape((-1,) + lift)
+    q, k, v = qkv[:, :qk_dim], qkv[:, qk_dim : 2 * qk_dim], qkv[:, 2 * qk_dim :]
+    if kv_stride > 1:
+        pool = _MAX_POOL[len(spatial)]
+        if pool_dtype is None:
+            k, v = pool(k, kv_stride, kv_stride), pool(v, kv_stride, kv_stride)
+        else:
+            kv = qkv[:, qk_dim:]
+            _, index = pool(kv.detach().to(pool_dtype), kv_stride, kv_stride, return_indices=True)
+            kv = kv.flatten(2).gather(2, index.flatten(2)).reshape(index.shape)
+            k, v = kv[:, :qk_dim], kv[:, qk_dim:]
+    v_dim = v.shape[1]
+    qk_head, v_head = qk_dim // num_heads, v_dim // num_heads
+    # (N, heads, positions, head dim)
+    q = q.reshape(n, num_heads, qk_head, -1).transpose(-1, -2)
+    k = k.reshape(n, num_heads, qk_head, -1).transpose(-1, -2)
+    v = v.reshape(n, num_heads, v_head, -1).transpose(-1, -2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(qk_head), dim=-1)
+    heads = (weights @ v).transpose(-1, -2).reshape((n, v_dim) + spatial)
+    out = torch.einsum("cv,nv...->nc...", out_weight, heads)
+    if out_bias is not None:
+        out = out + out_bias.reshape((-1,) + lift)
+    return x + gamma.reshape(()) * out

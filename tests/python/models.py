@@ -41,3 +41,21 @@ class TinySpatialAttentionCNN(nn.Module):
         x = self.hard_attention(self.down(x))
         pooled = torch.ops.cnn_attention.soft_attention_pool(x, self.pool_scores(x), 1.0)
         return self.head(pooled)
+
+
+class TinySelfAttentionCNN(nn.Module):
+    """Self attention at the shallow stage (keys and values pooled by 2) and a two-head one at
+    the deep stage; gamma starts at 0.5 so that the attention shapes the output."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.shallow_attention = cnn_attention.SelfAttention(channels, qk_reduction=2, kv_stride=2, gamma_init=0.5)
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.deep_attention = cnn_attention.SelfAttention(2 * channels, num_heads=2, qk_reduction=4, gamma_init=0.5)
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shallow_attention(self.stem(x))
+        x = self.deep_attention(self.down(x))
+        return self.head(x.mean((2, 3)))

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from models import TinyAttentionCNN, TinySpatialAttentionCNN
+from models import TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
 
 import cnn_attention
 
@@ -20,6 +20,7 @@ MODELS = {
     "channel": (TinyAttentionCNN, {"channel_attention", "channel_pool"}),
     "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool",
                                           "channel_attention", "channel_pool"}),
+    "self": (TinySelfAttentionCNN, {"self_attention"}),
 }
 models = pytest.mark.parametrize("kind", sorted(MODELS))
 

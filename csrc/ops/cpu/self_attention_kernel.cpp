@@ -1,5 +1,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,7 +34,9 @@ constexpr int64_t kMinBackwardTasks = 16;
 
 // c (m x n) = alpha * op(a) op(b) + beta * c for row-major blocks with leading dims lda, ldb,
 // ldc (op = transpose or not), read and written in place by ATen's BLAS. beta = 0 ignores
-// what c held.
+// what c held. Called inside at::parallel_for, where each product runs on its thread alone;
+// the workers carry the caller's thread-local state (ThreadLocalStateGuard) so that these
+// ATen calls dispatch as the caller's would.
 template <typename T>
 void block_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha,
                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -73,7 +76,9 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
   T* lse_data = lse.data_ptr<T>();
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+  const at::ThreadLocalState caller;
   at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
     std::vector<T> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dv);
     std::vector<T> row_max(kQueryBlock), row_sum(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
@@ -156,7 +161,9 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   const T* delta_data = delta.data_ptr<T>();
   T* partial_data = partials.data_ptr<T>();
 
+  const at::ThreadLocalState caller;
   at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
     std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;

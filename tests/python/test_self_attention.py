@@ -1,0 +1,774 @@
+"""self_attention: the operator against the float64 reference of DESIGN.md section 2 (every
+dtype, layout, spatial rank, head count, key/value stride, with and without biases),
+gradcheck, opcheck, memory linear in P, determinism, NaN, bad inputs, the SelfAttention
+module and every runtime (TorchScript in a fresh process, torch.compile, torch.export)."""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    TOLERANCE,
+    assert_bitwise_identical_across_thread_counts,
+    assert_close,
+    float64_leaves,
+    grads_of,
+    in_layout,
+    self_attention_reference,
+)
+
+from cnn_attention import SelfAttention
+from cnn_attention import functional as CF
+
+op = torch.ops.cnn_attention.self_attention
+forward_op = torch.ops.cnn_attention._self_attention_forward
+backward_op = torch.ops.cnn_attention._self_attention_backward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NAMES = ["x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"]
+# Odd spatial sizes that neither 2 nor 3 divides: kv_stride 2 and 3 drop trailing positions.
+SA_SPATIAL = [(11,), (5, 7), (5, 7, 5)]
+HEADS = [1, 2]
+STRIDES = [1, 2, 3]
+
+
+def make_params(channels, qk_dim, v_dim, dtype, device, bias=True, gamma=0.8, scale=1.5):
+    """(qkv_weight, qkv_bias, out_weight, out_bias, gamma): logits q.k / sqrt(d) of a
+    standard normal x have a standard deviation of about scale**2, so the softmax is neither
+    flat nor one-hot."""
+    qkv_weight = scale * torch.randn(2 * qk_dim + v_dim, channels, device=device) / channels**0.5
+    out_weight = torch.randn(channels, v_dim, device=device) / v_dim**0.5
+    qkv_bias = 0.1 * torch.randn(2 * qk_dim + v_dim, device=device) if bias else None
+    out_bias = 0.1 * torch.randn(channels, device=device) if bias else None
+    params = [qkv_weight, qkv_bias, out_weight, out_bias, torch.full((1,), gamma, device=device)]
+    return [None if p is None else p.to(dtype) for p in params]
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def assert_gradient_close(actual, expected, dtype, norm, scale=1.0):
+    """4 times the tolerance of `dtype`: a gradient runs back through two projections, the
+    softmax and the pooling. Each element sums N * P products (gamma's N * C * P), each
+    rounded by the dtype's precision of its own size, so an element that cancels to near zero
+    (the key bias's is exactly zero: a softmax ignores a shift of all its logits) is off by
+    that much of `norm`, the size of what is summed (the largest element, or for gamma the
+    root sum of squares of its terms): the tolerance has a part relative to `norm` too. (The
+    eager composition in the same dtype lands as far off.)"""
+    atol, rtol = TOLERANCE[dtype]
+    atol = atol + rtol * norm
+    torch.testing.assert_close(actual.double(), expected.double(), atol=4 * scale * atol, rtol=4 * scale * rtol)
+
+
+def check_against_reference(x, params, qk_dim, num_heads, kv_stride, dtype, scale=1.0):
+    """Forward and the gradients of x and every parameter against the float64 reference."""
+    leaves = [None if t is None else t.requires_grad_(True) for t in [x, *params]]
+    y = op(*leaves, qk_dim, num_heads, kv_stride)
+    ref_inputs = float64_leaves(leaves)
+    pool_dtype = dtype if dtype in HALF else None
+    expected = self_attention_reference(*ref_inputs, qk_dim, num_heads, kv_stride, pool_dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    # y = x + gamma * out rounds out and then y to the dtype: in half precision twice.
+    assert_close(y, expected, dtype, scale * (2.0 if dtype in HALF else 1.0))
+    grad = torch.randn_like(y)
+    actual = grads_of(y, grad, leaves)
+    wanted = grads_of(expected, grad.double(), ref_inputs)
+    with torch.no_grad():
+        ones = torch.ones_like(ref_inputs[5])
+        out = self_attention_reference(*ref_inputs[:5], ones, qk_dim, num_heads, kv_stride, pool_dtype) - ref_inputs[0]
+        gamma_terms = (grad.double() * out).square().sum().sqrt()
+    for name, a, w, leaf in zip(NAMES, actual, wanted, leaves):
+        if leaf is None:
+            continue
+        assert a.dtype == dtype and a.shape == leaf.shape, name
+        norm = gamma_terms if name == "gamma" else w.abs().max()
+        assert_gradient_close(a, w, dtype, float(norm), scale)
+    return y, actual
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spatial", SA_SPATIAL)
+@pytest.mark.parametrize("num_heads", HEADS)
+@pytest.mark.parametrize("kv_stride", STRIDES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, num_heads, kv_stride, bias):
+    # C = 6, qk_dim = 4, v_dim = 6: with two heads the query/key head dim (2) differs from
+    # the value head dim (3).
+    x = in_layout(torch.randn((3, 6) + spatial, device=device).to(dtype), layout)
+    params = make_params(6, 4, 6, dtype, device, bias=bias)
+    y, (gx, *_) = check_against_reference(x, params, 4, num_heads, kv_stride, dtype)
+    if layout == "channels_last":
+        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
+        assert gx.stride() == x.stride()
+    if layout == "contiguous":
+        assert y.is_contiguous() and gx.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spatial", SA_SPATIAL)
+@pytest.mark.parametrize(
+    "channels,qk_dim,v_dim,num_heads",
+    [
+        (6, 4, 4, 2),  # equal head dims
+        (6, 6, 6, 3),
+        (16, 2, 16, 1),  # SelfAttention(16)'s defaults: qk_reduction=8, v_reduction=1
+        (16, 2, 16, 2),  # a query/key head dim of 1
+        (8, 8, 4, 4),  # query/key heads wider than value heads
+        (5, 3, 9, 3),
+    ],
+)
+@pytest.mark.parametrize("kv_stride", [1, 2])
+def test_head_dims_match_reference(device, dtype, spatial, channels, qk_dim, v_dim, num_heads, kv_stride):
+    x = torch.randn((2, channels) + spatial, device=device, dtype=dtype)
+    check_against_reference(x, make_params(channels, qk_dim, v_dim, dtype, device), qk_dim, num_heads, kv_stride, dtype)
+
+
+FEW = [
+    ((5,), 5),  # one key for every query
+    ((3, 7), 3),  # one row of two keys
+    ((7, 2), 2),  # a stride equal to a spatial size
+    ((2, 3, 4), 2),
+    ((1, 9, 9), 1),
+    ((4, 1, 6), 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "spatial,kv_stride,layout",
+    # One position (its channels-last layout is the contiguous one), then each case in both layouts.
+    [((1,), 1, "contiguous")] + [(s, k, layout) for s, k in FEW for layout in ("contiguous", "channels_last")],
+)
+def test_few_positions_and_keys(device, dtype, spatial, kv_stride, layout):
+    x = in_layout(torch.randn((2, 6) + spatial, device=device, dtype=dtype), layout)
+    check_against_reference(x, make_params(6, 2, 4, dtype, device), 2, 2, kv_stride, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,shape,layout,num_heads,kv_stride,scale",
+    [
+        (torch.float64, (1, 8, 2003), "contiguous", 2, 1, 1.0),
+        (torch.float64, (1, 8, 2003), "channels_last", 1, 3, 1.0),
+        (torch.float64, (2, 8, 45, 45), "contiguous", 2, 2, 1.0),
+        (torch.float32, (1, 8, 2003), "strided", 2, 1, 2.0),
+        (torch.float32, (1, 8, 45, 45), "channels_last", 1, 1, 2.0),
+        (torch.float32, (2, 8, 13, 13, 13), "channels_last", 2, 2, 2.0),
+        (torch.bfloat16, (1, 8, 2003), "contiguous", 2, 1, 2.0),
+        (torch.float16, (1, 8, 45, 45), "channels_last", 2, 2, 2.0),
+    ],
+)
+def test_many_positions_match_reference(device, dtype, shape, layout, num_heads, kv_stride, scale):
+    # P around 2000 (2003 is prime): many blocks of queries and keys, with partial blocks
+    # at the end whatever the block size; the softmax runs over up to 2003 keys.
+    x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
+    check_against_reference(x, make_params(8, 4, 8, dtype, device), 4, num_heads, kv_stride, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "spatial,num_heads,kv_stride",
+    [((7,), 1, 1), ((7,), 2, 2), ((3, 5), 2, 1), ((3, 5), 1, 2), ((3, 4, 5), 2, 2), ((3, 3, 3), 1, 1)],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_gradcheck(device, spatial, num_heads, kv_stride, bias):
+    # Random inputs: max pooling (kv_stride > 1) is not differentiable where a window ties.
+    x = torch.randn((2, 4) + spatial, dtype=torch.float64, device=device, requires_grad=True)
+    params = [None if p is None else p.requires_grad_(True)
+              for p in make_params(4, 2, 4, torch.float64, device, bias=bias)]
+    assert torch.autograd.gradcheck(lambda *a: op(*a, 2, num_heads, kv_stride), (x, *params))
+
+
+OPCHECK_CONFIGS = list(itertools.product(HEADS, [1, 2], [True, False]))
+OPCHECK_SAMPLES = [
+    (dtype, layout, spatial, *OPCHECK_CONFIGS[i % len(OPCHECK_CONFIGS)])
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(7,), (5, 3), (3, 2, 5)])
+    )
+][::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,layout,spatial,num_heads,kv_stride,bias", OPCHECK_SAMPLES)
+def test_opcheck(device, dtype, layout, spatial, num_heads, kv_stride, bias):
+    x = in_layout(torch.randn((2, 6) + spatial, device=device).to(dtype), layout)
+    params = make_params(6, 4, 6, dtype, device, bias=bias)
+    leaves = [None if t is None else t.requires_grad_(True) for t in [x, *params]]
+    torch.library.opcheck(op, (*leaves, 4, num_heads, kv_stride))
+    plain = [None if t is None else t.detach() for t in leaves]
+    args = (*plain, 4, num_heads, kv_stride)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(forward_op, args, test_utils=utils)
+    y, attn, lse = forward_op(*args)
+    grad = in_layout(torch.randn(x.shape, device=device).to(dtype), layout)
+    torch.library.opcheck(backward_op, (grad, *plain, attn, lse, 4, num_heads, kv_stride), test_utils=utils)
+
+
+def test_private_forward_returns_the_saved_tensors():
+    x = torch.randn(2, 6, 5, 7)
+    params = make_params(6, 4, 6, torch.float32, "cpu")
+    y, attn, lse = forward_op(x, *params, 4, 2, 2)
+    assert torch.equal(y, op(x, *params, 4, 2, 2))
+    assert attn.shape == (2, 35, 6) and attn.dtype == torch.float32
+    assert lse.shape == (2, 2, 35) and lse.dtype == torch.float32
+    _, _, lse_half = forward_op(x.bfloat16(), *[p.bfloat16() for p in params], 4, 2, 2)
+    assert lse_half.dtype == torch.float32, "the log-sum-exp is kept in the accumulation dtype"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,kv_stride",
+    [((0, 6, 5, 7), 1), ((0, 6, 5, 7), 2), ((0, 6, 11), 3), ((2, 6, 0, 5), 1), ((2, 6, 0), 1), ((2, 6, 4, 0, 3), 2)],
+)
+def test_empty_inputs_give_empty_results_and_zero_parameter_gradients(device, shape, kv_stride):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    params = [p.requires_grad_(True) for p in make_params(6, 2, 4, torch.float32, device)]
+    y = op(x, *params, 2, 2, kv_stride)
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y.sum(), [x, *params])
+    assert grads[0].shape == x.shape
+    for name, g, p in zip(NAMES[1:], grads[1:], params):
+        assert g.shape == p.shape and torch.count_nonzero(g) == 0, name
+
+
+def test_no_channels():
+    # C = 0: queries, keys and values come from the biases alone, but there is nothing to
+    # add them to.
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    params = [torch.randn(8, 0), torch.randn(8), torch.randn(0, 4), torch.randn(0), torch.ones(1)]
+    params = [p.requires_grad_(True) for p in params]
+    y = op(x, *params, 2, 1, 1)
+    assert y.shape == (2, 0, 5)
+    grads = torch.autograd.grad(y.sum(), [x, *params])
+    for g, t in zip(grads, [x, *params]):
+        assert g.shape == t.shape and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_gamma_is_the_identity_and_still_learns_gamma(device):
+    # SAGAN starts with gamma = 0: the block is the identity, and only gamma gets a gradient.
+    x = torch.randn(2, 8, 6, 5, device=device, requires_grad=True)
+    params = [p.requires_grad_(True) for p in make_params(8, 2, 8, torch.float32, device, gamma=0.0)]
+    y = op(x, *params, 2, 1, 2)
+    assert torch.equal(y, x)
+    grad = torch.randn_like(y)
+    gx, gqkv_w, gqkv_b, gout_w, gout_b, ggamma = torch.autograd.grad(y, [x, *params], grad)
+    torch.testing.assert_close(gx, grad, rtol=0, atol=0)
+    for g in (gqkv_w, gqkv_b, gout_w, gout_b):
+        assert torch.count_nonzero(g) == 0
+    x64 = x.detach().double()
+    weights = [p.detach().double() for p in params[:4]]
+    out = self_attention_reference(x64, *weights, torch.ones(1, dtype=torch.float64), 2, 1, 2) - x64
+    assert_close(ggamma, (grad.double() * out).sum().reshape(1), torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_logits_stay_finite(device):
+    # The softmax subtracts the running row maximum: logits of about +-1000 would overflow
+    # exp otherwise.
+    x = torch.randn(2, 6, 9, 7, device=device)
+    params = make_params(6, 2, 6, torch.float32, device)
+    params[0][:4] *= 20  # queries and keys; head dim 1
+    leaves = [p.requires_grad_(True) for p in [x, *params]]
+    y = op(*leaves, 2, 2, 1)
+    expected = self_attention_reference(*float64_leaves(leaves), 2, 2, 1)
+    assert torch.isfinite(y).all()
+    # float32 rounds such logits to about 1e-4: the weights agree to that.
+    assert_close(y, expected, torch.float32, scale=10.0)
+    for g in torch.autograd.grad(y.sum(), leaves):
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_propagates(device, layout):
+    # A NaN at a position that is a key reaches every query of its sample; the other
+    # sample is untouched.
+    x = torch.randn(2, 6, 11, device=device)
+    x[0, 2, 4] = float("nan")
+    x = in_layout(x, layout)
+    params = make_params(6, 2, 4, torch.float32, device)
+    for kv_stride in (1, 2):
+        y = op(x, *params, 2, 1, kv_stride)
+        assert torch.isnan(y[0]).all(), kv_stride
+        expected = self_attention_reference(x[1:].double(), *[p.double() for p in params], 2, 1, kv_stride)
+        assert_close(y[1], expected[0], torch.float32)
+    # Position 10 fills no window of stride 2 (ceil_mode=False): a NaN there is no key,
+    # only its own query and output are NaN.
+    x = torch.randn(2, 6, 11, device=device)
+    x[0, 3, 10] = float("nan")
+    x = in_layout(x, layout)
+    y = op(x, *params, 2, 1, 2)
+    assert torch.isnan(y[0, :, 10]).all()
+    assert torch.isfinite(y[0, :, :10]).all() and torch.isfinite(y[1]).all()
+    expected = self_attention_reference(x.double(), *[p.double() for p in params], 2, 1, 2)
+    assert_close(y[..., :10], expected[..., :10], torch.float32)
+    # A NaN gamma poisons everything.
+    y = op(x[1:], *params[:4], torch.full((1,), float("nan"), device=device), 2, 1, 1)
+    assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 16, 7, 9, device=device)
+    params = make_params(16, 4, 8, torch.float32, device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = CF.self_attention(x, *params, 4, 2, 2)
+        y64 = CF.self_attention(x.double(), *[p.double() for p in params], 4, 2, 2)
+    assert y.dtype == dtype
+    assert y64.dtype == torch.float64, "autocast leaves float64 alone"
+    expected = self_attention_reference(
+        x.to(dtype).double(), *[p.to(dtype).double() for p in params], 4, 2, 2, pool_dtype=dtype
+    )
+    assert_close(y, expected, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_module_trains_float32_parameters(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    m = SelfAttention(16, num_heads=2, qk_reduction=4, kv_stride=2, gamma_init=0.5).to(device)
+    x = torch.randn(2, 16, 8, 8, device=device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = m(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    y.float().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+# ---- determinism and memory ----
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("num_heads,kv_stride", [(1, 1), (2, 2)])
+def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, kv_stride):
+    # P = 1600 positions: several blocks of queries and keys for the threads to share.
+    x = in_layout(torch.randn(2, 16, 40, 40), layout)
+    params = make_params(16, 4, 16, torch.float32, "cpu")
+    grad = in_layout(torch.randn(x.shape), layout)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
+        assert leaves[0].stride() == x.stride()
+        y = op(*leaves, 4, num_heads, kv_stride)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)
+
+
+def _feature_map_copies(x, fn):
+    """The copies (ATen copy_/clone/contiguous/_to_copy) `fn` makes of a feature map shaped
+    like x (as many elements, as many dims): layout conversions. (A product that adds grad_y
+    into grad_x through BLAS's beta = 1 first copies it into the (N * P, C) result: a read of
+    grad_y in place, which has two dims.)"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    copies = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+    return [e.name for e in prof.events() if e.name in copies
+            and any(len(s) == x.dim() and torch.Size(s).numel() == x.numel() for s in e.input_shapes)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kv_stride", [1, 2])
+def test_feature_maps_are_read_in_place(layout, kv_stride):
+    # DESIGN: the projection is one matrix product over positions with no NCHW copies for
+    # channels_last input; the backward reads grad_y in place too. C = 12 differs from every
+    # other width (qk_dim 2, v_dim 6, 2 * qk_dim + v_dim = 10), so a copy of N * C * P
+    # elements could only be a copy of x or grad_y.
+    x = in_layout(torch.randn(2, 12, 9, 10), layout)
+    params = make_params(12, 2, 6, torch.float32, "cpu")
+    grad_y = in_layout(torch.randn(x.shape), layout)
+    y, attn, lse = forward_op(x, *params, 2, 2, kv_stride)
+    assert _feature_map_copies(x, lambda: forward_op(x, *params, 2, 2, kv_stride)) == []
+    assert _feature_map_copies(x, lambda: backward_op(grad_y, x, *params, attn, lse, 2, 2, kv_stride)) == []
+    # The check sees copies: a strided x is copied once, into the layout the kernels read.
+    strided = in_layout(x, "strided")
+    assert _feature_map_copies(x, lambda: forward_op(strided, *params, 2, 2, kv_stride)) != []
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of the CPU memory allocated while fn() runs, above what was allocated before:
+    the running sum, in time order, of every allocation and free the profiler recorded. (The
+    "[memory]" entries of prof.events() hold only the records no operator claimed; the raw
+    records are in the Kineto results.)"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    total = peak = 0
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def _memory_case(device):
+    m = SelfAttention(64).to(device)  # qk_dim = 8, v_dim = 64
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = torch.randn(1, 64, 64, 64, device=device, requires_grad=True)  # P = 4096
+    matrix = 4096 * 4096 * 4  # one P x P float32 matrix: 64 MiB
+
+    def ours():
+        m(x).sum().backward()
+
+    def eager():
+        # The composition a user would write: bmm, softmax, bmm, materialising P x P.
+        params = [x, m.qkv_weight, m.qkv_bias, m.out_weight, m.out_bias, m.gamma]
+        self_attention_reference(*params, m.qk_dim, m.num_heads, m.kv_stride).sum().backward()
+
+    return ours, eager, matrix
+
+
+@pytest.mark.slow
+def test_memory_is_linear_in_positions():
+    ours, eager, matrix = _memory_case("cpu")
+    # The measurement sees the P x P matrix of the eager composition...
+    assert _peak_cpu_bytes(eager) >= matrix
+    # ... and the operator never builds one, forward or backward.
+    peak = _peak_cpu_bytes(ours)
+    assert peak < matrix / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.cuda
+def test_cuda_memory_is_linear_in_positions():
+    ours, eager, matrix = _memory_case("cuda")
+
+    def peak_cuda_bytes(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    ours()  # warm up (cuBLAS workspaces)
+    assert peak_cuda_bytes(eager) >= matrix
+    peak = peak_cuda_bytes(ours)
+    assert peak < matrix / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+# ---- bad input: every message names the operator, the argument and what was expected ----
+
+def _good(device="cpu"):
+    # C = 8, qk_dim = 4, v_dim = 8 (qkv_weight has 16 rows), S = (4, 5).
+    return [torch.randn(2, 8, 4, 5, device=device), *make_params(8, 4, 8, torch.float32, device)]
+
+
+def _with(args, index, value):
+    args = list(args)
+    args[index] = value
+    return args
+
+
+BAD_INPUTS = [
+    ("x_rank", lambda a: _with(a, 0, a[0][0, 0]), {},
+     r"self_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(4, 5\)"),
+    ("x_rank6", lambda a: _with(a, 0, torch.randn(1, 8, 2, 2, 2, 2)), {},
+     r"self_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 6 dims"),
+    ("int_x", lambda a: _with(a, 0, a[0].to(torch.int32)), {},
+     r"self_attention: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    ("channels", lambda a: _with(a, 0, torch.randn(2, 7, 4, 5)), {},
+     r"self_attention: qkv_weight must be \(2 \* qk_dim \+ v_dim, C\) with C = 7, got \(16, 8\)"),
+    ("qkv_weight_columns", lambda a: _with(a, 1, torch.randn(16, 6)), {},
+     r"self_attention: qkv_weight must be \(2 \* qk_dim \+ v_dim, C\) with C = 8, got \(16, 6\)"),
+    ("qkv_weight_rank", lambda a: _with(a, 1, a[1][None]), {},
+     r"self_attention: qkv_weight must be \(2 \* qk_dim \+ v_dim, C\) with C = 8, got \(1, 16, 8\)"),
+    ("qkv_weight_dtype", lambda a: _with(a, 1, a[1].double()), {},
+     r"self_attention: qkv_weight must have the dtype of x \(Float\), got Double"),
+    ("qk_dim_too_large", lambda a: a, {"qk_dim": 8},
+     r"self_attention: qk_dim must be in \[1, 7\] so that qkv_weight \(16 rows = 2 \* qk_dim \+ v_dim\) "
+     r"leaves v_dim >= 1, got 8"),
+    ("qk_dim_zero", lambda a: a, {"qk_dim": 0}, r"self_attention: qk_dim must be in \[1, 7\] .* got 0"),
+    ("qk_dim_negative", lambda a: a, {"qk_dim": -2}, r"self_attention: qk_dim must be in \[1, 7\] .* got -2"),
+    # qk_dim = 5 instead of 4: v_dim = 6, which out_weight (8, 8) does not match.
+    ("qk_dim_inconsistent", lambda a: a, {"qk_dim": 5, "num_heads": 1},
+     r"self_attention: out_weight must be \(C, v_dim\) = \(8, 6\), got \(8, 8\)"),
+    ("heads_qk", lambda a: a, {"num_heads": 3},
+     r"self_attention: num_heads must divide qk_dim = 4 and v_dim = 8, got 3"),
+    ("heads_v", lambda a: _with(_with(a, 1, torch.randn(14, 8)), 3, torch.randn(8, 6)), {"num_heads": 4},
+     r"self_attention: num_heads must divide qk_dim = 4 and v_dim = 6, got 4"),
+    ("heads_zero", lambda a: a, {"num_heads": 0},
+     r"self_attention: num_heads must divide qk_dim = 4 and v_dim = 8, got 0"),
+    ("heads_negative", lambda a: a, {"num_heads": -2},
+     r"self_attention: num_heads must divide qk_dim = 4 and v_dim = 8, got -2"),
+    ("qkv_bias", lambda a: _with(a, 2, torch.randn(15)), {},
+     r"self_attention: qkv_bias must be \(2 \* qk_dim \+ v_dim,\) = \(16,\), got \(15,\)"),
+    ("qkv_bias_dtype", lambda a: _with(a, 2, a[2].half()), {},
+     r"self_attention: qkv_bias must have the dtype of x \(Float\), got Half"),
+    ("out_weight", lambda a: _with(a, 3, torch.randn(8, 7)), {},
+     r"self_attention: out_weight must be \(C, v_dim\) = \(8, 8\), got \(8, 7\)"),
+    ("out_weight_rows", lambda a: _with(a, 3, torch.randn(7, 8)), {},
+     r"self_attention: out_weight must be \(C, v_dim\) = \(8, 8\), got \(7, 8\)"),
+    ("out_weight_dtype", lambda a: _with(a, 3, a[3].bfloat16()), {},
+     r"self_attention: out_weight must have the dtype of x \(Float\), got BFloat16"),
+    ("out_bias", lambda a: _with(a, 4, torch.randn(7)), {},
+     r"self_attention: out_bias must be \(C,\) = \(8,\), got \(7,\)"),
+    ("out_bias_dtype", lambda a: _with(a, 4, a[4].double()), {},
+     r"self_attention: out_bias must have the dtype of x \(Float\), got Double"),
+    ("gamma_two", lambda a: _with(a, 5, torch.ones(2)), {},
+     r"self_attention: gamma must have one element, got sizes \(2,\)"),
+    ("gamma_empty", lambda a: _with(a, 5, torch.ones(0)), {},
+     r"self_attention: gamma must have one element, got sizes \(0,\)"),
+    ("gamma_dtype", lambda a: _with(a, 5, a[5].double()), {},
+     r"self_attention: gamma must have the dtype of x \(Float\), got Double"),
+    ("kv_stride_zero", lambda a: a, {"kv_stride": 0},
+     r"self_attention: kv_stride must be in \[1, 4\] \(the smallest spatial size of x\), got 0"),
+    ("kv_stride_negative", lambda a: a, {"kv_stride": -1},
+     r"self_attention: kv_stride must be in \[1, 4\] \(the smallest spatial size of x\), got -1"),
+    ("kv_stride_too_large", lambda a: a, {"kv_stride": 5},
+     r"self_attention: kv_stride must be in \[1, 4\] \(the smallest spatial size of x\), got 5"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,options,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, options, message, device):
+    args = [a.to(device) for a in mutate(_good())]
+    sizes = {"qk_dim": 4, "num_heads": 2, "kv_stride": 1, **options}
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, sizes["qk_dim"], sizes["num_heads"], sizes["kv_stride"])
+
+
+def test_arguments_are_checked_when_there_is_nothing_to_compute():
+    x, *params = _good()
+    with pytest.raises(RuntimeError, match=r"self_attention: num_heads must divide qk_dim = 4 and v_dim = 8, got 3"):
+        op(x[:0], *params, 4, 3, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: kv_stride must be in \[1, 4\]"):
+        op(x[:0], *params, 4, 1, 5)
+    with pytest.raises(RuntimeError, match=r"self_attention: gamma must have one element"):
+        op(x[:0], *params[:4], torch.ones(3), 4, 1, 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_backward_arguments_are_rejected(device):
+    x, *params = [a.to(device) for a in _good()]
+    _, attn, lse = forward_op(x, *params, 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: grad_y must be the size of x = \(2, 8, 4, 5\), got \(2, 8, 4\)"):
+        backward_op(x[..., 0], x, *params, attn, lse, 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: grad_y must have the dtype of x \(Float\), got Double"):
+        backward_op(x.double(), x, *params, attn, lse, 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: attn must be \(N, P, v_dim\) = \(2, 20, 8\), got \(2, 20, 7\)"):
+        backward_op(x, x, *params, attn[..., :7], lse, 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: lse must be \(N, num_heads, P\) = \(2, 2, 20\), got \(2, 1, 20\)"):
+        backward_op(x, x, *params, attn, lse[:, :1], 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: lse must be Float on .*, got Double"):
+        backward_op(x, x, *params, attn, lse.double(), 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: num_heads must divide"):
+        backward_op(x, x, *params, attn, lse, 4, 3, 1)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_(True) for p in make_params(6, 2, 4, torch.float64, "cpu")]
+    y = op(x, *params, 2, 1, 1)
+    (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="self_attention: double backward is not supported"):
+        gx.sum().backward()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_rejected():
+    x, *params = _good()
+    with pytest.raises(RuntimeError, match=r"self_attention: qkv_weight must be on the device of x \(cpu\), got cuda:0"):
+        op(x, params[0].cuda(), *params[1:], 4, 2, 1)
+    with pytest.raises(RuntimeError, match=r"self_attention: gamma must be on the device of x \(cuda:0\), got cpu"):
+        op(x.cuda(), *[p.cuda() for p in params[:4]], params[4], 4, 2, 1)
+
+
+# ---- the SelfAttention module ----
+
+def _functional(m: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    return CF.self_attention(x, m.qkv_weight, m.qkv_bias, m.out_weight, m.out_bias, m.gamma,
+                             m.qk_dim, m.num_heads, m.kv_stride)
+
+
+@pytest.mark.parametrize(
+    "options,qk_dim,v_dim",
+    [
+        (dict(channels=64), 8, 64),
+        (dict(channels=64, num_heads=4, qk_reduction=4, v_reduction=2), 16, 32),
+        (dict(channels=16, num_heads=2, qk_reduction=4, kv_stride=2, gamma_init=0.5), 4, 16),
+        (dict(channels=8), 1, 8),
+        # qk_dim and v_dim are at least num_heads.
+        (dict(channels=8, num_heads=4, v_reduction=4), 4, 4),
+    ],
+)
+def test_module_parameters_and_attributes(options, qk_dim, v_dim):
+    m = SelfAttention(**options)
+    channels = options["channels"]
+    assert m.channels == channels and m.qk_dim == qk_dim and m.v_dim == v_dim
+    assert m.num_heads == options.get("num_heads", 1) and m.kv_stride == options.get("kv_stride", 1)
+    shapes = {name: tuple(p.shape) for name, p in m.named_parameters()}
+    assert shapes == {
+        "qkv_weight": (2 * qk_dim + v_dim, channels),
+        "qkv_bias": (2 * qk_dim + v_dim,),
+        "out_weight": (channels, v_dim),
+        "out_bias": (channels,),
+        "gamma": (1,),
+    }
+    assert m.gamma.item() == options.get("gamma_init", 0.0)
+    assert f"SelfAttention({channels}, num_heads={m.num_heads}, qk_dim={qk_dim}, v_dim={v_dim}" in repr(m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 16, 13), (2, 16, 7, 9), (1, 16, 3, 4, 5)])
+def test_module_is_its_functional_call_and_matches_reference(device, shape):
+    m = SelfAttention(16, num_heads=2, qk_reduction=4, v_reduction=2, kv_stride=2, gamma_init=0.5).to(device)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = m(x)
+    expected = _functional(m, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    params = [x, *m.parameters()]
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref = self_attention_reference(x.detach().double(), *[p.detach().double() for p in m.parameters()],
+                                   m.qk_dim, m.num_heads, m.kv_stride)
+    assert_close(y, ref, torch.float32)
+
+
+def test_module_starts_as_the_identity():
+    m = SelfAttention(16)
+    x = torch.randn(2, 16, 6, 6)
+    assert torch.equal(m(x), x)
+    m.gamma.data.fill_(1.0)
+    assert not torch.equal(m(x), x)
+
+
+BAD_OPTIONS = [
+    (dict(channels=0), r"SelfAttention: channels, num_heads, qk_reduction, v_reduction and kv_stride must be >= 1, "
+                       r"got 0, 1, 8, 1, 1"),
+    (dict(channels=16, num_heads=0), r"SelfAttention: .* must be >= 1, got 16, 0, 8, 1, 1"),
+    (dict(channels=16, qk_reduction=0), r"SelfAttention: .* must be >= 1, got 16, 1, 0, 1, 1"),
+    (dict(channels=16, v_reduction=-1), r"SelfAttention: .* must be >= 1, got 16, 1, 8, -1, 1"),
+    (dict(channels=16, kv_stride=0), r"SelfAttention: .* must be >= 1, got 16, 1, 8, 1, 0"),
+    # qk_dim = max(16 // 8, 3) = 3, v_dim = 16.
+    (dict(channels=16, num_heads=3), r"SelfAttention: num_heads = 3 must divide qk_dim = 3 \(channels // qk_reduction\) "
+                                     r"and v_dim = 16 \(channels // v_reduction\)"),
+    (dict(channels=16, gamma_init=float("nan")), r"SelfAttention: gamma_init must be finite, got nan"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[str(i) for i in range(len(BAD_OPTIONS))])
+def test_module_rejects_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        SelfAttention(**options)
+
+
+# ---- runtimes ----
+
+def _module_and_input():
+    m = SelfAttention(16, num_heads=2, qk_reduction=4, kv_stride=2, gamma_init=0.5).eval()
+    return m, torch.randn(2, 16, 9, 11)
+
+
+def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
+    m, x = _module_and_input()
+    expected = m(x)
+    scripted = torch.jit.script(m)
+    assert torch.equal(scripted(x), expected)
+    # The scripted module trains (the backward is in C++).
+    scripted.train()
+    scripted(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scripted.parameters())
+    scripted.eval()
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    torch.save({"x": x, "y": expected.detach()}, tmp_path / "io.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(ROOT, 'python')!r})
+        import cnn_attention
+        m = torch.jit.load({str(path)!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        assert torch.equal(m(io["x"]), io["y"])
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_scripted_functional_api():
+    fn = torch.jit.script(CF.self_attention)
+    x = torch.randn(2, 6, 5, 7)
+    params = make_params(6, 4, 6, torch.float32, "cpu")
+    assert torch.equal(fn(x, *params, 4, 2, 2), CF.self_attention(x, *params, 4, 2, 2))
+    no_bias = [params[0], None, params[2], None, params[4]]
+    assert torch.equal(fn(x, *no_bias, 4, 1, 1), CF.self_attention(x, *no_bias, 4))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    m, x = _module_and_input()
+    compiled = torch.compile(m, fullgraph=True)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out1 = compiled(x1)
+    out2 = m(x2)
+    torch.testing.assert_close(out1, out2, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out1)
+    out1.backward(grad)
+    compiled_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    out2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for a, p in zip(compiled_grads, m.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_export(tmp_path):
+    m, x = _module_and_input()
+    exported = torch.export.export(m, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "cnn_attention.self_attention.default" in targets
+    torch.testing.assert_close(exported.module()(x), m(x))
+    path = tmp_path / "model.pt2"
+    torch.export.save(exported, str(path))
+    torch.testing.assert_close(torch.export.load(str(path)).module()(x), m(x))
+    strict = torch.export.export(m, (x,), strict=True)
+    torch.testing.assert_close(strict.module()(x), m(x))
+
+
+def test_torch_export_with_dynamic_batch():
+    m, x = _module_and_input()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(m, (x,), dynamic_shapes=({0: batch},))
+    for n in (1, 5):
+        xn = torch.randn(n, 16, 9, 11)
+        torch.testing.assert_close(exported.module()(xn), m(xn))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_matches_cpu(dtype):
+    m, x = _module_and_input()
+    x = x.requires_grad_(True)
+    expected = m(x)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [x, *m.parameters()], grad)
+    mc = SelfAttention(16, num_heads=2, qk_reduction=4, kv_stride=2, gamma_init=0.5).cuda()
+    mc.load_state_dict(m.state_dict())
+    xc = x.detach().cuda().to(dtype).requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y = mc(xc)
+    grads = torch.autograd.grad(y, [xc, *mc.parameters()], grad.cuda().to(y.dtype))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float().cpu(), expected, **tol)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a.float().cpu(), b, **{k: 4 * v for k, v in tol.items()})
