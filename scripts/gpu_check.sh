@@ -29,4 +29,8 @@ for dtype in float32 bfloat16; do
   "$PYTHON" benchmarks/bench_spatial_attention.py --device cuda --dtype "$dtype" --repeat 100 || status=1
   echo
 done
+"$PYTHON" benchmarks/bench_self_attention.py --device cuda --dtype bfloat16 --batch 8 --channels 256 --heads 4 --sizes 64 || status=1
+echo
+"$PYTHON" benchmarks/bench_self_attention.py --device cuda --dtype bfloat16 || status=1
+echo
 exit $status

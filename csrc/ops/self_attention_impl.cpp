@@ -185,11 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
             self_attention_lse_like(x, sizes)};
   }
   const at::Tensor x_dense = to_layout(x, g.layout);
-  const Projection p = project(tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
+  Projection p = project(tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   auto [heads_out, lse] =
       kernels.attention_forward(heads_of(p.qkv, 0, heads, dq), heads_of(p.kv, 0, heads, dq),
                                 heads_of(p.kv, sizes.qk_dim, heads, dv), softmax_scale(sizes));
+  p = Projection();  // memory: q, k and v are not needed once y is being written
   // (N, P, v): a view when the kernel wrote the heads token-major, as ours do.
   const at::Tensor attn = heads_out.transpose(1, 2).reshape({g.batch, g.positions, sizes.v_dim});
 
@@ -243,19 +244,17 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   const at::Tensor grad_tokens = tokens_of(grad_dense, g.layout);
   const at::Tensor attn_dense = attn.contiguous();
 
-  // Output projection and residual. grad_attn = grad @ out_weight is also what gives gamma
-  // its gradient without the projection's output: sum(grad * out) = sum(grad_attn * attn) +
-  // sum(grad) . out_bias.
-  at::Tensor grad_attn = tokens_mm(grad_tokens, out_weight);
-  const at::Tensor grad_sum = grad_tokens.sum({0, 1});  // (C,)
+  // Output projection and residual. With G = sum over positions of grad^T attn (C, v), the
+  // weight gradient is gamma * G, and gamma's, sum(grad * out), is sum(G * out_weight) +
+  // sum(grad) . out_bias: nothing as large as the feature map is needed for either.
   const at::Tensor gamma_value = gamma.reshape({});
-  // Summed per column first: a reduction over the outer dims runs in a fixed order whatever
-  // the thread count, a full sum does not.
-  at::Tensor grad_gamma = at::mul(grad_attn, attn_dense).sum({0, 1}).sum();
+  const at::Tensor grad_sum = grad_tokens.sum({0, 1});  // (C,)
+  const at::Tensor grad_out_product = tokens_outer(grad_tokens, attn_dense);
+  at::Tensor grad_gamma = at::mul(grad_out_product, out_weight).sum();
   if (out_bias.has_value()) grad_gamma = grad_gamma + at::mul(grad_sum, *out_bias).sum();
-  const at::Tensor grad_out_weight = tokens_outer(grad_tokens, attn_dense).mul_(gamma_value);
+  const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
-  grad_attn.mul_(gamma_value);
+  at::Tensor grad_attn = tokens_mm(grad_tokens, out_weight).mul_(gamma_value);
 
   // Attention, its gradients written straight into that of the projection, grad_qkv (N, P,
   // R). Pooled keys and values get theirs in a buffer first, then sent back to the positions

@@ -225,6 +225,33 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   for (int64_t group = 1; group < groups; ++group) grad_q.add_(partials[group - 1]);
 }
 
+// delta (N, H, P) = rowsum(grad_out * out), row by row (no temporary as large as out).
+template <typename T>
+void row_dot_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& delta) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t batch = out.size(0), heads = out.size(1), positions = out.size(2);
+  const int64_t width = out.size(3);
+  const HeadRows<T> grads(grad_out), outputs(out);
+  T* delta_data = delta.data_ptr<T>();
+  at::parallel_for(0, batch * heads * positions, cpu::grain_for(width), [&](int64_t begin,
+                                                                           int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % positions, h = row / positions % heads;
+      const int64_t n = row / (positions * heads);
+      const T* g = grads.rows(n, h, i);
+      const T* o = outputs.rows(n, h, i);
+      Vec sum_vec(0);
+      int64_t c = 0;
+      for (; c + Vec::size() <= width; c += Vec::size()) {
+        sum_vec = at::vec::fmadd(Vec::loadu(g + c), Vec::loadu(o + c), sum_vec);
+      }
+      T sum = lane_sum(sum_vec);
+      for (; c < width; ++c) sum += g[c] * o[c];
+      delta_data[row] = sum;
+    }
+  });
+}
+
 at::ScalarType accumulation_type(const at::Tensor& t) {
   return at::toOpMathType(t.scalar_type());
 }
@@ -251,7 +278,7 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
-  const at::Tensor delta = at::mul(grad_acc, out.to(acc)).sum(-1).contiguous();
+  const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   // float32 and float64 gradients accumulate in place; half ones in float32 first.
   const bool in_place = acc == q.scalar_type();
   auto accumulator = [&](const at::Tensor& grad) {
@@ -260,6 +287,7 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
                    grad_v_acc = accumulator(grad_v);
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
+    row_dot_kernel<scalar_t>(grad_acc, out.to(acc), delta);
     attention_backward_kernel<scalar_t>(grad_acc, q.to(acc), k.to(acc), v.to(acc),
                                         lse.to(acc).contiguous(), delta,
                                         static_cast<scalar_t>(scale), grad_q_acc, grad_k_acc,
