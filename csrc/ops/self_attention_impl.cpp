@@ -248,7 +248,7 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   // weight gradient is gamma * G, and gamma's, sum(grad * out), is sum(G * out_weight) +
   // sum(grad) . out_bias: nothing as large as the feature map is needed for either.
   const at::Tensor gamma_value = gamma.reshape({});
-  const at::Tensor grad_sum = grad_tokens.sum({0, 1});  // (C,)
+  const at::Tensor grad_sum = grad_tokens.sum(at::IntArrayRef{0, 1});  // (C,)
   const at::Tensor grad_out_product = tokens_outer(grad_tokens, attn_dense);
   at::Tensor grad_gamma = at::mul(grad_out_product, out_weight).sum();
   if (out_bias.has_value()) grad_gamma = grad_gamma + at::mul(grad_sum, *out_bias).sum();
@@ -281,7 +281,7 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   }
   p = Projection();
   const at::Tensor grad_qkv_weight = tokens_outer(grad_qkv, x_tokens);
-  const at::Tensor grad_qkv_bias = grad_qkv.sum({0, 1});
+  const at::Tensor grad_qkv_bias = grad_qkv.sum(at::IntArrayRef{0, 1});
 
   // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
   at::Tensor grad_x = self_attention_output_like(x);
