@@ -44,13 +44,14 @@ class TinySpatialAttentionCNN(nn.Module):
 
 
 class TinySelfAttentionCNN(nn.Module):
-    """Self attention at the shallow stage (keys and values pooled by 2) and a two-head one at
-    the deep stage; gamma starts at 0.5 so that the attention shapes the output."""
+    """Self attention at the shallow stage (keys and values pooled by 3, which does not divide
+    16: the trailing row and column fill no window) and a two-head one at the deep stage;
+    gamma starts at 0.5 so that the attention shapes the output."""
 
     def __init__(self, channels: int = 8, classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
-        self.shallow_attention = cnn_attention.SelfAttention(channels, qk_reduction=2, kv_stride=2, gamma_init=0.5)
+        self.shallow_attention = cnn_attention.SelfAttention(channels, qk_reduction=2, kv_stride=3, gamma_init=0.5)
         self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
         self.deep_attention = cnn_attention.SelfAttention(2 * channels, num_heads=2, qk_reduction=4, gamma_init=0.5)
         self.head = nn.Linear(2 * channels, classes)

@@ -1,13 +1,10 @@
 """self_attention: the operator against the float64 reference of DESIGN.md section 2 (every
 dtype, layout, spatial rank, head count, key/value stride, with and without biases),
 gradcheck, opcheck, memory linear in P, determinism, NaN, bad inputs, the SelfAttention
-module and every runtime (TorchScript in a fresh process, torch.compile, torch.export)."""
+module under torch.compile and TorchScript's functional API (the model-level runtime tests,
+TorchScript in a fresh process and torch.export included, are in test_runtimes.py)."""
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -30,8 +27,6 @@ from cnn_attention import functional as CF
 op = torch.ops.cnn_attention.self_attention
 forward_op = torch.ops.cnn_attention._self_attention_forward
 backward_op = torch.ops.cnn_attention._self_attention_backward
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NAMES = ["x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"]
 # Odd spatial sizes that neither 2 nor 3 divides: kv_stride 2 and 3 drop trailing positions.
@@ -675,35 +670,6 @@ def _module_and_input():
     return m, torch.randn(2, 16, 9, 11)
 
 
-def test_torchscript_save_and_load_in_a_fresh_process(tmp_path):
-    m, x = _module_and_input()
-    expected = m(x)
-    scripted = torch.jit.script(m)
-    assert torch.equal(scripted(x), expected)
-    # The scripted module trains (the backward is in C++).
-    scripted.train()
-    scripted(x).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scripted.parameters())
-    scripted.eval()
-    path = tmp_path / "model.pt"
-    scripted.save(str(path))
-    torch.save({"x": x, "y": expected.detach()}, tmp_path / "io.pt")
-    code = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.join(ROOT, 'python')!r})
-        import cnn_attention
-        m = torch.jit.load({str(path)!r})
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        assert torch.equal(m(io["x"]), io["y"])
-        print("ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
-
-
 def test_scripted_functional_api():
     fn = torch.jit.script(CF.self_attention)
     x = torch.randn(2, 6, 5, 7)
@@ -730,28 +696,6 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
     for a, p in zip(compiled_grads, m.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_torch_export(tmp_path):
-    m, x = _module_and_input()
-    exported = torch.export.export(m, (x,))
-    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "cnn_attention.self_attention.default" in targets
-    torch.testing.assert_close(exported.module()(x), m(x))
-    path = tmp_path / "model.pt2"
-    torch.export.save(exported, str(path))
-    torch.testing.assert_close(torch.export.load(str(path)).module()(x), m(x))
-    strict = torch.export.export(m, (x,), strict=True)
-    torch.testing.assert_close(strict.module()(x), m(x))
-
-
-def test_torch_export_with_dynamic_batch():
-    m, x = _module_and_input()
-    batch = torch.export.Dim("batch", min=1, max=64)
-    exported = torch.export.export(m, (x,), dynamic_shapes=({0: batch},))
-    for n in (1, 5):
-        xn = torch.randn(n, 16, 9, 11)
-        torch.testing.assert_close(exported.module()(xn), m(xn))
 
 
 @pytest.mark.cuda
