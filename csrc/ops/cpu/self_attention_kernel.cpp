@@ -148,9 +148,9 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
-  const int64_t wanted_groups = (kMinBackwardTasks + batch * heads - 1) / (batch * heads);
-  const int64_t blocks_per_group =
-      (key_blocks + std::min(wanted_groups, key_blocks) - 1) / std::min(wanted_groups, key_blocks);
+  const int64_t wanted_groups =
+      std::min(key_blocks, (kMinBackwardTasks + batch * heads - 1) / (batch * heads));
+  const int64_t blocks_per_group = (key_blocks + wanted_groups - 1) / wanted_groups;
   const int64_t groups = (key_blocks + blocks_per_group - 1) / blocks_per_group;
   // Group 0 adds straight into grad_q, the others into their dense partial.
   const at::Tensor partials =
