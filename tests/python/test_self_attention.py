@@ -139,6 +139,25 @@ FEW = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kv_stride", [1, 2])
+@pytest.mark.parametrize("flash", [True, False], ids=["aten_flash", "our_kernel"])
+def test_equal_head_dims_on_either_cpu_kernel(dtype, layout, kv_stride, flash):
+    # Query/key heads as wide as value heads go to ATen's CPU flash kernel in the forward (the
+    # backward is ours, from its log-sum-exp); with flash attention disabled
+    # (torch.backends.cuda.enable_flash_sdp, which governs the CPU kernel too) the same inputs
+    # run ours. Both against the reference, forward and backward.
+    x = in_layout(torch.randn(2, 8, 9, 10).to(dtype), layout)
+    params = make_params(8, 8, 8, dtype, "cpu")
+    enabled = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(flash)
+    try:
+        check_against_reference(x, params, 8, 2, kv_stride, dtype)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(enabled)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
@@ -348,16 +367,18 @@ def test_autocast_module_trains_float32_parameters(device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("num_heads,kv_stride", [(1, 1), (2, 2)])
-def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, kv_stride):
-    # P = 1600 positions: several blocks of queries and keys for the threads to share.
+@pytest.mark.parametrize("qk_dim", [4, 16], ids=["our_kernel", "aten_flash"])
+def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, kv_stride, qk_dim):
+    # P = 1600 positions: several blocks of queries and keys for the threads to share. With
+    # qk_dim = v_dim = 16 the forward runs on ATen's CPU flash kernel, else on ours.
     x = in_layout(torch.randn(2, 16, 40, 40), layout)
-    params = make_params(16, 4, 16, torch.float32, "cpu")
+    params = make_params(16, qk_dim, 16, torch.float32, "cpu")
     grad = in_layout(torch.randn(x.shape), layout)
 
     def run():
         leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
         assert leaves[0].stride() == x.stride()
-        y = op(*leaves, 4, num_heads, kv_stride)
+        y = op(*leaves, qk_dim, num_heads, kv_stride)
         return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
 
     assert_bitwise_identical_across_thread_counts(run)
