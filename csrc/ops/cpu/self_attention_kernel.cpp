@@ -32,10 +32,12 @@ constexpr int64_t kKeyBlock = 256;
 // every thread count.
 constexpr int64_t kMinBackwardTasks = 16;
 
-// The block products are ours rather than BLAS's: MKL picks its blocking, and with it the
-// order of each sum, from the number of threads it is configured for even when it runs on
-// one thread inside a parallel region, so its results changed with torch.set_num_threads.
-// Here every element of c is one sum over l in order, the same on any thread.
+// Block products. Those whose inner or output width is a head's query/key width (q k^T,
+// scores @ k, scores^T @ q) are ours: MKL's results for them (widths like 8) changed in the
+// last bits with torch.set_num_threads even though each call runs on one thread inside the
+// parallel region. Ours sum each element over l in order, the same on any thread. The wide
+// products (scores @ v, scores^T @ grad_out, grad_out @ v^T: most of the work) go to BLAS,
+// whose results for them the determinism tests find identical for every thread count.
 //
 // c (m x n) = alpha * sum over l of a(i, l) * b(l, :), stored into c or added to it, with
 // a(i, l) = a[i * a_row + l * a_col] (a row-major block or, with a_row = 1, a transposed one)
@@ -113,6 +115,22 @@ void block_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t
   int64_t i = 0;
   for (; i + 4 <= m; i += 4) rows(std::integral_constant<int, 4>{}, i);
   for (; i < m; ++i) rows(std::integral_constant<int, 1>{}, i);
+}
+
+// c (m x n) = alpha * a (m x k) b (k x n) (+ c), row-major blocks with leading dims (a
+// transposed when a_transposed: stored k x m), through ATen's BLAS, which runs on the calling
+// thread inside a parallel region. Only from_blob tensors reach it, so the worker threads
+// need none of the caller's thread-local state.
+template <typename T>
+void blas_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  bool a_transposed, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor lhs =
+      a_transposed ? at::from_blob(const_cast<T*>(a), {m, k}, {1, lda}, options)
+                   : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
+  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  out.addmm_(lhs, rhs, accumulate ? T(1) : T(0), alpha);
 }
 
 // out (width x rows, leading dim ld_out) = the transpose of `rows` rows of `width` values
@@ -195,8 +213,8 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
             for (int64_t c = 0; c < dv; ++c) a[c] *= correction;
           }
         }
-        block_product<T>(rows, dv, cols, T(1), scores.data(), kKeyBlock, 1,
-                         values.rows(n, h, key_first), values.row_stride, true, acc.data(), dv);
+        blas_product<T>(rows, dv, cols, T(1), scores.data(), kKeyBlock, false,
+                        values.rows(n, h, key_first), values.row_stride, true, acc.data(), dv);
       }
       T* out_rows = outputs.rows(n, h, first);
       T* lse_rows = lse_data + nh * positions + first;
@@ -272,11 +290,11 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
             for (; j < cols; ++j) p[j] = std::exp(p[j] - row_lse[first + i]);
           }
           // grad_v += probs^T grad_out
-          block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
-                           grads.row_stride, true, grad_value, grad_values.row_stride);
+          blas_product<T>(cols, dv, rows, T(1), probs.data(), kKeyBlock, true, grad,
+                          grads.row_stride, true, grad_value, grad_values.row_stride);
           // grad_scores = probs * (grad_out v^T - delta)
-          block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1,
-                           value_columns.data(), kKeyBlock, false, grad_scores.data(), kKeyBlock);
+          blas_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, false,
+                          value_columns.data(), kKeyBlock, false, grad_scores.data(), kKeyBlock);
           for (int64_t i = 0; i < rows; ++i) {
             T* ds = grad_scores.data() + i * kKeyBlock;
             const T* p = probs.data() + i * kKeyBlock;
@@ -333,7 +351,7 @@ at::ScalarType accumulation_type(const at::Tensor& t) {
 
 // The forward runs on ATen's CPU flash attention where it applies: query/key heads as wide
 // as value heads (it refuses others, and scaled_dot_product_attention then builds the P x P
-// matrix). Its tuned block products beat ours there (2.8x at 4 x 4096 positions, 64-wide
+// matrix). Its tuned block products beat ours there (about 2x at 4 x 4096 positions, 64-wide
 // heads), and its forward, like ours, does not depend on the thread count. Its backward
 // does (with several heads), so the backward is always ours, from the same log-sum-exp.
 // torch.backends.cuda.enable_flash_sdp(False) (which governs the CPU kernel too) sends every
