@@ -6,6 +6,7 @@
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
@@ -25,86 +26,61 @@ torch::Tensor load_tensor(const std::string& path) {
   return torch::pickle_load(bytes).toTensor();
 }
 
-TEST(LoadModel, ReproducesPythonOutput) {
-  ASSERT_FALSE(models_dir().empty()) << "CNN_ATTENTION_TEST_MODELS is not set (ctest sets it)";
-  auto model = torch::jit::load(models_dir() + "/model.pt");
+// The model saved by Python at `name` (eval mode), after checking that it reproduces Python's
+// output `output_name` on the saved input.
+torch::jit::Module load_and_check_output(const std::string& name, const std::string& output_name) {
+  auto model = torch::jit::load(models_dir() + "/" + name);
   model.eval();
   const auto x = load_tensor(models_dir() + "/input.pt");
-  const auto expected = load_tensor(models_dir() + "/output.pt");
+  const auto expected = load_tensor(models_dir() + "/" + output_name);
   torch::NoGradGuard no_grad;
   const auto y = model.forward({x}).toTensor();
   EXPECT_TRUE(torch::allclose(y, expected, 1e-5, 1e-6)) << (y - expected).abs().max();
+  return model;
 }
 
-TEST(LoadModel, TrainsFromCpp) {
-  ASSERT_FALSE(models_dir().empty());
-  auto model = torch::jit::load(models_dir() + "/model.pt");
+// One training step from C++; every parameter whose name contains one of `parts` must get a
+// nonzero gradient. Returns how many did.
+int trained_parameters(torch::jit::Module& model, const std::vector<std::string>& parts) {
   model.train();
-  const auto x = load_tensor(models_dir() + "/input.pt");
-  model.forward({x}).toTensor().sum().backward();
+  model.forward({load_tensor(models_dir() + "/input.pt")}).toTensor().sum().backward();
   int with_grad = 0;
   for (const auto& p : model.named_parameters()) {
-    if (p.name.find("attention") != std::string::npos) {
-      ASSERT_TRUE(p.value.grad().defined()) << p.name;
+    const bool selected = std::any_of(parts.begin(), parts.end(), [&](const std::string& part) {
+      return p.name.find(part) != std::string::npos;
+    });
+    if (!selected) continue;
+    EXPECT_TRUE(p.value.grad().defined()) << p.name;
+    if (p.value.grad().defined()) {
       EXPECT_GT(p.value.grad().abs().sum().item<double>(), 0.0) << p.name;
-      ++with_grad;
     }
+    ++with_grad;
   }
-  EXPECT_EQ(with_grad, 8);  // 4 parameters in each of the two attention modules
+  return with_grad;
+}
+
+TEST(LoadModel, ReproducesPythonOutputAndTrains) {
+  ASSERT_FALSE(models_dir().empty()) << "CNN_ATTENTION_TEST_MODELS is not set (ctest sets it)";
+  auto model = load_and_check_output("model.pt", "output.pt");
+  EXPECT_EQ(trained_parameters(model, {"attention"}), 8);  // 4 in each attention module
 }
 
 TEST(LoadModel, SpatialAttentionModelReproducesPythonOutputAndTrains) {
   ASSERT_FALSE(models_dir().empty());
-  auto model = torch::jit::load(models_dir() + "/spatial_model.pt");
-  model.eval();
-  const auto x = load_tensor(models_dir() + "/input.pt");
-  const auto expected = load_tensor(models_dir() + "/spatial_output.pt");
-  {
-    torch::NoGradGuard no_grad;
-    const auto y = model.forward({x}).toTensor();
-    EXPECT_TRUE(torch::allclose(y, expected, 1e-5, 1e-6)) << (y - expected).abs().max();
-  }
+  auto model = load_and_check_output("spatial_model.pt", "spatial_output.pt");
   // The scripted HardAttention kept its mask: a quarter of the 8 x 8 positions.
   const auto mask = model.attr("hard_attention").toModule().attr("last_mask").toTensor();
   EXPECT_EQ(mask.sizes(), (std::vector<int64_t>{2, 1, 8, 8}));
   EXPECT_EQ(mask.sum().item<double>(), 2 * 16);
-
-  model.train();
-  model.forward({x}).toTensor().sum().backward();
-  int with_grad = 0;
-  for (const auto& p : model.named_parameters()) {
-    if (p.name.find("attention") != std::string::npos || p.name.find("cbam") != std::string::npos) {
-      ASSERT_TRUE(p.value.grad().defined()) << p.name;
-      EXPECT_GT(p.value.grad().abs().sum().item<double>(), 0.0) << p.name;
-      ++with_grad;
-    }
-  }
   // Score heads of soft, hard and CBAM's spatial branch (2 each), CBAM's channel MLP (4).
-  EXPECT_EQ(with_grad, 10);
+  EXPECT_EQ(trained_parameters(model, {"attention", "cbam"}), 10);
 }
 
 TEST(LoadModel, SelfAttentionModelReproducesPythonOutputAndTrains) {
   ASSERT_FALSE(models_dir().empty());
-  auto model = torch::jit::load(models_dir() + "/self_model.pt");
-  model.eval();
-  const auto x = load_tensor(models_dir() + "/input.pt");
-  const auto expected = load_tensor(models_dir() + "/self_output.pt");
-  {
-    torch::NoGradGuard no_grad;
-    const auto y = model.forward({x}).toTensor();
-    EXPECT_TRUE(torch::allclose(y, expected, 1e-5, 1e-6)) << (y - expected).abs().max();
-  }
-  model.train();
-  model.forward({x}).toTensor().sum().backward();
-  int with_grad = 0;
-  for (const auto& p : model.named_parameters()) {
-    if (p.name.find("attention") != std::string::npos) {
-      ASSERT_TRUE(p.value.grad().defined()) << p.name;
-      EXPECT_GT(p.value.grad().abs().sum().item<double>(), 0.0) << p.name;
-      ++with_grad;
-    }
-  }
-  EXPECT_EQ(with_grad, 10);  // qkv and out weights and biases and gamma, in two modules
+  auto model = load_and_check_output("self_model.pt", "self_output.pt");
+  // qkv and out weights and biases and gamma, in two modules.
+  EXPECT_EQ(trained_parameters(model, {"attention"}), 10);
 }
 
 }  // namespace
