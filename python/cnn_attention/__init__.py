@@ -30,6 +30,7 @@ _check_cpu()
 from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
 from . import functional
 from .modules import CBAM, ChannelAttention, HardAttention, SelfAttention, SoftAttention, SpatialScores
+from .insert import AttentionAfter, find_stages, insert
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,9 @@ __all__ = [
     "SoftAttention",
     "SpatialScores",
     "functional",
+    "insert",
+    "find_stages",
+    "AttentionAfter",
     "build_info",
     "library_path",
     "__version__",
