@@ -31,6 +31,7 @@ from . import _C  # noqa: F401  (loads the library; its static registrations def
 from . import functional
 from .modules import CBAM, ChannelAttention, HardAttention, SelfAttention, SoftAttention, SpatialScores
 from .insert import AttentionAfter, find_stages, insert
+from .maps import attention_maps
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "SpatialScores",
     "functional",
     "insert",
+    "attention_maps",
     "find_stages",
     "AttentionAfter",
     "build_info",

@@ -1,0 +1,101 @@
+"""attention_maps: every attention module's weights from one forward, to see what the
+attention does."""
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modules import ChannelAttention, HardAttention, SelfAttention, SoftAttention
+
+__all__ = ["attention_maps"]
+
+
+def _channel_weights(module: ChannelAttention, x: Tensor) -> Tensor:
+    """(N, C): the gate of DESIGN.md's channel_attention, from the module's input."""
+    dims = list(range(2, x.dim()))
+
+    def mlp(p: Tensor) -> Tensor:
+        return F.linear(F.relu(F.linear(p, module.fc1_weight, module.fc1_bias)), module.fc2_weight, module.fc2_bias)
+
+    if module.pool == "avg":
+        z = mlp(x.mean(dims))
+    elif module.pool == "max":
+        z = mlp(x.amax(dims))
+    else:
+        z = mlp(x.mean(dims)) + mlp(x.amax(dims))
+    return torch.sigmoid(z) if module.gate == "sigmoid" else x.shape[1] * torch.softmax(z, dim=1)
+
+
+def _soft_weights(module: SoftAttention, x: Tensor) -> Tensor:
+    """(N, 1, *S): sigmoid(scores / T), or P * softmax over the positions."""
+    scores = module.scores(x) / module.temperature
+    if module.normalize == "sigmoid":
+        return torch.sigmoid(scores)
+    positions = scores[0, 0].numel()
+    return positions * torch.softmax(scores.flatten(2), dim=-1).view_as(scores)
+
+
+def _self_attention_rows(module: SelfAttention, x: Tensor, queries: Optional[Sequence[int]]) -> Tensor:
+    """(N, H, Q, *S'): the attention of the query positions `queries` (flat indices; default:
+    the centre) over every key position (after kv_stride pooling), computed for those rows
+    only: Q x Pk values, never the P x P matrix."""
+    n, spatial = x.shape[0], tuple(x.shape[2:])
+    positions = math.prod(spatial)
+    rows = [positions // 2] if queries is None else list(queries)
+    for row in rows:
+        if not 0 <= row < positions:
+            raise ValueError(f"attention_maps: query position {row} is outside [0, {positions})")
+    qk, heads = module.qk_dim, module.num_heads
+    lift = (1,) * len(spatial)
+    qkv = torch.einsum("oc,nc...->no...", module.qkv_weight, x) + module.qkv_bias.reshape((-1,) + lift)
+    q = qkv[:, :qk].flatten(2)[:, :, rows]  # (N, qk, Q)
+    keys = qkv[:, qk : 2 * qk]
+    if module.kv_stride > 1:
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(spatial)]
+        keys = pool(keys, module.kv_stride, module.kv_stride)
+    key_spatial = tuple(keys.shape[2:])
+    head_dim = qk // heads
+    q = q.reshape(n, heads, head_dim, len(rows)).transpose(-1, -2)  # (N, H, Q, d)
+    k = keys.flatten(2).reshape(n, heads, head_dim, -1)  # (N, H, d, Pk)
+    weights = torch.softmax(q @ k / math.sqrt(head_dim), dim=-1)
+    return weights.reshape((n, heads, len(rows)) + key_spatial)
+
+
+def attention_maps(model: nn.Module, x: Tensor, queries: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+    """Every attention module's weights from one forward of `x`, by qualified module name:
+
+    - ``ChannelAttention`` (also CBAM's ``.channel``): channel weights ``(N, C)``;
+    - ``SoftAttention`` (also CBAM's ``.spatial``): spatial weights ``(N, 1, *S)``;
+    - ``HardAttention``: its 0/1 mask ``(N, 1, *S)``;
+    - ``SelfAttention``: the attention of chosen query positions over the key positions,
+      ``(N, heads, Q, *S')`` (``S'`` after ``kv_stride`` pooling), computed for those rows only.
+      ``queries``: flat position indices (default: the centre position).
+
+    Runs under ``torch.no_grad()`` in the model's current mode (use ``model.eval()`` for
+    inference maps: ``HardAttention`` adds noise in training when asked to).
+    """
+    maps: Dict[str, Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ChannelAttention):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: maps.__setitem__(name, _channel_weights(m, inputs[0]))))
+        elif isinstance(module, SoftAttention):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: maps.__setitem__(name, _soft_weights(m, inputs[0]))))
+        elif isinstance(module, HardAttention):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: maps.__setitem__(name, m.last_mask)))
+        elif isinstance(module, SelfAttention):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: maps.__setitem__(name, _self_attention_rows(m, inputs[0], queries))))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
