@@ -1,0 +1,85 @@
+"""DistributedDataParallel (DESIGN.md section 3): a model with every module trains under DDP
+with 2 CPU processes (gloo); the gradients equal those of one process on the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import cnn_attention
+
+WORLD = 2
+
+
+class EveryModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.channel = cnn_attention.ChannelAttention(8, reduction=2)
+        self.cbam = cnn_attention.CBAM(8, reduction=2, kernel_size=3)
+        self.soft = cnn_attention.SoftAttention(kernel_size=3, normalize="softmax")
+        self.hard = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.5)
+        self.self_attention = cnn_attention.SelfAttention(8, num_heads=2, qk_reduction=2, kv_stride=2, gamma_init=0.5)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.self_attention(self.hard(self.soft(self.cbam(self.channel(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 10, 10, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+
+
+def _model():
+    torch.manual_seed(0)
+    return EveryModule()
+
+
+def _loss(model, x, target):
+    return nn.functional.cross_entropy(model(x), target)
+
+
+def _worker(rank, port, path):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = DistributedDataParallel(_model())
+        x, target = _batch()
+        share = x.shape[0] // WORLD
+        local = slice(rank * share, (rank + 1) * share)
+        _loss(model, x[local], target[local]).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.module.named_parameters()}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    path = tmp_path / "grads.pt"
+    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    distributed = torch.load(path)
+    model = _model()
+    _loss(model, *_batch()).backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    assert distributed.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
