@@ -7,6 +7,7 @@
 #include "macros.h"
 #include "modules/cbam.h"
 #include "modules/channel_attention.h"
+#include "modules/insert.h"
 #include "modules/self_attention.h"
 #include "modules/spatial_attention.h"
 #include "ops/channel_attention.h"
