@@ -9,7 +9,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
-from models import TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
+from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -34,7 +34,13 @@ def main(out_dir: str) -> None:
         self_y = self_model(x)
     torch.jit.script(self_model).save(os.path.join(out_dir, "self_model.pt"))
     torch.save(self_y, os.path.join(out_dir, "self_output.pt"))
-    print(f"wrote model.pt, spatial_model.pt, self_model.pt, input.pt and their outputs to {out_dir}")
+    torch.manual_seed(0)
+    all_model = TinyAllFamiliesCNN().eval()
+    with torch.no_grad():
+        all_y = all_model(x)
+    torch.jit.script(all_model).save(os.path.join(out_dir, "all_model.pt"))
+    torch.save(all_y, os.path.join(out_dir, "all_output.pt"))
+    print(f"wrote model.pt, spatial_model.pt, self_model.pt, all_model.pt, input.pt and their outputs to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -83,4 +83,11 @@ TEST(LoadModel, SelfAttentionModelReproducesPythonOutputAndTrains) {
   EXPECT_EQ(trained_parameters(model, {"attention"}), 10);
 }
 
+TEST(LoadModel, AllFamiliesModelReproducesPythonOutputAndTrains) {
+  ASSERT_FALSE(models_dir().empty());
+  auto model = load_and_check_output("all_model.pt", "all_output.pt");
+  // Channel MLP (4), CBAM (4 + 2), hard attention's score head (2), self attention (5).
+  EXPECT_EQ(trained_parameters(model, {"attention", "cbam"}), 17);
+}
+
 }  // namespace

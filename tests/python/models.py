@@ -60,3 +60,24 @@ class TinySelfAttentionCNN(nn.Module):
         x = self.shallow_attention(self.stem(x))
         x = self.deep_attention(self.down(x))
         return self.head(x.mean((2, 3)))
+
+
+class TinyAllFamiliesCNN(nn.Module):
+    """All four families in one model: channel attention and CBAM at the shallow stage, hard
+    attention and self attention at the deep stage, soft attention pooling as the head."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.channel_attention = cnn_attention.ChannelAttention(channels, reduction=2)
+        self.cbam = cnn_attention.CBAM(channels, reduction=2, kernel_size=3)
+        self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.hard_attention = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.5)
+        self.self_attention = cnn_attention.SelfAttention(2 * channels, num_heads=2, qk_reduction=4, gamma_init=0.5)
+        self.pool_scores = nn.Conv2d(2 * channels, 1, 1)
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cbam(self.channel_attention(self.stem(x)))
+        x = self.self_attention(self.hard_attention(self.down(x)))
+        return self.head(torch.ops.cnn_attention.soft_attention_pool(x, self.pool_scores(x), 1.0))

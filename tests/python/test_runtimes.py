@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from models import TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
+from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
 
 import cnn_attention
 
@@ -21,6 +21,8 @@ MODELS = {
     "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool",
                                           "channel_attention", "channel_pool"}),
     "self": (TinySelfAttentionCNN, {"self_attention"}),
+    "all": (TinyAllFamiliesCNN, {"channel_attention", "channel_pool", "soft_attention", "hard_attention",
+                                 "self_attention", "soft_attention_pool"}),
 }
 models = pytest.mark.parametrize("kind", sorted(MODELS))
 
