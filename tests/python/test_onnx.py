@@ -1,0 +1,60 @@
+"""ONNX export (cnn_attention.onnx): models with every operator and option exported with
+standard ONNX operators; onnxruntime's outputs match PyTorch's."""
+
+import pytest
+import torch
+from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
+from torch import nn
+
+import cnn_attention
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+import cnn_attention.onnx  # noqa: E402
+
+
+def _run_onnx(model, x, tmp_path):
+    program = cnn_attention.onnx.export(model, (x,), verbose=False)
+    path = tmp_path / "model.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return [torch.from_numpy(o) for o in outputs]
+
+
+@pytest.mark.parametrize("model_class", [TinyAttentionCNN, TinySpatialAttentionCNN, TinySelfAttentionCNN, TinyAllFamiliesCNN])
+def test_models_match_onnxruntime(tmp_path, model_class):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    x = torch.randn(2, 3, 16, 16)
+    (out,) = _run_onnx(model, x, tmp_path)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+class Options(nn.Module):
+    """The options the tiny models leave out: max and avg pooling, the softmax gate, softmax
+    spatial weights with a temperature, threshold masks, top-k over tied scores (ONNX TopK
+    and the operator both keep the lower index), 1-D maps with self attention pooled by 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_softmax = cnn_attention.ChannelAttention(6, reduction=2, pool="max", gate="softmax")
+        self.avg = cnn_attention.ChannelAttention(6, reduction=2, pool="avg")
+        self.soft = cnn_attention.SoftAttention(kernel_size=3, normalize="softmax", temperature=0.7, spatial_dims=1)
+        self.threshold = cnn_attention.HardAttention(kernel_size=3, mode="threshold", threshold=0.4, spatial_dims=1)
+        self.self_attention = cnn_attention.SelfAttention(6, num_heads=3, qk_reduction=2, kv_stride=3, gamma_init=0.7)
+
+    def forward(self, x):
+        x = self.threshold(self.soft(self.avg(self.max_softmax(x))))
+        tied = torch.zeros_like(x[:, :1])  # every score equal: top-k keeps the first positions
+        y, mask = torch.ops.cnn_attention.hard_attention(x, tied, "topk", 0.5, 5, "sigmoid", 1.0)
+        pooled = torch.ops.cnn_attention.soft_attention_pool(x, x[:, :1] * 2.0, 0.5)
+        return self.self_attention(y + mask) + pooled[:, :, None]
+
+
+def test_every_option_matches_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = Options().eval()
+    x = torch.randn(2, 6, 20)
+    (out,) = _run_onnx(model, x, tmp_path)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
