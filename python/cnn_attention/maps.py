@@ -44,7 +44,13 @@ def _self_attention_rows(module: SelfAttention, x: Tensor, queries: Optional[Seq
     only: Q x Pk values, never the P x P matrix."""
     n, spatial = x.shape[0], tuple(x.shape[2:])
     positions = math.prod(spatial)
-    rows = [positions // 2] if queries is None else list(queries)
+    if queries is None:
+        centre = 0
+        for size in spatial:
+            centre = centre * size + size // 2
+        rows = [centre]
+    else:
+        rows = list(queries)
     for row in rows:
         if not 0 <= row < positions:
             raise ValueError(f"attention_maps: query position {row} is outside [0, {positions})")

@@ -74,9 +74,12 @@ def test_self_attention_rows_match_the_full_matrix():
 
 
 def test_default_query_is_the_centre_and_bad_queries_are_refused():
+    # The centre of 5 x 5 is (2, 2), flat index 12.
     module = cnn_attention.SelfAttention(8)
     x = torch.randn(1, 8, 5, 5)
-    assert cnn_attention.attention_maps(module, x)[""].shape == (1, 1, 1, 5, 5)
+    default = cnn_attention.attention_maps(module, x)[""]
+    assert default.shape == (1, 1, 1, 5, 5)
+    torch.testing.assert_close(default, cnn_attention.attention_maps(module, x, queries=[2 * 5 + 2])[""])
     with pytest.raises(ValueError, match=r"query position 25 is outside \[0, 25\)"):
         cnn_attention.attention_maps(module, x, queries=[25])
 
