@@ -40,7 +40,10 @@ def main(out_dir: str) -> None:
         all_y = all_model(x)
     torch.jit.script(all_model).save(os.path.join(out_dir, "all_model.pt"))
     torch.save(all_y, os.path.join(out_dir, "all_output.pt"))
-    print(f"wrote model.pt, spatial_model.pt, self_model.pt, all_model.pt, input.pt and their outputs to {out_dir}")
+    # The same model exported and compiled ahead of time (AOTInductor), for run_model.
+    torch._inductor.aoti_compile_and_package(
+        torch.export.export(all_model, (x,)), package_path=os.path.join(out_dir, "all_model.pt2"))
+    print(f"wrote model.pt, spatial_model.pt, self_model.pt, all_model.pt(2), input.pt and their outputs to {out_dir}")
 
 
 if __name__ == "__main__":
