@@ -12,38 +12,28 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
 
 
+# (file prefix, model): prefix + "model.pt" and prefix + "output.pt" are written for each.
+MODELS = [("", TinyAttentionCNN), ("spatial_", TinySpatialAttentionCNN), ("self_", TinySelfAttentionCNN),
+          ("all_", TinyAllFamiliesCNN)]
+
+
 def main(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(0)
-    model = TinyAttentionCNN().eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        y = model(x)
-    torch.jit.script(model).save(os.path.join(out_dir, "model.pt"))
-    torch.save(x, os.path.join(out_dir, "input.pt"))
-    torch.save(y, os.path.join(out_dir, "output.pt"))
-    torch.manual_seed(0)
-    spatial = TinySpatialAttentionCNN().eval()
-    with torch.no_grad():
-        spatial_y = spatial(x)
-    torch.jit.script(spatial).save(os.path.join(out_dir, "spatial_model.pt"))
-    torch.save(spatial_y, os.path.join(out_dir, "spatial_output.pt"))
-    torch.manual_seed(0)
-    self_model = TinySelfAttentionCNN().eval()
-    with torch.no_grad():
-        self_y = self_model(x)
-    torch.jit.script(self_model).save(os.path.join(out_dir, "self_model.pt"))
-    torch.save(self_y, os.path.join(out_dir, "self_output.pt"))
-    torch.manual_seed(0)
-    all_model = TinyAllFamiliesCNN().eval()
-    with torch.no_grad():
-        all_y = all_model(x)
-    torch.jit.script(all_model).save(os.path.join(out_dir, "all_model.pt"))
-    torch.save(all_y, os.path.join(out_dir, "all_output.pt"))
-    # The same model exported and compiled ahead of time (AOTInductor), for run_model.
+    x = None
+    for prefix, model_class in MODELS:
+        torch.manual_seed(0)
+        model = model_class().eval()
+        if x is None:
+            x = torch.randn(2, 3, 16, 16)
+            torch.save(x, os.path.join(out_dir, "input.pt"))
+        with torch.no_grad():
+            y = model(x)
+        torch.jit.script(model).save(os.path.join(out_dir, f"{prefix}model.pt"))
+        torch.save(y, os.path.join(out_dir, f"{prefix}output.pt"))
+    # The last model exported and compiled ahead of time (AOTInductor), for run_model.
     torch._inductor.aoti_compile_and_package(
-        torch.export.export(all_model, (x,)), package_path=os.path.join(out_dir, "all_model.pt2"))
-    print(f"wrote model.pt, spatial_model.pt, self_model.pt, all_model.pt(2), input.pt and their outputs to {out_dir}")
+        torch.export.export(model, (x,)), package_path=os.path.join(out_dir, "all_model.pt2"))
+    print(f"wrote {', '.join(p + 'model.pt' for p, _ in MODELS)}, all_model.pt2, input.pt and the outputs to {out_dir}")
 
 
 if __name__ == "__main__":
