@@ -140,8 +140,13 @@ torch::Tensor HardAttentionImpl::forward(const torch::Tensor& x) {
   auto [y, mask] =
       ops::hard_attention(x, s, options.mode(), options.threshold(), positions_kept(positions),
                           options.estimator(), options.temperature());
-  last_mask = mask;
+  if (is_training() || options.keep_mask()) last_mask = mask;
   return y;
+}
+
+void HardAttentionImpl::train(bool on) {
+  if (on != is_training()) last_mask = torch::Tensor();
+  torch::nn::Module::train(on);
 }
 
 std::optional<double> HardAttentionImpl::kept_fraction() const {
@@ -158,7 +163,9 @@ void HardAttentionImpl::pretty_print(std::ostream& stream) const {
     stream << ", k=" << options.k();
   }
   stream << ", estimator=" << options.estimator() << ", temperature=" << options.temperature()
-         << ", noise=" << options.noise() << ")";
+         << ", noise=" << options.noise();
+  if (options.keep_mask()) stream << ", keep_mask=true";
+  stream << ")";
 }
 
 }  // namespace nn

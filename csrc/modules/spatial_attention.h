@@ -73,10 +73,14 @@ struct CNN_ATTENTION_API HardAttentionOptions {
   // Scale of the logistic noise added to the scores in training (0: none).
   TORCH_ARG(double, noise) = 0.0;
   TORCH_ARG(int64_t, spatial_dims) = 2;
+  // Keep the mask in eval mode too (it is always kept in training).
+  TORCH_ARG(bool, keep_mask) = false;
 };
 
 // y = x * mask with a 0/1 mask from the score head, trained straight through; see
-// ops::hard_attention. The last mask is kept for inspection.
+// ops::hard_attention. A forward in training mode (or any forward with keep_mask) keeps its
+// mask in last_mask; switching modes clears it. An eval forward without keep_mask writes no
+// module state, so one module can serve many threads at once.
 class CNN_ATTENTION_API HardAttentionImpl : public torch::nn::Cloneable<HardAttentionImpl> {
  public:
   explicit HardAttentionImpl(HardAttentionOptions options = {});
@@ -84,6 +88,9 @@ class CNN_ATTENTION_API HardAttentionImpl : public torch::nn::Cloneable<HardAtte
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
+  // Clears last_mask when the mode changes: a mask from the other mode would be mistaken for
+  // one of the next forward.
+  void train(bool on = true) override;
 
   // k for an input with `positions` positions.
   int64_t positions_kept(int64_t positions) const;

@@ -85,6 +85,8 @@ def attention_maps(model: nn.Module, x: Tensor, queries: Optional[Sequence[int]]
     """
     maps: Dict[str, Tensor] = {}
     handles = []
+    # HardAttention keeps its mask in eval mode only when asked to.
+    keep_mask = {m: m.keep_mask for m in model.modules() if isinstance(m, HardAttention)}
     for name, module in model.named_modules():
         if isinstance(module, ChannelAttention):
             handles.append(module.register_forward_hook(
@@ -99,9 +101,13 @@ def attention_maps(model: nn.Module, x: Tensor, queries: Optional[Sequence[int]]
             handles.append(module.register_forward_hook(
                 lambda m, inputs, out, name=name: maps.__setitem__(name, _self_attention_rows(m, inputs[0], queries))))
     try:
+        for module in keep_mask:
+            module.keep_mask = True
         with torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
+        for module, keep in keep_mask.items():
+            module.keep_mask = keep
     return maps

@@ -193,8 +193,13 @@ class HardAttention(nn.Module):
             concrete relaxation: the mask explores); ``0`` turns it off; never applied in eval.
         spatial_dims: 1, 2 or 3.
 
-    After each forward, ``last_mask`` holds the mask ``(N, 1, *S)`` and ``kept_fraction`` the
-    fraction of positions kept. Shape: ``(N, C, *S) -> (N, C, *S)``.
+        keep_mask: keep the mask in eval mode too (it is always kept in training).
+
+    After a forward in training mode (or any forward when ``keep_mask``), ``last_mask`` holds
+    the mask ``(N, 1, *S)`` and ``kept_fraction`` the fraction of positions kept; switching
+    between training and eval clears it. An eval-mode forward without ``keep_mask`` writes no
+    module state, so one module (eager, scripted or in C++) can serve many threads at once.
+    Shape: ``(N, C, *S) -> (N, C, *S)``.
     """
 
     last_mask: Optional[Tensor]
@@ -212,6 +217,7 @@ class HardAttention(nn.Module):
         temperature: float = 1.0,
         noise: float = 0.0,
         spatial_dims: int = 2,
+        keep_mask: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("HardAttention", "mode", mode, _HARD_MODES)
@@ -236,6 +242,7 @@ class HardAttention(nn.Module):
         self.estimator = estimator
         self.temperature = float(temperature)
         self.noise = float(noise)
+        self.keep_mask = bool(keep_mask)
         self.last_mask = None
 
     def positions_kept(self, positions: int) -> int:
@@ -264,8 +271,17 @@ class HardAttention(nn.Module):
             self.estimator,
             self.temperature,
         )
-        self._keep(mask)
+        # Writing last_mask in every forward would make concurrent eval forwards of one module
+        # (a C++ service's threads) race on the attribute.
+        if self.training or self.keep_mask:
+            self._keep(mask)
         return y
+
+    def train(self, mode: bool = True) -> "HardAttention":
+        # A mask from the other mode would be mistaken for one of the next forward.
+        if mode != self.training:
+            self.last_mask = None
+        return super().train(mode)
 
     def _keep(self, mask: Tensor) -> None:
         # torch.export (non-strict) forbids assigning module attributes while tracing; eager,
@@ -289,6 +305,7 @@ class HardAttention(nn.Module):
         return (
             f"mode={self.mode!r}, threshold={self.threshold}, {kept}, "
             f"estimator={self.estimator!r}, temperature={self.temperature}, noise={self.noise}"
+            + (", keep_mask=True" if self.keep_mask else "")
         )
 
 

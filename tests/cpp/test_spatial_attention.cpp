@@ -154,14 +154,22 @@ TEST(SpatialAttentionModules, ParametersAndForward) {
   const auto scores = soft->scores->forward(x);
   EXPECT_TRUE(torch::allclose(soft->forward(x), x * torch::sigmoid(scores)));
   EXPECT_FALSE(hard->kept_fraction().has_value());
-  hard->eval();
-  const auto y = hard->forward(x);
+  hard->forward(x);
   EXPECT_EQ(hard->kept_fraction().value(), 0.25);  // ceil(0.25 * 64) = 16 of 64 positions
+  // Switching to eval clears the mask, and an eval forward keeps none unless asked to.
+  hard->eval();
+  EXPECT_FALSE(hard->last_mask.defined());
+  const auto y = hard->forward(x);
+  EXPECT_FALSE(hard->last_mask.defined());
+  hard->options.keep_mask(true);
+  EXPECT_TRUE(torch::equal(hard->forward(x), y));
+  EXPECT_EQ(hard->kept_fraction().value(), 0.25);
   EXPECT_TRUE(torch::equal(y, x * hard->last_mask));
   EXPECT_EQ(cbam->forward(x).sizes(), x.sizes());
 
   // A training step reaches every parameter.
   hard->train();
+  EXPECT_FALSE(hard->last_mask.defined());
   (hard->forward(x).square().sum() + cbam->forward(x).square().sum()).backward();
   for (const auto& p : hard->parameters()) EXPECT_TRUE(p.grad().defined());
   for (const auto& p : cbam->parameters()) EXPECT_GT(p.grad().abs().sum().item<double>(), 0.0);

@@ -32,7 +32,8 @@ class TinySpatialAttentionCNN(nn.Module):
         self.soft_attention = cnn_attention.SoftAttention(kernel_size=3, temperature=0.5)
         self.cbam = cnn_attention.CBAM(channels, reduction=2, kernel_size=3)
         self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
-        self.hard_attention = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25)
+        # keep_mask: the C++ test reads the mask of an eval-mode forward.
+        self.hard_attention = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25, keep_mask=True)
         self.pool_scores = nn.Conv2d(2 * channels, 1, 1)
         self.head = nn.Linear(2 * channels, classes)
 

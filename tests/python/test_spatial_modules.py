@@ -127,10 +127,37 @@ def test_keep_ratio_picks_k_from_the_input_at_hand():
     assert HardAttention(mode="topk", keep_ratio=1.0).positions_kept(10) == 10
 
 
+def test_hard_attention_keeps_its_mask_in_training_or_when_asked():
+    x = torch.randn(2, 4, 8, 8)
+    m = HardAttention(kernel_size=3, mode="topk", k=5)
+    m(x)
+    assert m.last_mask is not None and m.kept_fraction == pytest.approx(5 / 64)
+    # Switching modes clears it; an eval forward then writes no module state.
+    m.eval()
+    assert m.last_mask is None
+    m(x)
+    assert m.last_mask is None and m.kept_fraction is None
+    m.keep_mask = True
+    m(x)
+    assert (m.last_mask.flatten(1).sum(1) == 5).all()
+    m.eval()  # no change of mode: the mask stays
+    assert m.last_mask is not None
+    m.train()
+    assert m.last_mask is None
+    assert "keep_mask=True" in repr(m) and "keep_mask" not in repr(HardAttention())
+    # TorchScript follows the same rule.
+    scripted = torch.jit.script(HardAttention(kernel_size=3, mode="topk", k=5).eval())
+    scripted(x)
+    assert scripted.last_mask is None
+    scripted.train()
+    scripted(x)
+    assert (scripted.last_mask.flatten(1).sum(1) == 5).all()
+
+
 def test_hard_attention_noise_only_in_training():
     torch.manual_seed(1)
-    noisy = HardAttention(kernel_size=3, mode="threshold", noise=1.0)
-    clean = HardAttention(kernel_size=3, mode="threshold", noise=0.0)
+    noisy = HardAttention(kernel_size=3, mode="threshold", noise=1.0, keep_mask=True)
+    clean = HardAttention(kernel_size=3, mode="threshold", noise=0.0, keep_mask=True)
     clean.load_state_dict(noisy.state_dict())
     x = torch.randn(2, 4, 8, 8)
     # Training: the logistic noise moves the mask from one call to the next.
@@ -268,7 +295,7 @@ class SpatialCNN(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
         self.soft = SoftAttention(kernel_size=5, normalize="softmax", temperature=0.5)
-        self.hard = HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25)
+        self.hard = HardAttention(kernel_size=3, mode="topk", keep_ratio=0.25, keep_mask=True)
         self.down = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
         self.cbam = CBAM(2 * channels, reduction=4, kernel_size=3)
         self.gate = HardAttention(kernel_size=3, mode="threshold", threshold=0.4, estimator="identity")
@@ -396,7 +423,9 @@ class _PatchClassifier(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
         # Keep 16 of 256 positions: exactly as many as the patch has.
-        self.attention = HardAttention(kernel_size=5, mode="topk", keep_ratio=PATCH * PATCH / SIZE**2, estimator="sigmoid")
+        self.attention = HardAttention(
+            kernel_size=5, mode="topk", keep_ratio=PATCH * PATCH / SIZE**2, estimator="sigmoid", keep_mask=True
+        )
         self.head = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,6 +437,7 @@ def _evaluate(model, x, labels, inside):
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == labels).float().mean().item()
         mask = model.attention.last_mask
+        assert mask.flatten(1).sum(1).eq(16).all()
         on_patch = ((mask * inside).sum() / mask.sum()).item()
     model.train()
     return accuracy, on_patch
@@ -431,7 +461,6 @@ def test_hard_attention_learns_to_keep_the_informative_region():
         loss.backward()
         optimizer.step()
     accuracy, on_patch = _evaluate(model, test_x, test_labels, test_inside)
-    assert model.attention.last_mask.flatten(1).sum(1).eq(16).all()
     chance = PATCH * PATCH / SIZE**2
     assert on_patch > 0.5, f"kept positions on the patch: {on_patch:.3f} (chance {chance})"
     assert accuracy > 0.9, f"held-out accuracy {accuracy:.3f}"
