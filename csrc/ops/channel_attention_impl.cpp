@@ -148,8 +148,11 @@ channel_attention_backward(
   const at::Tensor grad_fc2_weight =
       grad_logits.t().mm(count == 1 ? hidden : hidden_by_branch.sum(0));
   const at::Tensor grad_fc2_bias = grad_logits.sum(0) * static_cast<double>(count);
+  // A select, not a product with the 0/1 derivative, exactly as eager relu's backward: a
+  // unit that is off passes no gradient even when the gradient reaching it is NaN or
+  // infinite, and a NaN unit passes it.
   const at::Tensor grad_hidden =
-      (grad_logits.mm(mlp.fc2_weight).unsqueeze(0) * (hidden_by_branch > 0))
+      at::where(hidden_by_branch <= 0, 0, grad_logits.mm(mlp.fc2_weight).unsqueeze(0))
           .view({count * batch, hidden_size});
   const at::Tensor grad_fc1_weight =
       grad_hidden.t().mm(branches.reshape({count * batch, channels}));

@@ -43,32 +43,43 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       const scalar_t* xr = x + row * positions;
       const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
       // kChains independent accumulators, so the adds are not one serial dependency chain.
-      Vec vsum[kChains], vdot[kChains], vmax[kChains];
-      std::fill_n(vsum, kChains, Vec(opmath_t(0)));
-      std::fill_n(vdot, kChains, Vec(opmath_t(0)));
+      Vec vmax[kChains];
       std::fill_n(vmax, kChains, Vec(-std::numeric_limits<opmath_t>::infinity()));
+      Vec total_sum(opmath_t(0)), total_dot(opmath_t(0));
       int64_t p = 0;
-      for (; p + kChains * V::size() <= positions; p += kChains * V::size()) {
-        for (int chain = 0; chain < kChains; ++chain) {
-          const auto chunk = V::load(xr + p + chain * V::size());
-          for (int k = 0; k < V::kVecs; ++k) {
-            vsum[chain] += chunk[k];
-            vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
-          }
-          if (gr) {
-            const auto grad = V::load(gr + p + chain * V::size());
+      // Sums in blocks of cpu::kSumBlock positions (see there): rows of 2^29 positions and
+      // more (2^24 per lane) would otherwise stall.
+      while (p + kChains * V::size() <= positions) {
+        const int64_t block_end = std::min(positions, p + cpu::kSumBlock);
+        Vec vsum[kChains], vdot[kChains];
+        std::fill_n(vsum, kChains, Vec(opmath_t(0)));
+        std::fill_n(vdot, kChains, Vec(opmath_t(0)));
+        for (; p + kChains * V::size() <= block_end; p += kChains * V::size()) {
+          for (int chain = 0; chain < kChains; ++chain) {
+            const auto chunk = V::load(xr + p + chain * V::size());
             for (int k = 0; k < V::kVecs; ++k) {
-              vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
+              vsum[chain] += chunk[k];
+              vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
+            }
+            if (gr) {
+              const auto grad = V::load(gr + p + chain * V::size());
+              for (int k = 0; k < V::kVecs; ++k) {
+                vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
+              }
             }
           }
         }
+        for (int chain = 1; chain < kChains; ++chain) {
+          vsum[0] += vsum[chain];
+          vdot[0] += vdot[chain];
+        }
+        total_sum += vsum[0];
+        total_dot += vdot[0];
       }
       for (int chain = 1; chain < kChains; ++chain) {
-        vsum[0] += vsum[chain];
-        vdot[0] += vdot[chain];
         vmax[0] = at::vec::maximum(vmax[0], vmax[chain]);
       }
-      opmath_t sum = lane_sum(vsum[0]), best = lane_max(vmax[0]), dot = lane_sum(vdot[0]);
+      opmath_t sum = lane_sum(total_sum), best = lane_max(vmax[0]), dot = lane_sum(total_dot);
       for (; p < positions; ++p) {
         const opmath_t v = static_cast<opmath_t>(xr[p]);
         sum += v;

@@ -101,7 +101,8 @@ void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int
 // grad_x = grad_mean / C everywhere, plus grad_max at the first channel attaining the max.
 // Vectorized over positions, with each position's best channel held as a number in the
 // accumulation dtype (exact below 2^24 channels; beyond that every position takes the
-// scalar path).
+// scalar path). The scalar path keeps its best channels as integers: float32(c) rounds
+// above 2^24, which would send grad_max to two channels.
 template <typename scalar_t>
 void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
                              int64_t batch, int64_t channels, int64_t positions) {
@@ -115,6 +116,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
   at::parallel_for(0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
     alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
     alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
+    int64_t where_index[kPositionBlock];  // the scalar path's best channels
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t p0 = (task % blocks) * kPositionBlock;
@@ -122,6 +124,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
       const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
       std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
       std::fill_n(where, width, opmath_t(0));
+      std::fill_n(where_index, width, int64_t(0));
       for (int64_t c = 0; c < channels; ++c) {
         const scalar_t* xc = x + (n * channels + c) * positions + p0;
         const Vec channel(static_cast<opmath_t>(c));
@@ -140,7 +143,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const opmath_t v = static_cast<opmath_t>(xc[j]);
           if (replaces_max(v, best[j])) {
             best[j] = v;
-            where[j] = static_cast<opmath_t>(c);
+            where_index[j] = c;
           }
         }
       }
@@ -163,7 +166,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
           V::store(gc + j, out);
         }
         for (; j < width; ++j) {
-          const bool hit = where[j] == static_cast<opmath_t>(c);
+          const bool hit = where_index[j] == c;
           gc[j] = static_cast<scalar_t>(hit ? grad_mean[j] + grad_max[j] : grad_mean[j]);
         }
       }

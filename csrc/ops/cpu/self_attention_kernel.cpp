@@ -197,7 +197,7 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
           Vec sum_vec(0);
           int64_t j = 0;
           for (; j + Vec::size() <= cols; j += Vec::size()) {
-            const Vec p = (Vec::loadu(s + j) - shift_vec).exp_u20();
+            const Vec p = cpu::exp_u20_nonfinite(Vec::loadu(s + j) - shift_vec);
             p.store(s + j);
             sum_vec = sum_vec + p;
           }
@@ -285,7 +285,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
             const Vec row_shift(row_lse[first + i]);
             int64_t j = 0;
             for (; j + Vec::size() <= cols; j += Vec::size()) {
-              (Vec::loadu(p + j) - row_shift).exp_u20().store(p + j);
+              cpu::exp_u20_nonfinite(Vec::loadu(p + j) - row_shift).store(p + j);
             }
             for (; j < cols; ++j) p[j] = std::exp(p[j] - row_lse[first + i]);
           }

@@ -263,14 +263,21 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
         const int64_t n = row / C, c = row % C;
         const scalar_t* x_row = x + xr.at(n, c);
         const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * P;
-        Vec dot(opmath_t(0));
+        // Sums in blocks of cpu::kSumBlock positions (see there): rows of 2^27 positions and
+        // more (2^24 terms per lane) would otherwise stall.
+        Vec dot_total(opmath_t(0));
         int64_t j = 0;
-        for (; j + V::size() <= P; j += V::size()) {
-          const auto xs = V::load(x_row + j);
-          const auto ws = V::load_opmath(w_row + j);
-          for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(xs[k], ws[k], dot);
+        while (j + V::size() <= P) {
+          const int64_t block_end = std::min(P, j + cpu::kSumBlock);
+          Vec dot(opmath_t(0));
+          for (; j + V::size() <= block_end; j += V::size()) {
+            const auto xs = V::load(x_row + j);
+            const auto ws = V::load_opmath(w_row + j);
+            for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(xs[k], ws[k], dot);
+          }
+          dot_total += dot;
         }
-        opmath_t total = lane_sum(dot);
+        opmath_t total = lane_sum(dot_total);
         for (; j < P; ++j) total += static_cast<opmath_t>(x_row[j]) * w_row[j];
         out[row] = static_cast<scalar_t>(total);
       }
@@ -280,11 +287,12 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
     const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
     at::parallel_for(
         0, e.batch * blocks, grain_for(kChannelBlock * P), [&](int64_t begin, int64_t end) {
-          alignas(64) opmath_t sum[kChannelBlock];
+          alignas(64) opmath_t sum[kChannelBlock], total[kChannelBlock];
           for (int64_t task = begin; task < end; ++task) {
             const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
             const int64_t width = std::min(kChannelBlock, C - c0);
             std::fill_n(sum, width, opmath_t(0));
+            std::fill_n(total, width, opmath_t(0));
             for (int64_t p = 0; p < P; ++p) {
               const int64_t pixel = n * P + p;
               const scalar_t* x_row = x + xr.at(n, p) + c0;
@@ -301,8 +309,18 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
               for (; j < width; ++j) {
                 sum[j] = std::fma(static_cast<opmath_t>(x_row[j]), row_value(w_row, j), sum[j]);
               }
+              // Each channel sums every position in one lane: folded into `total` every
+              // cpu::kSumBlock positions (see there), as past 2^24 positions it would stall.
+              if ((p + 1) % cpu::kSumBlock == 0 || p + 1 == P) {
+                for (j = 0; j < width; ++j) {
+                  total[j] += sum[j];
+                  sum[j] = opmath_t(0);
+                }
+              }
             }
-            for (int64_t j = 0; j < width; ++j) out[n * C + c0 + j] = static_cast<scalar_t>(sum[j]);
+            for (int64_t j = 0; j < width; ++j) {
+              out[n * C + c0 + j] = static_cast<scalar_t>(total[j]);
+            }
           }
         });
   }
@@ -391,9 +409,9 @@ void store_partial(scalar_t* data, const typename OpmathVec<scalar_t>::Chunk& ch
 template <typename T>
 at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
   const at::vec::Vectorized<T> one(T(1));
-  // exp_u20 (20 ulp, the exp torch.compile's CPU code uses) is faster than exp and more
-  // accurate than a weight needs (forward at C score channels: 3.67 -> 3.37 ms, min).
-  return one / (one + z.neg().exp_u20());
+  // exp_u20 is faster than exp (forward at C score channels: 3.67 -> 3.37 ms, min);
+  // sigmoid(NaN) = NaN, sigmoid(-inf) = 0 exactly.
+  return one / (one + cpu::exp_u20_nonfinite(z.neg()));
 }
 
 template <typename scalar_t>

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 
 namespace cnn_attention {
 namespace ops {
@@ -74,6 +75,13 @@ inline at::vec::Vectorized<T> replaces_max(const at::vec::Vectorized<T>& value,
   return (value > best) | ((value != value) & (best == best));
 }
 
+// Values of a long row summed into one set of float accumulators before they are added to
+// the row's total. A float sum stops growing once it is 2^24 times its terms (a row of 2^31
+// ones summed in 32 lanes gives a quarter of the true sum), so rows longer than this are
+// summed block by block; a row within one block is summed exactly as without blocks. A
+// multiple of every vector size.
+constexpr int64_t kSumBlock = int64_t(1) << 20;
+
 // at::parallel_for grain for work items of `item_size` elements each.
 inline int64_t grain_for(int64_t item_size) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / item_size);
@@ -121,6 +129,17 @@ int64_t first_index_of(const scalar_t* row, int64_t size, at::opmath_type<scalar
     if (v == best || (std::isnan(best) && std::isnan(v))) return p;
   }
   return 0;  // unreachable for a maximum taken from this row; never an out-of-range index
+}
+
+// exp with at::vec's exp_u20 (20 ulp, the exp torch.compile's CPU code uses; faster than exp
+// and more accurate than softmax or sigmoid weights need), except that exp_u20 clamps its
+// argument, turning NaN and +inf into 3.4e38: those pass through unchanged here (exp(NaN) =
+// NaN, exp(inf) = inf), so non-finite values propagate as in eager PyTorch.
+template <typename T>
+inline at::vec::Vectorized<T> exp_u20_nonfinite(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec passthrough = v.isnan() | (v == Vec(std::numeric_limits<T>::infinity()));
+  return Vec::blendv(v.exp_u20(), v, passthrough);
 }
 
 }  // namespace cpu

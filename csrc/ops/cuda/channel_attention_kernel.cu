@@ -64,7 +64,8 @@ __global__ void reduce_channels_first_kernel(const scalar_t* __restrict__ x,
   dot = gr ? cuda::block_sum(dot, value_scratch) : acc_t(0);
   best = cuda::block_argmax(best, value_scratch, index_scratch);
   if (threadIdx.x == 0) {
-    out.write(blockIdx.y * gridDim.x + row, sum, best, dot, gridDim.y == 1);
+    // In 64 bits: blockIdx.y * gridDim.x alone is an unsigned 32-bit product.
+    out.write(int64_t(blockIdx.y) * gridDim.x + row, sum, best, dot, gridDim.y == 1);
   }
 }
 

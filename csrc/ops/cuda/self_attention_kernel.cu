@@ -27,6 +27,9 @@ bool memory_efficient_applies(const at::Tensor& q, const at::Tensor& v) {
   // Its kernels read heads in 16-byte vectors; other widths go to ours.
   if (q.size(-1) % 8 != 0 || v.size(-1) % 8 != 0) return false;
   if (dtype == at::kBFloat16 && at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  // Its grid puts the heads in gridDim.y (at most 65535). torch launches more than 65535
+  // samples (gridDim.z) in chunks, but not every version splits the heads: ours take those.
+  if (q.size(1) > 65535) return false;
   // Respect torch.backends.cuda.enable_mem_efficient_sdp(False).
   return at::globalContext().userEnabledMemEfficientSDP();
 }
@@ -172,7 +175,14 @@ Extent extent_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
-int blocks_for(int64_t rows) { return static_cast<int>((rows + kThreads - 1) / kThreads); }
+// Blocks of one thread per row. Checked, not truncated: past 2^31 - 1 blocks the scratch alone
+// (d values per row) would exceed any device's memory, so no grid-stride loop is needed.
+unsigned blocks_for(int64_t rows) {
+  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "self_attention: too many query or key rows for one CUDA grid, got ", rows);
+  return static_cast<unsigned>(blocks);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale) {

@@ -2,6 +2,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common.h"
 #include "../spatial_attention.h"
 #include "../spatial_attention_impl.h"
@@ -16,6 +18,10 @@ using cuda::kWarpSize;
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+// Positions summed into one float accumulator before it is added to the row's total: a float
+// sum stops growing once it is 2^24 times its terms, so long rows are summed block by block.
+// A row within one block is summed exactly as without blocks. A multiple of kThreads.
+constexpr int64_t kSumBlock = int64_t(1) << 20;
 
 // Where the weight (and, for a pooling gradient, the (N, C) gradient) of element i of x
 // lives. x is (N, C, P) or (N, P, C); the weights (N, Cs, P) in the same layout.
@@ -123,9 +129,15 @@ __global__ void pool_channels_first_kernel(const scalar_t* __restrict__ x,
     const int64_t n = row / channels, c = row - n * channels;
     const scalar_t* x_row = x + row * positions;
     const acc_t* w_row = w + (n * score_channels + (score_channels == 1 ? 0 : c)) * positions;
+    // In blocks of kSumBlock positions: past 2^32 positions a thread's sum would stall.
     acc_t sum = 0;
-    for (int64_t p = threadIdx.x; p < positions; p += blockDim.x) {
-      sum += static_cast<acc_t>(x_row[p]) * w_row[p];
+    for (int64_t p0 = 0; p0 < positions; p0 += kSumBlock) {
+      const int64_t p1 = std::min(positions, p0 + kSumBlock);
+      acc_t part = 0;
+      for (int64_t p = p0 + threadIdx.x; p < p1; p += blockDim.x) {
+        part += static_cast<acc_t>(x_row[p]) * w_row[p];
+      }
+      sum += part;
     }
     sum = cuda::block_sum(sum, scratch);
     if (threadIdx.x == 0) out[row] = static_cast<scalar_t>(sum);
@@ -142,11 +154,17 @@ __global__ void pool_channels_last_kernel(const scalar_t* __restrict__ x,
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += stride) {
     const int64_t n = row / channels, c = row - n * channels;
+    // In blocks of kSumBlock positions: past 2^24 positions the thread's sum would stall.
     acc_t sum = 0;
-    for (int64_t p = 0; p < positions; ++p) {
-      const int64_t pixel = n * positions + p;
-      const acc_t weight = w[score_channels == 1 ? pixel : pixel * channels + c];
-      sum += static_cast<acc_t>(x[pixel * channels + c]) * weight;
+    for (int64_t p0 = 0; p0 < positions; p0 += kSumBlock) {
+      const int64_t p1 = std::min(positions, p0 + kSumBlock);
+      acc_t part = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t pixel = n * positions + p;
+        const acc_t weight = w[score_channels == 1 ? pixel : pixel * channels + c];
+        part += static_cast<acc_t>(x[pixel * channels + c]) * weight;
+      }
+      sum += part;
     }
     out[row] = static_cast<scalar_t>(sum);
   }
