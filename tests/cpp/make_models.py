@@ -1,6 +1,7 @@
 """Writes scripted models with the operators, an input and Python's output, for the C++
-tests and the C++ example to load: python make_models.py OUT_DIR"""
+tests and the C++ example to load: python make_models.py OUT_DIR [--no-aoti]"""
 
+import argparse
 import os
 import sys
 
@@ -17,7 +18,7 @@ MODELS = [("", TinyAttentionCNN), ("spatial_", TinySpatialAttentionCNN), ("self_
           ("all_", TinyAllFamiliesCNN)]
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, aoti: bool = True) -> None:
     os.makedirs(out_dir, exist_ok=True)
     x = None
     for prefix, model_class in MODELS:
@@ -30,11 +31,18 @@ def main(out_dir: str) -> None:
             y = model(x)
         torch.jit.script(model).save(os.path.join(out_dir, f"{prefix}model.pt"))
         torch.save(y, os.path.join(out_dir, f"{prefix}output.pt"))
-    # The last model exported and compiled ahead of time (AOTInductor), for run_model.
-    torch._inductor.aoti_compile_and_package(
-        torch.export.export(model, (x,)), package_path=os.path.join(out_dir, "all_model.pt2"))
-    print(f"wrote {', '.join(p + 'model.pt' for p, _ in MODELS)}, all_model.pt2, input.pt and the outputs to {out_dir}")
+    written = [p + "model.pt" for p, _ in MODELS]
+    if aoti:
+        # The last model exported and compiled ahead of time (AOTInductor), for run_model.
+        torch._inductor.aoti_compile_and_package(
+            torch.export.export(model, (x,)), package_path=os.path.join(out_dir, "all_model.pt2"))
+        written.append("all_model.pt2")
+    print(f"wrote {', '.join(written)}, input.pt and the outputs to {out_dir}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (slow to compile)")
+    args = parser.parse_args()
+    main(args.out_dir, aoti=not args.no_aoti)
