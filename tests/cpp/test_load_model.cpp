@@ -3,28 +3,17 @@
 #include <cnn_attention/cnn_attention.h>
 #include <gtest/gtest.h>
 #include <torch/script.h>
-#include <torch/serialize.h>
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <string>
+
+#include "model_files.h"
 
 namespace {
 
-std::string models_dir() {
-  const char* dir = std::getenv("CNN_ATTENTION_TEST_MODELS");
-  return dir ? dir : "";
-}
-
-torch::Tensor load_tensor(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  EXPECT_TRUE(file.good()) << "missing " << path;
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  return torch::pickle_load(bytes).toTensor();
-}
+using cnn_attention_test::load_tensor;
+using cnn_attention_test::models_dir;
 
 // The model saved by Python at `name` (eval mode), after checking that it reproduces Python's
 // output `output_name` on the saved input.
