@@ -55,6 +55,12 @@ _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
 
 namespace {
 
+c10::SymInt sym_positions(const at::Tensor& x) {
+  c10::SymInt positions = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
+  return positions;
+}
+
 void check_matrix(const at::Tensor& x, const char* name, const at::Tensor& t,
                   std::vector<c10::SymInt> expected, const char* expected_text) {
   check_like(kOp, "x", x, name, t);
@@ -76,7 +82,8 @@ SelfAttentionSizes check_self_attention_args(const at::Tensor& x, const at::Tens
               format_sizes(qkv_weight.sym_sizes()));
   check_like(kOp, "x", x, "qkv_weight", qkv_weight);
   const int64_t rows = qkv_weight.size(0);
-  TORCH_CHECK(qk_dim >= 1 && 2 * qk_dim < rows, kOp, ": qk_dim must be in [1, ", (rows - 1) / 2,
+  // qk_dim <= (rows - 1) / 2, not 2 * qk_dim < rows: a huge qk_dim must not overflow.
+  TORCH_CHECK(qk_dim >= 1 && qk_dim <= (rows - 1) / 2, kOp, ": qk_dim must be in [1, ", (rows - 1) / 2,
               "] so that qkv_weight (", rows, " rows = 2 * qk_dim + v_dim) leaves v_dim >= 1, got ",
               qk_dim);
   const int64_t v_dim = rows - 2 * qk_dim;
@@ -108,27 +115,20 @@ SelfAttentionSizes check_self_attention_backward_args(
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
   check_matrix(x, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
-  const at::Tensor attn_expected = self_attention_attn_like(x, sizes);
-  check_matrix(x, "attn", attn, attn_expected.sym_sizes().vec(), "(N, P, v_dim)");
-  const at::Tensor lse_expected = self_attention_lse_like(x, sizes);
-  TORCH_CHECK(lse.scalar_type() == lse_expected.scalar_type() && lse.device() == x.device(), kOp,
-              ": lse must be ", lse_expected.scalar_type(), " on ", x.device(), ", got ",
-              lse.scalar_type(), " on ", lse.device());
-  check_sizes(kOp, "lse", lse, lse_expected.sym_sizes().vec(), "(N, num_heads, P)");
+  // The sizes of the saved tensors, compared without allocating them (an invalid x may be a
+  // huge expanded view).
+  const c10::SymInt positions = sym_positions(x);
+  check_matrix(x, "attn", attn, {x.sym_size(0), positions, sizes.v_dim}, "(N, P, v_dim)");
+  const at::ScalarType lse_dtype = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.device() == x.device(), kOp, ": lse must be ",
+              lse_dtype, " on ", x.device(), ", got ", lse.scalar_type(), " on ", lse.device());
+  check_sizes(kOp, "lse", lse, {x.sym_size(0), sizes.num_heads, positions}, "(N, num_heads, P)");
   return sizes;
 }
 
 at::Tensor self_attention_output_like(const at::Tensor& x) {
   return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
 }
-
-namespace {
-c10::SymInt sym_positions(const at::Tensor& x) {
-  c10::SymInt positions = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
-  return positions;
-}
-}  // namespace
 
 at::Tensor self_attention_attn_like(const at::Tensor& x, const SelfAttentionSizes& sizes) {
   return at::empty_symint({x.sym_size(0), sym_positions(x), sizes.v_dim}, x.options());

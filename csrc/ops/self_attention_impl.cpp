@@ -1,5 +1,6 @@
 #include "self_attention_impl.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
@@ -63,16 +64,23 @@ constexpr int64_t kOuterProduct = 128;
 // not split, run on one thread inside the parallel region) added in order; the partials are
 // then added in chunk order: the same bits for every thread count. The worker threads get
 // the caller's thread-local state (below autograd, grad mode), as at::launch does.
+// The sums accumulate in float32 at least: half inputs are widened product by product, and
+// the result is in the accumulation dtype (a running half sum over thousands of positions
+// would lose every small term).
 at::Tensor tokens_outer(const at::Tensor& a, const at::Tensor& b) {
   const int64_t batch = a.size(0), positions = a.size(1);
+  const at::ScalarType acc = at::toOpMathType(a.scalar_type());
+  const auto widened = [acc](const at::Tensor& t) { return t.to(acc); };
   if (!a.is_cpu()) {
-    at::Tensor out = at::mm(a.select(0, 0).t(), b.select(0, 0));
-    for (int64_t n = 1; n < batch; ++n) out.addmm_(a.select(0, n).t(), b.select(0, n));
+    at::Tensor out = at::mm(widened(a.select(0, 0)).t(), widened(b.select(0, 0)));
+    for (int64_t n = 1; n < batch; ++n) {
+      out.addmm_(widened(a.select(0, n)).t(), widened(b.select(0, n)));
+    }
     return out;
   }
   const int64_t chunks_per_sample = (positions + kOuterChunk - 1) / kOuterChunk;
   const at::Tensor partials =
-      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options());
+      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options().dtype(acc));
   const at::ThreadLocalState caller;
   at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
@@ -83,8 +91,8 @@ at::Tensor tokens_outer(const at::Tensor& a, const at::Tensor& b) {
       for (int64_t first = chunk % chunks_per_sample * kOuterChunk; first < chunk_end;
            first += kOuterProduct) {
         const int64_t length = std::min(kOuterProduct, chunk_end - first);
-        const at::Tensor lhs = a.select(0, n).narrow(0, first, length).t();
-        const at::Tensor rhs = b.select(0, n).narrow(0, first, length);
+        const at::Tensor lhs = widened(a.select(0, n).narrow(0, first, length)).t();
+        const at::Tensor rhs = widened(b.select(0, n).narrow(0, first, length));
         if (first % kOuterChunk == 0) {
           at::mm_out(partial, lhs, rhs);
         } else {
@@ -297,8 +305,14 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
       at::addmm_out(slice, grad_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t());
     }
   }
-  return {grad_x,      grad_qkv_weight, grad_qkv_bias,
-          grad_out_weight, grad_out_bias,   grad_gamma.reshape(gamma.sizes())};
+  // The weight gradients come from tokens_outer in the accumulation dtype.
+  const at::ScalarType dtype = x.scalar_type();
+  return {grad_x,
+          grad_qkv_weight.to(dtype),
+          grad_qkv_bias,
+          grad_out_weight.to(dtype),
+          grad_out_bias,
+          grad_gamma.reshape(gamma.sizes()).to(dtype)};
 }
 
 }  // namespace ops
