@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, run the CUDA tests (pytest -m cuda and the
-# C++ suite), run the GPU benchmarks, print a short table. Usage: bash scripts/gpu_check.sh
+# One call on the GPU machine: build with CUDA, run the CUDA tests (pytest -m cuda, including
+# the large-tensor and determinism tests), compute-sanitizer over every operator, and the GPU
+# benchmarks. Usage: bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -15,6 +16,15 @@ echo "== CUDA tests"
 "$PYTHON" -m pytest tests/python -q -m cuda -x || status=1
 echo "== all Python tests on this machine"
 "$PYTHON" -m pytest tests/python -q -x || status=1
+
+echo "== compute-sanitizer over every operator, forward and backward"
+# Without torch's caching allocator, so that memcheck sees each tensor's own bounds.
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck initcheck; do
+  echo "-- $tool"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 \
+    "$PYTHON" tests/sanitize/run_ops.py || status=1
+done
 
 echo "== GPU benchmarks"
 for dtype in float32 bfloat16; do
