@@ -1,7 +1,9 @@
 """Attention modules. Each is a scriptable ``nn.Module`` over ``torch.ops.cnn_attention``."""
 
 import math
-from typing import Optional
+import numbers
+import operator
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,75 @@ _HARD_MODES = ("threshold", "topk")
 _ESTIMATORS = ("sigmoid", "identity")
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_choice(module: str, name: str, value: str, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"{module}: {name} must be one of {', '.join(map(repr, accepted))}, got {value!r}")
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{module}: {name} must be one of {', '.join(map(repr, accepted))}, got {_shown(value)}")
+
+
+def _check_int(module: str, name: str, value: Any, low: Optional[int] = 1) -> int:
+    """``value`` as an ``int``: a Python int or an integer scalar (``operator.index``), not a
+    bool nor a float, even an integral one; at least ``low`` unless that is ``None``."""
+    index: Optional[int] = None
+    if not isinstance(value, bool):
+        try:
+            index = operator.index(value)
+        except TypeError:
+            pass
+    if index is None or (low is not None and index < low):
+        what = "an integer" if low is None else f"an integer >= {low}"
+        raise ValueError(f"{module}: {name} must be {what}, got {_shown(value)}")
+    return index
+
+
+def _check_float(module: str, name: str, value: Any, accept: Callable[[float], bool], what: str) -> float:
+    """``value`` as a ``float``: a real number (not a bool) that ``accept`` takes, or a
+    ValueError saying it must be ``what``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (OverflowError, TypeError, ValueError):
+            number = math.nan
+        if accept(number):
+            return number
+    raise ValueError(f"{module}: {name} must be {what}, got {_shown(value)}")
+
+
+def _check_input(module: str, x: Any) -> None:
+    # Eager / torch.compile only: TorchScript's ``x: Tensor`` already guarantees a tensor.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{module}: x must be a Tensor, got {type(x).__name__}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    # TorchScript's str(dtype) is the dtype's number; the floating dtypes are all x can have.
+    if torch.jit.is_scripting():
+        if dtype == torch.float32:
+            return "torch.float32"
+        if dtype == torch.float64:
+            return "torch.float64"
+        if dtype == torch.float16:
+            return "torch.float16"
+        if dtype == torch.bfloat16:
+            return "torch.bfloat16"
+    return str(dtype)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    if torch.jit.is_scripting():
+        # TorchScript has only the CUDA query (its torch.is_autocast_cpu_enabled() crashes the
+        # process under CPU autocast in torch 2.15); elsewhere assume autocast may be on, which
+        # leaves a dtype mismatch to torch's convolution.
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        return True
+    else:
+        return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 class ChannelAttention(nn.Module):
@@ -47,11 +115,9 @@ class ChannelAttention(nn.Module):
         gate: str = "sigmoid",
     ) -> None:
         super().__init__()
-        if channels < 1 or reduction < 1 or min_hidden < 1:
-            raise ValueError(
-                "ChannelAttention: channels, reduction and min_hidden must be >= 1, got "
-                f"{channels}, {reduction}, {min_hidden}"
-            )
+        channels = _check_int("ChannelAttention", "channels", channels)
+        reduction = _check_int("ChannelAttention", "reduction", reduction)
+        min_hidden = _check_int("ChannelAttention", "min_hidden", min_hidden)
         _check_choice("ChannelAttention", "pool", pool, _POOLS)
         _check_choice("ChannelAttention", "gate", gate, _GATES)
         self.channels = channels
@@ -73,6 +139,8 @@ class ChannelAttention(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_input("ChannelAttention", x)
         return torch.ops.cnn_attention.channel_attention(
             x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.pool, self.gate
         )
@@ -81,9 +149,10 @@ class ChannelAttention(nn.Module):
         return f"{self.channels}, hidden={self.hidden}, pool={self.pool!r}, gate={self.gate!r}"
 
 
-def _check_temperature(module: str, temperature: float) -> None:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{module}: temperature must be finite and positive, got {temperature}")
+def _check_temperature(module: str, temperature: float) -> float:
+    return _check_float(
+        module, "temperature", temperature, lambda t: math.isfinite(t) and t > 0, "finite and positive"
+    )
 
 
 class SpatialScores(nn.Module):
@@ -94,6 +163,8 @@ class SpatialScores(nn.Module):
 
     def __init__(self, kernel_size: int = 7, spatial_dims: int = 2, owner: str = "SpatialScores") -> None:
         super().__init__()
+        kernel_size = _check_int(owner, "kernel_size", kernel_size, low=None)
+        spatial_dims = _check_int(owner, "spatial_dims", spatial_dims, low=None)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"{owner}: kernel_size must be odd and positive, got {kernel_size}")
         if spatial_dims not in (1, 2, 3):
@@ -113,12 +184,37 @@ class SpatialScores(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_input(self.owner, x)
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 self.owner + ": x must be (N, C, *S) with " + str(self.spatial_dims)
                 + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
             )
         pooled = torch.ops.cnn_attention.channel_pool(x)
+        if x.device != self.weight.device:
+            raise ValueError(
+                self.owner + ": x is on device " + str(x.device) + " but the module's parameters are on "
+                + str(self.weight.device) + "; move x or the module (module.to('" + str(x.device) + "'))"
+            )
+        # After channel_pool, which rejects what no dtype conversion would fix. Under autocast
+        # the convolution casts its inputs itself, all but float64 ones.
+        weight_dtype = self.weight.dtype
+        if pooled.dtype != weight_dtype and (
+            pooled.dtype == torch.float64 or weight_dtype == torch.float64 or not _autocast_enabled(x.device.type)
+        ):
+            x_dtype = _dtype_name(x.dtype)
+            raise ValueError(
+                self.owner + ": x has dtype " + x_dtype + " but the module's parameters are "
+                + _dtype_name(weight_dtype) + "; convert x or the module (module.to(" + x_dtype + "))"
+            )
+        for size in x.shape[2:]:
+            if size == 0:
+                # No positions: the same-padding convolution of an empty map is an error to
+                # torch, yet the scores are simply empty. Computed from pooled and the
+                # parameters so that a backward gives them (empty, zero) gradients.
+                weight = self.weight.sum().to(pooled.dtype)
+                return pooled.narrow(1, 0, 1) * weight + self.bias.to(pooled.dtype)
         if self.spatial_dims == 1:
             return F.conv1d(pooled, self.weight, self.bias, padding=self.padding)
         # oneDNN convolves 2 -> 1 channels several times faster channels-last (backward 2.6
@@ -160,10 +256,10 @@ class SoftAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_choice("SoftAttention", "normalize", normalize, _NORMALIZE)
-        _check_temperature("SoftAttention", temperature)
+        temperature = _check_temperature("SoftAttention", temperature)
         self.scores = SpatialScores(kernel_size, spatial_dims, "SoftAttention")
         self.normalize = normalize
-        self.temperature = float(temperature)
+        self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.cnn_attention.soft_attention(
@@ -222,26 +318,24 @@ class HardAttention(nn.Module):
         super().__init__()
         _check_choice("HardAttention", "mode", mode, _HARD_MODES)
         _check_choice("HardAttention", "estimator", estimator, _ESTIMATORS)
-        _check_temperature("HardAttention", temperature)
-        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-            raise ValueError(f"HardAttention: threshold must be finite and in [0, 1], got {threshold}")
+        temperature = _check_temperature("HardAttention", temperature)
+        threshold = _check_float(
+            "HardAttention", "threshold", threshold, lambda t: 0.0 <= t <= 1.0, "finite and in [0, 1]"
+        )
         if keep_ratio is not None:
             if mode != "topk":
                 raise ValueError(f"HardAttention: keep_ratio needs mode='topk', got mode={mode!r}")
-            if not (0.0 < keep_ratio <= 1.0):
-                raise ValueError(f"HardAttention: keep_ratio must be in (0, 1], got {keep_ratio}")
-        if k < 1:
-            raise ValueError(f"HardAttention: k must be >= 1, got {k}")
-        if not (math.isfinite(noise) and noise >= 0):
-            raise ValueError(f"HardAttention: noise must be finite and >= 0, got {noise}")
+            keep_ratio = _check_float("HardAttention", "keep_ratio", keep_ratio, lambda r: 0.0 < r <= 1.0, "in (0, 1]")
+        k = _check_int("HardAttention", "k", k)
+        noise = _check_float("HardAttention", "noise", noise, lambda t: math.isfinite(t) and t >= 0, "finite and >= 0")
         self.scores = SpatialScores(kernel_size, spatial_dims, "HardAttention")
         self.mode = mode
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.k = k
         self.keep_ratio = keep_ratio
         self.estimator = estimator
-        self.temperature = float(temperature)
-        self.noise = float(noise)
+        self.temperature = temperature
+        self.noise = noise
         self.keep_mask = bool(keep_mask)
         self.last_mask = None
 
@@ -340,11 +434,11 @@ class SelfAttention(nn.Module):
         gamma_init: float = 0.0,
     ) -> None:
         super().__init__()
-        if min(channels, num_heads, qk_reduction, v_reduction, kv_stride) < 1:
-            raise ValueError(
-                "SelfAttention: channels, num_heads, qk_reduction, v_reduction and kv_stride must "
-                f"be >= 1, got {channels}, {num_heads}, {qk_reduction}, {v_reduction}, {kv_stride}"
-            )
+        channels = _check_int("SelfAttention", "channels", channels)
+        num_heads = _check_int("SelfAttention", "num_heads", num_heads)
+        qk_reduction = _check_int("SelfAttention", "qk_reduction", qk_reduction)
+        v_reduction = _check_int("SelfAttention", "v_reduction", v_reduction)
+        kv_stride = _check_int("SelfAttention", "kv_stride", kv_stride)
         qk_dim = max(channels // qk_reduction, num_heads)
         v_dim = max(channels // v_reduction, num_heads)
         if qk_dim % num_heads or v_dim % num_heads:
@@ -352,14 +446,18 @@ class SelfAttention(nn.Module):
                 f"SelfAttention: num_heads = {num_heads} must divide qk_dim = {qk_dim} "
                 f"(channels // qk_reduction) and v_dim = {v_dim} (channels // v_reduction)"
             )
-        if not math.isfinite(gamma_init):
-            raise ValueError(f"SelfAttention: gamma_init must be finite, got {gamma_init}")
+        # gamma is a float32 parameter (until the module is converted).
+        gamma_init = _check_float(
+            "SelfAttention", "gamma_init", gamma_init,
+            lambda g: math.isfinite(g) and abs(g) <= torch.finfo(torch.float32).max,
+            "finite and representable in float32",
+        )
         self.channels = channels
         self.num_heads = num_heads
         self.qk_dim = qk_dim
         self.v_dim = v_dim
         self.kv_stride = kv_stride
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = gamma_init
         self.qkv_weight = nn.Parameter(torch.empty(2 * qk_dim + v_dim, channels))
         self.qkv_bias = nn.Parameter(torch.empty(2 * qk_dim + v_dim))
         self.out_weight = nn.Parameter(torch.empty(channels, v_dim))
@@ -376,6 +474,8 @@ class SelfAttention(nn.Module):
         nn.init.constant_(self.gamma, self.gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_input("SelfAttention", x)
         return torch.ops.cnn_attention.self_attention(
             x,
             self.qkv_weight,

@@ -208,8 +208,41 @@ def test_module_rejects_bad_options():
         cnn_attention.ChannelAttention(8, pool="mean")
     with pytest.raises(ValueError, match=r"ChannelAttention: gate must be one of 'sigmoid', 'softmax', got 'relu'"):
         cnn_attention.ChannelAttention(8, gate="relu")
-    with pytest.raises(ValueError, match=r"ChannelAttention: channels, reduction and min_hidden must be >= 1"):
+    with pytest.raises(ValueError, match=r"ChannelAttention: channels must be an integer >= 1, got 0"):
         cnn_attention.ChannelAttention(0)
+
+
+BAD_MODULE_OPTIONS = [
+    (dict(channels=8, reduction=0), r"ChannelAttention: reduction must be an integer >= 1, got 0"),
+    (dict(channels=8, min_hidden=-1), r"ChannelAttention: min_hidden must be an integer >= 1, got -1"),
+    # Integer options take integers only: not floats (even integral ones), not bools.
+    (dict(channels=8.0), r"ChannelAttention: channels must be an integer >= 1, got 8.0"),
+    (dict(channels=True), r"ChannelAttention: channels must be an integer >= 1, got True"),
+    (dict(channels="8"), r"ChannelAttention: channels must be an integer >= 1, got '8'"),
+    (dict(channels=6, min_hidden=float("nan")), r"ChannelAttention: min_hidden must be an integer >= 1, got nan"),
+    (dict(channels=8, reduction=1, min_hidden=1.5), r"ChannelAttention: min_hidden must be an integer >= 1, got 1.5"),
+    (dict(channels=1, reduction=float("inf")), r"ChannelAttention: reduction must be an integer >= 1, got inf"),
+    (dict(channels=8, pool=None), r"ChannelAttention: pool must be one of 'avg', 'max', 'avgmax', got None"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_MODULE_OPTIONS, ids=[str(i) for i in range(len(BAD_MODULE_OPTIONS))])
+def test_module_rejects_bad_option_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        cnn_attention.ChannelAttention(**options)
+
+
+def test_module_takes_integer_scalars():
+    m = cnn_attention.ChannelAttention(torch.tensor(16), reduction=torch.tensor(4), min_hidden=torch.tensor(2))
+    assert (m.channels, m.hidden) == (16, 4) and type(m.channels) is int and type(m.hidden) is int
+
+
+@pytest.mark.parametrize("x", [None, [1.0], 2.0], ids=["None", "list", "float"])
+def test_module_non_tensor_input_raises_type_error(x):
+    m = cnn_attention.ChannelAttention(4)
+    with pytest.raises(TypeError, match=rf"^ChannelAttention: x must be a Tensor, got {type(x).__name__}$"):
+        m(x)
+    torch.jit.script(m)  # the check is not compiled
 
 
 @pytest.mark.parametrize("device", DEVICES)

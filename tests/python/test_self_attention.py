@@ -509,6 +509,9 @@ BAD_INPUTS = [
      r"leaves v_dim >= 1, got 8"),
     ("qk_dim_zero", lambda a: a, {"qk_dim": 0}, r"self_attention: qk_dim must be in \[1, 7\] .* got 0"),
     ("qk_dim_negative", lambda a: a, {"qk_dim": -2}, r"self_attention: qk_dim must be in \[1, 7\] .* got -2"),
+    # 2 * qk_dim would overflow int64 and pass a naive 2 * qk_dim < rows.
+    ("qk_dim_huge", lambda a: a, {"qk_dim": 2**63 - 1},
+     r"self_attention: qk_dim must be in \[1, 7\] .* got 9223372036854775807"),
     # qk_dim = 5 instead of 4: v_dim = 6, which out_weight (8, 8) does not match.
     ("qk_dim_inconsistent", lambda a: a, {"qk_dim": 5, "num_heads": 1},
      r"self_attention: out_weight must be \(C, v_dim\) = \(8, 6\), got \(8, 8\)"),
@@ -584,6 +587,11 @@ def test_bad_backward_arguments_are_rejected(device):
         backward_op(x, x, *params, attn, lse.double(), 4, 2, 1)
     with pytest.raises(RuntimeError, match=r"self_attention: num_heads must divide"):
         backward_op(x, x, *params, attn, lse, 4, 3, 1)
+    # A huge (expanded) x with mismatched saved tensors: the sizes are compared without
+    # allocating what x would need (4 TiB).
+    huge = x[:1, :, :1, :1].expand(1, 8, 2**20, 2**20)
+    with pytest.raises(RuntimeError, match=r"self_attention: attn must be \(N, P, v_dim\) = \(1, 1099511627776, 8\)"):
+        backward_op(huge, huge, *params, attn, lse, 4, 2, 1)
 
 
 def test_double_backward_is_refused():
@@ -665,16 +673,26 @@ def test_module_starts_as_the_identity():
 
 
 BAD_OPTIONS = [
-    (dict(channels=0), r"SelfAttention: channels, num_heads, qk_reduction, v_reduction and kv_stride must be >= 1, "
-                       r"got 0, 1, 8, 1, 1"),
-    (dict(channels=16, num_heads=0), r"SelfAttention: .* must be >= 1, got 16, 0, 8, 1, 1"),
-    (dict(channels=16, qk_reduction=0), r"SelfAttention: .* must be >= 1, got 16, 1, 0, 1, 1"),
-    (dict(channels=16, v_reduction=-1), r"SelfAttention: .* must be >= 1, got 16, 1, 8, -1, 1"),
-    (dict(channels=16, kv_stride=0), r"SelfAttention: .* must be >= 1, got 16, 1, 8, 1, 0"),
+    (dict(channels=0), r"SelfAttention: channels must be an integer >= 1, got 0"),
+    (dict(channels=16, num_heads=0), r"SelfAttention: num_heads must be an integer >= 1, got 0"),
+    (dict(channels=16, qk_reduction=0), r"SelfAttention: qk_reduction must be an integer >= 1, got 0"),
+    (dict(channels=16, v_reduction=-1), r"SelfAttention: v_reduction must be an integer >= 1, got -1"),
+    (dict(channels=16, kv_stride=0), r"SelfAttention: kv_stride must be an integer >= 1, got 0"),
+    # Integer options take integers only: not floats (even integral ones), not bools.
+    (dict(channels=8, qk_reduction=2.0), r"SelfAttention: qk_reduction must be an integer >= 1, got 2.0"),
+    (dict(channels=6, v_reduction=float("inf")), r"SelfAttention: v_reduction must be an integer >= 1, got inf"),
+    (dict(channels=16.0), r"SelfAttention: channels must be an integer >= 1, got 16.0"),
+    (dict(channels=16, num_heads=True), r"SelfAttention: num_heads must be an integer >= 1, got True"),
+    (dict(channels=16, kv_stride=float("nan")), r"SelfAttention: kv_stride must be an integer >= 1, got nan"),
     # qk_dim = max(16 // 8, 3) = 3, v_dim = 16.
     (dict(channels=16, num_heads=3), r"SelfAttention: num_heads = 3 must divide qk_dim = 3 \(channels // qk_reduction\) "
                                      r"and v_dim = 16 \(channels // v_reduction\)"),
-    (dict(channels=16, gamma_init=float("nan")), r"SelfAttention: gamma_init must be finite, got nan"),
+    (dict(channels=16, gamma_init=float("nan")), r"SelfAttention: gamma_init must be finite and representable in float32, got nan"),
+    # gamma is a float32 parameter.
+    (dict(channels=8, gamma_init=1e300), r"SelfAttention: gamma_init must be finite and representable in float32, got 1e\+300"),
+    (dict(channels=8, gamma_init=-1e39), r"SelfAttention: gamma_init must be finite and representable in float32, got -1e\+39"),
+    (dict(channels=8, gamma_init="0"), r"SelfAttention: gamma_init must be finite and representable in float32, got '0'"),
+    (dict(channels=8, gamma_init=None), r"SelfAttention: gamma_init must be finite and representable in float32, got None"),
 ]
 
 
@@ -682,6 +700,21 @@ BAD_OPTIONS = [
 def test_module_rejects_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         SelfAttention(**options)
+
+
+def test_module_takes_integer_scalars_and_real_gamma_init():
+    m = SelfAttention(torch.tensor(8), num_heads=torch.tensor(2), qk_reduction=torch.tensor(2), gamma_init=1)
+    assert (m.channels, m.num_heads, m.qk_dim) == (8, 2, 4) and type(m.qk_dim) is int
+    assert m.gamma.item() == 1.0 and type(m.gamma_init) is float
+    assert SelfAttention(8, gamma_init=3e38).gamma.item() == pytest.approx(3e38)
+
+
+@pytest.mark.parametrize("x", [None, [1.0], 2.0], ids=["None", "list", "float"])
+def test_module_non_tensor_input_raises_type_error(x):
+    m = SelfAttention(4)
+    with pytest.raises(TypeError, match=rf"^SelfAttention: x must be a Tensor, got {type(x).__name__}$"):
+        m(x)
+    torch.jit.script(m)  # the check is not compiled
 
 
 # ---- runtimes ----

@@ -236,13 +236,38 @@ BAD_OPTIONS = [
     (lambda: HardAttention(noise=-0.1), r"HardAttention: noise must be finite and >= 0, got -0.1"),
     (lambda: HardAttention(noise=float("inf")), r"HardAttention: noise must be finite and >= 0, got inf"),
     (lambda: HardAttention(threshold=1.5), r"HardAttention: threshold must be finite and in \[0, 1\], got 1.5"),
-    (lambda: HardAttention(mode="topk", k=0), r"HardAttention: k must be >= 1, got 0"),
+    (lambda: HardAttention(mode="topk", k=0), r"HardAttention: k must be an integer >= 1, got 0"),
     (lambda: SpatialScores(kernel_size=2), r"SpatialScores: kernel_size must be odd and positive, got 2"),
     (lambda: SpatialScores(spatial_dims=4), r"SpatialScores: spatial_dims must be 1, 2 or 3, got 4"),
-    (lambda: CBAM(0), r"ChannelAttention: channels, reduction and min_hidden must be >= 1"),
+    (lambda: CBAM(0), r"ChannelAttention: channels must be an integer >= 1, got 0"),
     # CBAM's spatial branch is a SoftAttention, which names itself.
     (lambda: CBAM(8, kernel_size=8), r"SoftAttention: kernel_size must be odd and positive, got 8"),
     (lambda: CBAM(8, spatial_dims=4), r"SoftAttention: spatial_dims must be 1, 2 or 3, got 4"),
+    # Integer options take integers only (not bools, not floats, not even integral ones) and
+    # float options real numbers.
+    (lambda: SpatialScores(kernel_size=float("inf")), r"SpatialScores: kernel_size must be an integer, got inf"),
+    (lambda: SpatialScores(kernel_size=3.0), r"SpatialScores: kernel_size must be an integer, got 3.0"),
+    (lambda: SpatialScores(spatial_dims=True), r"SpatialScores: spatial_dims must be an integer, got True"),
+    (lambda: SoftAttention(spatial_dims=2.0), r"SoftAttention: spatial_dims must be an integer, got 2.0"),
+    (lambda: SoftAttention(kernel_size="7"), r"SoftAttention: kernel_size must be an integer, got '7'"),
+    (lambda: SoftAttention(temperature="1"), r"SoftAttention: temperature must be finite and positive, got '1'"),
+    (lambda: SoftAttention(temperature=True), r"SoftAttention: temperature must be finite and positive, got True"),
+    (lambda: SoftAttention(temperature=10**400), r"SoftAttention: temperature must be finite and positive, got 1000"),
+    (lambda: HardAttention(spatial_dims=float("nan")), r"HardAttention: spatial_dims must be an integer, got nan"),
+    (lambda: HardAttention(mode="topk", k=2.0), r"HardAttention: k must be an integer >= 1, got 2.0"),
+    (lambda: HardAttention(mode="topk", k=True), r"HardAttention: k must be an integer >= 1, got True"),
+    (lambda: HardAttention(threshold=float("nan")), r"HardAttention: threshold must be finite and in \[0, 1\], got nan"),
+    (lambda: HardAttention(threshold=None), r"HardAttention: threshold must be finite and in \[0, 1\], got None"),
+    (lambda: HardAttention(mode="topk", keep_ratio="all"), r"HardAttention: keep_ratio must be in \(0, 1\], got 'all'"),
+    (lambda: HardAttention(mode="topk", keep_ratio=float("nan")), r"HardAttention: keep_ratio must be in \(0, 1\], got nan"),
+    (lambda: HardAttention(noise=float("nan")), r"HardAttention: noise must be finite and >= 0, got nan"),
+    (lambda: HardAttention(noise="0"), r"HardAttention: noise must be finite and >= 0, got '0'"),
+    (lambda: CBAM(8.0), r"ChannelAttention: channels must be an integer >= 1, got 8.0"),
+    (lambda: CBAM(8, reduction=float("inf")), r"ChannelAttention: reduction must be an integer >= 1, got inf"),
+    (lambda: CBAM(8, kernel_size=7.0), r"SoftAttention: kernel_size must be an integer, got 7.0"),
+    # A long value is shortened in the message.
+    (lambda: HardAttention(noise=2**2000), r"HardAttention: noise must be finite and >= 0, got \d{57}\.\.\.$"),
+    (lambda: SoftAttention(normalize="s" * 1000), r"SoftAttention: normalize must be one of 'sigmoid', 'softmax', got 's{56}\.\.\.$"),
 ]
 
 
@@ -261,6 +286,13 @@ MODULE_FACTORIES = [
 ]
 
 
+def test_integer_scalars_are_integers():
+    head = SpatialScores(torch.tensor(3), torch.tensor(1))
+    assert (head.kernel_size, head.spatial_dims) == (3, 1) and type(head.kernel_size) is int
+    hard = HardAttention(mode="topk", k=torch.tensor(2), threshold=1, temperature=2, noise=0)
+    assert type(hard.k) is int and hard.k == 2 and hard.threshold == 1.0 and type(hard.temperature) is float
+
+
 @pytest.mark.parametrize("make,name", MODULE_FACTORIES, ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
 def test_wrong_input_rank_raises_value_error(make, name):
     module = make(2)
@@ -270,6 +302,102 @@ def test_wrong_input_rank_raises_value_error(make, name):
         module(torch.randn(2, 4, 3, 3, 3))
     with pytest.raises(ValueError, match=rf"{name}: x must be \(N, C, \*S\) with 3 spatial dims \(spatial_dims\), got 4 dims"):
         make(3)(torch.randn(2, 4, 5, 5))
+
+
+# CBAM's channel branch sees a non-tensor first; its messages name ChannelAttention.
+FORWARD_NAMES = ["SpatialScores", "SoftAttention", "HardAttention", "ChannelAttention"]
+
+
+@pytest.mark.parametrize("make,name", list(zip([f for f, _ in MODULE_FACTORIES], FORWARD_NAMES)),
+                         ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
+@pytest.mark.parametrize("x", [None, [1.0, 2.0], 3.0, "x"], ids=["None", "list", "float", "str"])
+def test_non_tensor_input_raises_type_error_naming_the_module(make, name, x):
+    with pytest.raises(TypeError, match=rf"^{name}: x must be a Tensor, got {type(x).__name__}$"):
+        make(2)(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial", [(0,), (0, 3), (3, 0), (2, 0, 3)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dims: SpatialScores(3, dims),
+        lambda dims: SoftAttention(3, normalize="softmax", spatial_dims=dims),
+        lambda dims: HardAttention(1, spatial_dims=dims),
+        lambda dims: HardAttention(3, mode="topk", k=2, spatial_dims=dims, noise=1.0),
+        lambda dims: HardAttention(3, mode="topk", keep_ratio=0.5, spatial_dims=dims),
+        lambda dims: CBAM(4, kernel_size=3, spatial_dims=dims),
+    ],
+    ids=["SpatialScores", "SoftAttention", "HardAttention", "HardAttention-topk", "HardAttention-ratio", "CBAM"],
+)
+def test_no_positions_give_empty_results_and_gradients(device, spatial, make):
+    m = make(len(spatial)).to(device)
+    x = torch.randn((2, 4) + spatial, device=device, requires_grad=True)
+    y = m(x)
+    channels = 1 if isinstance(m, SpatialScores) else 4
+    assert y.shape == (2, channels) + spatial and y.dtype == x.dtype and y.device == x.device
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is None or (p.grad == 0).all() for p in m.parameters())
+    if isinstance(m, HardAttention):
+        assert m.last_mask.shape == (2, 1) + spatial
+    # The same scripted.
+    assert torch.jit.script(m)(x.detach()).shape == y.shape
+
+
+@pytest.mark.parametrize("make,name", MODULE_FACTORIES[:3], ids=["SpatialScores", "SoftAttention", "HardAttention"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_input_dtype_other_than_the_parameters_raises_value_error(make, name, dtype):
+    x = torch.randn(1, 2, 4, 4, dtype=dtype)
+    message = (rf"^{name}: x has dtype {dtype} but the module's parameters are torch.float32; "
+               rf"convert x or the module \(module.to\({dtype}\)\)$")
+    with pytest.raises(ValueError, match=message):
+        make(2)(x)
+    # The module converted takes x; so does an autocast region, where the convolution casts
+    # all but float64 inputs.
+    assert make(2).to(dtype)(x).dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if dtype == torch.float64:
+            with pytest.raises(ValueError, match=message):
+                make(2)(x)
+        else:
+            make(2)(x)
+
+
+@pytest.mark.parametrize("make,name", MODULE_FACTORIES, ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
+@pytest.mark.parametrize("spatial", [(4, 4), (4, 0)], ids=["positions", "no-positions"])
+def test_input_on_another_device_than_the_parameters_raises_value_error(make, name, spatial):
+    m = make(2)
+    x = torch.randn((1, 4) + spatial, device="meta")
+    name = "SoftAttention" if name == "CBAM" else name  # CBAM's channel branch passes meta through
+    if isinstance(m, CBAM):
+        m.channel.to("meta")
+    with pytest.raises(ValueError, match=rf"^{name}: x is on device meta but the module's parameters are on cpu; "
+                                         r"move x or the module \(module.to\('meta'\)\)$"):
+        m(x)
+    expected = (1, 1) + spatial if isinstance(m, SpatialScores) else x.shape
+    assert m.to("meta")(x).shape == expected
+
+
+def test_input_dtype_check_in_torchscript():
+    # TorchScript's only autocast query is CUDA's: on the CPU only float64, which autocast
+    # never casts, is checked; other mismatches meet the convolution's own error.
+    m = torch.jit.script(SoftAttention(3))
+    with pytest.raises(Exception, match=r"SoftAttention: x has dtype torch.float64 but the module's parameters are torch.float32"):
+        m(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(Exception, match=r"should be the same|SoftAttention: x has dtype torch.bfloat16"):
+        m(torch.randn(1, 2, 4, 4, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(1, 2, 4, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+def test_input_dtype_check_on_cuda_scripted():
+    m = torch.jit.script(SoftAttention(3).cuda())
+    with pytest.raises(Exception, match=r"SoftAttention: x has dtype torch.float64 but the module's parameters are torch.float32"):
+        m(torch.randn(1, 2, 4, 4, dtype=torch.float64, device="cuda"))
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert m(torch.randn(1, 2, 4, 4, device="cuda")).dtype == torch.float16
 
 
 @pytest.mark.parametrize("device", DEVICES)
