@@ -83,9 +83,9 @@ SelfAttentionSizes check_self_attention_args(const at::Tensor& x, const at::Tens
   check_like(kOp, "x", x, "qkv_weight", qkv_weight);
   const int64_t rows = qkv_weight.size(0);
   // qk_dim <= (rows - 1) / 2, not 2 * qk_dim < rows: a huge qk_dim must not overflow.
-  TORCH_CHECK(qk_dim >= 1 && qk_dim <= (rows - 1) / 2, kOp, ": qk_dim must be in [1, ", (rows - 1) / 2,
-              "] so that qkv_weight (", rows, " rows = 2 * qk_dim + v_dim) leaves v_dim >= 1, got ",
-              qk_dim);
+  TORCH_CHECK(qk_dim >= 1 && qk_dim <= (rows - 1) / 2, kOp, ": qk_dim must be in [1, ",
+              (rows - 1) / 2, "] so that qkv_weight (", rows,
+              " rows = 2 * qk_dim + v_dim) leaves v_dim >= 1, got ", qk_dim);
   const int64_t v_dim = rows - 2 * qk_dim;
   TORCH_CHECK(num_heads >= 1 && qk_dim % num_heads == 0 && v_dim % num_heads == 0, kOp,
               ": num_heads must divide qk_dim = ", qk_dim, " and v_dim = ", v_dim, ", got ",

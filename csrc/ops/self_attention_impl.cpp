@@ -307,12 +307,9 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   }
   // The weight gradients come from tokens_outer in the accumulation dtype.
   const at::ScalarType dtype = x.scalar_type();
-  return {grad_x,
-          grad_qkv_weight.to(dtype),
-          grad_qkv_bias,
-          grad_out_weight.to(dtype),
-          grad_out_bias,
-          grad_gamma.reshape(gamma.sizes()).to(dtype)};
+  return {grad_x,        grad_qkv_weight.to(dtype),
+          grad_qkv_bias, grad_out_weight.to(dtype),
+          grad_out_bias, grad_gamma.reshape(gamma.sizes()).to(dtype)};
 }
 
 }  // namespace ops

@@ -24,7 +24,8 @@ inline std::string models_dir() {
 inline torch::Tensor load_tensor(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   EXPECT_TRUE(file.good()) << "missing " << path;
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)),
+                                std::istreambuf_iterator<char>());
   return torch::pickle_load(bytes).toTensor();
 }
 

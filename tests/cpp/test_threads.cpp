@@ -26,7 +26,8 @@ std::vector<torch::Tensor> make_inputs(int64_t channels) {
   std::vector<torch::Tensor> inputs;
   for (int64_t side : {16, 20, 24, 12}) {
     inputs.push_back(torch::randn({2, channels, side, side}));
-    inputs.push_back(torch::randn({1, channels, side + 1, side - 1}).contiguous(at::MemoryFormat::ChannelsLast));
+    inputs.push_back(
+        torch::randn({1, channels, side + 1, side - 1}).contiguous(at::MemoryFormat::ChannelsLast));
   }
   return inputs;
 }
@@ -86,11 +87,13 @@ TEST(Threads, CppModulesFromEightThreads) {
   torch::manual_seed(5);
   torch::nn::Sequential model(
       torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3).padding(1)),
-      nn::ChannelAttention(nn::ChannelAttentionOptions(8).reduction(2).pool("avgmax").gate("softmax")),
+      nn::ChannelAttention(
+          nn::ChannelAttentionOptions(8).reduction(2).pool("avgmax").gate("softmax")),
       nn::CBAM(nn::CBAMOptions(8).reduction(2)),
       nn::SoftAttention(nn::SoftAttentionOptions().kernel_size(3).normalize("softmax")),
       nn::HardAttention(nn::HardAttentionOptions().mode("topk").keep_ratio(0.5)),
-      nn::SelfAttention(nn::SelfAttentionOptions(8).num_heads(2).qk_reduction(2).kv_stride(2).gamma_init(0.5)));
+      nn::SelfAttention(
+          nn::SelfAttentionOptions(8).num_heads(2).qk_reduction(2).kv_stride(2).gamma_init(0.5)));
   model->eval();
   auto forward = [&model](const torch::Tensor& x) { return model->forward(x); };
   EXPECT_EQ(concurrent_mismatches(forward, make_inputs(3)), 0);

@@ -1,7 +1,9 @@
+#include "../channel_attention.h"
+
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "../channel_attention.h"
+#include "checks.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -90,6 +92,8 @@ at::Tensor channel_attention_autograd(
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
     c10::string_view gate) {
+  check_defined("channel_attention",
+                {{"x", x}, {"fc1_weight", fc1_weight}, {"fc2_weight", fc2_weight}});
   return ChannelAttentionFunction::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
                                          gate);
 }
@@ -104,6 +108,9 @@ channel_attention_backward_autograd(
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
     c10::string_view gate) {
+  check_defined(
+      "channel_attention",
+      {{"grad_y", grad_y}, {"x", x}, {"fc1_weight", fc1_weight}, {"fc2_weight", fc2_weight}});
   auto grads = ChannelAttentionBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias,
                                                        fc2_weight, fc2_bias, pool, gate);
   return {grads[0], grads[1], grads[2], grads[3], grads[4]};

@@ -1,7 +1,9 @@
+#include "../channel_pool.h"
+
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "../channel_pool.h"
+#include "checks.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -40,10 +42,12 @@ class ChannelPoolBackwardFunction
 };
 
 at::Tensor channel_pool_autograd(const at::Tensor& x) {
+  check_defined("channel_pool", {{"x", x}});
   return ChannelPoolFunction::apply(x);
 }
 
 at::Tensor channel_pool_backward_autograd(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_defined("channel_pool", {{"grad_out", grad_out}, {"x", x}});
   return ChannelPoolBackwardFunction::apply(grad_out, x);
 }
 

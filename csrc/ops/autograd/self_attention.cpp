@@ -3,6 +3,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace cnn_attention {
 namespace ops {
 
@@ -88,6 +90,9 @@ at::Tensor self_attention_autograd(const at::Tensor& x, const at::Tensor& qkv_we
                                    const std::optional<at::Tensor>& out_bias,
                                    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads,
                                    int64_t kv_stride) {
+  check_defined(
+      "self_attention",
+      {{"x", x}, {"qkv_weight", qkv_weight}, {"out_weight", out_weight}, {"gamma", gamma}});
   return SelfAttentionFunction::apply(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
                                       num_heads, kv_stride);
 }
@@ -111,6 +116,13 @@ self_attention_backward_autograd(const at::Tensor& grad_y, const at::Tensor& x,
                                  const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
                                  const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
                                  int64_t num_heads, int64_t kv_stride) {
+  check_defined("self_attention", {{"grad_y", grad_y},
+                                   {"x", x},
+                                   {"qkv_weight", qkv_weight},
+                                   {"out_weight", out_weight},
+                                   {"gamma", gamma},
+                                   {"attn", attn},
+                                   {"lse", lse}});
   const auto grads = SelfAttentionBackwardFunction::apply(grad_y, x, qkv_weight, qkv_bias,
                                                           out_weight, out_bias, gamma, attn, lse,
                                                           qk_dim, num_heads, kv_stride);

@@ -3,6 +3,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace cnn_attention {
 namespace ops {
 
@@ -128,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> pair_of(const variable_list& grads) {
 
 at::Tensor soft_attention_autograd(const at::Tensor& x, const at::Tensor& scores,
                                    c10::string_view normalize, double temperature) {
+  check_defined("soft_attention", {{"x", x}, {"scores", scores}});
   return SoftAttentionFunction::apply(x, scores, normalize, temperature);
 }
 
@@ -136,12 +139,14 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward_autograd(const at::Te
                                                                     const at::Tensor& scores,
                                                                     c10::string_view normalize,
                                                                     double temperature) {
+  check_defined("soft_attention", {{"grad_y", grad_y}, {"x", x}, {"scores", scores}});
   return pair_of(NotTwiceDifferentiable<SoftAttentionBackward>::apply(grad_y, x, scores, normalize,
                                                                       temperature));
 }
 
 at::Tensor soft_attention_pool_autograd(const at::Tensor& x, const at::Tensor& scores,
                                         double temperature) {
+  check_defined("soft_attention_pool", {{"x", x}, {"scores", scores}});
   return SoftAttentionPoolFunction::apply(x, scores, temperature);
 }
 
@@ -149,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_autograd(const a
                                                                          const at::Tensor& x,
                                                                          const at::Tensor& scores,
                                                                          double temperature) {
+  check_defined("soft_attention_pool", {{"grad_out", grad_out}, {"x", x}, {"scores", scores}});
   return pair_of(
       NotTwiceDifferentiable<SoftAttentionPoolBackward>::apply(grad_out, x, scores, temperature));
 }
@@ -158,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_autograd(const at::Tensor& x,
                                                            c10::string_view mode, double threshold,
                                                            int64_t k, c10::string_view estimator,
                                                            double temperature) {
+  check_defined("hard_attention", {{"x", x}, {"scores", scores}});
   return pair_of(
       HardAttentionFunction::apply(x, scores, mode, threshold, k, estimator, temperature));
 }
@@ -165,6 +172,8 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_autograd(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_autograd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
     c10::string_view estimator, double temperature) {
+  check_defined("hard_attention",
+                {{"grad_y", grad_y}, {"x", x}, {"scores", scores}, {"mask", mask}});
   return pair_of(NotTwiceDifferentiable<HardAttentionBackward>::apply(grad_y, x, scores, mask,
                                                                       estimator, temperature));
 }
