@@ -7,7 +7,7 @@ export PATH := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)$(PATH)
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc))
 
-.PHONY: all setup build build-cpp test test-python test-cpp demo bench clean
+.PHONY: all setup build build-cpp build-sanitize test test-python test-cpp test-sanitize fuzz demo bench clean
 
 all: build build-cpp
 
@@ -34,6 +34,28 @@ test-cpp: build build-cpp
 	ctest --test-dir $(BUILD)/cmake --output-on-failure
 
 test: test-python test-cpp
+
+# The C++ library, tests and example with AddressSanitizer + UndefinedBehaviorSanitizer (CPU
+# kernels: no GPU to run CUDA ones here), in their own build tree.
+build-sanitize: setup
+	@if [ ! -f $(BUILD)/sanitize/build.ninja ]; then \
+	  cmake -S . -B $(BUILD)/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Release -DCNN_ATTENTION_SANITIZE=ON \
+	    -DCNN_ATTENTION_CUDA=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+	    -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
+	fi
+	# -g puts the build directory into ccache's hash; without it a fresh clone reuses the cache.
+	CCACHE_NOHASHDIR=1 cmake --build $(BUILD)/sanitize -j $(MAX_JOBS) --target cnn_attention_tests run_model
+
+test-sanitize: build build-sanitize
+	PYTHON=$(PYTHON) bash scripts/test_sanitize.sh $(BUILD)/sanitize
+
+# Longer randomized runs: 10,000 property cases per operator against the float64 references,
+# then 20,000 invalid calls in a child process. FUZZ_SEED picks the invalid calls.
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: build
+	$(PYTHON) -m pytest tests/python/test_properties.py --hypothesis-profile=fuzz \
+	  --hypothesis-show-statistics -q -p no:cacheprovider
+	$(PYTHON) tests/fuzz/invalid_inputs.py --calls 20000 --seed $(FUZZ_SEED)
 
 demo: build build-cpp
 	$(PYTHON) examples/demo.py --out out/demo --cpp-runner $(BUILD)/cmake/run_model

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Tests import the package from the source tree (built in place by `make build`).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -10,6 +11,28 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cnn_attention  # noqa: E402,F401
+
+# Hypothesis profiles of test_properties.py. "default" (make test): a bounded number of examples
+# per property, derandomized so that CI runs the same examples every time. "fuzz"
+# (--hypothesis-profile=fuzz): 10,000 fresh random examples per property. Examples take up to
+# a fraction of a second and draw large tensors' shapes, hence no deadline and no too_slow or
+# data_too_large checks; the autouse _seed fixture is harmless (every example seeds torch from
+# its own drawn seed). No example database: .hypothesis/ is not ignored by git, and a failure
+# prints its case and a @reproduce_failure blob instead.
+settings.register_profile(
+    "default",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("fuzz", settings.get_profile("default"), max_examples=10_000, derandomize=False)
+
+# cuBLAS is deterministic only with a fixed workspace: torch.use_deterministic_algorithms(True)
+# refuses CUDA matrix products without it (test_determinism.py). Set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 HAS_CUDA = torch.cuda.is_available() and cnn_attention.build_info()["cuda"] is not None
 

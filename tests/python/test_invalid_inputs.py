@@ -1,0 +1,75 @@
+"""Invalid-input fuzzing (tests/fuzz/invalid_inputs.py) with a bounded count.
+
+The fuzzer runs in a child process: a crash (a signal) in an operator must fail this test
+with the call that caused it, not take pytest down with it. `make fuzz` runs it longer.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "fuzz" / "invalid_inputs.py"
+CALLS = 2000
+SEED = 20240611
+
+
+def test_invalid_inputs(tmp_path: Path) -> None:
+    report, trace = tmp_path / "fuzz.json", tmp_path / "trace.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(SCRIPT), "--calls", str(CALLS), "--seed", str(SEED),
+               "--json", str(report), "--trace", str(trace)]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    print(child.stdout)
+    if child.returncode < 0:
+        lines = trace.read_text().splitlines() if trace.exists() else []
+        last = lines[-1] if lines else "(no call traced)"
+        raise AssertionError(
+            f"the fuzzer died of {signal.Signals(-child.returncode).name} at call {last}\n"
+            f"replay: {sys.executable} {SCRIPT} --seed {SEED} --replay {last.split(' ', 1)[0]}\n"
+            f"{child.stderr[-4000:]}"
+        )
+    assert report.exists(), f"no report (exit status {child.returncode}):\n{child.stderr[-4000:]}"
+    results = json.loads(report.read_text())
+    idle = [t for t, counts in results["targets"].items() if counts["calls"] == 0]
+    assert not idle, f"targets that got no call: {idle}"
+    assert child.returncode == 0, (
+        f"{len(results['failures'])} failures (exit status {child.returncode}); the table and the "
+        f"groups are above, every failure is in the JSON report. {child.stderr[-2000:]}"
+    )
+
+
+def _none_cases():
+    """(operator, arguments with one required tensor replaced by None, that tensor's name)."""
+    x, s = torch.randn(2, 4, 3, 3), torch.randn(2, 1, 3, 3)
+    w1, w2 = torch.randn(2, 4), torch.randn(4, 2)
+    qkv, out, gamma = torch.randn(10, 4), torch.randn(4, 6), torch.ones(1)
+    calls = {
+        "channel_attention": ([x, w1, None, w2, None, "avg", "sigmoid"], {0: "x", 1: "fc1_weight", 3: "fc2_weight"}),
+        "channel_pool": ([x], {0: "x"}),
+        "soft_attention": ([x, s, "sigmoid", 1.0], {0: "x", 1: "scores"}),
+        "soft_attention_pool": ([x, s, 1.0], {0: "x", 1: "scores"}),
+        "hard_attention": ([x, s, "topk", 0.5, 2, "sigmoid", 1.0], {0: "x", 1: "scores"}),
+        "self_attention": ([x, qkv, None, out, None, gamma, 2, 1, 1],
+                           {0: "x", 1: "qkv_weight", 3: "out_weight", 5: "gamma"}),
+    }
+    for op, (args, required) in calls.items():
+        for index, name in required.items():
+            yield op, [None if i == index else a for i, a in enumerate(args)], name
+
+
+def test_none_for_a_required_tensor_names_the_operator() -> None:
+    """torch's autograd layer would say "tensor does not have a device": the operators check
+    first, with and without gradients (inference mode skips the autograd layer)."""
+    for op, args, name in _none_cases():
+        for mode in (torch.enable_grad, torch.inference_mode):
+            with mode(), pytest.raises(RuntimeError, match=rf"^{op}: |cnn_attention::{op}"):
+                getattr(torch.ops.cnn_attention, op)(*args)
+        with pytest.raises(RuntimeError, match=rf"^{op}: {name} must be a tensor, got None"):
+            getattr(torch.ops.cnn_attention, op)(*args)
