@@ -23,24 +23,52 @@ TOLERANCE = {
 }
 
 
+# in_layout's layouts plus those of the property tests: a contiguous view at a storage offset
+# and a stride-0 expanded view (see layout_view).
+PROPERTY_LAYOUTS = LAYOUTS + ["offset", "expanded"]
+
+
 def in_layout(t: Tensor, layout: str) -> Tensor:
-    """The same values as `t` (N, C, *S), stored contiguous, channels-last or as a strided
-    view (every other channel of a larger tensor, at an offset)."""
+    """The same values as `t` (N, C, *S), stored contiguous, channels-last, as a strided
+    view (every other channel of a larger tensor, at an offset) or as a contiguous view at an
+    odd storage offset ("offset": a slice of a larger flat buffer, misaligned for vector
+    loads). Shapes that cannot tell a layout from the contiguous one (no elements, one
+    channel, one position) get a tensor that may also be contiguous."""
     if layout == "contiguous":
         return t.contiguous()
     if layout == "channels_last":
         order = [0] + list(range(2, t.dim())) + [1]
         inverse = [order.index(i) for i in range(t.dim())]
         out = t.permute(order).contiguous().permute(inverse)
-        assert not out.is_contiguous() or t.shape[1] == 1
+        assert not out.is_contiguous() or t.shape[1] == 1 or math.prod(t.shape[2:]) <= 1 or t.numel() == 0
         return out
     if layout == "strided":
         big = torch.zeros((t.shape[0], 2 * t.shape[1] + 1) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
         big[:, 1::2] = t
         out = big[:, 1::2]
-        assert not out.is_contiguous()
+        assert not out.is_contiguous() or t.shape[0] * t.shape[1] == 1 or t.numel() == 0
+        return out
+    if layout == "offset":
+        buffer = torch.zeros(t.numel() + 3, dtype=t.dtype, device=t.device)
+        buffer[3:] = t.flatten()
+        out = buffer[3:].view(t.shape)
+        assert out.is_contiguous() and out.storage_offset() == 3
         return out
     raise ValueError(layout)
+
+
+def layout_view(t: Tensor, layout: str, expand_dim: int = 0) -> Tensor:
+    """in_layout(t, layout) for the layouts of LAYOUTS and "offset"; for "expanded", the
+    first slice of `t` along `expand_dim` broadcast back to t's shape by a stride-0 view (as
+    x.expand makes from a size-1 dim). An expanded view repeats that slice, so its values are
+    not t's: compute references from the returned tensor."""
+    if layout != "expanded":
+        return in_layout(t, layout)
+    if t.shape[expand_dim] == 0:
+        return t  # nothing to repeat
+    out = t.narrow(expand_dim, 0, 1).expand(t.shape)
+    assert out.stride(expand_dim) == 0 or t.shape[expand_dim] == 1
+    return out
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
@@ -185,6 +213,40 @@ def assert_bitwise_identical_across_thread_counts(run, threads: Sequence[int] = 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
+class _StoredOutputAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v (float64, heads in the leading dims), whose backward follows
+    the operator's documented float16/bfloat16 contract: "the backward uses the head outputs
+    as stored, in the input dtype, as flash attention does". With P = softmax(q k^T * scale),
+    O = P v and the gradient dO of O, the gradient of the logits is dS = P * (dP - delta),
+    dP = dO v^T, delta = rowsum(dO * O). The operator (like flash attention and torch's
+    memory-efficient attention) takes delta from the O it saved, rounded to the input dtype,
+    while dP is computed in float32: dS no longer sums to zero over the keys, by
+    rowsum(dO * (O - round(O))). A sharp softmax amplifies that into errors of the query
+    and key gradients (and through them of qkv_weight, qkv_bias and x) far beyond a half
+    tolerance of the exact float64 gradient, and beyond the eager composition's (whose
+    softmax backward is consistent with its own stored dP). This reference makes the same
+    choice in float64, delta from O.to(stored_dtype); everything else, O itself included,
+    stays float64. (self_attention_reference also rounds q, k and v, from which the operator
+    computes its O: rounding an O computed from unrounded projections would often land an
+    ulp away from the operator's, and leave the discrepancy as large as before.)"""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, stored_dtype: torch.dtype) -> Tensor:
+        weights = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+        out = weights @ v
+        ctx.save_for_backward(q, k, v, weights, out)
+        ctx.scale, ctx.stored_dtype = scale, stored_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, weights, out = ctx.saved_tensors
+        grad_v = weights.transpose(-1, -2) @ grad_out
+        delta = (grad_out * out.to(ctx.stored_dtype).to(out.dtype)).sum(-1, keepdim=True)
+        grad_scores = weights * (grad_out @ v.transpose(-1, -2) - delta) * ctx.scale
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
+
+
 def self_attention_reference(
     x: Tensor,
     qkv_weight: Tensor,
@@ -196,6 +258,7 @@ def self_attention_reference(
     num_heads: int = 1,
     kv_stride: int = 1,
     pool_dtype: Optional[torch.dtype] = None,
+    stored_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """DESIGN.md's self attention in plain PyTorch, materialising the P x L attention matrix
     of every sample and head (small inputs only): qkv = qkv_weight @ x + qkv_bias per position;
@@ -206,12 +269,20 @@ def self_attention_reference(
     this dtype (ties to the first position), as an operator that holds its float16 or bfloat16
     projection in that dtype does; the pooled values and their gradients stay in the dtype of
     the inputs. Without it a window whose two largest values round to nearly the same half
-    value may send its gradient to another position than the operator's."""
+    value may send its gradient to another position than the operator's.
+
+    stored_dtype: follow the operator's float16/bfloat16 contract (see
+    _StoredOutputAttention): the projection qkv is rounded to this dtype, as the operator
+    stores it (its gradient passes through the rounding unchanged), and the attention's
+    backward takes delta = rowsum(grad_heads * heads) from the head outputs rounded to this
+    dtype, as the operator (like flash attention) saves them. Everything else is float64."""
     n, spatial = x.shape[0], tuple(x.shape[2:])
     lift = (1,) * len(spatial)
     qkv = torch.einsum("oc,nc...->no...", qkv_weight, x)
     if qkv_bias is not None:
         qkv = qkv + qkv_bias.reshape((-1,) + lift)
+    if stored_dtype is not None:
+        qkv = qkv + (qkv.detach().to(stored_dtype).to(qkv.dtype) - qkv.detach())
     q, k, v = qkv[:, :qk_dim], qkv[:, qk_dim : 2 * qk_dim], qkv[:, 2 * qk_dim :]
     if kv_stride > 1:
         pool = _MAX_POOL[len(spatial)]
@@ -228,8 +299,12 @@ def self_attention_reference(
     q = q.reshape(n, num_heads, qk_head, -1).transpose(-1, -2)
     k = k.reshape(n, num_heads, qk_head, -1).transpose(-1, -2)
     v = v.reshape(n, num_heads, v_head, -1).transpose(-1, -2)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(qk_head), dim=-1)
-    heads = (weights @ v).transpose(-1, -2).reshape((n, v_dim) + spatial)
+    if stored_dtype is None:
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(qk_head), dim=-1)
+        heads = weights @ v
+    else:
+        heads = _StoredOutputAttention.apply(q, k, v, 1 / math.sqrt(qk_head), stored_dtype)
+    heads = heads.transpose(-1, -2).reshape((n, v_dim) + spatial)
     out = torch.einsum("cv,nv...->nc...", out_weight, heads)
     if out_bias is not None:
         out = out + out_bias.reshape((-1,) + lift)
