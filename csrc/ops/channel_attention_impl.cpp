@@ -145,8 +145,13 @@ channel_attention_backward(
   // Every branch receives the same grad_logits, so the sums over branches fold into
   // one product per parameter.
   const at::Tensor hidden_by_branch = hidden.view({count, batch, hidden_size});
-  const at::Tensor grad_fc2_weight =
-      grad_logits.t().mm(count == 1 ? hidden : hidden_by_branch.sum(0));
+  // One product per branch, added, as eager: summing the branches' hidden units first would
+  // turn an infinite grad_logits times a unit that is off in one branch (NaN in eager) into
+  // an infinity.
+  at::Tensor grad_fc2_weight = grad_logits.t().mm(hidden_by_branch.select(0, 0));
+  for (int64_t branch = 1; branch < count; ++branch) {
+    grad_fc2_weight.add_(grad_logits.t().mm(hidden_by_branch.select(0, branch)));
+  }
   const at::Tensor grad_fc2_bias = grad_logits.sum(0) * static_cast<double>(count);
   // A select, not a product with the 0/1 derivative, exactly as eager relu's backward: a
   // unit that is off passes no gradient even when the gradient reaching it is NaN or

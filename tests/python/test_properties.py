@@ -484,12 +484,21 @@ def test_self_attention(case: Case) -> None:
     # gamma's gradient sums grad * out over N * C * P terms: their root sum of squares.
     gamma_terms = float((grad.double() * projected[0].detach()).square().sum().sqrt())
     names = ["x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"]
+    # The gradients that flow through the scores (x, qkv_weight, qkv_bias) come from
+    # probs * (grad_probs - delta), where grad_probs and delta = rowsum(grad_heads * heads)
+    # are two float32 reductions of the same value in different orders: where the softmax is
+    # one-hot (a single key after pooling) the exact result is 0 and the operator's is their
+    # rounding difference, summed over positions (make fuzz: 5.4e-5 against 5.3e-5 allowed at
+    # 4 times the tolerance, P = 341, one key). Eager's softmax backward subtracts the same
+    # value, so it has no error to lend: allow 8 times the tolerance for these in float32.
+    through_scores = ("x", "qkv_weight", "qkv_bias")
     for name, a, w, extra in zip(names, actual, wanted, slack[1:]):
         if a is not None:
             # As test_self_attention.assert_gradient_close: 4 times the tolerance, relative
             # to the size of what each element sums.
             norm = gamma_terms if name == "gamma" else float(w.abs().max())
-            assert_matches(a, w, dtype, f"grad {name}", 4.0, norm, extra)
+            scale = 8.0 if dtype == torch.float32 and name in through_scores else 4.0
+            assert_matches(a, w, dtype, f"grad {name}", scale, norm, extra)
     # The weight gradients sum over all N * P positions (tokens_outer): in a half dtype they
     # must accumulate in float32 (a half running sum loses its small terms where the sum
     # cancels). Those of out_weight and gamma are exact sums of the operator's own saved head
