@@ -2,8 +2,17 @@
 PYTHON ?= python3
 BUILD ?= build
 export MAX_JOBS ?= 2
-# ccache's compiler links come first when present, so rebuilds reuse objects.
+# ccache's compiler links come first when present, so rebuilds reuse objects. Paths under the
+# checkout are hashed relative to it (CCACHE_BASEDIR) and the working directory is left out of
+# the hash (CCACHE_NOHASHDIR), so a fresh clone in another folder hits the same cache entries.
 export PATH := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)$(PATH)
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
+CCACHE := $(shell command -v ccache)
+# nvcc through ccache as well: torch's extension builder runs $PYTORCH_NVCC when it is set.
+ifneq ($(CCACHE),)
+export PYTORCH_NVCC ?= $(CCACHE) $(or $(wildcard /usr/local/cuda/bin/nvcc),nvcc)
+endif
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc))
 
@@ -23,7 +32,7 @@ build-cpp: setup
 	@if [ ! -f $(BUILD)/cmake/build.ninja ]; then \
 	  cmake -S . -B $(BUILD)/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	    -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
-	    $(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC)) -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
+	    $(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC) -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache) -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
 	fi
 	cmake --build $(BUILD)/cmake -j $(MAX_JOBS)
 
@@ -43,8 +52,7 @@ build-sanitize: setup
 	    -DCNN_ATTENTION_CUDA=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
 	    -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
 	fi
-	# -g puts the build directory into ccache's hash; without it a fresh clone reuses the cache.
-	CCACHE_NOHASHDIR=1 cmake --build $(BUILD)/sanitize -j $(MAX_JOBS) --target cnn_attention_tests run_model
+	cmake --build $(BUILD)/sanitize -j $(MAX_JOBS) --target cnn_attention_tests run_model
 
 test-sanitize: build build-sanitize
 	PYTHON=$(PYTHON) bash scripts/test_sanitize.sh $(BUILD)/sanitize
