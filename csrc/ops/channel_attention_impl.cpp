@@ -9,23 +9,48 @@ namespace ops {
 
 namespace {
 
+// out (M, N) = a (M, K) @ b (K, N) through the backend's product.
+at::Tensor product(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  matmul(out, a, b, false);
+  return out;
+}
+
+// Sums over dim 0 of (M, C), (C,), or over dim 1 of (N, C), (N, 1), as products with ones: the
+// backend's product fixes the order of the sum (ATen's reductions may split it by thread).
+at::Tensor column_sums(MatmulFn matmul, const at::Tensor& t) {
+  return product(matmul, at::ones({1, t.size(0)}, t.options()), t).view({t.size(1)});
+}
+at::Tensor row_sums(MatmulFn matmul, const at::Tensor& t) {
+  return product(matmul, t, at::ones({t.size(1), 1}, t.options()));
+}
+
 // fc2(relu(fc1(p))) in the accumulation dtype, whatever the dtype of the parameters.
 struct Mlp {
   at::Tensor fc1_weight, fc2_weight;
   std::optional<at::Tensor> fc1_bias, fc2_bias;
+  MatmulFn matmul;
 
   Mlp(const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-      const std::optional<at::Tensor>& b2, at::ScalarType dtype)
-      : fc1_weight(w1.to(dtype)), fc2_weight(w2.to(dtype)) {
+      const std::optional<at::Tensor>& b2, at::ScalarType dtype, MatmulFn matmul)
+      : fc1_weight(w1.to(dtype)), fc2_weight(w2.to(dtype)), matmul(matmul) {
     if (b1.has_value()) fc1_bias = b1->to(dtype);
     if (b2.has_value()) fc2_bias = b2->to(dtype);
   }
 
+  // input @ weight^T + bias
+  at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias) const {
+    at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
+    if (bias.has_value()) out.copy_(bias->expand_as(out));
+    matmul(out, input, weight.t(), bias.has_value());
+    return out;
+  }
   at::Tensor hidden(const at::Tensor& pooled) const {
-    return at::relu(at::linear(pooled, fc1_weight, fc1_bias));
+    return at::relu(linear(pooled, fc1_weight, fc1_bias));
   }
   at::Tensor logits(const at::Tensor& hidden) const {
-    return at::linear(hidden, fc2_weight, fc2_bias);
+    return linear(hidden, fc2_weight, fc2_bias);
   }
 };
 
@@ -86,7 +111,8 @@ at::Tensor channel_attention_forward(
 
   const at::Tensor input = to_layout(x, layout);
   const ChannelStats stats = sweeps.reduce(input, at::Tensor(), false, layout);
-  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type());
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
+                sweeps.matmul);
   const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).first;
   sweeps.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
                layout);
@@ -122,7 +148,8 @@ channel_attention_backward(
   const at::Tensor grad_out = to_layout(grad_y, layout);
   const ChannelStats stats =
       sweeps.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout);
-  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type());
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
+                sweeps.matmul);
 
   // Recompute the (N, C)-sized forward: cheaper than saving it, and it keeps the
   // operator's forward a plain function of its inputs.
@@ -138,7 +165,7 @@ channel_attention_backward(
     grad_logits = grad_weights * weights * (1 - weights);
   } else {
     // w = C softmax(z): dz_j = w_j (g_j - sum_i g_i w_i / C).
-    grad_logits = weights * (grad_weights - (grad_weights * weights).sum(1, true) /
+    grad_logits = weights * (grad_weights - row_sums(sweeps.matmul, grad_weights * weights) /
                                                 static_cast<double>(channels));
   }
 
@@ -148,21 +175,23 @@ channel_attention_backward(
   // One product per branch, added, as eager: summing the branches' hidden units first would
   // turn an infinite grad_logits times a unit that is off in one branch (NaN in eager) into
   // an infinity.
-  at::Tensor grad_fc2_weight = grad_logits.t().mm(hidden_by_branch.select(0, 0));
+  at::Tensor grad_fc2_weight = product(mlp.matmul, grad_logits.t(), hidden_by_branch.select(0, 0));
   for (int64_t branch = 1; branch < count; ++branch) {
-    grad_fc2_weight.add_(grad_logits.t().mm(hidden_by_branch.select(0, branch)));
+    mlp.matmul(grad_fc2_weight, grad_logits.t(), hidden_by_branch.select(0, branch), true);
   }
-  const at::Tensor grad_fc2_bias = grad_logits.sum(0) * static_cast<double>(count);
+  const at::Tensor grad_fc2_bias = column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
   // A select, not a product with the 0/1 derivative, exactly as eager relu's backward: a
   // unit that is off passes no gradient even when the gradient reaching it is NaN or
   // infinite, and a NaN unit passes it.
   const at::Tensor grad_hidden =
-      at::where(hidden_by_branch <= 0, 0, grad_logits.mm(mlp.fc2_weight).unsqueeze(0))
+      at::where(hidden_by_branch <= 0, 0,
+                product(mlp.matmul, grad_logits, mlp.fc2_weight).unsqueeze(0))
           .view({count * batch, hidden_size});
   const at::Tensor grad_fc1_weight =
-      grad_hidden.t().mm(branches.reshape({count * batch, channels}));
-  const at::Tensor grad_fc1_bias = grad_hidden.sum(0);
-  const at::Tensor grad_pooled = grad_hidden.mm(mlp.fc1_weight).view({count, batch, channels});
+      product(mlp.matmul, grad_hidden.t(), branches.reshape({count * batch, channels}));
+  const at::Tensor grad_fc1_bias = column_sums(mlp.matmul, grad_hidden);
+  const at::Tensor grad_pooled =
+      product(mlp.matmul, grad_hidden, mlp.fc1_weight).view({count, batch, channels});
 
   // The mean spreads its gradient evenly over the P positions; the max sends it to the
   // first position that attains it.

@@ -3,7 +3,8 @@
 // The device-independent half of the channel attention kernels. A forward or backward
 // pass is two sweeps over the feature map, which each backend implements (see
 // ChannelAttentionSweeps), around a tiny MLP on (N, C) statistics that is the same on
-// every device and is written here once with ATen calls in the accumulation dtype.
+// every device and is written here once in the accumulation dtype, with the backend's matrix
+// product (ChannelAttentionSweeps::matmul) and elementwise ATen calls.
 //
 // Forward:  stats = reduce(x);            w = gate(mlp(stats));       y = x * w
 // Backward: stats = reduce(x, grad_y);    (w, dstats, dweights) = ...; grad_x = apply(...)
@@ -44,6 +45,8 @@ struct ChannelAttentionSweeps {
   void (*apply)(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
                 const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
                 Layout layout);
+  // The MLP's products (see MatmulFn).
+  MatmulFn matmul;
 };
 
 at::Tensor channel_attention_forward(

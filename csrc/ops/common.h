@@ -59,6 +59,20 @@ inline void check_sizes(const char* op, const char* name, const at::Tensor& t,
       format_sizes(t.sym_sizes()));
 }
 
+// out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`, for 2-D tensors of one
+// dtype and device with any strides; `out` is written in place. Each backend names its own:
+// on CPU a fixed-order kernel (cpu/gemm.h), since CPU BLAS results change with the thread
+// count; elsewhere the device's BLAS (blas_matmul).
+using MatmulFn = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                          bool accumulate);
+
+inline void blas_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        bool accumulate) {
+  at::Tensor result = out;
+  // beta = 0 ignores the old contents, NaN included.
+  at::addmm_out(result, out, a, b, accumulate ? 1 : 0, 1);
+}
+
 // Number of spatial positions P of a feature map.
 inline int64_t num_positions(const at::Tensor& x) {
   int64_t positions = 1;

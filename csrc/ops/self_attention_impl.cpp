@@ -1,8 +1,6 @@
 #include "self_attention_impl.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,79 +30,17 @@ bool rows_stack(const at::Tensor& a) {
 
 // out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)): one product when the samples of `a`
 // stack into a matrix, else one per sample, each reading `a` in place.
-at::Tensor tokens_mm(const at::Tensor& a, const at::Tensor& b,
+at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
-  if (rows_stack(a)) {
-    const at::Tensor a2 = a.reshape({batch * rows, a.size(2)});
-    const at::Tensor out = bias.has_value() ? at::addmm(*bias, a2, b) : at::mm(a2, b);
-    return out.view({batch, rows, cols});
-  }
   at::Tensor out = at::empty({batch, rows, cols}, a.options());
-  for (int64_t n = 0; n < batch; ++n) {
-    at::Tensor slice = out.select(0, n);
-    if (bias.has_value()) {
-      at::addmm_out(slice, *bias, a.select(0, n), b);
-    } else {
-      at::mm_out(slice, a.select(0, n), b);
-    }
-  }
-  return out;
-}
-
-// tokens_outer on CPU: positions per partial sum, and per product within it.
-constexpr int64_t kOuterChunk = 1024;
-constexpr int64_t kOuterProduct = 128;
-
-// sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L): the weight gradient of a
-// per-position linear map. On CPU, BLAS splits a long inner dimension among threads
-// differently for different thread counts (a (1024, 24)^T (1024, 16) product differs in the
-// last bits between 1 and 2 threads), so the sum is cut into fixed chunks of positions. Each
-// chunk is a partial built from short products (an inner dimension of 128, which BLAS does
-// not split, run on one thread inside the parallel region) added in order; the partials are
-// then added in chunk order: the same bits for every thread count. The worker threads get
-// the caller's thread-local state (below autograd, grad mode), as at::launch does.
-// The sums accumulate in float32 at least: half inputs are widened product by product, and
-// the result is in the accumulation dtype (a running half sum over thousands of positions
-// would lose every small term).
-at::Tensor tokens_outer(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t batch = a.size(0), positions = a.size(1);
-  const at::ScalarType acc = at::toOpMathType(a.scalar_type());
-  const auto widened = [acc](const at::Tensor& t) { return t.to(acc); };
-  if (!a.is_cpu()) {
-    at::Tensor out = at::mm(widened(a.select(0, 0)).t(), widened(b.select(0, 0)));
-    for (int64_t n = 1; n < batch; ++n) {
-      out.addmm_(widened(a.select(0, n)).t(), widened(b.select(0, n)));
-    }
+  if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
+  if (rows_stack(a)) {
+    matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,
+           bias.has_value());
     return out;
   }
-  const int64_t chunks_per_sample = (positions + kOuterChunk - 1) / kOuterChunk;
-  const at::Tensor partials =
-      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options().dtype(acc));
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t n = chunk / chunks_per_sample;
-      const int64_t chunk_end = std::min(positions, (chunk % chunks_per_sample + 1) * kOuterChunk);
-      at::Tensor partial = partials.select(0, chunk);
-      for (int64_t first = chunk % chunks_per_sample * kOuterChunk; first < chunk_end;
-           first += kOuterProduct) {
-        const int64_t length = std::min(kOuterProduct, chunk_end - first);
-        const at::Tensor lhs = widened(a.select(0, n).narrow(0, first, length)).t();
-        const at::Tensor rhs = widened(b.select(0, n).narrow(0, first, length));
-        if (first % kOuterChunk == 0) {
-          at::mm_out(partial, lhs, rhs);
-        } else {
-          partial.addmm_(lhs, rhs);
-        }
-      }
-    }
-  });
-  at::Tensor out = partials.select(0, 0).clone();
-  for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
-    out.add_(partials.select(0, chunk));
-  }
+  for (int64_t n = 0; n < batch; ++n) matmul(out.select(0, n), a.select(0, n), b, bias.has_value());
   return out;
 }
 
@@ -132,10 +68,10 @@ struct Projection {
   at::Tensor qkv, kv, kv_indices;
 };
 
-Projection project(const at::Tensor& x_tokens, const at::Tensor& qkv_weight,
+Projection project(MatmulFn matmul, const at::Tensor& x_tokens, const at::Tensor& qkv_weight,
                    const std::optional<at::Tensor>& qkv_bias, const Geometry& g) {
   Projection p;
-  p.qkv = tokens_mm(x_tokens, qkv_weight.t(), qkv_bias);
+  p.qkv = tokens_mm(matmul, x_tokens, qkv_weight.t(), qkv_bias);
   const int64_t qk = g.sizes.qk_dim, kv_columns = g.sizes.qk_dim + g.sizes.v_dim;
   const at::Tensor kv = p.qkv.narrow(2, qk, kv_columns);
   if (g.sizes.kv_stride == 1) {
@@ -174,6 +110,22 @@ at::Tensor heads_of(const at::Tensor& tokens, int64_t first, int64_t heads, int6
       .transpose(1, 2);
 }
 
+// (L,): the sum over samples and positions of b (N, M, L), in the accumulation dtype, in the
+// backend's order (ATen's reductions may split a long sum by thread).
+at::Tensor position_sums(const SelfAttentionKernels& kernels, const at::Tensor& b) {
+  const at::Tensor ones = at::ones({1, 1, 1}, b.options()).expand({b.size(0), b.size(1), 1});
+  return kernels.position_sum_product(ones, b).view({b.size(2)});
+}
+
+// The sum of every element of a 2-D (R, L) tensor, row sums first, in the backend's order.
+at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
+  at::Tensor rows = at::empty({t.size(0), 1}, t.options());
+  matmul(rows, t, at::ones({t.size(1), 1}, t.options()), false);
+  at::Tensor total = at::empty({1, 1}, t.options());
+  matmul(total, at::ones({1, t.size(0)}, t.options()), rows, false);
+  return total.view(at::IntArrayRef{});
+}
+
 double softmax_scale(const SelfAttentionSizes& sizes) {
   return 1.0 / std::sqrt(static_cast<double>(sizes.qk_head_dim()));
 }
@@ -193,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
             self_attention_lse_like(x, sizes)};
   }
   const at::Tensor x_dense = to_layout(x, g.layout);
-  Projection p = project(tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
+  Projection p = project(kernels.matmul, tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   auto [heads_out, lse] =
       kernels.attention_forward(heads_of(p.qkv, 0, heads, dq), heads_of(p.kv, 0, heads, dq),
@@ -205,25 +157,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
   // out = attn @ out_weight^T + out_bias, written straight into y in the layout of x, then
   // y = x + gamma * out in place.
   at::Tensor y = self_attention_output_like(x);
+  const bool with_bias = out_bias.has_value();
   if (g.layout == Layout::ChannelsLast) {
-    at::Tensor rows = tokens_of(y, g.layout).view({g.batch * g.positions, g.channels});
-    const at::Tensor attn_rows = attn.view({g.batch * g.positions, sizes.v_dim});
-    if (out_bias.has_value()) {
-      at::addmm_out(rows, *out_bias, attn_rows, out_weight.t());
-    } else {
-      at::mm_out(rows, attn_rows, out_weight.t());
-    }
+    const at::Tensor rows = tokens_of(y, g.layout).view({g.batch * g.positions, g.channels});
+    if (with_bias) rows.copy_(out_bias->expand_as(rows));
+    kernels.matmul(rows, attn.view({g.batch * g.positions, sizes.v_dim}), out_weight.t(),
+                   with_bias);
   } else {
     const at::Tensor columns = y.view({g.batch, g.channels, g.positions});
-    const std::optional<at::Tensor> bias_column =
-        out_bias.has_value() ? std::optional<at::Tensor>(out_bias->unsqueeze(1)) : std::nullopt;
+    if (with_bias) columns.copy_(out_bias->view({1, g.channels, 1}).expand_as(columns));
     for (int64_t n = 0; n < g.batch; ++n) {
-      at::Tensor slice = columns.select(0, n);
-      if (bias_column.has_value()) {
-        at::addmm_out(slice, *bias_column, out_weight, attn.select(0, n).t());
-      } else {
-        at::mm_out(slice, out_weight, attn.select(0, n).t());
-      }
+      kernels.matmul(columns.select(0, n), out_weight, attn.select(0, n).t(), with_bias);
     }
   }
   at::addcmul_out(y, x_dense, gamma.reshape({}), y);
@@ -256,19 +200,21 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   // weight gradient is gamma * G, and gamma's, sum(grad * out), is sum(G * out_weight) +
   // sum(grad) . out_bias: nothing as large as the feature map is needed for either.
   const at::Tensor gamma_value = gamma.reshape({});
-  const at::Tensor grad_sum = grad_tokens.sum(at::IntArrayRef{0, 1});  // (C,)
-  const at::Tensor grad_out_product = tokens_outer(grad_tokens, attn_dense);
-  at::Tensor grad_gamma = at::mul(grad_out_product, out_weight).sum();
-  if (out_bias.has_value()) grad_gamma = grad_gamma + at::mul(grad_sum, *out_bias).sum();
+  const at::Tensor grad_sum = position_sums(kernels, grad_tokens);  // (C,)
+  const at::Tensor grad_out_product = kernels.position_sum_product(grad_tokens, attn_dense);
+  at::Tensor grad_gamma = ordered_sum(kernels.matmul, at::mul(grad_out_product, out_weight));
+  if (out_bias.has_value()) {
+    grad_gamma = grad_gamma + ordered_sum(kernels.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
+  }
   const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
-  at::Tensor grad_attn = tokens_mm(grad_tokens, out_weight).mul_(gamma_value);
+  at::Tensor grad_attn = tokens_mm(kernels.matmul, grad_tokens, out_weight).mul_(gamma_value);
 
   // Attention, its gradients written straight into that of the projection, grad_qkv (N, P,
   // R). Pooled keys and values get theirs in a buffer first, then sent back to the positions
   // that won their windows (the windows do not overlap, so every position gets at most one
   // value: a deterministic scatter).
-  Projection p = project(x_tokens, qkv_weight, qkv_bias, g);
+  Projection p = project(kernels.matmul, x_tokens, qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_qkv = at::empty({g.batch, g.positions, rows}, x.options());
@@ -288,28 +234,28 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
     grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
   }
   p = Projection();
-  const at::Tensor grad_qkv_weight = tokens_outer(grad_qkv, x_tokens);
-  const at::Tensor grad_qkv_bias = grad_qkv.sum(at::IntArrayRef{0, 1});
+  const at::Tensor grad_qkv_weight = kernels.position_sum_product(grad_qkv, x_tokens);
+  const at::Tensor grad_qkv_bias = position_sums(kernels, grad_qkv);
 
   // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
   at::Tensor grad_x = self_attention_output_like(x);
   if (g.layout == Layout::ChannelsLast) {
-    at::Tensor grad_rows = tokens_of(grad_x, g.layout).view({g.batch * g.positions, g.channels});
-    at::addmm_out(grad_rows, grad_tokens.reshape({g.batch * g.positions, g.channels}),
-                  grad_qkv.view({g.batch * g.positions, rows}), qkv_weight);
+    const at::Tensor grad_rows =
+        tokens_of(grad_x, g.layout).view({g.batch * g.positions, g.channels});
+    grad_rows.copy_(grad_tokens.reshape({g.batch * g.positions, g.channels}));
+    kernels.matmul(grad_rows, grad_qkv.view({g.batch * g.positions, rows}), qkv_weight, true);
   } else {
-    const at::Tensor grad_columns = grad_dense.view({g.batch, g.channels, g.positions});
     const at::Tensor grad_x_columns = grad_x.view({g.batch, g.channels, g.positions});
+    grad_x_columns.copy_(grad_dense.view({g.batch, g.channels, g.positions}));
     for (int64_t n = 0; n < g.batch; ++n) {
-      at::Tensor slice = grad_x_columns.select(0, n);
-      at::addmm_out(slice, grad_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t());
+      kernels.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(), true);
     }
   }
-  // The weight gradients come from tokens_outer in the accumulation dtype.
+  // The weight and bias gradients come from position_sum_product in the accumulation dtype.
   const at::ScalarType dtype = x.scalar_type();
   return {grad_x,        grad_qkv_weight.to(dtype),
-          grad_qkv_bias, grad_out_weight.to(dtype),
-          grad_out_bias, grad_gamma.reshape(gamma.sizes()).to(dtype)};
+          grad_qkv_bias.to(dtype), grad_out_weight.to(dtype),
+          grad_out_bias.to(dtype), grad_gamma.reshape(gamma.sizes()).to(dtype)};
 }
 
 }  // namespace ops

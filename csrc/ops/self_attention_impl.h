@@ -1,7 +1,8 @@
 #pragma once
 
 // The device-independent half of self_attention. Everything but the attention itself is a
-// handful of matrix products over positions, done here with ATen (BLAS / cuBLAS) in the
+// handful of matrix products over positions, done here through the backend's products
+// (SelfAttentionKernels::matmul: a fixed-order kernel of ours on CPU, cuBLAS on CUDA) in the
 // token-major layout (N, P, features) that attention wants:
 //
 //   qkv  (N, P, 2 qk + v)  = x_tokens @ qkv_weight^T + qkv_bias   one product, no copy of x
@@ -17,6 +18,7 @@
 
 #include <tuple>
 
+#include "common.h"
 #include "self_attention.h"
 
 namespace cnn_attention {
@@ -36,6 +38,12 @@ struct SelfAttentionKernels {
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                              const at::Tensor& grad_v);
+  // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`: 2-D tensors with any
+  // strides, `out` written in place (see MatmulFn).
+  MatmulFn matmul;
+  // sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L) for a (N, M, K) and
+  // b (N, M, L): a weight gradient, (K, L) in the accumulation dtype.
+  at::Tensor (*position_sum_product)(const at::Tensor& a, const at::Tensor& b);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(

@@ -86,30 +86,24 @@ at::Tensor from_positions_view(const at::Tensor& rows, const at::Tensor& like, L
   return to_layout(rows.reshape(permuted_sizes).permute(inverse), layout);
 }
 
-// softmax(s / T) over the P positions of each sample and score channel.
-at::Tensor position_softmax(const at::Tensor& s, double temperature, Layout layout) {
-  return by_sample_blocks(s, [&](int64_t n0, int64_t n1) {
-    const at::Tensor part = divided(samples(s, n0, n1), temperature);
-    const auto [rows, dim] = positions_view(part, layout);
-    return from_positions_view(at::_softmax(rows, dim, false), part, layout);
-  });
+}  // namespace
+
+at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout) {
+  const at::Tensor part = divided(s, temperature);
+  const auto [rows, dim] = positions_view(part, layout);
+  return from_positions_view(at::_softmax(rows, dim, false), part, layout);
 }
 
-// d loss / d s for a = softmax(s / T), from d loss / d a.
-at::Tensor position_softmax_backward(const at::Tensor& grad_a, const at::Tensor& a,
-                                     double temperature, Layout layout) {
-  return by_sample_blocks(a,
-                          [&](int64_t n0, int64_t n1) {
-                            const at::Tensor part = samples(a, n0, n1);
-                            const auto [rows, dim] = positions_view(part, layout);
-                            const auto grad_rows =
-                                positions_view(samples(grad_a, n0, n1), layout).first;
-                            return from_positions_view(
-                                at::_softmax_backward_data(grad_rows, rows, dim, a.scalar_type()),
-                                part, layout);
-                          })
+at::Tensor aten_position_softmax_backward(const at::Tensor& grad_p, const at::Tensor& p,
+                                          double temperature, Layout layout) {
+  const auto [rows, dim] = positions_view(p, layout);
+  const auto grad_rows = positions_view(grad_p, layout).first;
+  return from_positions_view(at::_softmax_backward_data(grad_rows, rows, dim, p.scalar_type()), p,
+                             layout)
       .div_(temperature);
 }
+
+namespace {
 
 // Whether the weights are computed per element by the backend instead of stored (see
 // ElementwiseWeights): a score channel per channel of x and a backend that can.
@@ -160,7 +154,7 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
     weights = position_sigmoid(s, temperature);
   } else {
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
-    weights = position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
+    weights = sweeps.position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
   }
   sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
   return y;
@@ -189,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
   if (mode == SoftNormalize::Sigmoid) {
     weights = position_sigmoid(s, temperature);
   } else {
-    probabilities = position_softmax(s, temperature, layout);
+    probabilities = sweeps.position_softmax(s, temperature, layout);
     weights = probabilities * static_cast<double>(num_positions(x));
   }
   at::Tensor grad_weights = at::empty_like(weights);
@@ -199,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
-    grad_scores.copy_(position_softmax_backward(grad_weights, probabilities, temperature, layout)
+    grad_scores.copy_(sweeps.position_softmax_backward(grad_weights, probabilities, temperature, layout)
                           .mul_(static_cast<double>(num_positions(x))));
   }
   return {grad_x, grad_scores};
@@ -214,7 +208,7 @@ at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& sc
   if (num_positions(x) == 0) return out.zero_();
   const Layout layout = choose_row_layout(x);
   const at::Tensor probabilities =
-      position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+      sweeps.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   sweeps.pool(sweep_input(x, layout, sweeps), probabilities, out, layout);
   return out;
 }
@@ -229,13 +223,13 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
 
   const at::Tensor probabilities =
-      position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+      sweeps.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   at::Tensor grad_probabilities = at::empty_like(probabilities);
   // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
   sweeps.scale_backward(grad_out.contiguous(), sweep_input(x, layout, sweeps), probabilities,
                         grad_x, grad_probabilities, layout);
   grad_scores.copy_(
-      position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
+      sweeps.position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
   return {grad_x, grad_scores};
 }
 

@@ -52,6 +52,13 @@ struct SpatialAttentionSweeps {
   // lower index, NaN ranked as +inf; `scores` (accumulation dtype) and the mask are stored
   // like the weights.
   at::Tensor (*top_k_mask)(const at::Tensor& scores, int64_t k, Layout layout);
+  // softmax(s / T) over the positions of each sample and score channel, and its backward
+  // (d loss / d s from d loss / d p and p): `s`, `p` and `grad_p` in the accumulation dtype,
+  // stored like the weights, and so are the results. The sum over a row of any length must
+  // not stall (a float sum stops growing at 2^24 times its terms).
+  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, Layout layout);
+  at::Tensor (*position_softmax_backward)(const at::Tensor& grad_p, const at::Tensor& p,
+                                          double temperature, Layout layout);
   // Whether x and grad may come with strided row starts (see row_strides); if not, they
   // arrive dense in `layout`. Everything else (weights, outputs) is always dense.
   bool reads_strided_rows;
@@ -65,6 +72,12 @@ struct SpatialAttentionSweeps {
                                    const ElementwiseWeights& how, at::Tensor& grad_x,
                                    at::Tensor& grad_scores);
 };
+
+// position_softmax and its backward with ATen's softmax (any device whose softmax sums long
+// rows exactly enough; ATen's CPU kernels do not: their vector sums stall at 2^24 per lane).
+at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout);
+at::Tensor aten_position_softmax_backward(const at::Tensor& grad_p, const at::Tensor& p,
+                                          double temperature, Layout layout);
 
 // top_k_mask with ATen calls only (any device): the k-th largest value of each row by
 // selection, then everything above it and the first ties by index.

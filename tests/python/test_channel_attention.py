@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import (
     DEVICES,
+    assert_bitwise_identical_across_thread_counts,
     DTYPES,
     LAYOUTS,
     SPATIAL,
@@ -330,21 +331,17 @@ def test_device_mismatch_is_rejected():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_results_are_bitwise_identical_across_runs_and_thread_counts(layout):
-    x = in_layout(torch.randn(4, 40, 33, 17), layout)
-    params = make_params(40, 8, torch.float32, "cpu")
-    grad = torch.randn(4, 40, 33, 17)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 2, 4):
-            torch.set_num_threads(threads)
-            leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
-            assert leaves[0].stride() == x.stride()
-            y = op(*leaves, "avgmax", "softmax")
-            results.append([y.detach(), *torch.autograd.grad(y, leaves, grad)])
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+@pytest.mark.parametrize("channels,hidden", [(40, 8), (72, 5), (24, 9)])
+def test_results_are_bitwise_identical_across_runs_and_thread_counts(layout, channels, hidden):
+    # Channel and hidden widths that are not multiples of 16: where a BLAS changes kernels.
+    x = in_layout(torch.randn(4, channels, 33, 17), layout)
+    params = make_params(channels, hidden, torch.float32, "cpu")
+    grad = torch.randn(4, channels, 33, 17)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
+        assert leaves[0].stride() == x.stride()
+        y = op(*leaves, "avgmax", "softmax")
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)

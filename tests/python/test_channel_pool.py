@@ -1,6 +1,15 @@
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, LAYOUTS, SPATIAL, assert_close, channel_pool_reference, in_layout
+from helpers import (
+    DEVICES,
+    DTYPES,
+    LAYOUTS,
+    SPATIAL,
+    assert_bitwise_identical_across_thread_counts,
+    assert_close,
+    channel_pool_reference,
+    in_layout,
+)
 
 from cnn_attention import functional as CF
 
@@ -98,16 +107,12 @@ def test_bad_input_raises_runtime_error_naming_op_and_argument(device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_results_are_bitwise_identical_across_thread_counts(layout):
-    x = in_layout(torch.randn(3, 37, 29, 31), layout).requires_grad_(True)
+    x = in_layout(torch.randn(3, 37, 29, 31), layout)
     grad = torch.randn(3, 2, 29, 31)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            y = op(x)
-            results.append((y.detach(), torch.autograd.grad(y, [x], grad)[0]))
-    finally:
-        torch.set_num_threads(before)
-    for y, g in results[1:]:
-        assert torch.equal(y, results[0][0]) and torch.equal(g, results[0][1])
+
+    def run():
+        leaf = x.detach().clone().requires_grad_(True)
+        y = op(leaf)
+        return [y.detach(), torch.autograd.grad(y, [leaf], grad)[0]]
+
+    assert_bitwise_identical_across_thread_counts(run)

@@ -1,5 +1,5 @@
 """Determinism: every operator's forward and backward give the same bits on repeated runs,
-for 1, 2 and 4 intra-op threads on CPU, and with torch.use_deterministic_algorithms(True)
+for 1, 2, 3 and 4 intra-op threads on CPU, and with torch.use_deterministic_algorithms(True)
 (which must not raise). Inputs are large enough that each kernel splits its work over
 threads (more positions and rows than one task holds)."""
 
@@ -47,8 +47,8 @@ CASES: Dict[str, Tuple[Dict[str, Callable], Case]] = {
         {"scores": _scores(channels)},
         lambda a, mode=mode: ops.hard_attention(a["x"], a["scores"], mode, 0.4, 700, "sigmoid", 1.0)[0])
        for mode in ["threshold", "topk"] for channels in [1, SHAPE[1]]},
-    # Query/key heads narrower than value heads (our kernel), as wide (ATen's flash forward
-    # on CPU), and keys and values pooled by 2.
+    # Query/key heads narrower than value heads, as wide (the shape ATen's CPU flash kernel
+    # would take), and keys and values pooled by 2.
     "self_attention_narrow_heads": (
         _self_attention_params(8, 24), lambda a: ops.self_attention(*_self_args(a), 8, 2, 1)),
     "self_attention_equal_heads": (
@@ -93,8 +93,33 @@ def _assert_equal_runs(results: List[List[torch.Tensor]]) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_results_do_not_depend_on_runs_or_threads(case, dtype, layout):
     run = _forward_and_backward(case, "cpu", dtype, layout)
-    assert_bitwise_identical_across_thread_counts(run, threads=(1, 2, 4, 2))
+    assert_bitwise_identical_across_thread_counts(run)
     _assert_equal_runs([run() for _ in range(3)])
+
+
+# ATen CPU operators whose results may change with the thread count or the CPU: BLAS
+# products (MKL splits a product by thread count, and on AMD processors changes kernels with
+# the split) and CPU flash attention, which is built on them. The operators compute these
+# products themselves.
+BLAS_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
+            "aten::linear", "aten::mv", "aten::addmv", "aten::dot", "aten::vdot",
+            "aten::_scaled_dot_product_flash_attention_for_cpu"}
+# ATen's CPU softmax, whose vector sums stall on rows longer than 2^24 positions. (Channel
+# attention's softmax gate runs over the channels, a row as short as C.)
+SOFTMAX_OPS = {"aten::softmax", "aten::_softmax", "aten::_softmax_backward_data", "aten::log_softmax"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_operators_call_no_blas_and_no_aten_softmax(case):
+    run = _forward_and_backward(case, "cpu", torch.float32, "contiguous")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    called = {event.name for event in profile.events()}
+    # The profile sees the operators and the ATen calls inside them (their allocations).
+    assert any(name.startswith("cnn_attention::") for name in called) and "aten::empty" in called
+    assert not called & BLAS_OPS, sorted(called & BLAS_OPS)
+    if not case.startswith("channel_attention"):
+        assert not called & SOFTMAX_OPS, sorted(called & SOFTMAX_OPS)
 
 
 @pytest.mark.parametrize("device", DEVICES)

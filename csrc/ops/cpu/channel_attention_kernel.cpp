@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../channel_attention_impl.h"
+#include "gemm.h"
 #include "vec.h"
 
 namespace cnn_attention {
@@ -335,7 +336,7 @@ void apply_kernel(const at::Tensor& in, const at::Tensor& scale, const at::Tenso
       });
 }
 
-constexpr ChannelAttentionSweeps kCpuSweeps{reduce_kernel, apply_kernel};
+constexpr ChannelAttentionSweeps kCpuSweeps{reduce_kernel, apply_kernel, cpu::fixed_order_matmul};
 
 at::Tensor channel_attention_forward_kernel(
     const at::Tensor& x,

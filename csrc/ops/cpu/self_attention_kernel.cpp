@@ -1,6 +1,7 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 
 #include "../self_attention.h"
 #include "../self_attention_impl.h"
+#include "gemm.h"
 #include "vec.h"
 
 namespace cnn_attention {
@@ -17,6 +19,7 @@ namespace ops {
 
 namespace {
 
+using cpu::block_product;
 using cpu::lane_sum;
 using cpu::nan_max;
 
@@ -31,107 +34,6 @@ constexpr int64_t kKeyBlock = 256;
 // in group order. The group count depends on the shape only, so results are the same for
 // every thread count.
 constexpr int64_t kMinBackwardTasks = 16;
-
-// Block products. Those whose inner or output width is a head's query/key width (q k^T,
-// scores @ k, scores^T @ q) are ours: MKL's results for them (widths like 8) changed in the
-// last bits with torch.set_num_threads even though each call runs on one thread inside the
-// parallel region. Ours sum each element over l in order, the same on any thread. The wide
-// products (scores @ v, scores^T @ grad_out, grad_out @ v^T: most of the work) go to BLAS,
-// whose results for them the determinism tests find identical for every thread count.
-//
-// c (m x n) = alpha * sum over l of a(i, l) * b(l, :), stored into c or added to it, with
-// a(i, l) = a[i * a_row + l * a_col] (a row-major block or, with a_row = 1, a transposed one)
-// and b, c row-major with contiguous rows. Tiles of kRows rows by kVecs vectors of columns
-// keep their sums in registers; b's vectors are loaded once per l for all kRows rows.
-template <typename T, int kRows, int kVecs>
-inline void product_tile(int64_t k, T alpha, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                         int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  using Vec = at::vec::Vectorized<T>;
-  Vec sums[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) sums[r][v] = Vec(T(0));
-  }
-  const T* a_rows[kRows];
-  for (int r = 0; r < kRows; ++r) a_rows[r] = a + r * a_row;
-  for (int64_t l = 0; l < k; ++l, b += ldb) {
-    Vec columns[kVecs];
-    for (int v = 0; v < kVecs; ++v) columns[v] = Vec::loadu(b + v * Vec::size());
-    for (int r = 0; r < kRows; ++r) {
-      const Vec weight(*a_rows[r]);
-      a_rows[r] += a_col;
-      for (int v = 0; v < kVecs; ++v) sums[r][v] = at::vec::fmadd(weight, columns[v], sums[r][v]);
-    }
-  }
-  const Vec alpha_vec(alpha);
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) {
-      T* out = c + r * ldc + v * Vec::size();
-      const Vec result = sums[r][v] * alpha_vec;
-      (accumulate ? result + Vec::loadu(out) : result).store(out);
-    }
-  }
-}
-
-// The last columns, fewer than a vector.
-template <typename T, int kRows>
-inline void product_tail(int64_t k, int64_t cols, T alpha, const T* a, int64_t a_row,
-                         int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
-                         int64_t ldc) {
-  for (int r = 0; r < kRows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) {
-      T sum = 0;
-      for (int64_t l = 0; l < k; ++l) sum += a[r * a_row + l * a_col] * b[l * ldb + j];
-      c[r * ldc + j] = accumulate ? c[r * ldc + j] + alpha * sum : alpha * sum;
-    }
-  }
-}
-
-template <typename T>
-void block_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row,
-                   int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
-  auto rows = [&](auto rows_tag, int64_t i) {
-    constexpr int kRows = decltype(rows_tag)::value;
-    const T* a_rows = a + i * a_row;
-    T* c_rows = c + i * ldc;
-    int64_t j = 0;
-    for (; j + 3 * kWidth <= n; j += 3 * kWidth) {
-      product_tile<T, kRows, 3>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    for (; j + 2 * kWidth <= n; j += 2 * kWidth) {
-      product_tile<T, kRows, 2>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    for (; j + kWidth <= n; j += kWidth) {
-      product_tile<T, kRows, 1>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    if (j < n) {
-      product_tail<T, kRows>(k, n - j, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate,
-                             c_rows + j, ldc);
-    }
-  };
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) rows(std::integral_constant<int, 4>{}, i);
-  for (; i < m; ++i) rows(std::integral_constant<int, 1>{}, i);
-}
-
-// c (m x n) = alpha * a (m x k) b (k x n) (+ c), row-major blocks with leading dims (a
-// transposed when a_transposed: stored k x m), through ATen's BLAS, which runs on the calling
-// thread inside a parallel region. Only from_blob tensors reach it, so the worker threads
-// need none of the caller's thread-local state.
-template <typename T>
-void blas_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                  bool a_transposed, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor lhs =
-      a_transposed ? at::from_blob(const_cast<T*>(a), {m, k}, {1, lda}, options)
-                   : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
-  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
-  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  out.addmm_(lhs, rhs, accumulate ? T(1) : T(0), alpha);
-}
 
 // out (width x rows, leading dim ld_out) = the transpose of `rows` rows of `width` values
 // (leading dim ld): a key or value block as b operand of a product with its transpose.
@@ -156,6 +58,25 @@ struct HeadRows {
     return data + n * batch_stride + h * head_stride + first_row * row_stride;
   }
 };
+
+// probs (rows x cols, leading dim kKeyBlock) = exp(q k^T * scale - lse): the forward's
+// softmax of one block, recomputed by the backward and by its correction term in the same way.
+template <typename T>
+void recompute_probs(int64_t rows, int64_t cols, int64_t dq, T scale, const T* query,
+                     int64_t query_stride, const T* key_columns, const T* row_lse, T* probs) {
+  using Vec = at::vec::Vectorized<T>;
+  block_product<T>(rows, cols, dq, scale, query, query_stride, 1, key_columns, kKeyBlock, false,
+                   probs, kKeyBlock);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* p = probs + i * kKeyBlock;
+    const Vec row_shift(row_lse[i]);
+    int64_t j = 0;
+    for (; j + Vec::size() <= cols; j += Vec::size()) {
+      cpu::exp_u20_nonfinite(Vec::loadu(p + j) - row_shift).store(p + j);
+    }
+    for (; j < cols; ++j) p[j] = std::exp(p[j] - row_lse[i]);
+  }
+}
 
 template <typename T>
 void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -213,8 +134,8 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
             for (int64_t c = 0; c < dv; ++c) a[c] *= correction;
           }
         }
-        blas_product<T>(rows, dv, cols, T(1), scores.data(), kKeyBlock, false,
-                        values.rows(n, h, key_first), values.row_stride, true, acc.data(), dv);
+        block_product<T>(rows, dv, cols, T(1), scores.data(), kKeyBlock, 1,
+                         values.rows(n, h, key_first), values.row_stride, true, acc.data(), dv);
       }
       T* out_rows = outputs.rows(n, h, first);
       T* lse_rows = lse_data + nh * positions + first;
@@ -230,13 +151,12 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
 }
 
 // grad_q, grad_k, grad_v: (N, H, rows, d) with a unit last stride, zero on entry; delta
-// (N, H, P) = rowsum(grad_out * out).
+// (N, H, P) from softmax_correction_kernel.
 template <typename T>
 void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                                const at::Tensor& delta, T scale, const at::Tensor& grad_q,
                                const at::Tensor& grad_k, const at::Tensor& grad_v) {
-  using Vec = at::vec::Vectorized<T>;
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
@@ -250,7 +170,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
   const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
   const T* lse_data = lse.data_ptr<T>();
-  const T* delta_data = delta.data_ptr<T>();
+  const double* delta_data = delta.const_data_ptr<double>();
   T* partial_data = partials.data_ptr<T>();
 
   at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
@@ -262,7 +182,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
                                  : partial_data + ((group - 1) * batch * heads + nh) * positions * dq;
       const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
       const T* row_lse = lse_data + nh * positions;
-      const T* row_delta = delta_data + nh * positions;
+      const double* row_delta = delta_data + nh * positions;
       const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
       for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
         const int64_t key_first = block * kKeyBlock;
@@ -277,33 +197,23 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
           const int64_t rows = std::min(kQueryBlock, positions - first);
           const T* query = queries.rows(n, h, first);
           const T* grad = grads.rows(n, h, first);
-          // probs = exp(q k^T * scale - lse): the forward's softmax, recomputed.
-          block_product<T>(rows, cols, dq, scale, query, queries.row_stride, 1,
-                           key_columns.data(), kKeyBlock, false, probs.data(), kKeyBlock);
-          for (int64_t i = 0; i < rows; ++i) {
-            T* p = probs.data() + i * kKeyBlock;
-            const Vec row_shift(row_lse[first + i]);
-            int64_t j = 0;
-            for (; j + Vec::size() <= cols; j += Vec::size()) {
-              cpu::exp_u20_nonfinite(Vec::loadu(p + j) - row_shift).store(p + j);
-            }
-            for (; j < cols; ++j) p[j] = std::exp(p[j] - row_lse[first + i]);
-          }
+          recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.data(),
+                             row_lse + first, probs.data());
           // grad_v += probs^T grad_out
-          blas_product<T>(cols, dv, rows, T(1), probs.data(), kKeyBlock, true, grad,
-                          grads.row_stride, true, grad_value, grad_values.row_stride);
+          block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
+                           grads.row_stride, true, grad_value, grad_values.row_stride);
           // grad_scores = probs * (grad_out v^T - delta)
-          blas_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, false,
-                          value_columns.data(), kKeyBlock, false, grad_scores.data(), kKeyBlock);
+          block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.data(),
+                           kKeyBlock, false, grad_scores.data(), kKeyBlock);
+          // In double: where one key takes almost all of a row, grad_out v^T and delta nearly
+          // cancel, and their difference must keep the bits the two share.
           for (int64_t i = 0; i < rows; ++i) {
             T* ds = grad_scores.data() + i * kKeyBlock;
             const T* p = probs.data() + i * kKeyBlock;
-            const Vec row_delta_vec(row_delta[first + i]);
-            int64_t j = 0;
-            for (; j + Vec::size() <= cols; j += Vec::size()) {
-              (Vec::loadu(p + j) * (Vec::loadu(ds + j) - row_delta_vec)).store(ds + j);
+            const double row_delta_value = row_delta[first + i];
+            for (int64_t j = 0; j < cols; ++j) {
+              ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - row_delta_value));
             }
-            for (; j < cols; ++j) ds[j] = p[j] * (ds[j] - row_delta[first + i]);
           }
           // grad_k += scale * grad_scores^T q;  grad_q += scale * grad_scores k
           block_product<T>(cols, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
@@ -318,29 +228,58 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
   for (int64_t group = 1; group < groups; ++group) grad_q.add_(partials[group - 1]);
 }
 
-// delta (N, H, P) = rowsum(grad_out * out), row by row (no temporary as large as out).
+// delta (N, H, P), the softmax backward's correction: for each query row, the mean of
+// dp = grad_out v^T under its probabilities p, sum_j p_j dp_j / sum_j p_j over every key, with
+// p and dp recomputed block by block exactly as the backward recomputes them and summed in
+// double. Flash attention's rowsum(grad_out * out) is the same quantity, but from the
+// rounded output: where one key takes almost all of a row, dp_j - delta is a small difference
+// of two nearly equal values, and only a delta made of the very p and dp it is subtracted from
+// keeps that difference accurate (dividing by sum_j p_j also cancels the rounding of lse).
 template <typename T>
-void row_dot_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& delta) {
-  using Vec = at::vec::Vectorized<T>;
-  const int64_t batch = out.size(0), heads = out.size(1), positions = out.size(2);
-  const int64_t width = out.size(3);
-  const HeadRows<T> grads(grad_out), outputs(out);
-  T* delta_data = delta.data_ptr<T>();
-  at::parallel_for(0, batch * heads * positions, cpu::grain_for(width), [&](int64_t begin,
-                                                                           int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % positions, h = row / positions % heads;
-      const int64_t n = row / (positions * heads);
-      const T* g = grads.rows(n, h, i);
-      const T* o = outputs.rows(n, h, i);
-      Vec sum_vec(0);
-      int64_t c = 0;
-      for (; c + Vec::size() <= width; c += Vec::size()) {
-        sum_vec = at::vec::fmadd(Vec::loadu(g + c), Vec::loadu(o + c), sum_vec);
+void softmax_correction_kernel(const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                               T scale, const at::Tensor& delta) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
+  const int64_t key_positions = k.size(2), dv = v.size(3);
+  const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
+  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
+  const T* lse_data = lse.const_data_ptr<T>();
+  double* delta_data = delta.data_ptr<double>();
+  at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> probs(kQueryBlock * kKeyBlock), grad_probs(kQueryBlock * kKeyBlock);
+    std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
+    std::vector<double> weighted(kQueryBlock), total(kQueryBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nh = task / query_blocks, n = nh / heads, h = nh % heads;
+      const int64_t first = (task % query_blocks) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, positions - first);
+      std::fill(weighted.begin(), weighted.end(), 0.0);
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
+        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.data(),
+                       kKeyBlock);
+        transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
+                       value_columns.data(), kKeyBlock);
+        recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
+                           key_columns.data(), lse_data + nh * positions + first, probs.data());
+        block_product<T>(rows, cols, dv, T(1), grads.rows(n, h, first), grads.row_stride, 1,
+                         value_columns.data(), kKeyBlock, false, grad_probs.data(), kKeyBlock);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* p = probs.data() + i * kKeyBlock;
+          const T* dp = grad_probs.data() + i * kKeyBlock;
+          double row_weighted = 0, row_total = 0;
+          for (int64_t j = 0; j < cols; ++j) {
+            row_weighted += static_cast<double>(p[j]) * static_cast<double>(dp[j]);
+            row_total += static_cast<double>(p[j]);
+          }
+          weighted[i] += row_weighted;
+          total[i] += row_total;
+        }
       }
-      T sum = lane_sum(sum_vec);
-      for (; c < width; ++c) sum += g[c] * o[c];
-      delta_data[row] = sum;
+      double* out = delta_data + nh * positions + first;
+      // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
+      for (int64_t i = 0; i < rows; ++i) out[i] = total[i] == 0 ? 0.0 : weighted[i] / total[i];
     }
   });
 }
@@ -349,26 +288,10 @@ at::ScalarType accumulation_type(const at::Tensor& t) {
   return at::toOpMathType(t.scalar_type());
 }
 
-// The forward runs on ATen's CPU flash attention where it applies: query/key heads as wide
-// as value heads (it refuses others, and scaled_dot_product_attention then builds the P x P
-// matrix). Its tuned block products beat ours there (about 2x at 4 x 4096 positions, 64-wide
-// heads), and its forward, like ours, does not depend on the thread count. Its backward
-// does (with several heads), so the backward is always ours, from the same log-sum-exp.
-// torch.backends.cuda.enable_flash_sdp(False) (which governs the CPU kernel too) sends every
-// shape to ours.
-bool aten_flash_applies(const at::Tensor& q, const at::Tensor& v) {
-  return q.size(-1) == v.size(-1) && at::globalContext().userEnabledFlashSDP();
-}
-
 // Half inputs are converted to float32 once (O(P) memory), so every block product runs in
 // the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, double scale) {
-  if (aten_flash_applies(q, v)) {
-    auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, /*dropout_p=*/0.0, /*is_causal=*/false, std::nullopt, scale);
-    return {out, lse.contiguous()};
-  }
   const auto acc = accumulation_type(q);
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dv = v.size(3);
   // Heads written token-major, (N, P, H, dv), so that the caller's (N, P, v) is a view.
@@ -387,7 +310,8 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
-  const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
+  const at::Tensor delta =
+      at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
   // float32 and float64 gradients accumulate in place; half ones in float32 first.
   const bool in_place = acc == q.scalar_type();
   auto accumulator = [&](const at::Tensor& grad) {
@@ -395,12 +319,16 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   };
   const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
                    grad_v_acc = accumulator(grad_v);
+  // The saved output is not needed: the correction term is recomputed (see
+  // softmax_correction_kernel).
+  (void)out;
+  const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), v_acc = v.to(acc);
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
-    row_dot_kernel<scalar_t>(grad_acc, out.to(acc), delta);
-    attention_backward_kernel<scalar_t>(grad_acc, q.to(acc), k.to(acc), v.to(acc),
-                                        lse.to(acc).contiguous(), delta,
-                                        static_cast<scalar_t>(scale), grad_q_acc, grad_k_acc,
-                                        grad_v_acc);
+    const auto scale_value = static_cast<scalar_t>(scale);
+    softmax_correction_kernel<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, delta);
+    attention_backward_kernel<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, delta, scale_value,
+                                        grad_q_acc, grad_k_acc, grad_v_acc);
   });
   if (!in_place) {
     grad_q.copy_(grad_q_acc);
@@ -409,7 +337,38 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   }
 }
 
-const SelfAttentionKernels kCpuKernels{attention_forward_cpu, attention_backward_cpu};
+// Positions per partial sum of position_sum_product_cpu.
+constexpr int64_t kPositionChunk = 1024;
+
+// The sum over positions is cut into chunks of positions whose size depends on the shape
+// alone; each chunk's product is a task, and the partials are added in chunk order, so the
+// result is the same for every thread count. The worker threads get the caller's
+// thread-local state (below autograd, grad mode), as at::launch does.
+at::Tensor position_sum_product_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t batch = a.size(0), positions = a.size(1);
+  const at::ScalarType acc = accumulation_type(a);
+  const int64_t chunks_per_sample = (positions + kPositionChunk - 1) / kPositionChunk;
+  const at::Tensor partials =
+      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options().dtype(acc));
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t n = chunk / chunks_per_sample, first = chunk % chunks_per_sample * kPositionChunk;
+      const int64_t length = std::min(kPositionChunk, positions - first);
+      cpu::fixed_order_matmul(partials.select(0, chunk), a.select(0, n).narrow(0, first, length).t(),
+                              b.select(0, n).narrow(0, first, length), false);
+    }
+  });
+  at::Tensor out = partials.select(0, 0).clone();
+  for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
+    out.add_(partials.select(0, chunk));
+  }
+  return out;
+}
+
+const SelfAttentionKernels kCpuKernels{attention_forward_cpu, attention_backward_cpu,
+                                       cpu::fixed_order_matmul, position_sum_product_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_kernel(
     const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,

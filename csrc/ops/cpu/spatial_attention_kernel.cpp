@@ -524,8 +524,230 @@ void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
       });
 }
 
+// Softmax over positions. A map stored like the weights is, for each of its `outer` rows,
+// P positions of `inner` values each: (N * Cs, P, 1) when the score channels are the outer
+// dim (channels first, or one score channel), (N, P, Cs) for channels last. Sums run in
+// blocks of kSumBlock positions, each block's vector sum added to a double total, so rows
+// of any length are summed correctly, in an order fixed by the shape.
+struct SoftmaxRows {
+  int64_t outer, positions, inner;
+};
+
+SoftmaxRows softmax_rows_of(const at::Tensor& s, Layout layout) {
+  const int64_t batch = s.size(0), score_channels = s.size(1), positions = num_positions(s);
+  if (layout == Layout::ChannelsFirst || score_channels == 1) {
+    return {batch * score_channels, positions, 1};
+  }
+  return {batch, positions, score_channels};
+}
+
+// Work items: (row, chunk of `inner`) pairs, one vector of inner values per chunk (or one
+// value when inner == 1, vectorized along the positions instead).
+template <typename T>
+struct SoftmaxTasks {
+  using Vec = at::vec::Vectorized<T>;
+  SoftmaxRows rows;
+  int64_t chunks() const { return rows.inner == 1 ? 1 : (rows.inner + Vec::size() - 1) / Vec::size(); }
+  int64_t count() const { return rows.outer * chunks(); }
+};
+
+// Calls body(first position offset, stride between positions, lanes) for each task, where
+// lanes is the number of inner values of the task (0: a contiguous row vectorized along the
+// positions).
+template <typename T, typename Body>
+void for_softmax_tasks(const SoftmaxRows& rows, const Body& body) {
+  const SoftmaxTasks<T> tasks{rows};
+  const int64_t chunks = tasks.chunks();
+  at::parallel_for(0, tasks.count(), grain_for(rows.positions * at::vec::Vectorized<T>::size()),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t task = begin; task < end; ++task) {
+                       const int64_t row = task / chunks, chunk = task % chunks;
+                       const int64_t first = chunk * at::vec::Vectorized<T>::size();
+                       const int64_t lanes =
+                           rows.inner == 1 ? 0
+                                           : std::min<int64_t>(at::vec::Vectorized<T>::size(), rows.inner - first);
+                       body(row * rows.positions * rows.inner + first, rows.inner, lanes);
+                     }
+                   });
+}
+
+// sum over the positions of f(position) for a contiguous row (lanes == 0, f returns a vector
+// of Vec::size() positions, `scalar(p)` a tail position) or for `lanes` strided values at
+// once (f returns a vector over the lanes). Blocks of kSumBlock positions in vector sums,
+// then a double total per lane.
+template <typename T, typename VecAt, typename ScalarAt>
+void blocked_sums(int64_t positions, int64_t lanes, const VecAt& vec_at, const ScalarAt& scalar_at,
+                  double* totals) {
+  using Vec = at::vec::Vectorized<T>;
+  alignas(64) T block_lanes[Vec::size()];
+  const int64_t width = lanes == 0 ? 1 : lanes;
+  for (int64_t l = 0; l < width; ++l) totals[l] = 0;
+  for (int64_t block = 0; block < positions; block += cpu::kSumBlock) {
+    const int64_t block_end = std::min(positions, block + cpu::kSumBlock);
+    Vec sum(T(0));
+    if (lanes == 0) {
+      int64_t p = block;
+      for (; p + Vec::size() <= block_end; p += Vec::size()) sum = sum + vec_at(p);
+      T tail = 0;
+      for (; p < block_end; ++p) tail += scalar_at(p);
+      totals[0] += static_cast<double>(lane_sum(sum)) + static_cast<double>(tail);
+    } else {
+      for (int64_t p = block; p < block_end; ++p) sum = sum + vec_at(p);
+      sum.store(block_lanes);
+      for (int64_t l = 0; l < lanes; ++l) totals[l] += static_cast<double>(block_lanes[l]);
+    }
+  }
+}
+
+template <typename T>
+void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T temperature) {
+  using Vec = at::vec::Vectorized<T>;
+  const bool divide = temperature != T(1);
+  const Vec temperature_vec(temperature);
+  for_softmax_tasks<T>(rows, [&](int64_t offset, int64_t stride, int64_t lanes) {
+    const T* in = s + offset;
+    T* o = out + offset;
+    const int64_t positions = rows.positions;
+    alignas(64) T buffer[Vec::size()];
+    // One vector of `lanes` values at position p (the unused lanes are zero).
+    auto load_lanes = [&](const T* base, int64_t p) {
+      if (lanes == Vec::size()) return Vec::loadu(base + p * stride);
+      return Vec::loadu(base + p * stride, static_cast<int>(lanes));
+    };
+    auto store_lanes = [&](T* base, int64_t p, const Vec& v) {
+      if (lanes == Vec::size()) {
+        v.store(base + p * stride);
+      } else {
+        v.store(base + p * stride, static_cast<int>(lanes));
+      }
+    };
+    // o = s / T, then the maximum of each lane.
+    if (lanes == 0) {
+      Vec best_vec(-std::numeric_limits<T>::infinity());
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t p = 0;
+      for (; p + Vec::size() <= positions; p += Vec::size()) {
+        Vec z = Vec::loadu(in + p);
+        if (divide) z = z / temperature_vec;
+        z.store(o + p);
+        best_vec = at::vec::maximum(best_vec, z);
+      }
+      for (; p < positions; ++p) {
+        o[p] = divide ? in[p] / temperature : in[p];
+        best = cpu::nan_max(o[p], best);
+      }
+      best = cpu::nan_max(cpu::lane_max(best_vec), best);
+      const Vec best_broadcast(best);
+      double total;
+      blocked_sums<T>(positions, 0,
+                      [&](int64_t q) {
+                        const Vec e = (Vec::loadu(o + q) - best_broadcast).exp();
+                        e.store(o + q);
+                        return e;
+                      },
+                      [&](int64_t q) {
+                        o[q] = std::exp(o[q] - best);
+                        return o[q];
+                      },
+                      &total);
+      const Vec inverse(static_cast<T>(1.0 / total));
+      p = 0;
+      for (; p + Vec::size() <= positions; p += Vec::size()) (Vec::loadu(o + p) * inverse).store(o + p);
+      for (; p < positions; ++p) o[p] *= static_cast<T>(1.0 / total);
+      return;
+    }
+    Vec best(-std::numeric_limits<T>::infinity());
+    for (int64_t p = 0; p < positions; ++p) {
+      Vec z = load_lanes(in, p);
+      if (divide) z = z / temperature_vec;
+      store_lanes(o, p, z);
+      best = at::vec::maximum(best, z);
+    }
+    double totals[Vec::size()];
+    blocked_sums<T>(positions, lanes,
+                    [&](int64_t q) {
+                      const Vec e = (load_lanes(o, q) - best).exp();
+                      store_lanes(o, q, e);
+                      return e;
+                    },
+                    [](int64_t) { return T(0); }, totals);
+    for (int64_t l = 0; l < Vec::size(); ++l) {
+      buffer[l] = l < lanes ? static_cast<T>(1.0 / totals[l]) : T(0);
+    }
+    const Vec inverse = Vec::loadu(buffer);
+    for (int64_t p = 0; p < positions; ++p) store_lanes(o, p, load_lanes(o, p) * inverse);
+  });
+}
+
+// grad_s = p * (grad_p - sum over positions of grad_p * p) / T
+template <typename T>
+void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const SoftmaxRows& rows,
+                                     T temperature) {
+  using Vec = at::vec::Vectorized<T>;
+  for_softmax_tasks<T>(rows, [&](int64_t offset, int64_t stride, int64_t lanes) {
+    const T* g = grad_p + offset;
+    const T* a = p + offset;
+    T* o = out + offset;
+    const int64_t positions = rows.positions;
+    auto load_lanes = [&](const T* base, int64_t q) {
+      if (lanes == Vec::size()) return Vec::loadu(base + q * stride);
+      return Vec::loadu(base + q * stride, static_cast<int>(lanes));
+    };
+    if (lanes == 0) {
+      double dot;
+      blocked_sums<T>(positions, 0, [&](int64_t q) { return Vec::loadu(g + q) * Vec::loadu(a + q); },
+                      [&](int64_t q) { return g[q] * a[q]; }, &dot);
+      const T dot_value = static_cast<T>(dot);
+      const Vec dot_vec(dot_value), temperature_vec(temperature);
+      int64_t q = 0;
+      for (; q + Vec::size() <= positions; q += Vec::size()) {
+        (Vec::loadu(a + q) * (Vec::loadu(g + q) - dot_vec) / temperature_vec).store(o + q);
+      }
+      for (; q < positions; ++q) o[q] = a[q] * (g[q] - dot_value) / temperature;
+      return;
+    }
+    double dots[Vec::size()];
+    blocked_sums<T>(positions, lanes, [&](int64_t q) { return load_lanes(g, q) * load_lanes(a, q); },
+                    [](int64_t) { return T(0); }, dots);
+    // Scalar per lane: the strided values of a task are few next to the reads above.
+    for (int64_t l = 0; l < lanes; ++l) {
+      const T dot_value = static_cast<T>(dots[l]);
+      for (int64_t q = 0; q < positions; ++q) {
+        o[q * stride + l] = a[q * stride + l] * (g[q * stride + l] - dot_value) / temperature;
+      }
+    }
+  });
+}
+
+at::Tensor position_softmax_kernel(const at::Tensor& s, double temperature, Layout layout) {
+  const at::Tensor in = to_layout(s, layout);
+  at::Tensor out = at::empty_like(in);
+  if (in.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "position_softmax_cpu", [&] {
+    position_softmax_typed<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                     softmax_rows_of(in, layout), static_cast<scalar_t>(temperature));
+  });
+  return out;
+}
+
+at::Tensor position_softmax_backward_kernel(const at::Tensor& grad_p, const at::Tensor& p,
+                                            double temperature, Layout layout) {
+  const at::Tensor probabilities = to_layout(p, layout);
+  const at::Tensor grad = to_layout(grad_p, layout);
+  at::Tensor out = at::empty_like(probabilities);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "position_softmax_backward_cpu", [&] {
+    position_softmax_backward_typed<scalar_t>(
+        grad.const_data_ptr<scalar_t>(), probabilities.const_data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), softmax_rows_of(out, layout), static_cast<scalar_t>(temperature));
+  });
+  return out;
+}
+
 constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
-                                            top_k_mask_kernel, /*reads_strided_rows=*/true,
+                                            top_k_mask_kernel, position_softmax_kernel,
+                                            position_softmax_backward_kernel,
+                                            /*reads_strided_rows=*/true,
                                             scale_by_scores_kernel,
                                             scale_by_scores_backward_kernel};
 

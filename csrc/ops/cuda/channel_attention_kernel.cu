@@ -252,7 +252,7 @@ void apply_kernel_launch(const at::Tensor& in, const at::Tensor& scale, const at
       });
 }
 
-constexpr ChannelAttentionSweeps kCudaSweeps{reduce_kernel, apply_kernel_launch};
+constexpr ChannelAttentionSweeps kCudaSweeps{reduce_kernel, apply_kernel_launch, blas_matmul};
 
 at::Tensor channel_attention_forward_kernel(
     const at::Tensor& x,

@@ -264,7 +264,19 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
   grad_v.copy_(scratch_v.permute({1, 2, 3, 0}));
 }
 
-const SelfAttentionKernels kCudaKernels{attention_forward_cuda, attention_backward_cuda};
+// One product per sample, summed in sample order, in the accumulation dtype (a running half
+// sum over thousands of positions would lose every small term).
+at::Tensor position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType acc = at::toOpMathType(a.scalar_type());
+  at::Tensor out = at::mm(a.select(0, 0).to(acc).t(), b.select(0, 0).to(acc));
+  for (int64_t n = 1; n < a.size(0); ++n) {
+    out.addmm_(a.select(0, n).to(acc).t(), b.select(0, n).to(acc));
+  }
+  return out;
+}
+
+const SelfAttentionKernels kCudaKernels{attention_forward_cuda, attention_backward_cuda,
+                                        blas_matmul, position_sum_product_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_kernel(
     const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,

@@ -1,0 +1,56 @@
+#include "gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace cnn_attention {
+namespace ops {
+namespace cpu {
+
+namespace {
+
+// Rows of the output per task: a multiple of the 4-row tiles.
+constexpr int64_t kRowBlock = 64;
+
+}  // namespace
+
+void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        bool accumulate) {
+  TORCH_INTERNAL_ASSERT(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                        out.size(0) == a.size(0) && out.size(1) == b.size(1));
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (m == 0 || n == 0) return;
+  const at::ScalarType acc = at::toOpMathType(a.scalar_type());
+  // b is read a row at a time by every tile: packed dense; a is read in place when it is
+  // already in the accumulation dtype.
+  const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
+  const at::Tensor b_rows = b.to(acc).contiguous();
+  const bool direct = out.scalar_type() == acc && out.stride(1) == 1;
+  at::Tensor result = direct ? out
+                      : accumulate ? out.to(acc).contiguous()
+                                   : at::empty({m, n}, out.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "fixed_order_matmul", [&] {
+    const scalar_t* a_data = a_acc.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
+    scalar_t* c_data = result.data_ptr<scalar_t>();
+    const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
+    const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(
+                                                   1, kRowBlock * n * std::max<int64_t>(k, 1)));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t first = block * kRowBlock, rows = std::min(kRowBlock, m - first);
+        block_product<scalar_t>(rows, n, k, scalar_t(1), a_data + first * a_row, a_row, a_col,
+                                b_data, n, accumulate, c_data + first * ldc, ldc);
+      }
+    });
+  });
+  if (!direct) out.copy_(result);
+}
+
+}  // namespace cpu
+}  // namespace ops
+}  // namespace cnn_attention
