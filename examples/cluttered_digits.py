@@ -72,3 +72,32 @@ def small_cnn() -> nn.Sequential:
         nn.MaxPool2d(2), conv_block(64, 64),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, CLASSES),
     )
+
+
+def recalibrate_batch_norm(model: nn.Module, images: Tensor, batch: int) -> Tensor:
+    """Recompute every BatchNorm's running statistics as the plain average of its batch
+    statistics over `images` (one pass, no gradients), and return the model's outputs of that
+    pass (computed with batch statistics, as in training).
+
+    Why: the running averages (momentum 0.1) trail the weights during training, so after a
+    short run eval mode can normalise with statistics of weights long gone and the model
+    collapses in eval mode while classifying well with batch statistics. Only the BatchNorm
+    modules are put in training mode, so nothing else changes behaviour (noise, masks); the
+    model's modes and momenta are restored afterwards."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # None: cumulative average, every batch weighs the same
+        norm.train()
+    try:
+        with torch.no_grad():
+            outputs = torch.cat([model(images[first : first + batch]) for first in range(0, len(images), batch)])
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+    return outputs
