@@ -49,9 +49,7 @@ struct Mlp {
   at::Tensor hidden(const at::Tensor& pooled) const {
     return at::relu(linear(pooled, fc1_weight, fc1_bias));
   }
-  at::Tensor logits(const at::Tensor& hidden) const {
-    return linear(hidden, fc2_weight, fc2_bias);
-  }
+  at::Tensor logits(const at::Tensor& hidden) const { return linear(hidden, fc2_weight, fc2_bias); }
 };
 
 // The pooled statistics the MLP sees, stacked as (B, N, C): [mean], [max] or [mean, max].
@@ -179,7 +177,8 @@ channel_attention_backward(
   for (int64_t branch = 1; branch < count; ++branch) {
     mlp.matmul(grad_fc2_weight, grad_logits.t(), hidden_by_branch.select(0, branch), true);
   }
-  const at::Tensor grad_fc2_bias = column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
+  const at::Tensor grad_fc2_bias =
+      column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
   // A select, not a product with the 0/1 derivative, exactly as eager relu's backward: a
   // unit that is off passes no gradient even when the gradient reaching it is NaN or
   // infinite, and a NaN unit passes it.

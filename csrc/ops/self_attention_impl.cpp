@@ -204,7 +204,8 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   const at::Tensor grad_out_product = kernels.position_sum_product(grad_tokens, attn_dense);
   at::Tensor grad_gamma = ordered_sum(kernels.matmul, at::mul(grad_out_product, out_weight));
   if (out_bias.has_value()) {
-    grad_gamma = grad_gamma + ordered_sum(kernels.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
+    grad_gamma =
+        grad_gamma + ordered_sum(kernels.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
   }
   const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
@@ -253,9 +254,12 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   }
   // The weight and bias gradients come from position_sum_product in the accumulation dtype.
   const at::ScalarType dtype = x.scalar_type();
-  return {grad_x,        grad_qkv_weight.to(dtype),
-          grad_qkv_bias.to(dtype), grad_out_weight.to(dtype),
-          grad_out_bias.to(dtype), grad_gamma.reshape(gamma.sizes()).to(dtype)};
+  return {grad_x,
+          grad_qkv_weight.to(dtype),
+          grad_qkv_bias.to(dtype),
+          grad_out_weight.to(dtype),
+          grad_out_bias.to(dtype),
+          grad_gamma.reshape(gamma.sizes()).to(dtype)};
 }
 
 }  // namespace ops

@@ -154,7 +154,8 @@ at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
     weights = position_sigmoid(s, temperature);
   } else {
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
-    weights = sweeps.position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
+    weights =
+        sweeps.position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
   }
   sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
   return y;
@@ -193,8 +194,9 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
-    grad_scores.copy_(sweeps.position_softmax_backward(grad_weights, probabilities, temperature, layout)
-                          .mul_(static_cast<double>(num_positions(x))));
+    grad_scores.copy_(
+        sweeps.position_softmax_backward(grad_weights, probabilities, temperature, layout)
+            .mul_(static_cast<double>(num_positions(x))));
   }
   return {grad_x, grad_scores};
 }

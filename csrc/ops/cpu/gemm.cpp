@@ -29,7 +29,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
   const at::Tensor b_rows = b.to(acc).contiguous();
   const bool direct = out.scalar_type() == acc && out.stride(1) == 1;
-  at::Tensor result = direct ? out
+  at::Tensor result = direct       ? out
                       : accumulate ? out.to(acc).contiguous()
                                    : at::empty({m, n}, out.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "fixed_order_matmul", [&] {
@@ -38,8 +38,9 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     scalar_t* c_data = result.data_ptr<scalar_t>();
     const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
     const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(
-                                                   1, kRowBlock * n * std::max<int64_t>(k, 1)));
+    const int64_t grain =
+        std::max<int64_t>(1, at::internal::GRAIN_SIZE /
+                                 std::max<int64_t>(1, kRowBlock * n * std::max<int64_t>(k, 1)));
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t first = block * kRowBlock, rows = std::min(kRowBlock, m - first);

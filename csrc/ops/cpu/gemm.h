@@ -59,9 +59,8 @@ inline void product_tile(int64_t k, T alpha, const T* a, int64_t a_row, int64_t 
 // The last columns, fewer than a vector: the same fused multiply-adds in the same order as a
 // vector lane, so a column's values do not depend on where the vectors end.
 template <typename T, int kRows>
-inline void product_tail(int64_t k, int64_t cols, T alpha, const T* a, int64_t a_row,
-                         int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
-                         int64_t ldc) {
+inline void product_tail(int64_t k, int64_t cols, T alpha, const T* a, int64_t a_row, int64_t a_col,
+                         const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   for (int r = 0; r < kRows; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
       T sum = 0;

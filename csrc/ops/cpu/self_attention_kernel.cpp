@@ -153,10 +153,10 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
 // grad_q, grad_k, grad_v: (N, H, rows, d) with a unit last stride, zero on entry; delta
 // (N, H, P) from softmax_correction_kernel.
 template <typename T>
-void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                               const at::Tensor& delta, T scale, const at::Tensor& grad_q,
-                               const at::Tensor& grad_k, const at::Tensor& grad_v) {
+void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                               T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                               const at::Tensor& grad_v) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
@@ -200,8 +200,8 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
           recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.data(),
                              row_lse + first, probs.data());
           // grad_v += probs^T grad_out
-          block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
-                           grads.row_stride, true, grad_value, grad_values.row_stride);
+          block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad, grads.row_stride,
+                           true, grad_value, grad_values.row_stride);
           // grad_scores = probs * (grad_out v^T - delta)
           block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.data(),
                            kKeyBlock, false, grad_scores.data(), kKeyBlock);
@@ -236,9 +236,9 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q,
 // of two nearly equal values, and only a delta made of the very p and dp it is subtracted from
 // keeps that difference accurate (dividing by sum_j p_j also cancels the rounding of lse).
 template <typename T>
-void softmax_correction_kernel(const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                               T scale, const at::Tensor& delta) {
+void softmax_correction_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& lse, T scale,
+                               const at::Tensor& delta) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
@@ -354,9 +354,11 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t n = chunk / chunks_per_sample, first = chunk % chunks_per_sample * kPositionChunk;
+      const int64_t n = chunk / chunks_per_sample,
+                    first = chunk % chunks_per_sample * kPositionChunk;
       const int64_t length = std::min(kPositionChunk, positions - first);
-      cpu::fixed_order_matmul(partials.select(0, chunk), a.select(0, n).narrow(0, first, length).t(),
+      cpu::fixed_order_matmul(partials.select(0, chunk),
+                              a.select(0, n).narrow(0, first, length).t(),
                               b.select(0, n).narrow(0, first, length), false);
     }
   });

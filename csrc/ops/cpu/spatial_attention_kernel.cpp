@@ -541,40 +541,27 @@ SoftmaxRows softmax_rows_of(const at::Tensor& s, Layout layout) {
   return {batch, positions, score_channels};
 }
 
-// Work items: (row, chunk of `inner`) pairs, one vector of inner values per chunk (or one
-// value when inner == 1, vectorized along the positions instead).
-template <typename T>
-struct SoftmaxTasks {
-  using Vec = at::vec::Vectorized<T>;
-  SoftmaxRows rows;
-  int64_t chunks() const { return rows.inner == 1 ? 1 : (rows.inner + Vec::size() - 1) / Vec::size(); }
-  int64_t count() const { return rows.outer * chunks(); }
-};
-
-// Calls body(first position offset, stride between positions, lanes) for each task, where
-// lanes is the number of inner values of the task (0: a contiguous row vectorized along the
-// positions).
+// Calls body(offset of the first value, stride between positions, lanes) for each task: a
+// contiguous row (inner == 1) is one task with lanes = 0, vectorized along its positions;
+// strided rows are taken a vector of inner values at a time, `lanes` of them.
 template <typename T, typename Body>
 void for_softmax_tasks(const SoftmaxRows& rows, const Body& body) {
-  const SoftmaxTasks<T> tasks{rows};
-  const int64_t chunks = tasks.chunks();
-  at::parallel_for(0, tasks.count(), grain_for(rows.positions * at::vec::Vectorized<T>::size()),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t task = begin; task < end; ++task) {
-                       const int64_t row = task / chunks, chunk = task % chunks;
-                       const int64_t first = chunk * at::vec::Vectorized<T>::size();
-                       const int64_t lanes =
-                           rows.inner == 1 ? 0
-                                           : std::min<int64_t>(at::vec::Vectorized<T>::size(), rows.inner - first);
-                       body(row * rows.positions * rows.inner + first, rows.inner, lanes);
-                     }
-                   });
+  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
+  const int64_t chunks = rows.inner == 1 ? 1 : (rows.inner + kWidth - 1) / kWidth;
+  at::parallel_for(
+      0, rows.outer * chunks, grain_for(rows.positions * kWidth), [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t row = task / chunks, first = task % chunks * kWidth;
+          const int64_t lanes = rows.inner == 1 ? 0 : std::min(kWidth, rows.inner - first);
+          body(row * rows.positions * rows.inner + first, rows.inner, lanes);
+        }
+      });
 }
 
-// sum over the positions of f(position) for a contiguous row (lanes == 0, f returns a vector
-// of Vec::size() positions, `scalar(p)` a tail position) or for `lanes` strided values at
-// once (f returns a vector over the lanes). Blocks of kSumBlock positions in vector sums,
-// then a double total per lane.
+// totals = the sums over the positions of a contiguous row (lanes == 0: vec_at(p) gives the
+// values of positions p .. p + Vec::size() - 1, scalar_at(p) those of the last positions) or
+// of `lanes` strided values at once (vec_at(p) gives position p of every lane). Each block of
+// kSumBlock positions is summed in a vector, then added to a double total per lane.
 template <typename T, typename VecAt, typename ScalarAt>
 void blocked_sums(int64_t positions, int64_t lanes, const VecAt& vec_at, const ScalarAt& scalar_at,
                   double* totals) {
@@ -639,20 +626,23 @@ void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T tempe
       best = cpu::nan_max(cpu::lane_max(best_vec), best);
       const Vec best_broadcast(best);
       double total;
-      blocked_sums<T>(positions, 0,
-                      [&](int64_t q) {
-                        const Vec e = (Vec::loadu(o + q) - best_broadcast).exp();
-                        e.store(o + q);
-                        return e;
-                      },
-                      [&](int64_t q) {
-                        o[q] = std::exp(o[q] - best);
-                        return o[q];
-                      },
-                      &total);
+      blocked_sums<T>(
+          positions, 0,
+          [&](int64_t q) {
+            const Vec e = (Vec::loadu(o + q) - best_broadcast).exp();
+            e.store(o + q);
+            return e;
+          },
+          [&](int64_t q) {
+            o[q] = std::exp(o[q] - best);
+            return o[q];
+          },
+          &total);
       const Vec inverse(static_cast<T>(1.0 / total));
       p = 0;
-      for (; p + Vec::size() <= positions; p += Vec::size()) (Vec::loadu(o + p) * inverse).store(o + p);
+      for (; p + Vec::size() <= positions; p += Vec::size()) {
+        (Vec::loadu(o + p) * inverse).store(o + p);
+      }
       for (; p < positions; ++p) o[p] *= static_cast<T>(1.0 / total);
       return;
     }
@@ -664,13 +654,14 @@ void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T tempe
       best = at::vec::maximum(best, z);
     }
     double totals[Vec::size()];
-    blocked_sums<T>(positions, lanes,
-                    [&](int64_t q) {
-                      const Vec e = (load_lanes(o, q) - best).exp();
-                      store_lanes(o, q, e);
-                      return e;
-                    },
-                    [](int64_t) { return T(0); }, totals);
+    blocked_sums<T>(
+        positions, lanes,
+        [&](int64_t q) {
+          const Vec e = (load_lanes(o, q) - best).exp();
+          store_lanes(o, q, e);
+          return e;
+        },
+        [](int64_t) { return T(0); }, totals);
     for (int64_t l = 0; l < Vec::size(); ++l) {
       buffer[l] = l < lanes ? static_cast<T>(1.0 / totals[l]) : T(0);
     }
@@ -695,8 +686,9 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
     };
     if (lanes == 0) {
       double dot;
-      blocked_sums<T>(positions, 0, [&](int64_t q) { return Vec::loadu(g + q) * Vec::loadu(a + q); },
-                      [&](int64_t q) { return g[q] * a[q]; }, &dot);
+      blocked_sums<T>(
+          positions, 0, [&](int64_t q) { return Vec::loadu(g + q) * Vec::loadu(a + q); },
+          [&](int64_t q) { return g[q] * a[q]; }, &dot);
       const T dot_value = static_cast<T>(dot);
       const Vec dot_vec(dot_value), temperature_vec(temperature);
       int64_t q = 0;
@@ -707,8 +699,9 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
       return;
     }
     double dots[Vec::size()];
-    blocked_sums<T>(positions, lanes, [&](int64_t q) { return load_lanes(g, q) * load_lanes(a, q); },
-                    [](int64_t) { return T(0); }, dots);
+    blocked_sums<T>(
+        positions, lanes, [&](int64_t q) { return load_lanes(g, q) * load_lanes(a, q); },
+        [](int64_t) { return T(0); }, dots);
     // Scalar per lane: the strided values of a task are few next to the reads above.
     for (int64_t l = 0; l < lanes; ++l) {
       const T dot_value = static_cast<T>(dots[l]);
@@ -725,7 +718,8 @@ at::Tensor position_softmax_kernel(const at::Tensor& s, double temperature, Layo
   if (in.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "position_softmax_cpu", [&] {
     position_softmax_typed<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                     softmax_rows_of(in, layout), static_cast<scalar_t>(temperature));
+                                     softmax_rows_of(in, layout),
+                                     static_cast<scalar_t>(temperature));
   });
   return out;
 }
@@ -744,8 +738,11 @@ at::Tensor position_softmax_backward_kernel(const at::Tensor& grad_p, const at::
   return out;
 }
 
-constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel, scale_backward_kernel, pool_kernel,
-                                            top_k_mask_kernel, position_softmax_kernel,
+constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel,
+                                            scale_backward_kernel,
+                                            pool_kernel,
+                                            top_k_mask_kernel,
+                                            position_softmax_kernel,
                                             position_softmax_backward_kernel,
                                             /*reads_strided_rows=*/true,
                                             scale_by_scores_kernel,

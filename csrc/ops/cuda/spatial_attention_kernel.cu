@@ -264,8 +264,11 @@ void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
 // softmax reduces each row in a tree of float sums, which does not stall on long rows.
 // x and grad arrive dense (copied once if need be); weights of C-channel score maps are
 // stored.
-constexpr SpatialAttentionSweeps kCudaSweeps{scale_launch, scale_backward_launch, pool_launch,
-                                             top_k_mask_by_kthvalue, aten_position_softmax,
+constexpr SpatialAttentionSweeps kCudaSweeps{scale_launch,
+                                             scale_backward_launch,
+                                             pool_launch,
+                                             top_k_mask_by_kthvalue,
+                                             aten_position_softmax,
                                              aten_position_softmax_backward,
                                              /*reads_strided_rows=*/false,
                                              /*scale_by_scores=*/nullptr,
