@@ -231,12 +231,27 @@ def test_channel_attention(case: Case) -> None:
     if case.empty:
         assert_empty_result(y, actual, leaves)
         return
-    expected, wanted = run_reference(lambda *a: channel_attention_reference(*a, o["pool"], o["gate"]), leaves, grad)
+    reference = lambda *a: channel_attention_reference(*a, o["pool"], o["gate"])  # noqa: E731
+    expected, wanted = run_reference(reference, leaves, grad)
     assert_matches(y, expected, case.dtype, "y")
-    for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
+    # The gradient of the pooled statistics passes through the gate's backward (the softmax
+    # gate's w * (g - mean(g w)) cancels) and the MLP's: with few channels and hidden units
+    # these can cancel to a small fraction of the sums over positions they start from, whose
+    # rounding then dominates (make fuzz, float32, C = 7, one hidden unit, P = 2659: 3.0e-5
+    # against 1.35e-5 allowed at the maximum's position, where the eager composition in
+    # float32 is off by 4.1e-5). Such a gradient must come within the tolerance or within 4
+    # times the eager composition's error in the same dtype.
+    eager_slack = [0.0] * len(leaves)
+    if case.dtype != torch.float64:
+        eager_leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+        eager_y = reference(*eager_leaves)
+        eager_slack = [0.0 if e is None else 4 * float((e.double() - w).abs().max())
+                       for e, w in zip(grads_of(eager_y, grad, eager_leaves), wanted)]
+    for name, a, w, extra in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted,
+                                 eager_slack):
         if a is not None:
             # Parameter gradients sum over N * P terms rounded to the dtype once.
-            assert_matches(a, w, case.dtype, f"grad {name}", 1.0 if name == "x" else 4.0)
+            assert_matches(a, w, case.dtype, f"grad {name}", 1.0 if name == "x" else 4.0, slack=extra)
 
 
 # ---- channel_pool ----
