@@ -12,8 +12,11 @@ namespace cpu {
 
 namespace {
 
-// Rows of the output per task: a multiple of the 4-row tiles.
+// Output tiles per task: rows a multiple of the 4-row tiles, columns a multiple of the widest
+// column tile (3 vectors) for float and double. A product as short as a batch of channel
+// statistics (32 rows) and as wide as 2048 channels is split along its columns too.
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kColumnBlock = 96;
 
 }  // namespace
 
@@ -37,15 +40,20 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
     scalar_t* c_data = result.data_ptr<scalar_t>();
     const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
-    const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-    const int64_t grain =
-        std::max<int64_t>(1, at::internal::GRAIN_SIZE /
-                                 std::max<int64_t>(1, kRowBlock * n * std::max<int64_t>(k, 1)));
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t first = block * kRowBlock, rows = std::min(kRowBlock, m - first);
-        block_product<scalar_t>(rows, n, k, scalar_t(1), a_data + first * a_row, a_row, a_col,
-                                b_data, n, accumulate, c_data + first * ldc, ldc);
+    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+    const int64_t column_blocks = (n + kColumnBlock - 1) / kColumnBlock;
+    const int64_t task_work = kRowBlock * kColumnBlock * std::max<int64_t>(k, 1);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / task_work);
+    // Every element is computed the same way whichever task holds it (see gemm.h).
+    at::parallel_for(0, row_blocks * column_blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t first_row = task / column_blocks * kRowBlock;
+        const int64_t first_column = task % column_blocks * kColumnBlock;
+        const int64_t rows = std::min(kRowBlock, m - first_row);
+        const int64_t columns = std::min(kColumnBlock, n - first_column);
+        block_product<scalar_t>(rows, columns, k, scalar_t(1), a_data + first_row * a_row, a_row,
+                                a_col, b_data + first_column, n, accumulate,
+                                c_data + first_row * ldc + first_column, ldc);
       }
     });
   });

@@ -1,0 +1,112 @@
+"""Two builds of cnn_attention side by side: the same operator calls timed in one process per
+build, the builds alternating round after round, so that what a change costs (or saves) is
+measured under the same conditions. Each round runs every case of one build in a fresh child
+process and keeps the minimum over its calls; the table gives, per case, the median over the
+rounds of those minimums and the ratio new / old (> 1: the new build is slower).
+
+    python benchmarks/bench_builds.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 3] [--repeat 10]
+
+A checkout is a source tree whose extension is built in place (`make build`, or
+`python setup.py build_ext --inplace`); git worktree gives one for an older commit.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+# name -> the call, written against `ops = torch.ops.cnn_attention` and inputs made by
+# `inputs(case)` in the child; float32, 2 intra-op threads.
+CASES = {
+    "channel_attention avgmax (8,256,56,56) fwd+bwd": ("channel", (8, 256, 56, 56), 16, "avgmax"),
+    "channel_attention avg (32,2048,7,7) fwd+bwd": ("channel", (32, 2048, 7, 7), 16, "avg"),
+    "channel_attention avg (32,2048,7,7) fwd": ("channel_fwd", (32, 2048, 7, 7), 16, "avg"),
+    "soft_attention softmax (8,64,112,112) fwd+bwd": ("softmax", (8, 64, 112, 112)),
+    "soft_attention_pool (8,64,112,112) fwd+bwd": ("pool", (8, 64, 112, 112)),
+    "self_attention qk 8 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 8),
+    "self_attention qk 8 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 8),
+    "self_attention qk 8 v 64 (4,64,64,64) fwd+bwd": ("self", (4, 64, 64, 64), 8),
+    "self_attention qk 64 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 64),
+    "self_attention qk 64 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 64),
+}
+
+CHILD = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+import cnn_attention  # noqa: F401
+ops = torch.ops.cnn_attention
+torch.set_num_threads(2)
+cases, repeat = json.loads(sys.argv[2]), int(sys.argv[3])
+
+
+def call(kind, shape, *extra):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    n, c = shape[:2]
+    if kind.startswith("channel"):
+        hidden = max(c // extra[0], 8)
+        params = [torch.randn(hidden, c) / c**0.5, torch.zeros(hidden), torch.randn(c, hidden) / hidden**0.5,
+                  torch.zeros(c)]
+        params = [p.requires_grad_(True) for p in params]
+        run = lambda: ops.channel_attention(x, *params, extra[1], "sigmoid")
+    elif kind in ("softmax", "pool"):
+        scores = torch.randn((n, 1) + tuple(shape[2:]), requires_grad=True)
+        run = (lambda: ops.soft_attention(x, scores, "softmax", 1.0)) if kind == "softmax" else (
+            lambda: ops.soft_attention_pool(x, scores, 1.0))
+    else:
+        qk, v = extra[0], c
+        params = [torch.randn(2 * qk + v, c) / c**0.5, torch.zeros(2 * qk + v), torch.randn(c, v) / v**0.5,
+                  torch.zeros(c), torch.full((1,), 0.5)]
+        params = [p.requires_grad_(True) for p in params]
+        run = lambda: ops.self_attention(x, *params, qk, 1, 1)
+    if kind.endswith("fwd"):
+        def step():
+            with torch.no_grad():
+                run()
+    else:
+        grad = torch.randn(run().shape)
+        def step():
+            run().backward(grad)
+    step()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        step()
+        best = min(best, (time.perf_counter() - start) * 1e3)
+    return best
+
+
+print(json.dumps({name: call(*spec) for name, spec in cases.items()}))
+"""
+
+
+def run_build(root: str, repeat: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(root, "python"), json.dumps(CASES), str(repeat)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old")
+    parser.add_argument("new")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    results = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        for which in ("old", "new"):
+            results[which].append(run_build(getattr(args, which), args.repeat))
+    print("| case | old ms | new ms | new / old |")
+    print("|---|---|---|---|")
+    for name in CASES:
+        old = statistics.median(r[name] for r in results["old"])
+        new = statistics.median(r[name] for r in results["new"])
+        print(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
