@@ -14,9 +14,10 @@ expect (with running averages that trail the weights, a model can collapse in ev
 
 The demo prints a table of test accuracy over the seeds (mean, standard deviation, range),
 parameters and time per epoch, draws the attention maps of a model with both over test
-images, then scripts the best configuration's first-seed model and checks that a fresh
-Python process and the C++ example program (no Python) reproduce its outputs, as does the
-C++ example running the model exported with torch.export and compiled by AOTInductor.
+images, then scripts the first-seed model of the best configuration with attention and
+checks that a fresh Python process and the C++ example program (no Python) reproduce its
+outputs, as does the C++ example running the model exported with torch.export and compiled
+by AOTInductor.
 
     python examples/demo.py --out out/demo [--epochs 2] [--seeds 3] [--cpp-runner build/cmake/run_model]
 """
@@ -188,10 +189,14 @@ def main() -> None:
     drawn = draw_attention_maps(maps, test_x[:4], os.path.join(args.out, "maps"), samples=4)
     print("attention maps: " + ", ".join(os.path.relpath(p, args.out) for p in drawn))
 
-    # The best configuration by mean over the seeds; its first seed's model, not the luckiest.
-    best = max(results, key=lambda v: results[v]["test_accuracy"]["mean"])
+    # The export checks are there to run the attention operators outside eager Python, so the
+    # model exported is that of the best configuration with attention, by mean over the seeds:
+    # its first seed's model, not the luckiest.
+    best_overall = max(results, key=lambda v: results[v]["test_accuracy"]["mean"])
+    best = max((v for v in results if v != "none"), key=lambda v: results[v]["test_accuracy"]["mean"])
     model = first_models[best]
-    print(f"best: {best} (mean {results[best]['test_accuracy']['mean']:.3f}); exporting its seed {seeds[0]} model "
+    print(f"best: {best_overall} (mean {results[best_overall]['test_accuracy']['mean']:.3f}); best with attention: "
+          f"{best} (mean {results[best]['test_accuracy']['mean']:.3f}); exporting its seed {seeds[0]} model "
           f"(test accuracy {results[best]['runs'][0]['test_accuracy']:.3f})")
 
     # Script, save, and record an input with Python's output. (TorchScript is deprecated
@@ -258,7 +263,8 @@ def main() -> None:
         "max_lr": args.max_lr,
         "results": results,
         "collapsed": collapsed,
-        "best": best,
+        "best": best_overall,
+        "exported": best,
         "max_abs_diff_fresh_python": python_diff,
         "max_abs_diff_cpp": cpp_diff,
         "max_abs_diff_cpp_aoti": aoti_diff,

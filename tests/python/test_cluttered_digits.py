@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"))
-pytest.importorskip("sklearn")
+import sklearn  # noqa: E402,F401  (a dev requirement: its absence fails)
 from cluttered_digits import _compose, _enlarged_digits, cluttered_digits, recalibrate_batch_norm, small_cnn  # noqa: E402
 
 import cnn_attention  # noqa: E402
