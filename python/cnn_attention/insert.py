@@ -4,7 +4,7 @@ of those stages, or right after modules you name.
 
 The stages come from one forward of an example input: the model is descended through its
 containers to its own building blocks, and the blocks are grouped by the resolution of their
-outputs. docs/design.md ("Inserting attention") gives the rules with examples."""
+outputs. The README's Python API section gives the rules with three zoo models as examples."""
 
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 

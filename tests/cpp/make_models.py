@@ -10,12 +10,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
-from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN  # noqa: E402
+from models import (  # noqa: E402
+    TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN,
+)
 
 
 # (file prefix, model): prefix + "model.pt" and prefix + "output.pt" are written for each.
 MODELS = [("", TinyAttentionCNN), ("spatial_", TinySpatialAttentionCNN), ("self_", TinySelfAttentionCNN),
-          ("all_", TinyAllFamiliesCNN)]
+          ("inserted_", TinyInsertedCNN), ("all_", TinyAllFamiliesCNN)]
 
 
 def main(out_dir: str, aoti: bool = True) -> None:

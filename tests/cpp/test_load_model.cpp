@@ -72,6 +72,14 @@ TEST(LoadModel, SelfAttentionModelReproducesPythonOutputAndTrains) {
   EXPECT_EQ(trained_parameters(model, {"attention"}), 10);
 }
 
+TEST(LoadModel, InsertedAttentionModelReproducesPythonOutputAndTrains) {
+  ASSERT_FALSE(models_dir().empty());
+  auto model = load_and_check_output("inserted_model.pt", "inserted_output.pt");
+  // insert's forward hooks run in C++: CBAM (4 + 2) after bn2 in each of the three blocks and
+  // self attention (5) after the last one, all under "inserted_attention".
+  EXPECT_EQ(trained_parameters(model, {"inserted_attention"}), 23);
+}
+
 TEST(LoadModel, AllFamiliesModelReproducesPythonOutputAndTrains) {
   ASSERT_FALSE(models_dir().empty());
   auto model = load_and_check_output("all_model.pt", "all_output.pt");

@@ -82,3 +82,26 @@ class TinyAllFamiliesCNN(nn.Module):
         x = self.cbam(self.channel_attention(self.stem(x)))
         x = self.self_attention(self.hard_attention(self.down(x)))
         return self.head(torch.ops.cnn_attention.soft_attention_pool(x, self.pool_scores(x), 1.0))
+
+
+class TinyInsertedCNN(nn.Module):
+    """A small ResNet of torchvision BasicBlocks into which cnn_attention.insert put CBAM in every
+    block (after bn2, held by the norm and applied by a forward hook) and self attention after
+    the last block: the hooks are what TorchScript must keep."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(channels, channels), BasicBlock(channels, channels))
+        downsample = nn.Sequential(nn.Conv2d(channels, 2 * channels, 1, stride=2), nn.BatchNorm2d(2 * channels))
+        self.layer2 = nn.Sequential(BasicBlock(channels, 2 * channels, stride=2, downsample=downsample))
+        self.head = nn.Linear(2 * channels, classes)
+        example = torch.randn(1, 3, 16, 16)
+        cnn_attention.insert(self, lambda c: cnn_attention.CBAM(c, reduction=2, kernel_size=3), "all", example, per_block=True)
+        cnn_attention.insert(self, lambda c: cnn_attention.SelfAttention(c, qk_reduction=4, gamma_init=0.5), "deep", example)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.head(x.mean((2, 3)))

@@ -87,9 +87,11 @@ def test_default_query_is_the_centre_and_bad_queries_are_refused():
 def test_maps_after_insert_and_no_hooks_left():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
     cnn_attention.insert(model, "cbam", "all", torch.randn(1, 3, 16, 16))
+    hooks = {name: dict(m._forward_hooks) for name, m in model.named_modules()}
     maps = cnn_attention.attention_maps(model, torch.randn(2, 3, 16, 16))
     assert {k: tuple(v.shape) for k, v in maps.items()} == {
-        "1.1.channel": (2, 8), "1.1.spatial": (2, 1, 16, 16),
-        "2.1.channel": (2, 8), "2.1.spatial": (2, 1, 8, 8),
+        "1.inserted_attention.0.channel": (2, 8), "1.inserted_attention.0.spatial": (2, 1, 16, 16),
+        "2.inserted_attention.0.channel": (2, 8), "2.inserted_attention.0.spatial": (2, 1, 8, 8),
     }
-    assert all(not m._forward_hooks for m in model.modules())
+    # Only insert's own hooks (which apply the attention) remain.
+    assert {name: dict(m._forward_hooks) for name, m in model.named_modules()} == hooks
