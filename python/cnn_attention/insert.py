@@ -89,23 +89,29 @@ def _apply_inserted_attention_before(module: nn.Module, inputs: Tuple[Tensor]) -
 # --- one recorded forward -------------------------------------------------------------------
 
 
-class _Call:
-    """A module's first call in the recorded forward: its order, first positional input and
-    output (with their version counters, which in-place updates advance), and its call count."""
+# A tensor as a module saw it: the tensor and its version counter, which in-place updates advance.
+_State = Tuple[Optional[Tensor], Optional[int]]
 
-    __slots__ = ("order", "input", "input_version", "output", "output_version", "count")
+
+def _state_of(value) -> _State:
+    return (value, value._version) if isinstance(value, Tensor) else (None, None)
+
+
+def _same(a: _State, b: _State) -> bool:
+    """The same tensor with the same contents: one module's output handed on unchanged."""
+    return a[0] is not None and a[0] is b[0] and a[1] == b[1]
+
+
+class _Call:
+    """A module's first call in the recorded forward: its order among the calls, its first
+    positional input and its output, and how many times it ran."""
+
+    __slots__ = ("order", "input", "output", "count")
 
     def __init__(self, order: int, first):
         self.order, self.count = order, 1
-        self.input = first if isinstance(first, Tensor) else None
-        self.input_version = first._version if self.input is not None else None
-        self.output, self.output_version = None, None
-
-    def same_input_as_output_of(self, other: Optional["_Call"]) -> bool:
-        return (
-            other is not None and self.input is not None and self.input is other.output
-            and self.input_version == other.output_version
-        )
+        self.input: _State = _state_of(first)
+        self.output: _State = (None, None)
 
 
 def _feature_map(output) -> Optional[Tuple[int, Tuple[int, ...]]]:
@@ -149,8 +155,8 @@ def _record(model: nn.Module, example_input) -> Dict[nn.Module, _Call]:
 
     def after(module, _inputs, output):
         call = calls[module]
-        if call.count == 1 and call.output is None and isinstance(output, Tensor):
-            call.output, call.output_version = output, output._version
+        if call.count == 1 and call.output[0] is None:
+            call.output = _state_of(output)
 
     # The input as the module receives it, before any pre-hook (inserted attention) changes it;
     # the output after every hook.
@@ -204,7 +210,7 @@ class _Structure:
 
     def output_map(self, module: nn.Module):
         call = self.calls.get(module)
-        return _feature_map(call.output) if call is not None else None
+        return _feature_map(call.output[0]) if call is not None else None
 
     def is_chain(self, module: nn.Module) -> bool:
         """Its children run once each, in order, each on the previous one's output (the first
@@ -217,15 +223,12 @@ class _Structure:
         if any(self.calls[child].count != 1 for _, child in children):
             return False
         last_map = max((i for i, (_, child) in enumerate(children) if self.output_map(child)), default=-1)
-        previous = _Call(-1, None)
-        previous.output, previous.output_version = call.input, call.input_version
+        handed_on = call.input
         for _, child in children[: last_map + 1]:
-            if not self.calls[child].same_input_as_output_of(previous):
+            if not _same(self.calls[child].input, handed_on):
                 return False
-            previous = self.calls[child]
-        if _feature_map(call.output) is None:
-            return True
-        return last_map >= 0 and call.output is previous.output and call.output_version == previous.output_version
+            handed_on = self.calls[child].output
+        return self.output_map(module) is None or (last_map >= 0 and _same(call.output, handed_on))
 
     def descendants(self, module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
         """The module and every module below it, inserted attention left out, with their
@@ -294,9 +297,9 @@ class _Structure:
 
     def stage_ends(self, layers: List[Tuple[str, nn.Module]]) -> List[str]:
         """The blocks of a resolution that has only layers (a stem alone at its resolution,
-        VGG): each activation ends one, and so does the last weighted layer after the last
-        activation; a run of poolings alone is one block, the pooling that made the
-        resolution."""
+        VGG): each activation ends one, and so does the last layer with parameters (a
+        convolution, a norm) after the last activation; poolings alone are one block, the
+        pooling that made the resolution."""
         ends = [name for name, module in layers if self.contains(module, _ACTIVATIONS)]
         last_activation = max((i for i, (name, _) in enumerate(layers) if name in ends), default=-1)
         after = [name for name, module in layers[last_activation + 1:] if self.has_parameters(module)]
@@ -377,7 +380,7 @@ def _runs_once_on_a_map(structure: _Structure, module: nn.Module) -> bool:
 
 def _placement(structure: _Structure, stage, block: str, position: str, target: str, module: nn.Module) -> Tuple[Placement, Tensor]:
     """The placement and the map its module will see (for its device and dtype)."""
-    output = structure.calls[module].output
+    output = structure.calls[module].output[0]
     channels, spatial = _feature_map(output)
     return Placement(stage, block, position, target, channels, spatial), output
 
@@ -463,11 +466,11 @@ def _consumer(structure: _Structure, module: nn.Module) -> Optional[Tuple[str, n
     """The first module, in call order, that takes `module`'s output unchanged as its input and
     can hold a child: where attention after a container that iterates its children goes, as a
     forward pre-hook."""
-    output = structure.calls[module]
+    output = structure.calls[module].output
     found = [
         (name, other) for name, other in structure.model.named_modules()
         if other in structure.calls and structure.calls[other].count == 1
-        and structure.calls[other].same_input_as_output_of(output)
+        and _same(structure.calls[other].input, output)
         and not isinstance(other, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
     ]
     return min(found, key=lambda item: structure.calls[item[1]].order, default=None)
@@ -526,7 +529,7 @@ def _verify(model: nn.Module, example_input, inserted: List[Tuple[Placement, nn.
     calls = _record(model, example_input)
     for placement, module in inserted:
         call = calls.get(module)
-        seen = _feature_map(call.input) if call is not None else None
+        seen = _feature_map(call.input[0]) if call is not None else None
         if call is None or call.count != 1 or seen != (placement.channels, placement.spatial):
             raise ValueError(
                 f"insert: the module placed at {placement.target!r} ({placement.position}) did not run once on a "

@@ -3,7 +3,7 @@ standard ONNX operators; onnxruntime's outputs match PyTorch's."""
 
 import pytest
 import torch
-from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
+from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
 from torch import nn
 
 import cnn_attention
@@ -23,7 +23,9 @@ def _run_onnx(model, x, tmp_path):
     return [torch.from_numpy(o) for o in outputs]
 
 
-@pytest.mark.parametrize("model_class", [TinyAttentionCNN, TinySpatialAttentionCNN, TinySelfAttentionCNN, TinyAllFamiliesCNN])
+@pytest.mark.parametrize(
+    "model_class", [TinyAttentionCNN, TinySpatialAttentionCNN, TinySelfAttentionCNN, TinyAllFamiliesCNN, TinyInsertedCNN]
+)
 def test_models_match_onnxruntime(tmp_path, model_class):
     torch.manual_seed(0)
     model = model_class().eval()

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
+from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
 
 import cnn_attention
 
@@ -23,6 +23,8 @@ MODELS = {
     "self": (TinySelfAttentionCNN, {"self_attention"}),
     "all": (TinyAllFamiliesCNN, {"channel_attention", "channel_pool", "soft_attention", "hard_attention",
                                  "self_attention", "soft_attention_pool"}),
+    # Attention put in by cnn_attention.insert, applied by forward hooks.
+    "inserted": (TinyInsertedCNN, {"channel_attention", "channel_pool", "soft_attention", "self_attention"}),
 }
 models = pytest.mark.parametrize("kind", sorted(MODELS))
 
