@@ -35,6 +35,19 @@ from .maps import attention_maps
 
 __version__ = "0.1.0"
 
+# Submodules whose dependencies are optional (onnxscript, matplotlib): imported on first use, so
+# that `cnn_attention.onnx.export(...)` works after `import cnn_attention` and importing the
+# package needs neither.
+_LAZY_SUBMODULES = ("onnx", "viz")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "CBAM",
     "ChannelAttention",
@@ -49,6 +62,8 @@ __all__ = [
     "AttentionAfter",
     "build_info",
     "library_path",
+    "onnx",
+    "viz",
     "__version__",
 ]
 

@@ -130,6 +130,22 @@ def test_build_info():
     assert os.path.exists(cnn_attention.library_path())
 
 
+def test_optional_submodules_are_reached_from_the_package_and_imported_on_use():
+    code = (
+        "import sys; import cnn_attention\n"
+        "assert 'cnn_attention.onnx' not in sys.modules and 'cnn_attention.viz' not in sys.modules\n"
+        "assert 'matplotlib' not in sys.modules and 'onnxscript' not in sys.modules\n"
+        "assert callable(cnn_attention.onnx.export) and callable(cnn_attention.onnx.translation_table)\n"
+        "assert callable(cnn_attention.viz.draw_attention_maps)\n"
+        "assert 'cnn_attention.onnx' in sys.modules and 'cnn_attention.viz' in sys.modules\n"
+        "try:\n    cnn_attention.nothing\nexcept AttributeError as e:\n    assert 'nothing' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.cuda
 @models
 def test_cuda_model_matches_cpu(kind):
