@@ -14,7 +14,7 @@ __all__ = ["attention_maps"]
 
 
 def _channel_weights(module: ChannelAttention, x: Tensor) -> Tensor:
-    """(N, C): the gate of DESIGN.md's channel_attention, from the module's input."""
+    """(N, C): the gate of channel_attention (docs/design.md section 1), from the module's input."""
     dims = list(range(2, x.dim()))
 
     def mlp(p: Tensor) -> Tensor:

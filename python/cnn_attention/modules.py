@@ -1,4 +1,5 @@
-"""Attention modules. Each is a scriptable ``nn.Module`` over ``torch.ops.cnn_attention``."""
+"""Attention modules. Each is a scriptable ``nn.Module`` over ``cnn_attention.functional``, the one
+place that calls the operators."""
 
 import math
 import numbers
@@ -8,6 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import functional as ops
 
 __all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "SelfAttention", "CBAM"]
 
@@ -141,7 +144,7 @@ class ChannelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             _check_input("ChannelAttention", x)
-        return torch.ops.cnn_attention.channel_attention(
+        return ops.channel_attention(
             x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.pool, self.gate
         )
 
@@ -191,7 +194,7 @@ class SpatialScores(nn.Module):
                 self.owner + ": x must be (N, C, *S) with " + str(self.spatial_dims)
                 + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
             )
-        pooled = torch.ops.cnn_attention.channel_pool(x)
+        pooled = ops.channel_pool(x)
         if x.device != self.weight.device:
             raise ValueError(
                 self.owner + ": x is on device " + str(x.device) + " but the module's parameters are on "
@@ -262,7 +265,7 @@ class SoftAttention(nn.Module):
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.cnn_attention.soft_attention(
+        return ops.soft_attention(
             x, self.scores(x), self.normalize, self.temperature
         )
 
@@ -356,7 +359,7 @@ class HardAttention(nn.Module):
         positions = 1
         for size in x.shape[2:]:
             positions *= size
-        y, mask = torch.ops.cnn_attention.hard_attention(
+        y, mask = ops.hard_attention(
             x,
             scores,
             self.mode,
@@ -476,7 +479,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             _check_input("SelfAttention", x)
-        return torch.ops.cnn_attention.self_attention(
+        return ops.self_attention(
             x,
             self.qkv_weight,
             self.qkv_bias,

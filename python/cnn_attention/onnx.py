@@ -5,7 +5,7 @@
     onnx_program.save("model.onnx")
 
 or pass ``custom_translation_table=cnn_attention.onnx.translation_table()`` to
-``torch.onnx.export`` yourself. The ONNX graphs compute what DESIGN.md section 2 defines;
+``torch.onnx.export`` yourself. The ONNX graphs compute what docs/design.md section 1 defines;
 self attention is written as the plain matrix product (ONNX has no memory-efficient
 attention), so its memory there is that of the P x P matrix.
 """

@@ -6,7 +6,7 @@
 
 Each call starts from a valid call and applies zero to three mutations (tensor ranks, sizes,
 dtypes, devices, layouts, non-tensors where tensors go, odd strings, NaN / inf / huge
-numbers, wrong argument counts). An oracle written from DESIGN.md and the checks in
+numbers, wrong argument counts). An oracle written from docs/design.md and the checks in
 csrc/ops says whether the call is valid. Rules:
 
 - a call returns or raises RuntimeError, ValueError, TypeError, IndexError or
@@ -431,7 +431,7 @@ def build_self_attention(rng: random.Random, g: Geometry, backward: bool, forwar
     return v
 
 
-# Oracles: whether a bound call is valid, from DESIGN.md section 2 and csrc/ops/<op>.cpp.
+# Oracles: whether a bound call is valid, from docs/design.md section 1 and csrc/ops/<op>.cpp.
 
 
 def ok_scores(x: Any, s: Any) -> bool:

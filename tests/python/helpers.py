@@ -1,5 +1,5 @@
 """Shared test helpers: devices, layouts, tolerances and the float64 references written
-from DESIGN.md section 2."""
+from docs/design.md section 1."""
 
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -171,7 +171,7 @@ def hard_attention_reference(
 def hard_attention_backward_reference(
     grad_y: Tensor, x: Tensor, scores: Tensor, mask: Tensor, estimator: str = "sigmoid", temperature: float = 1.0
 ) -> Tuple[Tensor, Tensor]:
-    """The straight-through gradient of DESIGN.md in float64: dx = dy * mask; dscores = sum
+    """The straight-through gradient of hard_attention in float64: dx = dy * mask; dscores = sum
     over the broadcast channels of dy * x * g, g = soft * (1 - soft) / T ("sigmoid") or 1
     ("identity")."""
     grad_y, x, scores, mask = grad_y.double(), x.double(), scores.double(), mask.double()
@@ -232,7 +232,7 @@ def self_attention_reference(
     pool_dtype: Optional[torch.dtype] = None,
     stored_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """DESIGN.md's self attention in plain PyTorch, materialising the P x L attention matrix
+    """self_attention (docs/design.md section 1) in plain PyTorch, materialising the P x L attention matrix
     of every sample and head (small inputs only): qkv = qkv_weight @ x + qkv_bias per position;
     keys and values max-pooled by kv_stride (ceil_mode=False); per head softmax(q k^T /
     sqrt(qk_dim / num_heads)) v; y = x + gamma * (out_weight @ concat(heads) + out_bias).

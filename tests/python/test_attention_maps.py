@@ -1,4 +1,4 @@
-"""cnn_attention.attention_maps (DESIGN.md section 3): every attention module's weights from
+"""cnn_attention.attention_maps: every attention module's weights from
 one forward, checked against what the modules do with them."""
 
 import math

@@ -1,4 +1,4 @@
-"""DistributedDataParallel (DESIGN.md section 3): a model with every module trains under DDP
+"""DistributedDataParallel: a model with every module trains under DDP
 with 2 CPU processes (gloo); the gradients equal those of one process on the whole batch."""
 
 import os

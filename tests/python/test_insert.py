@@ -1,4 +1,4 @@
-"""cnn_attention.insert and find_stages (DESIGN.md section 3): stages found from the model's
+"""cnn_attention.insert and find_stages (docs/design.md section 5): stages found from the model's
 own feature maps, insertion at the shallow stage, the deep stage, every stage or after named
 modules, on plain nn.Sequential models and on models with named stages, called again on a
 changed model; the result under TorchScript, torch.compile and torch.export; bad input."""

@@ -1,4 +1,4 @@
-"""self_attention: the operator against the float64 reference of DESIGN.md section 2 (every
+"""self_attention: the operator against the float64 reference of docs/design.md section 1 (every
 dtype, layout, spatial rank, head count, key/value stride, with and without biases),
 gradcheck, opcheck, memory linear in P, determinism, NaN, bad inputs, the SelfAttention
 module under torch.compile and TorchScript's functional API (the model-level runtime tests,
@@ -400,7 +400,7 @@ def _feature_map_copies(x, fn):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kv_stride", [1, 2])
 def test_feature_maps_are_read_in_place(layout, kv_stride):
-    # DESIGN: the projection is one matrix product over positions with no NCHW copies for
+    # By design, the projection is one matrix product over positions with no NCHW copies for
     # channels_last input; the backward reads grad_y in place too. C = 12 differs from every
     # other width (qk_dim 2, v_dim 6, 2 * qk_dim + v_dim = 10), so a copy of N * C * P
     # elements could only be a copy of x or grad_y.

@@ -347,7 +347,7 @@ def _strided_views(x):
 
 @pytest.mark.parametrize("score_channels", [1, 6])
 def test_strided_inputs_are_read_in_place(score_channels):
-    # DESIGN: any strides; the CPU kernels read inputs whose rows are contiguous without a
+    # By design, any strides; the CPU kernels read inputs whose rows are contiguous without a
     # copy (the output comes back dense), and give the reference's values.
     base = torch.randn(3, 6, 5, 7)
     scores = torch.randn(3, score_channels, 5, 7)
