@@ -1,9 +1,9 @@
 #include "channel_attention.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -20,9 +20,7 @@ at::Tensor channel_attention(
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
     c10::string_view gate) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cnn_attention::channel_attention", "")
-                       .typed<decltype(channel_attention)>();
+  static auto op = find_op<decltype(channel_attention)>("cnn_attention::channel_attention");
   return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
 }
 
@@ -38,9 +36,7 @@ _channel_attention_backward(
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
     c10::string_view gate) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cnn_attention::_channel_attention_backward", "")
-                       .typed<decltype(_channel_attention_backward)>();
+  static auto op = find_op<decltype(_channel_attention_backward)>("cnn_attention::_channel_attention_backward");
   return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
 }
 

@@ -11,7 +11,7 @@ namespace cnn_attention {
 namespace ops {
 
 // SE / CBAM channel attention: y = x * gate(mlp(pool(x))), weights broadcast over the
-// spatial dims. See DESIGN.md section 2. Differentiable through the dispatcher (autograd
+// spatial dims. See docs/design.md section 1. Differentiable through the dispatcher (autograd
 // is registered in C++), so it trains from Python, TorchScript and plain C++.
 CNN_ATTENTION_API at::Tensor channel_attention(
     const at::Tensor& x,
@@ -47,7 +47,7 @@ struct ChannelAttentionModes {
   ChannelGate gate;
 };
 
-// Every check of DESIGN.md section 2 on the arguments; shared by every backend so that
+// Every check of docs/design.md section 1 on the arguments; shared by every backend so that
 // all raise the same messages.
 ChannelAttentionModes check_channel_attention_args(
     const at::Tensor& x,

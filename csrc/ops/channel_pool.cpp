@@ -1,9 +1,9 @@
 #include "channel_pool.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -19,17 +19,13 @@ std::vector<c10::SymInt> pooled_sizes(const at::Tensor& x) {
 }  // namespace
 
 at::Tensor channel_pool(const at::Tensor& x) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cnn_attention::channel_pool", "")
-                       .typed<decltype(channel_pool)>();
+  static auto op = find_op<decltype(channel_pool)>("cnn_attention::channel_pool");
   return op.call(x);
 }
 
 namespace detail {
 at::Tensor _channel_pool_backward(const at::Tensor& grad_out, const at::Tensor& x) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cnn_attention::_channel_pool_backward", "")
-                       .typed<decltype(_channel_pool_backward)>();
+  static auto op = find_op<decltype(_channel_pool_backward)>("cnn_attention::_channel_pool_backward");
   return op.call(grad_out, x);
 }
 }  // namespace detail

@@ -1,21 +1,16 @@
 #include "self_attention.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace cnn_attention {
 namespace ops {
 
 namespace {
 constexpr const char* kOp = "self_attention";
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 }  // namespace
 
 at::Tensor self_attention(const at::Tensor& x, const at::Tensor& qkv_weight,

@@ -2,7 +2,7 @@
 
 // self_attention: a non-local / SAGAN block over the P positions of a feature map, with
 // multi-head attention whose memory is linear in P (the P x P matrix is never built).
-// See DESIGN.md section 2. Differentiable through the dispatcher (autograd is registered
+// See docs/design.md section 1. Differentiable through the dispatcher (autograd is registered
 // in C++).
 
 #include <ATen/ATen.h>
@@ -46,7 +46,7 @@ _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
 
 }  // namespace detail
 
-// The sizes an input set implies, after every check of DESIGN.md section 2 (shared by every
+// The sizes an input set implies, after every check of docs/design.md section 1 (shared by every
 // backend, so that all raise the same messages).
 struct SelfAttentionSizes {
   int64_t qk_dim, v_dim, num_heads, kv_stride;

@@ -1,6 +1,5 @@
 #include "spatial_attention.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -8,6 +7,7 @@
 #include <string>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -16,11 +16,6 @@ namespace {
 constexpr const char* kSoft = "soft_attention";
 constexpr const char* kSoftPool = "soft_attention_pool";
 constexpr const char* kHard = "hard_attention";
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 }  // namespace
 
 at::Tensor soft_attention(const at::Tensor& x, const at::Tensor& scores, c10::string_view normalize,

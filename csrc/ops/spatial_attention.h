@@ -3,7 +3,7 @@
 // Spatial attention: a weight for every position of a feature map, from a map of scores.
 // Three operators share these files because they share their kernels (see
 // spatial_attention_impl.h): soft_attention, soft_attention_pool and hard_attention.
-// See DESIGN.md section 2. All are differentiable through the dispatcher (autograd is
+// See docs/design.md section 1. All are differentiable through the dispatcher (autograd is
 // registered in C++).
 
 #include <ATen/ATen.h>
@@ -27,7 +27,7 @@ CNN_ATTENTION_API at::Tensor soft_attention_pool(const at::Tensor& x, const at::
 
 // (y, mask): y = x * mask with a 0/1 mask (sigmoid(scores / T) > threshold, or the k best
 // scores per sample and score channel). The mask has the dtype of x and no gradient; the
-// scores get a straight-through gradient (see DESIGN.md).
+// scores get a straight-through gradient (see docs/design.md).
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> hard_attention(
     const at::Tensor& x, const at::Tensor& scores, c10::string_view mode = "threshold",
     double threshold = 0.5, int64_t k = 1, c10::string_view estimator = "sigmoid",
@@ -58,7 +58,7 @@ struct HardAttentionModes {
   HardEstimator estimator;
 };
 
-// Every check of DESIGN.md section 2 on the arguments, shared by every backend so that
+// Every check of docs/design.md section 1 on the arguments, shared by every backend so that
 // all raise the same messages.
 SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& scores,
                                         c10::string_view normalize, double temperature);

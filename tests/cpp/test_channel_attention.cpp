@@ -5,11 +5,13 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 namespace {
 
 using cnn_attention::ops::channel_attention;
 
-// The float64 reference of DESIGN.md section 2 with the max's gradient sent to the first
+// The float64 reference of docs/design.md section 1 with the max's gradient sent to the first
 // maximum (torch::argmax returns the first).
 torch::Tensor reference(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& b1,
                         const torch::Tensor& w2, const torch::Tensor& b2, const std::string& pool,
@@ -32,14 +34,7 @@ std::vector<torch::Tensor> params(int64_t channels, int64_t hidden, torch::Dtype
           torch::randn({channels, hidden}, o).requires_grad_(), torch::randn({channels}, o).requires_grad_()};
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using cnn_attention_test::error_of;
 
 class ChannelAttentionTest
     : public ::testing::TestWithParam<std::tuple<std::string, std::string, bool>> {};

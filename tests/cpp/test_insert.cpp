@@ -9,18 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 namespace {
 
 namespace cnn = cnn_attention::nn;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using cnn_attention_test::error_of;
 
 // Stages: 16x16 with 8 channels (layers 0, 1: the ReLU ends the block), 8x8 with 16 (2, 3); a
 // global pool (one position: no stage), then the head.

@@ -1,5 +1,5 @@
 // self_attention from C++ (no Python): results and gradients against a float64 reference
-// written from DESIGN.md section 2 (it builds the P x P matrix, so small inputs only), the
+// written from docs/design.md section 1 (it builds the P x P matrix, so small inputs only), the
 // error messages, and the SelfAttention module.
 #include <cnn_attention/cnn_attention.h>
 #include <gtest/gtest.h>
@@ -9,18 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 namespace {
 
 using cnn_attention::ops::self_attention;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using cnn_attention_test::error_of;
 
 torch::Tensor max_pool(const torch::Tensor& maps, int64_t stride) {
   switch (maps.dim()) {

@@ -1,5 +1,5 @@
 // soft_attention, soft_attention_pool and hard_attention from C++ (no Python): results and
-// gradients against float64 references written from DESIGN.md section 2, and the modules.
+// gradients against float64 references written from docs/design.md section 1, and the modules.
 #include <cnn_attention/cnn_attention.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -8,20 +8,15 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 namespace {
 
 using cnn_attention::ops::hard_attention;
 using cnn_attention::ops::soft_attention;
 using cnn_attention::ops::soft_attention_pool;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using cnn_attention_test::error_of;
 
 // softmax over the positions of each (sample, score channel), shaped like `scores`.
 torch::Tensor position_softmax(const torch::Tensor& scores, double temperature) {

@@ -64,10 +64,10 @@ def test_stages_shallow_deep_and_all_in_a_zoo_model(zoo, name):
     assert all(positions(a.spatial) > positions(b.spatial) for a, b in zip(stages, stages[1:])), stages
     modules = dict(model.named_modules())
     for stage in stages:
-        for block in stage.blocks:
-            # The model's own blocks: nothing with a single convolution or linear layer, except
-            # where only layers reach a resolution (a stem alone at it, VGG).
-            assert block in modules
+        # The model's own blocks (two or more convolutions or linear layers), or, where only
+        # layers reach a resolution (a stem alone at it, VGG), layers: never a mix.
+        weighted = [sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in modules[b].modules()) for b in stage.blocks]
+        assert all(w >= 2 for w in weighted) or all(w <= 1 for w in weighted), (stage, weighted)
     insert(model, "channel", "all", x)
     insert(model, "soft", "shallow", x)
     insert(model, "hard", "deep", x)

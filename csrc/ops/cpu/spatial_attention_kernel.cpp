@@ -409,7 +409,7 @@ void store_partial(scalar_t* data, const typename OpmathVec<scalar_t>::Chunk& ch
 template <typename T>
 at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
   const at::vec::Vectorized<T> one(T(1));
-  // exp_u20 is faster than exp (forward at C score channels: 3.67 -> 3.37 ms, min);
+  // exp_u20 (see cpu/vec.h) is faster than exp and accurate enough for a weight in (0, 1);
   // sigmoid(NaN) = NaN, sigmoid(-inf) = 0 exactly.
   return one / (one + cpu::exp_u20_nonfinite(z.neg()));
 }
