@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "../ops/channel_attention.h"
+#include "../ops/channel_attention_impl.h"
 
 namespace cnn_attention {
 namespace nn {
@@ -18,13 +19,8 @@ void ChannelAttentionImpl::reset() {
   TORCH_CHECK(options.channels() >= 1 && options.reduction() >= 1 && options.min_hidden() >= 1,
               "ChannelAttention: channels, reduction and min_hidden must be >= 1, got ",
               options.channels(), ", ", options.reduction(), ", ", options.min_hidden());
-  const std::string& pool = options.pool();
-  TORCH_CHECK(pool == "avg" || pool == "max" || pool == "avgmax",
-              "ChannelAttention: pool must be one of \"avg\", \"max\", \"avgmax\", got \"", pool,
-              "\"");
-  TORCH_CHECK(options.gate() == "sigmoid" || options.gate() == "softmax",
-              "ChannelAttention: gate must be one of \"sigmoid\", \"softmax\", got \"",
-              options.gate(), "\"");
+  ops::parse_channel_pool("ChannelAttention", options.pool());
+  ops::parse_channel_gate("ChannelAttention", options.gate());
   const int64_t channels = options.channels();
   hidden = std::max(channels / options.reduction(), options.min_hidden());
   fc1_weight = register_parameter("fc1_weight", torch::empty({hidden, channels}));

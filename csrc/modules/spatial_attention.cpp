@@ -6,18 +6,10 @@
 
 #include "../ops/channel_pool.h"
 #include "../ops/spatial_attention.h"
+#include "../ops/spatial_attention_impl.h"
 
 namespace cnn_attention {
 namespace nn {
-
-namespace {
-
-void check_temperature(const char* owner, double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, owner,
-              ": temperature must be finite and positive, got ", temperature);
-}
-
-}  // namespace
 
 SpatialScoresImpl::SpatialScoresImpl(SpatialScoresOptions options_, std::string owner_)
     : options(options_), owner(std::move(owner_)) {
@@ -70,11 +62,8 @@ SoftAttentionImpl::SoftAttentionImpl(SoftAttentionOptions options_) : options(st
 }
 
 void SoftAttentionImpl::reset() {
-  const std::string& normalize = options.normalize();
-  TORCH_CHECK(normalize == "sigmoid" || normalize == "softmax",
-              "SoftAttention: normalize must be one of \"sigmoid\", \"softmax\", got \"", normalize,
-              "\"");
-  check_temperature("SoftAttention", options.temperature());
+  ops::parse_normalize("SoftAttention", options.normalize());
+  ops::check_temperature("SoftAttention", options.temperature());
   scores = register_module("scores", SpatialScores(SpatialScoresOptions()
                                                        .kernel_size(options.kernel_size())
                                                        .spatial_dims(options.spatial_dims()),
@@ -96,12 +85,9 @@ HardAttentionImpl::HardAttentionImpl(HardAttentionOptions options_) : options(st
 
 void HardAttentionImpl::reset() {
   const std::string& mode = options.mode();
-  TORCH_CHECK(mode == "threshold" || mode == "topk",
-              "HardAttention: mode must be one of \"threshold\", \"topk\", got \"", mode, "\"");
-  TORCH_CHECK(options.estimator() == "sigmoid" || options.estimator() == "identity",
-              "HardAttention: estimator must be one of \"sigmoid\", \"identity\", got \"",
-              options.estimator(), "\"");
-  check_temperature("HardAttention", options.temperature());
+  ops::parse_mode("HardAttention", mode);
+  ops::parse_estimator("HardAttention", options.estimator());
+  ops::check_temperature("HardAttention", options.temperature());
   const double threshold = options.threshold();
   TORCH_CHECK(std::isfinite(threshold) && threshold >= 0 && threshold <= 1,
               "HardAttention: threshold must be finite and in [0, 1], got ", threshold);

@@ -2,6 +2,7 @@
 
 #include <torch/library.h>
 
+#include "channel_attention_impl.h"
 #include "common.h"
 #include "dispatch.h"
 
@@ -42,24 +43,16 @@ _channel_attention_backward(
 
 }  // namespace detail
 
-namespace {
-
-ChannelPool parse_channel_pool(c10::string_view pool) {
-  if (pool == "avg") return ChannelPool::Avg;
-  if (pool == "max") return ChannelPool::Max;
-  if (pool == "avgmax") return ChannelPool::AvgMax;
-  TORCH_CHECK(false, kOp, ": pool must be one of \"avg\", \"max\", \"avgmax\", got \"",
-              std::string(pool), "\"");
+ChannelPool parse_channel_pool(const char* op, c10::string_view pool) {
+  return parse_choice<ChannelPool>(
+      op, "pool", pool,
+      {{"avg", ChannelPool::Avg}, {"max", ChannelPool::Max}, {"avgmax", ChannelPool::AvgMax}});
 }
 
-ChannelGate parse_channel_gate(c10::string_view gate) {
-  if (gate == "sigmoid") return ChannelGate::Sigmoid;
-  if (gate == "softmax") return ChannelGate::Softmax;
-  TORCH_CHECK(false, kOp, ": gate must be one of \"sigmoid\", \"softmax\", got \"",
-              std::string(gate), "\"");
+ChannelGate parse_channel_gate(const char* op, c10::string_view gate) {
+  return parse_choice<ChannelGate>(
+      op, "gate", gate, {{"sigmoid", ChannelGate::Sigmoid}, {"softmax", ChannelGate::Softmax}});
 }
-
-}  // namespace
 
 ChannelAttentionModes check_channel_attention_args(
     const at::Tensor& x,
@@ -88,7 +81,7 @@ ChannelAttentionModes check_channel_attention_args(
     check_sizes(kOp, "fc2_bias", *fc2_bias, {channels}, "(C,)");
     check_like(kOp, "x", x, "fc2_bias", *fc2_bias);
   }
-  return {parse_channel_pool(pool), parse_channel_gate(gate)};
+  return {parse_channel_pool(kOp, pool), parse_channel_gate(kOp, gate)};
 }
 
 ChannelAttentionModes check_channel_attention_backward_args(

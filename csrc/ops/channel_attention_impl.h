@@ -22,6 +22,44 @@
 namespace cnn_attention {
 namespace ops {
 
+// The private operators, the argument checks every backend shares, and the results' layouts
+// (internal: the installed headers carry the public operators only).
+
+namespace detail {
+
+// Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias); the bias gradients are
+// returned even when a bias is absent so that the schema has no optional outputs.
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+_channel_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                            const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                            c10::string_view pool, c10::string_view gate);
+
+}  // namespace detail
+
+enum class ChannelPool { Avg, Max, AvgMax };
+enum class ChannelGate { Sigmoid, Softmax };
+
+struct ChannelAttentionModes {
+  ChannelPool pool;
+  ChannelGate gate;
+};
+
+// Every check of docs/design.md section 1 on the arguments; shared by every backend so that
+// all raise the same messages.
+ChannelAttentionModes check_channel_attention_args(const at::Tensor& x,
+                                                   const at::Tensor& fc1_weight,
+                                                   const std::optional<at::Tensor>& fc1_bias,
+                                                   const at::Tensor& fc2_weight,
+                                                   const std::optional<at::Tensor>& fc2_bias,
+                                                   c10::string_view pool, c10::string_view gate);
+
+// The same, plus grad_y, for _channel_attention_backward.
+ChannelAttentionModes check_channel_attention_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, c10::string_view pool, c10::string_view gate);
+
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
 struct ChannelStats {
@@ -70,6 +108,11 @@ channel_attention_backward(
     c10::string_view pool,
     c10::string_view gate,
     const ChannelAttentionSweeps& sweeps);
+
+// The modes a string argument names, or an error naming `op` (the operator or the module whose
+// option it is) and the accepted values.
+ChannelPool parse_channel_pool(const char* op, c10::string_view pool);
+ChannelGate parse_channel_gate(const char* op, c10::string_view gate);
 
 // Shapes and strides of the results, for the Meta kernels.
 at::Tensor channel_attention_output_like(const at::Tensor& x);

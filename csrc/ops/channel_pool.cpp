@@ -2,6 +2,7 @@
 
 #include <torch/library.h>
 
+#include "channel_pool_impl.h"
 #include "common.h"
 #include "dispatch.h"
 

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -57,6 +58,22 @@ inline void check_sizes(const char* op, const char* name, const at::Tensor& t,
       t.sym_sizes().equals(expected),
       op, ": ", name, " must be ", expected_text, " = ", format_sizes(expected), ", got ",
       format_sizes(t.sym_sizes()));
+}
+
+// The value that `text` names among `choices`, or an error naming the operator (or module),
+// the argument and the accepted values: `pool must be one of "avg", "max", got "mean"`.
+template <typename Value>
+Value parse_choice(const char* op, const char* name, c10::string_view text,
+                   std::initializer_list<std::pair<const char*, Value>> choices) {
+  for (const auto& [choice, value] : choices) {
+    if (text == choice) return value;
+  }
+  std::ostringstream accepted;
+  for (const auto& [choice, value] : choices) {
+    accepted << (accepted.tellp() > 0 ? ", " : "") << '"' << choice << '"';
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be one of ", accepted.str(), ", got \"",
+              std::string(text), "\"");
 }
 
 // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`, for 2-D tensors of one

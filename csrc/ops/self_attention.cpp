@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "self_attention_impl.h"
 
 namespace cnn_attention {
 namespace ops {

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "spatial_attention_impl.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -89,32 +90,6 @@ void check_scores(const char* op, const at::Tensor& x, const at::Tensor& scores)
   check_like(op, "x", x, "scores", scores);
 }
 
-void check_temperature(const char* op, double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be finite and positive, got ", temperature);
-}
-
-SoftNormalize parse_normalize(c10::string_view normalize) {
-  if (normalize == "sigmoid") return SoftNormalize::Sigmoid;
-  if (normalize == "softmax") return SoftNormalize::Softmax;
-  TORCH_CHECK(false, kSoft, ": normalize must be one of \"sigmoid\", \"softmax\", got \"",
-              std::string(normalize), "\"");
-}
-
-HardMode parse_mode(c10::string_view mode) {
-  if (mode == "threshold") return HardMode::Threshold;
-  if (mode == "topk") return HardMode::TopK;
-  TORCH_CHECK(false, kHard, ": mode must be one of \"threshold\", \"topk\", got \"",
-              std::string(mode), "\"");
-}
-
-HardEstimator parse_estimator(c10::string_view estimator) {
-  if (estimator == "sigmoid") return HardEstimator::Sigmoid;
-  if (estimator == "identity") return HardEstimator::Identity;
-  TORCH_CHECK(false, kHard, ": estimator must be one of \"sigmoid\", \"identity\", got \"",
-              std::string(estimator), "\"");
-}
-
 void check_grad_like_x(const char* op, const char* name, const at::Tensor& grad,
                        const at::Tensor& x) {
   check_like(op, "x", x, name, grad);
@@ -123,10 +98,32 @@ void check_grad_like_x(const char* op, const char* name, const at::Tensor& grad,
 
 }  // namespace
 
+void check_temperature(const char* op, double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
+              ": temperature must be finite and positive, got ", temperature);
+}
+
+SoftNormalize parse_normalize(const char* op, c10::string_view normalize) {
+  return parse_choice<SoftNormalize>(
+      op, "normalize", normalize,
+      {{"sigmoid", SoftNormalize::Sigmoid}, {"softmax", SoftNormalize::Softmax}});
+}
+
+HardMode parse_mode(const char* op, c10::string_view mode) {
+  return parse_choice<HardMode>(op, "mode", mode,
+                                {{"threshold", HardMode::Threshold}, {"topk", HardMode::TopK}});
+}
+
+HardEstimator parse_estimator(const char* op, c10::string_view estimator) {
+  return parse_choice<HardEstimator>(
+      op, "estimator", estimator,
+      {{"sigmoid", HardEstimator::Sigmoid}, {"identity", HardEstimator::Identity}});
+}
+
 SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& scores,
                                         c10::string_view normalize, double temperature) {
   check_scores(kSoft, x, scores);
-  const SoftNormalize mode = parse_normalize(normalize);
+  const SoftNormalize mode = parse_normalize(kSoft, normalize);
   check_temperature(kSoft, temperature);
   return mode;
 }
@@ -156,7 +153,7 @@ HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tens
                                              c10::string_view mode, double threshold, int64_t k,
                                              c10::string_view estimator, double temperature) {
   check_scores(kHard, x, scores);
-  const HardAttentionModes modes{parse_mode(mode), parse_estimator(estimator)};
+  const HardAttentionModes modes{parse_mode(kHard, mode), parse_estimator(kHard, estimator)};
   check_temperature(kHard, temperature);
   if (modes.mode == HardMode::Threshold) {
     TORCH_CHECK(std::isfinite(threshold) && threshold >= 0 && threshold <= 1, kHard,
@@ -175,7 +172,7 @@ HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const
                                                  const at::Tensor& scores, const at::Tensor& mask,
                                                  c10::string_view estimator, double temperature) {
   check_scores(kHard, x, scores);
-  const HardEstimator mode = parse_estimator(estimator);
+  const HardEstimator mode = parse_estimator(kHard, estimator);
   check_temperature(kHard, temperature);
   check_grad_like_x(kHard, "grad_y", grad_y, x);
   check_like(kHard, "x", x, "mask", mask);

@@ -33,53 +33,5 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> hard_attention(
     double threshold = 0.5, int64_t k = 1, c10::string_view estimator = "sigmoid",
     double temperature = 1.0);
 
-namespace detail {
-
-// Each returns (grad_x, grad_scores).
-CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature);
-
-CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature);
-
-CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
-    c10::string_view estimator, double temperature);
-
-}  // namespace detail
-
-enum class SoftNormalize { Sigmoid, Softmax };
-enum class HardMode { Threshold, TopK };
-enum class HardEstimator { Sigmoid, Identity };
-
-struct HardAttentionModes {
-  HardMode mode;
-  HardEstimator estimator;
-};
-
-// Every check of docs/design.md section 1 on the arguments, shared by every backend so that
-// all raise the same messages.
-SoftNormalize check_soft_attention_args(const at::Tensor& x, const at::Tensor& scores,
-                                        c10::string_view normalize, double temperature);
-SoftNormalize check_soft_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores,
-                                                 c10::string_view normalize, double temperature);
-void check_soft_attention_pool_args(const at::Tensor& x, const at::Tensor& scores,
-                                    double temperature);
-void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                             const at::Tensor& scores, double temperature);
-HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
-                                             c10::string_view mode, double threshold, int64_t k,
-                                             c10::string_view estimator, double temperature);
-HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores, const at::Tensor& mask,
-                                                 c10::string_view estimator, double temperature);
-
-// Results laid out like x (and score-shaped results in the same layout), for every backend.
-at::Tensor spatial_attention_output_like(const at::Tensor& x);
-at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Tensor& x);
-at::Tensor soft_attention_pool_output_like(const at::Tensor& x);
-
 }  // namespace ops
 }  // namespace cnn_attention

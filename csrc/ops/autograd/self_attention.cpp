@@ -1,8 +1,7 @@
-#include "../self_attention.h"
-
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../self_attention_impl.h"
 #include "checks.h"
 
 namespace cnn_attention {

@@ -1,8 +1,7 @@
-#include "../spatial_attention.h"
-
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../spatial_attention_impl.h"
 #include "checks.h"
 
 namespace cnn_attention {

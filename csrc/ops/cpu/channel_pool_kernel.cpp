@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "../channel_pool.h"
+#include "../channel_pool_impl.h"
 #include "../common.h"
 #include "vec.h"
 

@@ -8,7 +8,6 @@
 #include <limits>
 #include <vector>
 
-#include "../self_attention.h"
 #include "../self_attention_impl.h"
 #include "gemm.h"
 #include "vec.h"

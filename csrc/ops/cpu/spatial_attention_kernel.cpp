@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "../common.h"
-#include "../spatial_attention.h"
 #include "../spatial_attention_impl.h"
 #include "vec.h"
 

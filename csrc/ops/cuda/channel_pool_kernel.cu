@@ -4,7 +4,7 @@
 
 #include <algorithm>
 
-#include "../channel_pool.h"
+#include "../channel_pool_impl.h"
 #include "../common.h"
 #include "reduce.cuh"
 

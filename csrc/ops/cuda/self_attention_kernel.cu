@@ -7,7 +7,6 @@
 
 #include <limits>
 
-#include "../self_attention.h"
 #include "../self_attention_impl.h"
 
 namespace cnn_attention {

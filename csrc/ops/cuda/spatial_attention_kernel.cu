@@ -5,7 +5,6 @@
 #include <algorithm>
 
 #include "../common.h"
-#include "../spatial_attention.h"
 #include "../spatial_attention_impl.h"
 #include "reduce.cuh"
 

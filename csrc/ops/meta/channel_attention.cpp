@@ -1,6 +1,5 @@
 #include <torch/library.h>
 
-#include "../channel_attention.h"
 #include "../channel_attention_impl.h"
 
 namespace cnn_attention {

@@ -1,6 +1,6 @@
 #include <torch/library.h>
 
-#include "../channel_pool.h"
+#include "../channel_pool_impl.h"
 #include "../common.h"
 
 namespace cnn_attention {

@@ -1,6 +1,6 @@
-#include "../self_attention.h"
-
 #include <torch/library.h>
+
+#include "../self_attention_impl.h"
 
 namespace cnn_attention {
 namespace ops {

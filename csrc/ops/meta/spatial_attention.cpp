@@ -1,6 +1,6 @@
-#include "../spatial_attention.h"
-
 #include <torch/library.h>
+
+#include "../spatial_attention_impl.h"
 
 namespace cnn_attention {
 namespace ops {
