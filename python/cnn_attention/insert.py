@@ -50,9 +50,11 @@ class AttentionAfter(nn.Sequential):
 
     It sits where the model's own keys stay as they were: appended to the module when that is
     a plain ``nn.Sequential``; otherwise as the module's child ``inserted_attention``, applied
-    by a forward hook (TorchScript, ``torch.compile`` and ``torch.export`` run it); or in a
-    block's empty attention slot (``se``, ``attn``) in place of its ``nn.Identity``. Inserting
-    again at the same place appends to it."""
+    by a forward hook (TorchScript, ``torch.compile`` and ``torch.export`` run it); in a
+    block's empty attention slot (``se``, ``attn``) in place of its ``nn.Identity``; or, after a
+    container whose own forward loops over its children (DenseNet's dense block), as the child
+    ``inserted_attention_before`` of the module that takes its output, applied by a forward
+    pre-hook. Inserting again at the same place appends to it."""
 
 
 class Stage(NamedTuple):
@@ -65,8 +67,8 @@ class Stage(NamedTuple):
 
 
 class Placement(NamedTuple):
-    """Where insert put one module: the stage's spatial size (None for a named module outside
-    every stage), the block, the position (``"after block"``, ``"slot"`` or ``"after norm"``),
+    """Where insert put one module: the stage's spatial size (None when ``where`` names the
+    modules), the block, the position (``"after block"``, ``"slot"`` or ``"after norm"``),
     the qualified name of the module it follows or the slot it fills, and the channels and
     spatial size of the map it sees."""
 
