@@ -351,3 +351,47 @@ def test_a_model_without_feature_maps_is_refused():
         insert(model, "channel")
     with pytest.raises(ValueError, match="produces no feature map with more than one position"):
         insert(model, "channel", "deep", torch.randn(2, 4))
+
+
+class Looping(nn.ModuleDict):
+    """A container whose own forward loops over its children (as DenseNet's dense block)."""
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+class Dense(nn.Module):
+    def __init__(self, consumed_by_a_module: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Looping({"a": nn.Conv2d(4, 2, 3, padding=1), "b": nn.Conv2d(6, 2, 3, padding=1)})
+        self.norm = nn.BatchNorm2d(8) if consumed_by_a_module else None
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.norm(x) if self.norm is not None else x * 2
+
+
+def test_after_a_container_that_loops_over_its_children_the_consumer_applies_it():
+    model = Dense(consumed_by_a_module=True).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        block_output = model.block(model.stem(x))
+    insert(model, "channel", ["block"], x)
+    assert list(model.block.keys()) == ["a", "b"]  # the loop is left alone
+    (module,) = model.norm.inserted_attention_before
+    assert isinstance(module, cnn_attention.ChannelAttention) and module.channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.norm.forward(module(block_output)), rtol=0, atol=0)
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
+def test_after_a_looping_container_whose_output_no_module_takes_is_refused():
+    model = Dense(consumed_by_a_module=False)
+    before_repr, before_state = _state(model)
+    with pytest.raises(ValueError, match="module 'block' iterates its children and no module takes its output"):
+        insert(model, "channel", ["block"], torch.randn(1, 3, 8, 8))
+    assert _state(model)[0] == before_repr and _state(model)[1].keys() == before_state.keys()
