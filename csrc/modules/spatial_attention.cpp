@@ -121,11 +121,9 @@ torch::Tensor HardAttentionImpl::forward(const torch::Tensor& x) {
     const torch::Tensor u = torch::rand_like(s).clamp_(1e-6, 1.0 - 1e-6);
     s = s + options.noise() * (torch::log(u) - torch::log1p(-u));
   }
-  int64_t positions = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) positions *= x.size(d);
-  auto [y, mask] =
-      ops::hard_attention(x, s, options.mode(), options.threshold(), positions_kept(positions),
-                          options.estimator(), options.temperature());
+  auto [y, mask] = ops::hard_attention(x, s, options.mode(), options.threshold(),
+                                       positions_kept(ops::num_positions(x)), options.estimator(),
+                                       options.temperature());
   if (is_training() || options.keep_mask()) last_mask = mask;
   return y;
 }

@@ -90,6 +90,21 @@ inline void blas_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   at::addmm_out(result, out, a, b, accumulate ? 1 : 0, 1);
 }
 
+// Values of a long row summed into one set of float accumulators before they are added to
+// the row's total. A float sum stops growing once it is 2^24 times its terms (a row of 2^31
+// ones summed in 32 lanes gives a quarter of the true sum), so rows longer than this are
+// summed block by block; a row within one block is summed exactly as without blocks. A
+// multiple of every vector size.
+constexpr int64_t kSumBlock = int64_t(1) << 20;
+
+// Number of spatial positions P of a feature map, symbolic (for the checks the Meta kernels
+// run too).
+inline c10::SymInt sym_positions(const at::Tensor& x) {
+  c10::SymInt positions = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
+  return positions;
+}
+
 // Number of spatial positions P of a feature map.
 inline int64_t num_positions(const at::Tensor& x) {
   int64_t positions = 1;

@@ -51,12 +51,6 @@ _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
 
 namespace {
 
-c10::SymInt sym_positions(const at::Tensor& x) {
-  c10::SymInt positions = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
-  return positions;
-}
-
 void check_matrix(const at::Tensor& x, const char* name, const at::Tensor& t,
                   std::vector<c10::SymInt> expected, const char* expected_text) {
   check_like(kOp, "x", x, name, t);

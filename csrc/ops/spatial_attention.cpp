@@ -159,8 +159,7 @@ HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tens
     TORCH_CHECK(std::isfinite(threshold) && threshold >= 0 && threshold <= 1, kHard,
                 ": threshold must be finite and in [0, 1], got ", threshold);
   } else {
-    c10::SymInt positions = 1;
-    for (int64_t d = 2; d < x.dim(); ++d) positions = positions * x.sym_size(d);
+    const c10::SymInt positions = sym_positions(x);
     // With no positions there is nothing to select and the result is empty.
     TORCH_CHECK(k >= 1 && (positions == 0 || positions >= k), kHard,
                 ": k must be in [1, P] with P = ", positions, " in top-k mode, got ", k);

@@ -76,6 +76,18 @@ SoftNormalize parse_normalize(const char* op, c10::string_view normalize);
 HardMode parse_mode(const char* op, c10::string_view mode);
 HardEstimator parse_estimator(const char* op, c10::string_view estimator);
 
+// Sizes of a sweep: x is (N, C, P) (channels first) or (N, P, C) (channels last), the
+// weights (N, Cs, P) with Cs = 1 or C (one (N, P) array when Cs = 1).
+struct SweepExtent {
+  int64_t batch, channels, positions, score_channels;
+  int64_t numel() const { return batch * channels * positions; }
+  bool shared() const { return score_channels == 1; }
+};
+
+inline SweepExtent sweep_extent_of(const at::Tensor& x, const at::Tensor& weights) {
+  return {x.size(0), x.size(1), num_positions(x), weights.size(1)};
+}
+
 // Results laid out like x (and score-shaped results in the same layout), for every backend.
 at::Tensor spatial_attention_output_like(const at::Tensor& x);
 at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Tensor& x);

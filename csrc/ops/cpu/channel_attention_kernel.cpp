@@ -48,10 +48,10 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       std::fill_n(vmax, kChains, Vec(-std::numeric_limits<opmath_t>::infinity()));
       Vec total_sum(opmath_t(0)), total_dot(opmath_t(0));
       int64_t p = 0;
-      // Sums in blocks of cpu::kSumBlock positions (see there): rows of 2^29 positions and
+      // Sums in blocks of kSumBlock positions (see common.h): rows of 2^29 positions and
       // more (2^24 per lane) would otherwise stall.
       while (p + kChains * V::size() <= positions) {
-        const int64_t block_end = std::min(positions, p + cpu::kSumBlock);
+        const int64_t block_end = std::min(positions, p + kSumBlock);
         Vec vsum[kChains], vdot[kChains];
         std::fill_n(vsum, kChains, Vec(opmath_t(0)));
         std::fill_n(vdot, kChains, Vec(opmath_t(0)));

@@ -26,17 +26,6 @@ constexpr int64_t kPositionBlock = 512;
 // Channels handled together when positions are the outer dim of a reduction.
 constexpr int64_t kChannelBlock = 256;
 
-// Sizes of a sweep: x is (N, C, P) (channels first) or (N, P, C) (channels last), the
-// weights (N, Cs, P) with Cs = 1 or C (one (N, P) array when Cs = 1).
-struct Extent {
-  int64_t batch, channels, positions, score_channels;
-  bool shared() const { return score_channels == 1; }
-};
-
-Extent extent_of(const at::Tensor& x, const at::Tensor& weights) {
-  return {x.size(0), x.size(1), num_positions(x), weights.size(1)};
-}
-
 // Where the rows of an input (x, grad_y) start: row r of sample n (channel r channels
 // first, position r channels last) at n * batch_stride + r * row_stride. The rows themselves
 // are contiguous; their starts may be strided, so channel slices and expanded tensors are
@@ -149,7 +138,7 @@ opmath_t scale_backward_shared_row(const scalar_t* g, const scalar_t* x, opmath_
 
 template <typename scalar_t>
 void scale_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, scalar_t* y,
-                 Extent e, Layout layout) {
+                 SweepExtent e, Layout layout) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (layout == Layout::ChannelsFirst) {
     at::parallel_for(
@@ -177,7 +166,8 @@ void scale_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w,
 template <typename scalar_t>
 void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows xr,
                           const at::opmath_type<scalar_t>* w, scalar_t* grad_x,
-                          at::opmath_type<scalar_t>* grad_w, Extent e, Layout layout, bool pooled) {
+                          at::opmath_type<scalar_t>* grad_w, SweepExtent e, Layout layout,
+                          bool pooled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -251,7 +241,7 @@ void scale_backward_typed(const scalar_t* grad, Rows gr, const scalar_t* x, Rows
 
 template <typename scalar_t>
 void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, scalar_t* out,
-                Extent e, Layout layout) {
+                SweepExtent e, Layout layout) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -262,12 +252,12 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
         const int64_t n = row / C, c = row % C;
         const scalar_t* x_row = x + xr.at(n, c);
         const opmath_t* w_row = w + (n * e.score_channels + (e.shared() ? 0 : c)) * P;
-        // Sums in blocks of cpu::kSumBlock positions (see there): rows of 2^27 positions and
+        // Sums in blocks of kSumBlock positions (see common.h): rows of 2^27 positions and
         // more (2^24 terms per lane) would otherwise stall.
         Vec dot_total(opmath_t(0));
         int64_t j = 0;
         while (j + V::size() <= P) {
-          const int64_t block_end = std::min(P, j + cpu::kSumBlock);
+          const int64_t block_end = std::min(P, j + kSumBlock);
           Vec dot(opmath_t(0));
           for (; j + V::size() <= block_end; j += V::size()) {
             const auto xs = V::load(x_row + j);
@@ -309,8 +299,8 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
                 sum[j] = std::fma(static_cast<opmath_t>(x_row[j]), row_value(w_row, j), sum[j]);
               }
               // Each channel sums every position in one lane: folded into `total` every
-              // cpu::kSumBlock positions (see there), as past 2^24 positions it would stall.
-              if ((p + 1) % cpu::kSumBlock == 0 || p + 1 == P) {
+              // kSumBlock positions (see common.h), as past 2^24 positions it would stall.
+              if ((p + 1) % kSumBlock == 0 || p + 1 == P) {
                 for (j = 0; j < width; ++j) {
                   total[j] += sum[j];
                   sum[j] = opmath_t(0);
@@ -496,7 +486,7 @@ void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
         scale_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
                     weights.const_data_ptr<at::opmath_type<scalar_t>>(), y.data_ptr<scalar_t>(),
-                    extent_of(x, weights), layout);
+                    sweep_extent_of(x, weights), layout);
       });
 }
 
@@ -509,7 +499,7 @@ void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at
             grad.const_data_ptr<scalar_t>(), pooled ? Rows{0, 0} : rows_of(grad, layout),
             x.const_data_ptr<scalar_t>(), rows_of(x, layout),
             weights.const_data_ptr<at::opmath_type<scalar_t>>(), grad_x.data_ptr<scalar_t>(),
-            grad_weights.data_ptr<at::opmath_type<scalar_t>>(), extent_of(x, weights), layout,
+            grad_weights.data_ptr<at::opmath_type<scalar_t>>(), sweep_extent_of(x, weights), layout,
             pooled);
       });
 }
@@ -519,7 +509,7 @@ void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
       at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
         pool_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
                    weights.const_data_ptr<at::opmath_type<scalar_t>>(), out.data_ptr<scalar_t>(),
-                   extent_of(x, weights), layout);
+                   sweep_extent_of(x, weights), layout);
       });
 }
 
@@ -568,8 +558,8 @@ void blocked_sums(int64_t positions, int64_t lanes, const VecAt& vec_at, const S
   alignas(64) T block_lanes[Vec::size()];
   const int64_t width = lanes == 0 ? 1 : lanes;
   for (int64_t l = 0; l < width; ++l) totals[l] = 0;
-  for (int64_t block = 0; block < positions; block += cpu::kSumBlock) {
-    const int64_t block_end = std::min(positions, block + cpu::kSumBlock);
+  for (int64_t block = 0; block < positions; block += kSumBlock) {
+    const int64_t block_end = std::min(positions, block + kSumBlock);
     Vec sum(T(0));
     if (lanes == 0) {
       int64_t p = block;

@@ -75,13 +75,6 @@ inline at::vec::Vectorized<T> replaces_max(const at::vec::Vectorized<T>& value,
   return (value > best) | ((value != value) & (best == best));
 }
 
-// Values of a long row summed into one set of float accumulators before they are added to
-// the row's total. A float sum stops growing once it is 2^24 times its terms (a row of 2^31
-// ones summed in 32 lanes gives a quarter of the true sum), so rows longer than this are
-// summed block by block; a row within one block is summed exactly as without blocks. A
-// multiple of every vector size.
-constexpr int64_t kSumBlock = int64_t(1) << 20;
-
 // at::parallel_for grain for work items of `item_size` elements each.
 inline int64_t grain_for(int64_t item_size) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / item_size);

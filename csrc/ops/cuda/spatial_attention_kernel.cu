@@ -17,10 +17,7 @@ using cuda::kWarpSize;
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarpSize;
-// Positions summed into one float accumulator before it is added to the row's total: a float
-// sum stops growing once it is 2^24 times its terms, so long rows are summed block by block.
-// A row within one block is summed exactly as without blocks. A multiple of kThreads.
-constexpr int64_t kSumBlock = int64_t(1) << 20;
+static_assert(kSumBlock % kThreads == 0, "a sum block is whole rounds of the threads");
 
 // Where the weight (and, for a pooling gradient, the (N, C) gradient) of element i of x
 // lives. x is (N, C, P) or (N, P, C); the weights (N, Cs, P) in the same layout.
@@ -169,19 +166,9 @@ __global__ void pool_channels_last_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-struct Extent {
-  int64_t batch, channels, positions, score_channels;
-  int64_t numel() const { return batch * channels * positions; }
-  bool shared() const { return score_channels == 1; }
-};
-
-Extent extent_of(const at::Tensor& x, const at::Tensor& weights) {
-  return {x.size(0), x.size(1), num_positions(x), weights.size(1)};
-}
-
 void scale_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const Extent e = extent_of(x, weights);
+  const SweepExtent e = sweep_extent_of(x, weights);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = cuda::grid_size(e.numel(), kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -206,7 +193,7 @@ void scale_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
 void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
                            at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const Extent e = extent_of(x, weights);
+  const SweepExtent e = sweep_extent_of(x, weights);
   const bool pooled = grad.dim() == 2;
   const int64_t pixels = e.batch * e.positions;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -238,7 +225,7 @@ void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at
 
 void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const Extent e = extent_of(x, weights);
+  const SweepExtent e = sweep_extent_of(x, weights);
   const int64_t rows = e.batch * e.channels;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
