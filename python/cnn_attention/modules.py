@@ -220,9 +220,9 @@ class SpatialScores(nn.Module):
                 return pooled.narrow(1, 0, 1) * weight + self.bias.to(pooled.dtype)
         if self.spatial_dims == 1:
             return F.conv1d(pooled, self.weight, self.bias, padding=self.padding)
-        # oneDNN convolves 2 -> 1 channels several times faster channels-last (backward 2.6
-        # vs 12 ms at (8, 2, 112, 112), 7 x 7); the pooled map is C / 2 times smaller than x,
-        # so the copy is cheap.
+        # oneDNN's backward of a 2 -> 1 channel convolution is several times faster
+        # channels-last, and its forward no slower (docs/benchmarks.md); the pooled map is
+        # C / 2 times smaller than x, so the copy is cheap.
         cpu = pooled.device.type == "cpu"
         if self.spatial_dims == 2:
             if cpu:
