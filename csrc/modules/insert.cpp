@@ -202,33 +202,37 @@ std::vector<Stage> stages_from(const std::vector<Unit>& units) {
 // to its attention, anything else is wrapped in a BlockThenAttention.
 torch::nn::AnyModule followed_by(const torch::nn::AnyModule& block,
                                  const std::vector<torch::nn::AnyModule>& modules) {
-  const auto extended = [&](const AttentionAfter* existing) {
+  // The modules of `existing` (when there is one), then the new ones.
+  const auto extended = [&](const std::shared_ptr<AttentionAfterImpl>& existing) {
     AttentionAfter attention;
     if (existing) {
-      for (const auto& module : **existing) attention->push_back(module);
+      for (const auto& module : *existing) attention->push_back(module);
     }
     for (const auto& module : modules) attention->push_back(module);
     return attention;
   };
   if (auto wrapped = std::dynamic_pointer_cast<BlockThenAttentionImpl>(block.ptr())) {
-    const auto attention = wrapped->attention();
-    return torch::nn::AnyModule(BlockThenAttention(wrapped->block(), extended(&attention)));
+    return torch::nn::AnyModule(
+        BlockThenAttention(wrapped->block(), extended(wrapped->attention().ptr())));
   }
   if (auto sequential = as_sequential(block.ptr())) {
     TensorSequential result;
     const auto named = sequential->named_children();
     size_t index = 0;
-    std::optional<AttentionAfter> trailing;
+    bool extended_trailing = false;
     for (const auto& child : *sequential) {
       const auto& name = named[index++].key();
-      if (index == named.size() && is_inserted(child.ptr())) {
-        trailing = AttentionAfter(std::dynamic_pointer_cast<AttentionAfterImpl>(child.ptr()));
-        result->push_back(name, torch::nn::AnyModule(extended(&*trailing)));
+      const auto trailing = index == named.size()
+                                ? std::dynamic_pointer_cast<AttentionAfterImpl>(child.ptr())
+                                : nullptr;
+      if (trailing) {
+        result->push_back(name, torch::nn::AnyModule(extended(trailing)));
+        extended_trailing = true;
       } else {
         result->push_back(name, child);
       }
     }
-    if (!trailing) result->push_back(std::to_string(named.size()), extended(nullptr));
+    if (!extended_trailing) result->push_back(std::to_string(named.size()), extended(nullptr));
     return torch::nn::AnyModule(result);
   }
   return torch::nn::AnyModule(BlockThenAttention(block, extended(nullptr)));

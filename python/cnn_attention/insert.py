@@ -6,6 +6,7 @@ The stages come from one forward of an example input: the model is descended thr
 containers to its own building blocks, and the blocks are grouped by the resolution of their
 outputs. The README's Python API section gives the rules with three zoo models as examples."""
 
+import math
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -122,14 +123,7 @@ def _feature_map(output) -> Optional[Tuple[int, Tuple[int, ...]]]:
     if not isinstance(output, Tensor) or not 3 <= output.dim() <= 5:
         return None
     spatial = tuple(output.shape[2:])
-    return (output.shape[1], spatial) if _positions(spatial) > 1 else None
-
-
-def _positions(spatial: Tuple[int, ...]) -> int:
-    count = 1
-    for size in spatial:
-        count *= size
-    return count
+    return (output.shape[1], spatial) if math.prod(spatial) > 1 else None
 
 
 def _default_input(model: nn.Module) -> Tensor:
@@ -334,14 +328,13 @@ def _find_stages(structure: _Structure) -> List[Stage]:
             continue
         if groups and groups[-1][0] == found[1]:
             groups[-1][1].append((name, module))
-        elif not groups or _positions(found[1]) < _positions(groups[-1][0]):
+        elif not groups or math.prod(found[1]) < math.prod(groups[-1][0]):
             groups.append((found[1], [(name, module)]))
         # A resolution not lower than the last one (an upsampling head) is no stage.
     stages = []
-    by_name = dict(structure.model.named_modules())
     for spatial, members in groups:
         blocks = [name for name, module in members if structure.is_block(module)] or structure.stage_ends(members)
-        channels = structure.output_map(by_name[blocks[-1]])[0]
+        channels = structure.output_map(dict(members)[blocks[-1]])[0]
         stages.append(Stage(tuple(blocks), channels, spatial))
     return stages
 

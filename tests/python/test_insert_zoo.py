@@ -4,6 +4,8 @@ agreeing with timm's feature_info; "shallow" above "deep"; "all" at every stage;
 every block at the place the block's design gives (an empty slot, after the residual branch's
 last normalization, after the block); the changed models script, train, compile and export."""
 
+import contextlib
+import io
 import re
 
 import pytest
@@ -102,9 +104,6 @@ def test_stages_agree_with_timm_feature_info(name):
 
 def placements(model, *args, **kwargs):
     """insert(..., verbose=True)'s table as rows of (block, position, at, channels)."""
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         insert(model, *args, verbose=True, **kwargs)
@@ -131,7 +130,7 @@ def test_per_block_positions_in_zoo_blocks(zoo, name, where, count, position, pl
     rows = placements(model, "channel", where, x, per_block=True)
     assert len(rows) == count
     for block, kind, at, channels in rows:
-        if block in ("relu",):  # a stem alone at its resolution: after it
+        if block == "relu":  # a stem alone at its resolution: after it
             assert kind == "after block"
             continue
         assert kind == position, (block, kind, at)
