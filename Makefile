@@ -2,19 +2,12 @@
 PYTHON ?= python3
 BUILD ?= build
 export MAX_JOBS ?= 2
-# ccache's compiler links come first when present, so rebuilds reuse objects. Paths under the
-# checkout are hashed relative to it (CCACHE_BASEDIR) and the working directory is left out of
-# the hash (CCACHE_NOHASHDIR), so a fresh clone in another folder hits the same cache entries.
-export PATH := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)$(PATH)
+# Builds compile through ccache (the compiler launcher setup.py and build-sanitize give CMake), so
+# rebuilds reuse objects. Paths under the checkout are hashed relative to it (CCACHE_BASEDIR) and
+# the working directory is left out of the hash (CCACHE_NOHASHDIR), so a fresh clone in another
+# folder hits the same cache entries.
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
-CCACHE := $(shell command -v ccache)
-# nvcc through ccache as well: torch's extension builder runs $PYTORCH_NVCC when it is set.
-ifneq ($(CCACHE),)
-export PYTORCH_NVCC ?= $(CCACHE) $(or $(wildcard /usr/local/cuda/bin/nvcc),nvcc)
-endif
-TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc))
 
 .PHONY: all setup build build-cpp build-sanitize test test-python test-cpp test-sanitize fuzz demo bench clean
 
@@ -23,17 +16,13 @@ all: build build-cpp
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
-# The Python extension cnn_attention._C, built in place (python/cnn_attention/) with ninja.
+# The one build of the kernels (CMake + ninja in $(BUILD)/cmake, configured by setup.py): the
+# operator library and the extension module cnn_attention._C, copied into python/cnn_attention/.
 build: setup
-	$(PYTHON) setup.py -q build_ext --inplace
+	CNN_ATTENTION_BUILD_DIR=$(BUILD)/cmake $(PYTHON) setup.py -q build_ext --inplace
 
-# The C++ library, GoogleTest suite and example (CMake + ninja).
-build-cpp: setup
-	@if [ ! -f $(BUILD)/cmake/build.ninja ]; then \
-	  cmake -S . -B $(BUILD)/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	    -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
-	    $(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC) -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache) -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
-	fi
+# The GoogleTest suite and the C++ example in the same tree, linking the same library.
+build-cpp: build
 	cmake --build $(BUILD)/cmake -j $(MAX_JOBS)
 
 # The second run computes ATen's part with its AVX2 kernels, as a CPU without AVX-512 (AMD or
@@ -53,7 +42,7 @@ test: test-python test-cpp
 build-sanitize: setup
 	@if [ ! -f $(BUILD)/sanitize/build.ninja ]; then \
 	  cmake -S . -B $(BUILD)/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Release -DCNN_ATTENTION_SANITIZE=ON \
-	    -DCNN_ATTENTION_CUDA=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+	    -DCNN_ATTENTION_CUDA=OFF -DCNN_ATTENTION_PYTHON=OFF -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
 	    -DPython3_EXECUTABLE=$$(command -v $(PYTHON)); \
 	fi
 	cmake --build $(BUILD)/sanitize -j $(MAX_JOBS) --target cnn_attention_tests run_model
@@ -79,4 +68,4 @@ bench: build
 	$(PYTHON) benchmarks/bench_self_attention.py
 
 clean:
-	rm -rf $(BUILD) out python/cnn_attention/*.so
+	rm -rf $(BUILD) out python/cnn_attention/*.so python/cnn_attention/*.so.*

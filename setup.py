@@ -1,95 +1,106 @@
-"""Builds cnn_attention._C from csrc/ with torch.utils.cpp_extension and ninja.
+"""Builds the package's compiled part through CMake (CMakeLists.txt), the one build of the kernels:
+the operator library libcnn_attention, which C++ users link too, and the extension module
+cnn_attention._C that links it. Both files go into the package; each source compiles once.
 
 Environment:
   CNN_ATTENTION_CUDA=0      build the CPU kernels only, even where CUDA is available
   CNN_ATTENTION_CUDA=1      require the CUDA kernels (fail if torch or nvcc lack CUDA)
-  TORCH_CUDA_ARCH_LIST      architectures of the CUDA kernels; defaults to "9.0" when it is
-                            unset and no GPU is visible (torch's own default then fails)
+  TORCH_CUDA_ARCH_LIST      architectures of the CUDA kernels; CMakeLists.txt defaults to "9.0"
   MAX_JOBS                  parallel compile jobs (ninja)
-  DEBUG=1                   -O0 -g
+  DEBUG=1                   a Debug build (-O0 -g)
+  CNN_ATTENTION_BUILD_DIR   the CMake build tree (default: under setuptools' build_temp); the
+                            Makefile uses build/cmake, where the C++ tests and example are built
+                            from the same objects
 """
 
-import glob
+import json
 import os
-import platform
-import re
+import shutil
 import subprocess
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch.utils
+from torch.utils.cpp_extension import CUDA_HOME
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
-DEFAULT_CUDA_ARCHS = "9.0"
-# On x86-64 the CPU kernels use at::vec's AVX2 code (8 floats per instruction, FMA);
-# the generic build of at::vec runs them several times slower. cnn_attention checks for
-# AVX2 and FMA at import and refuses older CPUs with a clear error.
-CPU_FLAGS = (
-    ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if platform.machine() in ("x86_64", "AMD64")
-    else []
-)
 
 
-def want_cuda() -> bool:
+def cmake_cuda_setting() -> str:
     setting = os.environ.get("CNN_ATTENTION_CUDA", "")
-    available = torch.version.cuda is not None and CUDA_HOME is not None
-    if setting == "0":
-        return False
-    if setting == "1" and not available:
-        raise RuntimeError(
-            "CNN_ATTENTION_CUDA=1 but torch has no CUDA or nvcc was not found (CUDA_HOME unset)"
-        )
-    return available
+    return {"0": "OFF", "1": "ON"}.get(setting, "AUTO")
 
 
-def nvcc_version() -> str:
-    out = subprocess.check_output([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], text=True)
-    match = re.search(r"release (\d+\.\d+)", out)
-    return match.group(1) if match else ""
+def configure_arguments() -> list:
+    arguments = [
+        "-G", "Ninja",
+        f"-DCMAKE_BUILD_TYPE={'Debug' if os.environ.get('DEBUG', '0') == '1' else 'Release'}",
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        f"-DCNN_ATTENTION_CUDA={cmake_cuda_setting()}",
+        "-DCNN_ATTENTION_PYTHON=ON",
+    ]
+    ccache = shutil.which("ccache")
+    if ccache:
+        arguments.append(f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if torch.version.cuda and nvcc and os.path.exists(nvcc):
+        arguments.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if ccache:
+            arguments.append(f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}")
+    return arguments
 
 
-def sources(patterns):
-    found = []
-    for pattern in patterns:
-        found += sorted(glob.glob(os.path.join("csrc", pattern), recursive=True))
-    return found
+class CMakeExtension(Extension):
+    """The extension module, built by CMake with the library it links."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
 
 
-def extension():
-    use_cuda = want_cuda()
-    debug = os.environ.get("DEBUG", "0") == "1"
-    # -g0: Python's own CFLAGS ask for -g, which only makes a release build slower to compile.
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it runs on one
-    # thread. The runtime is torch's own libgomp.so.1, already loaded by torch.
-    cxx_opt = opt + ([] if debug else ["-g0"]) + ["-Wno-unknown-pragmas", "-fopenmp"] + CPU_FLAGS
-    defines = [f'-DCNN_ATTENTION_VERSION="{VERSION}"', "-DCNN_ATTENTION_BUILD_LIBRARY"]
-    # The C++ modules (csrc/modules) are for C++ users; Python has its own.
-    srcs = sources(["build_info.cpp", "ops/**/*.cpp", "python/*.cpp"])
-    if use_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected")
-        defines += [
-            "-DCNN_ATTENTION_WITH_CUDA",
-            f'-DCNN_ATTENTION_CUDA_VERSION="{nvcc_version()}"',
-            f'-DCNN_ATTENTION_CUDA_ARCHS="{archs}"',
-        ]
-        return CUDAExtension(
-            "cnn_attention._C",
-            srcs + sources(["ops/cuda/*.cu"]),
-            extra_link_args=["-fopenmp"],
-            extra_compile_args={
-                "cxx": cxx_opt + defines,
-                "nvcc": opt + defines + ["--expt-relaxed-constexpr", "-lineinfo"],
-            },
-        )
-    return CppExtension(
-        "cnn_attention._C", srcs, extra_compile_args={"cxx": cxx_opt + defines}, extra_link_args=["-fopenmp"]
-    )
+class BuildWithCMake(build_ext):
+    def run(self) -> None:
+        self._libraries = []  # the library files put beside the module in build_lib
+        super().run()
+
+    def build_extension(self, ext: Extension) -> None:
+        tree = os.path.abspath(os.environ.get("CNN_ATTENTION_BUILD_DIR") or os.path.join(self.build_temp, "cmake"))
+        # Configure once per set of arguments (CMakeLists.txt reads TORCH_CUDA_ARCH_LIST at
+        # configure time); later builds only run ninja, which reconfigures by itself when a
+        # CMakeLists.txt or a globbed folder changes.
+        arguments = configure_arguments()
+        configuration = arguments + [f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}"]
+        stamp = os.path.join(tree, "setup_configuration.json")
+        if not os.path.exists(os.path.join(tree, "build.ninja")) or not os.path.exists(stamp) or (
+            json.load(open(stamp)) != configuration
+        ):
+            subprocess.check_call(["cmake", "-S", ROOT, "-B", tree] + arguments)
+            with open(stamp, "w") as f:
+                json.dump(configuration, f)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call(["cmake", "--build", tree, "--target", "cnn_attention_python", "-j", jobs])
+
+        module = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(module), exist_ok=True)
+        built_module, built_library = open(os.path.join(tree, "python_package_files.txt")).read().split()
+        library = os.path.join(os.path.dirname(module), os.path.basename(built_library))
+        shutil.copy(built_module, module)
+        shutil.copy(built_library, library)  # the soname link's target, under the soname
+        self._libraries.append(library)
+
+    def copy_extensions_to_source(self) -> None:
+        # In place (--inplace, editable installs) the library goes beside the module too.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext, library in zip(self.extensions, self._libraries):
+            inplace_module, _ = self._get_inplace_equivalent(build_py, ext)
+            self.copy_file(library, os.path.join(os.path.dirname(inplace_module), os.path.basename(library)))
+
+    def get_outputs(self):
+        return super().get_outputs() + ([] if self.inplace else getattr(self, "_libraries", []))
 
 
 setup(
@@ -98,8 +109,8 @@ setup(
     description="Channel, soft, hard and self attention for CNNs as fused PyTorch operators",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[CMakeExtension("cnn_attention._C")],
+    cmdclass={"build_ext": BuildWithCMake},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
 )

@@ -85,5 +85,9 @@ def build_info() -> Dict[str, object]:
 
 
 def library_path() -> str:
-    """Path of the compiled extension (pass it to ``torch.ops.load_library`` elsewhere)."""
-    return _C.__file__
+    """Path of the operator library libcnn_attention that the package loads (the one C++ users
+    link): pass it to ``torch.ops.load_library`` to get the operators without the package."""
+    import os
+
+    folder = os.path.dirname(_C.__file__)
+    return next(os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.startswith("libcnn_attention.so"))

@@ -130,6 +130,23 @@ def test_build_info():
     assert os.path.exists(cnn_attention.library_path())
 
 
+def test_the_operator_library_alone_defines_the_operators():
+    # The package's libcnn_attention is the library C++ users link; loaded by itself (no
+    # cnn_attention import) it registers every operator, with the package's build description.
+    code = (
+        "import sys, torch\n"
+        "torch.ops.load_library(sys.argv[1])\n"
+        "assert 'cnn_attention' not in sys.modules\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "y = torch.ops.cnn_attention.soft_attention(x, torch.zeros(2, 1, 4, 4), 'sigmoid', 1.0)\n"
+        "torch.testing.assert_close(y, x * 0.5)\n"
+        "print(torch.ops.cnn_attention._build_info())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, cnn_attention.library_path()], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == torch.ops.cnn_attention._build_info() == cnn_attention._C.build_info
+
+
 def test_optional_submodules_are_reached_from_the_package_and_imported_on_use():
     code = (
         "import sys; import cnn_attention\n"
