@@ -1,6 +1,7 @@
 #include "channel_attention_impl.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <utility>
 
@@ -88,50 +89,39 @@ ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_
   return stats;
 }
 
-at::Tensor channel_attention_output_like(const at::Tensor& x) {
-  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
-}
-
-at::Tensor channel_attention_forward(
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate,
-    const ChannelAttentionSweeps& sweeps) {
+at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                     const at::Tensor& fc1_weight,
+                                     const std::optional<at::Tensor>& fc1_bias,
+                                     const at::Tensor& fc2_weight,
+                                     const std::optional<at::Tensor>& fc2_bias,
+                                     c10::string_view pool, c10::string_view gate) {
   const auto [pool_mode, gate_mode] =
       check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
-  at::Tensor y = empty_in_layout(x.sym_sizes(), x.options(), layout);
+  at::Tensor y = feature_map_like(x);
   if (y.numel() == 0) return y;
 
   const at::Tensor input = to_layout(x, layout);
-  const ChannelStats stats = sweeps.reduce(input, at::Tensor(), false, layout);
+  const ChannelStats stats = backend.reduce(input, at::Tensor(), false, layout);
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
-                sweeps.matmul);
+                backend.matmul);
   const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).first;
-  sweeps.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
-               layout);
+  backend.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
+                layout);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-channel_attention_backward(
-    const at::Tensor& grad_y,
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate,
-    const ChannelAttentionSweeps& sweeps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward(
+    const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, c10::string_view pool,
+    c10::string_view gate) {
   const auto [pool_mode, gate_mode] = check_channel_attention_backward_args(
       grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
-  at::Tensor grad_x = empty_in_layout(x.sym_sizes(), x.options(), layout);
+  at::Tensor grad_x = feature_map_like(x);
   const int64_t hidden_size = fc1_weight.size(0);
   const int64_t channels = x.size(1);
   if (x.numel() == 0) {
@@ -144,10 +134,9 @@ channel_attention_backward(
 
   const at::Tensor input = to_layout(x, layout);
   const at::Tensor grad_out = to_layout(grad_y, layout);
-  const ChannelStats stats =
-      sweeps.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout);
+  const ChannelStats stats = backend.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout);
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
-                sweeps.matmul);
+                backend.matmul);
 
   // Recompute the (N, C)-sized forward: cheaper than saving it, and it keeps the
   // operator's forward a plain function of its inputs.
@@ -163,7 +152,7 @@ channel_attention_backward(
     grad_logits = grad_weights * weights * (1 - weights);
   } else {
     // w = C softmax(z): dz_j = w_j (g_j - sum_i g_i w_i / C).
-    grad_logits = weights * (grad_weights - row_sums(sweeps.matmul, grad_weights * weights) /
+    grad_logits = weights * (grad_weights - row_sums(backend.matmul, grad_weights * weights) /
                                                 static_cast<double>(channels));
   }
 
@@ -199,7 +188,7 @@ channel_attention_backward(
     shift = grad_pooled[0] / static_cast<double>(num_positions(x));
   }
   if (pool_mode != ChannelPool::Avg) at_argmax = grad_pooled[count - 1];
-  sweeps.apply(grad_out, weights, shift, at_argmax, stats.argmax, grad_x, layout);
+  backend.apply(grad_out, weights, shift, at_argmax, stats.argmax, grad_x, layout);
 
   return {grad_x, grad_fc1_weight.to(fc1_weight.scalar_type()),
           grad_fc1_bias.to(fc1_weight.scalar_type()),

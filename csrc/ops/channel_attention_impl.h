@@ -1,10 +1,10 @@
 #pragma once
 
-// The device-independent half of the channel attention kernels. A forward or backward
-// pass is two sweeps over the feature map, which each backend implements (see
-// ChannelAttentionSweeps), around a tiny MLP on (N, C) statistics that is the same on
-// every device and is written here once in the accumulation dtype, with the backend's matrix
-// product (ChannelAttentionSweeps::matmul) and elementwise ATen calls.
+// The device-independent half of the channel attention kernels (see docs/design.md, "One
+// pattern per operator"). A forward or backward pass is two sweeps over the feature map, which
+// each backend implements (ChannelAttentionBackend), around a tiny MLP on (N, C) statistics
+// that is the same on every device and is written here once in the accumulation dtype, with
+// the backend's matrix product (ChannelAttentionBackend::matmul) and elementwise ATen calls.
 //
 // Forward:  stats = reduce(x);            w = gate(mlp(stats));       y = x * w
 // Backward: stats = reduce(x, grad_y);    (w, dstats, dweights) = ...; grad_x = apply(...)
@@ -12,12 +12,14 @@
 // maximum is found in the backward reduction, so the second backward sweep needs no x).
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
 #include "channel_attention.h"
 #include "common.h"
+#include "dispatch.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -74,7 +76,8 @@ struct ChannelStats {
 // Uninitialised statistics for `x`, for the device reductions to fill.
 ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax);
 
-struct ChannelAttentionSweeps {
+// What a backend supplies.
+struct ChannelAttentionBackend {
   // Reads `x` (and `grad_y` when defined, laid out like `x`) once.
   ChannelStats (*reduce)(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
                          Layout layout);
@@ -87,35 +90,32 @@ struct ChannelAttentionSweeps {
   MatmulFn matmul;
 };
 
-at::Tensor channel_attention_forward(
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate,
-    const ChannelAttentionSweeps& sweeps);
+at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                     const at::Tensor& fc1_weight,
+                                     const std::optional<at::Tensor>& fc1_bias,
+                                     const at::Tensor& fc2_weight,
+                                     const std::optional<at::Tensor>& fc2_bias,
+                                     c10::string_view pool, c10::string_view gate);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-channel_attention_backward(
-    const at::Tensor& grad_y,
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate,
-    const ChannelAttentionSweeps& sweeps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward(
+    const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, c10::string_view pool,
+    c10::string_view gate);
+
+// The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
+// register_channel_attention_kernels<kCpuBackend>(m).
+template <const ChannelAttentionBackend& kBackend>
+void register_channel_attention_kernels(torch::Library& m) {
+  m.impl("channel_attention", TORCH_FN((OnBackend<channel_attention_forward, kBackend>::kernel)));
+  m.impl("_channel_attention_backward",
+         TORCH_FN((OnBackend<channel_attention_backward, kBackend>::kernel)));
+}
 
 // The modes a string argument names, or an error naming `op` (the operator or the module whose
 // option it is) and the accepted values.
 ChannelPool parse_channel_pool(const char* op, c10::string_view pool);
 ChannelGate parse_channel_gate(const char* op, c10::string_view gate);
-
-// Shapes and strides of the results, for the Meta kernels.
-at::Tensor channel_attention_output_like(const at::Tensor& x);
 
 }  // namespace ops
 }  // namespace cnn_attention

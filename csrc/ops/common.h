@@ -204,5 +204,11 @@ inline at::Tensor empty_in_layout(c10::SymIntArrayRef sizes, const at::TensorOpt
   return at::empty_strided_symint(sizes, strides, options);
 }
 
+// An uninitialised tensor like the feature map `x` (a result or a gradient of x's shape),
+// stored densely in x's kernel layout: what every backend and the Meta kernels return.
+inline at::Tensor feature_map_like(const at::Tensor& x) {
+  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
+}
+
 }  // namespace ops
 }  // namespace cnn_attention

@@ -116,10 +116,6 @@ SelfAttentionSizes check_self_attention_backward_args(
   return sizes;
 }
 
-at::Tensor self_attention_output_like(const at::Tensor& x) {
-  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
-}
-
 at::Tensor self_attention_attn_like(const at::Tensor& x, const SelfAttentionSizes& sizes) {
   return at::empty_symint({x.sym_size(0), sym_positions(x), sizes.v_dim}, x.options());
 }

@@ -1,6 +1,7 @@
 #include "self_attention_impl.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <cmath>
@@ -112,9 +113,9 @@ at::Tensor heads_of(const at::Tensor& tokens, int64_t first, int64_t heads, int6
 
 // (L,): the sum over samples and positions of b (N, M, L), in the accumulation dtype, in the
 // backend's order (ATen's reductions may split a long sum by thread).
-at::Tensor position_sums(const SelfAttentionKernels& kernels, const at::Tensor& b) {
+at::Tensor position_sums(const SelfAttentionBackend& backend, const at::Tensor& b) {
   const at::Tensor ones = at::ones({1, 1, 1}, b.options()).expand({b.size(0), b.size(1), 1});
-  return kernels.position_sum_product(ones, b).view({b.size(2)});
+  return backend.position_sum_product(ones, b).view({b.size(2)});
 }
 
 // The sum of every element of a 2-D (R, L) tensor, row sums first, in the backend's order.
@@ -133,22 +134,23 @@ double softmax_scale(const SelfAttentionSizes& sizes) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
-    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
-    const SelfAttentionKernels& kernels) {
+    const SelfAttentionBackend& backend, const at::Tensor& x, const at::Tensor& qkv_weight,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, int64_t qk_dim,
+    int64_t num_heads, int64_t kv_stride) {
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
+  const c10::DeviceGuard device_guard(x.device());
   const Geometry g = geometry_of(x, sizes);
   if (g.batch == 0 || g.positions == 0) {
-    return {self_attention_output_like(x), self_attention_attn_like(x, sizes),
+    return {feature_map_like(x), self_attention_attn_like(x, sizes),
             self_attention_lse_like(x, sizes)};
   }
   const at::Tensor x_dense = to_layout(x, g.layout);
-  Projection p = project(kernels.matmul, tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
+  Projection p = project(backend.matmul, tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   auto [heads_out, lse] =
-      kernels.attention_forward(heads_of(p.qkv, 0, heads, dq), heads_of(p.kv, 0, heads, dq),
+      backend.attention_forward(heads_of(p.qkv, 0, heads, dq), heads_of(p.kv, 0, heads, dq),
                                 heads_of(p.kv, sizes.qk_dim, heads, dv), softmax_scale(sizes));
   p = Projection();  // memory: q, k and v are not needed once y is being written
   // (N, P, v): a view when the kernel wrote the heads token-major, as ours do.
@@ -156,40 +158,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
 
   // out = attn @ out_weight^T + out_bias, written straight into y in the layout of x, then
   // y = x + gamma * out in place.
-  at::Tensor y = self_attention_output_like(x);
+  at::Tensor y = feature_map_like(x);
   const bool with_bias = out_bias.has_value();
   if (g.layout == Layout::ChannelsLast) {
     const at::Tensor rows = tokens_of(y, g.layout).view({g.batch * g.positions, g.channels});
     if (with_bias) rows.copy_(out_bias->expand_as(rows));
-    kernels.matmul(rows, attn.view({g.batch * g.positions, sizes.v_dim}), out_weight.t(),
+    backend.matmul(rows, attn.view({g.batch * g.positions, sizes.v_dim}), out_weight.t(),
                    with_bias);
   } else {
     const at::Tensor columns = y.view({g.batch, g.channels, g.positions});
     if (with_bias) columns.copy_(out_bias->view({1, g.channels, 1}).expand_as(columns));
     for (int64_t n = 0; n < g.batch; ++n) {
-      kernels.matmul(columns.select(0, n), out_weight, attn.select(0, n).t(), with_bias);
+      backend.matmul(columns.select(0, n), out_weight, attn.select(0, n).t(), with_bias);
     }
   }
   at::addcmul_out(y, x_dense, gamma.reshape({}), y);
   return {y, attn, lse};
 }
 
+at::Tensor self_attention_result(const SelfAttentionBackend& backend, const at::Tensor& x,
+                                 const at::Tensor& qkv_weight,
+                                 const std::optional<at::Tensor>& qkv_bias,
+                                 const at::Tensor& out_weight,
+                                 const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                                 int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+  return std::get<0>(self_attention_forward(backend, x, qkv_weight, qkv_bias, out_weight, out_bias,
+                                            gamma, qk_dim, num_heads, kv_stride));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                        const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-                        const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-                        const at::Tensor& gamma, const at::Tensor& attn, const at::Tensor& lse,
-                        int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
-                        const SelfAttentionKernels& kernels) {
+self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& grad_y,
+                        const at::Tensor& x, const at::Tensor& qkv_weight,
+                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+                        const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                        const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
+                        int64_t num_heads, int64_t kv_stride) {
   const SelfAttentionSizes sizes =
       check_self_attention_backward_args(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
                                          gamma, attn, lse, qk_dim, num_heads, kv_stride);
+  const c10::DeviceGuard device_guard(x.device());
   const Geometry g = geometry_of(x, sizes);
   const int64_t rows = qkv_weight.size(0);
   if (g.batch == 0 || g.positions == 0) {
-    return {self_attention_output_like(x).zero_(), at::zeros_like(qkv_weight),
-            at::zeros({rows}, x.options()),        at::zeros_like(out_weight),
-            at::zeros({g.channels}, x.options()),  at::zeros_like(gamma)};
+    return {feature_map_like(x).zero_(),          at::zeros_like(qkv_weight),
+            at::zeros({rows}, x.options()),       at::zeros_like(out_weight),
+            at::zeros({g.channels}, x.options()), at::zeros_like(gamma)};
   }
   const at::Tensor x_tokens = tokens_of(to_layout(x, g.layout), g.layout);
   const at::Tensor grad_dense = to_layout(grad_y, g.layout);
@@ -200,34 +213,34 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
   // weight gradient is gamma * G, and gamma's, sum(grad * out), is sum(G * out_weight) +
   // sum(grad) . out_bias: nothing as large as the feature map is needed for either.
   const at::Tensor gamma_value = gamma.reshape({});
-  const at::Tensor grad_sum = position_sums(kernels, grad_tokens);  // (C,)
-  const at::Tensor grad_out_product = kernels.position_sum_product(grad_tokens, attn_dense);
-  at::Tensor grad_gamma = ordered_sum(kernels.matmul, at::mul(grad_out_product, out_weight));
+  const at::Tensor grad_sum = position_sums(backend, grad_tokens);  // (C,)
+  const at::Tensor grad_out_product = backend.position_sum_product(grad_tokens, attn_dense);
+  at::Tensor grad_gamma = ordered_sum(backend.matmul, at::mul(grad_out_product, out_weight));
   if (out_bias.has_value()) {
     grad_gamma =
-        grad_gamma + ordered_sum(kernels.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
+        grad_gamma + ordered_sum(backend.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
   }
   const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
-  at::Tensor grad_attn = tokens_mm(kernels.matmul, grad_tokens, out_weight).mul_(gamma_value);
+  at::Tensor grad_attn = tokens_mm(backend.matmul, grad_tokens, out_weight).mul_(gamma_value);
 
   // Attention, its gradients written straight into that of the projection, grad_qkv (N, P,
   // R). Pooled keys and values get theirs in a buffer first, then sent back to the positions
   // that won their windows (the windows do not overlap, so every position gets at most one
   // value: a deterministic scatter).
-  Projection p = project(kernels.matmul, x_tokens, qkv_weight, qkv_bias, g);
+  Projection p = project(backend.matmul, x_tokens, qkv_weight, qkv_bias, g);
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_qkv = at::empty({g.batch, g.positions, rows}, x.options());
   const at::Tensor grad_kv =
       sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
                            : at::empty({g.batch, g.key_positions, kv_columns}, x.options());
-  kernels.attention_backward(
-      heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
-      heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
-      heads_of(attn_dense, 0, heads, dv), lse.contiguous(), softmax_scale(sizes),
-      heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
-      heads_of(grad_kv, sizes.qk_dim, heads, dv));
+  backend.attention_backward(heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
+                             heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
+                             heads_of(attn_dense, 0, heads, dv), lse.contiguous(),
+                             softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
+                             heads_of(grad_kv, 0, heads, dq),
+                             heads_of(grad_kv, sizes.qk_dim, heads, dv));
   grad_attn.reset();  // memory: free what is no longer needed before the last products
   if (sizes.kv_stride > 1) {
     const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
@@ -235,21 +248,21 @@ self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
     grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
   }
   p = Projection();
-  const at::Tensor grad_qkv_weight = kernels.position_sum_product(grad_qkv, x_tokens);
-  const at::Tensor grad_qkv_bias = position_sums(kernels, grad_qkv);
+  const at::Tensor grad_qkv_weight = backend.position_sum_product(grad_qkv, x_tokens);
+  const at::Tensor grad_qkv_bias = position_sums(backend, grad_qkv);
 
   // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
-  at::Tensor grad_x = self_attention_output_like(x);
+  at::Tensor grad_x = feature_map_like(x);
   if (g.layout == Layout::ChannelsLast) {
     const at::Tensor grad_rows =
         tokens_of(grad_x, g.layout).view({g.batch * g.positions, g.channels});
     grad_rows.copy_(grad_tokens.reshape({g.batch * g.positions, g.channels}));
-    kernels.matmul(grad_rows, grad_qkv.view({g.batch * g.positions, rows}), qkv_weight, true);
+    backend.matmul(grad_rows, grad_qkv.view({g.batch * g.positions, rows}), qkv_weight, true);
   } else {
     const at::Tensor grad_x_columns = grad_x.view({g.batch, g.channels, g.positions});
     grad_x_columns.copy_(grad_dense.view({g.batch, g.channels, g.positions}));
     for (int64_t n = 0; n < g.batch; ++n) {
-      kernels.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(), true);
+      backend.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(), true);
     }
   }
   // The weight and bias gradients come from position_sum_product in the accumulation dtype.

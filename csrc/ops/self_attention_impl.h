@@ -1,13 +1,14 @@
 #pragma once
 
-// The device-independent half of self_attention. Everything but the attention itself is a
+// The device-independent half of self_attention (see docs/design.md, "One pattern per
+// operator"). Everything but the attention itself is a
 // handful of matrix products over positions, done here through the backend's products
-// (SelfAttentionKernels::matmul: a fixed-order kernel of ours on CPU, cuBLAS on CUDA) in the
+// (SelfAttentionBackend::matmul: a fixed-order kernel of ours on CPU, cuBLAS on CUDA) in the
 // token-major layout (N, P, features) that attention wants:
 //
 //   qkv  (N, P, 2 qk + v)  = x_tokens @ qkv_weight^T + qkv_bias   one product, no copy of x
 //   k, v (N, Pk, qk + v)   = max-pool of qkv's key and value columns when kv_stride > 1
-//   attn (N, P, v)         = per head softmax(q k^T * scale) v     SelfAttentionKernels
+//   attn (N, P, v)         = per head softmax(q k^T * scale) v     the backend
 //   y                      = x + gamma * (attn @ out_weight^T + out_bias), laid out like x
 //
 // The backward recomputes qkv from x (one product) instead of saving it, and gets the
@@ -15,10 +16,12 @@
 // softmax statistics lse are saved.
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
 #include "common.h"
+#include "dispatch.h"
 #include "self_attention.h"
 
 namespace cnn_attention {
@@ -70,13 +73,13 @@ SelfAttentionSizes check_self_attention_backward_args(
 
 // Results of every backend, with the same sizes and strides: y laid out like x, attn
 // (N, P, v_dim) and lse (N, num_heads, P) dense.
-at::Tensor self_attention_output_like(const at::Tensor& x);
 at::Tensor self_attention_attn_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
 at::Tensor self_attention_lse_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
 
 // q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv): views with a unit stride on the last
 // dim and any other strides, in the dtype of x. Backends choose how to compute attention.
-struct SelfAttentionKernels {
+// What a backend supplies.
+struct SelfAttentionBackend {
   // (out (N, H, P, dv) in the dtype of q with any strides, lse (N, H, P) dense in the
   // accumulation dtype): out = softmax(q k^T * scale) v, lse = logsumexp(q k^T * scale).
   std::tuple<at::Tensor, at::Tensor> (*attention_forward)(const at::Tensor& q, const at::Tensor& k,
@@ -96,19 +99,39 @@ struct SelfAttentionKernels {
   at::Tensor (*position_sum_product)(const at::Tensor& a, const at::Tensor& b);
 };
 
+// The kernels of _self_attention_forward, self_attention (its first result) and
+// _self_attention_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
-    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
-    const SelfAttentionKernels& kernels);
+    const SelfAttentionBackend& backend, const at::Tensor& x, const at::Tensor& qkv_weight,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, int64_t qk_dim,
+    int64_t num_heads, int64_t kv_stride);
+
+at::Tensor self_attention_result(const SelfAttentionBackend& backend, const at::Tensor& x,
+                                 const at::Tensor& qkv_weight,
+                                 const std::optional<at::Tensor>& qkv_bias,
+                                 const at::Tensor& out_weight,
+                                 const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                                 int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                        const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-                        const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-                        const at::Tensor& gamma, const at::Tensor& attn, const at::Tensor& lse,
-                        int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
-                        const SelfAttentionKernels& kernels);
+self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& grad_y,
+                        const at::Tensor& x, const at::Tensor& qkv_weight,
+                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+                        const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                        const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
+                        int64_t num_heads, int64_t kv_stride);
+
+// The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
+// register_self_attention_kernels<kCpuBackend>(m).
+template <const SelfAttentionBackend& kBackend>
+void register_self_attention_kernels(torch::Library& m) {
+  m.impl("self_attention", TORCH_FN((OnBackend<self_attention_result, kBackend>::kernel)));
+  m.impl("_self_attention_forward",
+         TORCH_FN((OnBackend<self_attention_forward, kBackend>::kernel)));
+  m.impl("_self_attention_backward",
+         TORCH_FN((OnBackend<self_attention_backward, kBackend>::kernel)));
+}
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -1,8 +1,7 @@
 #include "spatial_attention_impl.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <limits>
@@ -15,8 +14,8 @@ namespace ops {
 namespace {
 
 // x or grad_y as the sweeps read it: in place when they can, else dense in `layout`.
-at::Tensor sweep_input(const at::Tensor& t, Layout layout, const SpatialAttentionSweeps& sweeps) {
-  return sweeps.reads_strided_rows && row_strides(t, layout) ? t : to_layout(t, layout);
+at::Tensor sweep_input(const at::Tensor& t, Layout layout, const SpatialAttentionBackend& backend) {
+  return backend.reads_strided_rows && row_strides(t, layout) ? t : to_layout(t, layout);
 }
 
 // The score map in the accumulation dtype, stored like the weights.
@@ -26,41 +25,6 @@ at::Tensor scores_for_weights(const at::Tensor& scores, const at::Tensor& x, Lay
 
 at::Tensor divided(const at::Tensor& s, double temperature) {
   return temperature == 1.0 ? s : s / temperature;
-}
-
-// fn(samples) for the whole batch. ATen's CPU kernels split their work by the number of
-// threads, and their vector and scalar paths round differently, so a sigmoid or a softmax
-// backward over the score map would change in the last bit with the thread count. On CPU the
-// batch is therefore cut into blocks whose size depends on the shape alone, each computed
-// serially (ATen calls inside at::parallel_for do not fork again): the result depends on
-// the input alone. The worker threads get the caller's thread-local state (below autograd,
-// grad mode), as at::launch does. fn maps samples [n0, n1) of `like` to a result shaped
-// like them.
-template <typename Fn>
-at::Tensor by_sample_blocks(const at::Tensor& like, const Fn& fn) {
-  const int64_t batch = like.size(0);
-  if (!like.is_cpu() || batch == 0) return fn(0, batch);
-  constexpr int64_t kBlockElements = 32768;
-  const int64_t per_sample = std::max<int64_t>(1, like.numel() / batch);
-  const int64_t block = std::max<int64_t>(1, kBlockElements / per_sample);
-  at::Tensor out = at::empty_like(like);
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, (batch + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * block, n1 = std::min(batch, n0 + block);
-      out.narrow(0, n0, n1 - n0).copy_(fn(n0, n1));
-    }
-  });
-  return out;
-}
-
-at::Tensor samples(const at::Tensor& t, int64_t n0, int64_t n1) { return t.narrow(0, n0, n1 - n0); }
-
-at::Tensor position_sigmoid(const at::Tensor& s, double temperature) {
-  return by_sample_blocks(s, [&](int64_t n0, int64_t n1) {
-    return at::sigmoid(divided(samples(s, n0, n1), temperature));
-  });
 }
 
 // A map stored like the weights, seen without a copy as rows of positions for a softmax:
@@ -88,6 +52,10 @@ at::Tensor from_positions_view(const at::Tensor& rows, const at::Tensor& like, L
 
 }  // namespace
 
+at::Tensor aten_position_sigmoid(const at::Tensor& s, double temperature) {
+  return at::sigmoid(divided(s, temperature));
+}
+
 at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout) {
   const at::Tensor part = divided(s, temperature);
   const auto [rows, dim] = positions_view(part, layout);
@@ -108,20 +76,20 @@ namespace {
 // Whether the weights are computed per element by the backend instead of stored (see
 // ElementwiseWeights): a score channel per channel of x and a backend that can.
 bool elementwise(const at::Tensor& x, const at::Tensor& scores,
-                 const SpatialAttentionSweeps& sweeps) {
-  return sweeps.scale_by_scores != nullptr && scores.size(1) == x.size(1) && x.size(1) > 1;
+                 const SpatialAttentionBackend& backend) {
+  return backend.scale_by_scores != nullptr && scores.size(1) == x.size(1) && x.size(1) > 1;
 }
 
-at::Tensor threshold_mask(const at::Tensor& s, double threshold, double temperature) {
-  return position_sigmoid(s, temperature).gt_(threshold);
+at::Tensor threshold_mask(const SpatialAttentionBackend& backend, const at::Tensor& s,
+                          double threshold, double temperature) {
+  return backend.position_sigmoid(s, temperature).gt_(threshold);
 }
 
 }  // namespace
 
 // The k largest of each row, ties to the lower index: the k-th largest value is found by
 // selection (at::kthvalue, not a sort), everything above it is kept, and of the values equal
-// to it the first ones by index fill the remaining places. NaN ranks as +inf. (It was the
-// CPU path, tested there, before the CPU got its own selection kernel.)
+// to it the first ones by index fill the remaining places. NaN ranks as +inf.
 at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout) {
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor rows = at::nan_to_num(s.flatten(2), inf, inf, -inf);
@@ -134,140 +102,147 @@ at::Tensor top_k_mask_by_kthvalue(const at::Tensor& s, int64_t k, Layout layout)
   return to_layout(above.logical_or_(first_tied).to(s.scalar_type()).reshape(s.sizes()), layout);
 }
 
-at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
-                                  c10::string_view normalize, double temperature,
-                                  const SpatialAttentionSweeps& sweeps) {
+at::Tensor soft_attention_forward(const SpatialAttentionBackend& backend, const at::Tensor& x,
+                                  const at::Tensor& scores, c10::string_view normalize,
+                                  double temperature) {
   const SoftNormalize mode = check_soft_attention_args(x, scores, normalize, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor y = spatial_attention_output_like(x);
   if (y.numel() == 0) return y;
-  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, sweeps)) {
+  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, backend)) {
     const ElementwiseWeights how{ElementwiseWeights::Weight::Sigmoid,
                                  ElementwiseWeights::ScoreFactor::Sigmoid, temperature, 0.0};
     at::Tensor no_mask;
-    sweeps.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, no_mask);
+    backend.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, no_mask);
     return y;
   }
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights;
   if (mode == SoftNormalize::Sigmoid) {
-    weights = position_sigmoid(s, temperature);
+    weights = backend.position_sigmoid(s, temperature);
   } else {
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
-    weights =
-        sweeps.position_softmax(s, temperature, layout).mul_(static_cast<double>(num_positions(x)));
+    weights = backend.position_softmax(s, temperature, layout)
+                  .mul_(static_cast<double>(num_positions(x)));
   }
-  sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
+  backend.scale(sweep_input(x, layout, backend), weights, y, layout);
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature, const SpatialAttentionSweeps& sweeps) {
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& scores, c10::string_view normalize, double temperature) {
   const SoftNormalize mode =
       check_soft_attention_backward_args(grad_y, x, scores, normalize, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
-  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, sweeps)) {
+  if (mode == SoftNormalize::Sigmoid && elementwise(x, scores, backend)) {
     const ElementwiseWeights how{ElementwiseWeights::Weight::Sigmoid,
                                  ElementwiseWeights::ScoreFactor::Sigmoid, temperature, 0.0};
-    sweeps.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
-                                    to_layout(scores, layout), at::Tensor(), how, grad_x,
-                                    grad_scores);
+    backend.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
+                                     to_layout(scores, layout), at::Tensor(), how, grad_x,
+                                     grad_scores);
     return {grad_x, grad_scores};
   }
 
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights, probabilities;
   if (mode == SoftNormalize::Sigmoid) {
-    weights = position_sigmoid(s, temperature);
+    weights = backend.position_sigmoid(s, temperature);
   } else {
-    probabilities = sweeps.position_softmax(s, temperature, layout);
+    probabilities = backend.position_softmax(s, temperature, layout);
     weights = probabilities * static_cast<double>(num_positions(x));
   }
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps),
-                        weights, grad_x, grad_weights, layout);
+  backend.scale_backward(sweep_input(grad_y, layout, backend), sweep_input(x, layout, backend),
+                         weights, grad_x, grad_weights, layout);
   if (mode == SoftNormalize::Sigmoid) {
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
     grad_scores.copy_(
-        sweeps.position_softmax_backward(grad_weights, probabilities, temperature, layout)
+        backend.position_softmax_backward(grad_weights, probabilities, temperature, layout)
             .mul_(static_cast<double>(num_positions(x))));
   }
   return {grad_x, grad_scores};
 }
 
-at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
-                                       double temperature, const SpatialAttentionSweeps& sweeps) {
+at::Tensor soft_attention_pool_forward(const SpatialAttentionBackend& backend, const at::Tensor& x,
+                                       const at::Tensor& scores, double temperature) {
   check_soft_attention_pool_args(x, scores, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   at::Tensor out = soft_attention_pool_output_like(x);
   if (out.numel() == 0) return out;
   // A sum over no positions.
   if (num_positions(x) == 0) return out.zero_();
   const Layout layout = choose_row_layout(x);
   const at::Tensor probabilities =
-      sweeps.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
-  sweeps.pool(sweep_input(x, layout, sweeps), probabilities, out, layout);
+      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+  backend.pool(sweep_input(x, layout, backend), probabilities, out, layout);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature,
-    const SpatialAttentionSweeps& sweeps) {
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& scores, double temperature) {
   check_soft_attention_pool_backward_args(grad_out, x, scores, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
 
   const at::Tensor probabilities =
-      sweeps.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   at::Tensor grad_probabilities = at::empty_like(probabilities);
   // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
-  sweeps.scale_backward(grad_out.contiguous(), sweep_input(x, layout, sweeps), probabilities,
-                        grad_x, grad_probabilities, layout);
+  backend.scale_backward(grad_out.contiguous(), sweep_input(x, layout, backend), probabilities,
+                         grad_x, grad_probabilities, layout);
   grad_scores.copy_(
-      sweeps.position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
+      backend.position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
   return {grad_x, grad_scores};
 }
 
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const SpatialAttentionBackend& backend,
+                                                          const at::Tensor& x,
                                                           const at::Tensor& scores,
                                                           c10::string_view mode, double threshold,
                                                           int64_t k, c10::string_view estimator,
-                                                          double temperature,
-                                                          const SpatialAttentionSweeps& sweeps) {
+                                                          double temperature) {
   const HardAttentionModes modes =
       check_hard_attention_args(x, scores, mode, threshold, k, estimator, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor y = spatial_attention_output_like(x);
   at::Tensor mask = spatial_attention_scores_like(scores, x);
   if (mask.numel() == 0) return {y, mask};
-  if (modes.mode == HardMode::Threshold && elementwise(x, scores, sweeps)) {
+  if (modes.mode == HardMode::Threshold && elementwise(x, scores, backend)) {
     const ElementwiseWeights how{ElementwiseWeights::Weight::Threshold,
                                  ElementwiseWeights::ScoreFactor::Identity, temperature,
                                  threshold};
-    sweeps.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, mask);
+    backend.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, mask);
     return {y, mask};
   }
   const at::Tensor s = scores_for_weights(scores, x, layout);
   const at::Tensor weights = modes.mode == HardMode::TopK
-                                 ? sweeps.top_k_mask(s, k, layout)
-                                 : threshold_mask(s, threshold, temperature);
+                                 ? backend.top_k_mask(s, k, layout)
+                                 : threshold_mask(backend, s, threshold, temperature);
   mask.copy_(weights);
-  if (y.numel() > 0) sweeps.scale(sweep_input(x, layout, sweeps), weights, y, layout);
+  if (y.numel() > 0) backend.scale(sweep_input(x, layout, backend), weights, y, layout);
   return {y, mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
-    c10::string_view estimator, double temperature, const SpatialAttentionSweeps& sweeps) {
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& scores, const at::Tensor& mask, c10::string_view estimator,
+    double temperature) {
   const HardEstimator mode =
       check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
+  const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
@@ -275,23 +250,24 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
 
   // Straight through: the forward's 0/1 mask scales grad_x, the surrogate's derivative
   // scales grad_scores.
-  if (elementwise(x, scores, sweeps)) {
+  if (elementwise(x, scores, backend)) {
     const ElementwiseWeights how{ElementwiseWeights::Weight::Mask,
                                  mode == HardEstimator::Sigmoid
                                      ? ElementwiseWeights::ScoreFactor::Sigmoid
                                      : ElementwiseWeights::ScoreFactor::Identity,
                                  temperature, 0.0};
-    sweeps.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
-                                    to_layout(scores, layout), to_layout(mask, layout), how,
-                                    grad_x, grad_scores);
+    backend.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
+                                     to_layout(scores, layout), to_layout(mask, layout), how,
+                                     grad_x, grad_scores);
     return {grad_x, grad_scores};
   }
   const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
   at::Tensor grad_weights = at::empty_like(weights);
-  sweeps.scale_backward(sweep_input(grad_y, layout, sweeps), sweep_input(x, layout, sweeps),
-                        weights, grad_x, grad_weights, layout);
+  backend.scale_backward(sweep_input(grad_y, layout, backend), sweep_input(x, layout, backend),
+                         weights, grad_x, grad_weights, layout);
   if (mode == HardEstimator::Sigmoid) {
-    const at::Tensor soft = position_sigmoid(scores_for_weights(scores, x, layout), temperature);
+    const at::Tensor soft =
+        backend.position_sigmoid(scores_for_weights(scores, x, layout), temperature);
     grad_weights.mul_(soft * (1 - soft)).div_(temperature);
   }
   grad_scores.copy_(grad_weights);

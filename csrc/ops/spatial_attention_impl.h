@@ -1,11 +1,12 @@
 #pragma once
 
 // The device-independent half of the spatial attention kernels (soft_attention,
-// soft_attention_pool, hard_attention). Every one of them is "weights from scores, then
-// one sweep over the feature map": the weights live on the (N, Cs, *S) score map, which
-// for the usual single score channel is C times smaller than x, so they are computed here
-// once with ATen calls in the accumulation dtype (sigmoid, a row softmax, a row selection
-// for top-k), while each backend implements the sweeps over x (SpatialAttentionSweeps).
+// soft_attention_pool, hard_attention; see docs/design.md, "One pattern per operator"). Every one
+// of them is "weights from scores, then one sweep over the feature map": the weights live on the
+// (N, Cs, *S) score map, which for the usual single score channel is C times smaller than x, so
+// they are computed here once with ATen calls in the accumulation dtype (sigmoid, a row softmax, a
+// row selection for top-k), while each backend implements the sweeps over x
+// (SpatialAttentionBackend).
 //
 // soft_attention / hard_attention forward:  w = weights(scores);  y = x * w
 //   backward: (grad_x, grad_w) = scale_backward(grad_y, x, w);  grad_scores from grad_w
@@ -14,10 +15,12 @@
 // so the forward of soft/hard attention moves 3|x| bytes and the backward 4|x|.
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
 #include "common.h"
+#include "dispatch.h"
 #include "spatial_attention.h"
 
 namespace cnn_attention {
@@ -94,7 +97,7 @@ at::Tensor spatial_attention_scores_like(const at::Tensor& scores, const at::Ten
 at::Tensor soft_attention_pool_output_like(const at::Tensor& x);
 
 // With a score map of C channels the weights are as large as x, so rather than storing
-// them a backend may compute each from its score on the fly (SpatialAttentionSweeps::
+// them a backend may compute each from its score on the fly (SpatialAttentionBackend::
 // scale_by_scores): the forward weight a(s) and, in the backward, the factor b(s) of the
 // score gradient, grad_scores = grad * x * b.
 struct ElementwiseWeights {
@@ -108,7 +111,8 @@ struct ElementwiseWeights {
 // Weights are (N, Cs, *S) in the accumulation dtype (float32 for half types, else the
 // dtype of x), stored densely in the kernel layout of x: for Cs == 1 both layouts are the
 // same (N, P) array; for Cs == C the weights line up element for element with x.
-struct SpatialAttentionSweeps {
+// What a backend supplies.
+struct SpatialAttentionBackend {
   // y = x * w, w broadcast over the channels when Cs == 1.
   void (*scale)(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout);
   // grad_x = grad * w and grad_w = sum over the broadcast channels of grad * x, in one
@@ -122,6 +126,8 @@ struct SpatialAttentionSweeps {
   // lower index, NaN ranked as +inf; `scores` (accumulation dtype) and the mask are stored
   // like the weights.
   at::Tensor (*top_k_mask)(const at::Tensor& scores, int64_t k, Layout layout);
+  // sigmoid(s / T) of a map `s` in the accumulation dtype, a new tensor stored like `s`.
+  at::Tensor (*position_sigmoid)(const at::Tensor& s, double temperature);
   // softmax(s / T) over the positions of each sample and score channel, and its backward
   // (d loss / d s from d loss / d p and p): `s`, `p` and `grad_p` in the accumulation dtype,
   // stored like the weights, and so are the results. The sum over a row of any length must
@@ -143,6 +149,10 @@ struct SpatialAttentionSweeps {
                                    at::Tensor& grad_scores);
 };
 
+// position_sigmoid with ATen's sigmoid (any device whose sigmoid does not depend on the
+// thread count; ATen's CPU kernel does).
+at::Tensor aten_position_sigmoid(const at::Tensor& s, double temperature);
+
 // position_softmax and its backward with ATen's softmax (any device whose softmax sums long
 // rows exactly enough; ATen's CPU kernels do not: their vector sums stall at 2^24 per lane).
 at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout);
@@ -153,28 +163,45 @@ at::Tensor aten_position_softmax_backward(const at::Tensor& grad_p, const at::Te
 // selection, then everything above it and the first ties by index.
 at::Tensor top_k_mask_by_kthvalue(const at::Tensor& scores, int64_t k, Layout layout);
 
-at::Tensor soft_attention_forward(const at::Tensor& x, const at::Tensor& scores,
-                                  c10::string_view normalize, double temperature,
-                                  const SpatialAttentionSweeps& sweeps);
+at::Tensor soft_attention_forward(const SpatialAttentionBackend& backend, const at::Tensor& x,
+                                  const at::Tensor& scores, c10::string_view normalize,
+                                  double temperature);
 std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
-    c10::string_view normalize, double temperature, const SpatialAttentionSweeps& sweeps);
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& scores, c10::string_view normalize, double temperature);
 
-at::Tensor soft_attention_pool_forward(const at::Tensor& x, const at::Tensor& scores,
-                                       double temperature, const SpatialAttentionSweeps& sweeps);
+at::Tensor soft_attention_pool_forward(const SpatialAttentionBackend& backend, const at::Tensor& x,
+                                       const at::Tensor& scores, double temperature);
 std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature,
-    const SpatialAttentionSweeps& sweeps);
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& scores, double temperature);
 
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const SpatialAttentionBackend& backend,
+                                                          const at::Tensor& x,
                                                           const at::Tensor& scores,
                                                           c10::string_view mode, double threshold,
                                                           int64_t k, c10::string_view estimator,
-                                                          double temperature,
-                                                          const SpatialAttentionSweeps& sweeps);
+                                                          double temperature);
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
-    c10::string_view estimator, double temperature, const SpatialAttentionSweeps& sweeps);
+    const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& scores, const at::Tensor& mask, c10::string_view estimator,
+    double temperature);
+
+// The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
+// register_spatial_attention_kernels<kCpuBackend>(m).
+template <const SpatialAttentionBackend& kBackend>
+void register_spatial_attention_kernels(torch::Library& m) {
+  m.impl("soft_attention", TORCH_FN((OnBackend<soft_attention_forward, kBackend>::kernel)));
+  m.impl("_soft_attention_backward",
+         TORCH_FN((OnBackend<soft_attention_backward, kBackend>::kernel)));
+  m.impl("soft_attention_pool",
+         TORCH_FN((OnBackend<soft_attention_pool_forward, kBackend>::kernel)));
+  m.impl("_soft_attention_pool_backward",
+         TORCH_FN((OnBackend<soft_attention_pool_backward, kBackend>::kernel)));
+  m.impl("hard_attention", TORCH_FN((OnBackend<hard_attention_forward, kBackend>::kernel)));
+  m.impl("_hard_attention_backward",
+         TORCH_FN((OnBackend<hard_attention_backward, kBackend>::kernel)));
+}
 
 }  // namespace ops
 }  // namespace cnn_attention

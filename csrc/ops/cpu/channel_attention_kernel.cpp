@@ -204,8 +204,8 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
   });
 }
 
-ChannelStats reduce_kernel(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
-                           Layout layout) {
+ChannelStats reduce_cpu(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
+                        Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -312,9 +312,9 @@ void apply_channels_last(const ApplyArgs<scalar_t>& a) {
   }
 }
 
-void apply_kernel(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
-                  const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
-                  Layout layout) {
+void apply_cpu(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
+               const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
+               Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.scalar_type(), "channel_attention_apply_cpu", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
@@ -336,40 +336,11 @@ void apply_kernel(const at::Tensor& in, const at::Tensor& scale, const at::Tenso
       });
 }
 
-constexpr ChannelAttentionSweeps kCpuSweeps{reduce_kernel, apply_kernel, cpu::fixed_order_matmul};
-
-at::Tensor channel_attention_forward_kernel(
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate) {
-  return channel_attention_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate,
-                                   kCpuSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-channel_attention_backward_kernel(
-    const at::Tensor& grad_y,
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate) {
-  return channel_attention_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
-                                    gate, kCpuSweeps);
-}
+constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu, apply_cpu, cpu::fixed_order_matmul};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
-  m.impl("channel_attention", TORCH_FN(channel_attention_forward_kernel));
-  m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) { register_channel_attention_kernels<kCpuBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

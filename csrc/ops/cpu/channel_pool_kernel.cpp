@@ -1,9 +1,11 @@
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 #include "../channel_pool_impl.h"
 #include "../common.h"
@@ -68,30 +70,37 @@ void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int
   });
 }
 
-template <typename scalar_t>
-void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int64_t channels) {
+// The sum (when kWithSum) and the max over the C contiguous values of one channels-last pixel.
+template <bool kWithSum, typename scalar_t>
+std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> pixel_sum_and_max(
+    const scalar_t* xp, int64_t channels) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
-  const int64_t grain = grain_for(channels);
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+  Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity());
+  int64_t c = 0;
+  for (; c + V::size() <= channels; c += V::size()) {
+    const auto chunk = V::load(xp + c);
+    for (int k = 0; k < V::kVecs; ++k) {
+      if constexpr (kWithSum) vsum += chunk[k];
+      vmax = at::vec::maximum(vmax, chunk[k]);
+    }
+  }
+  opmath_t sum = kWithSum ? lane_sum(vsum) : opmath_t(0), best = lane_max(vmax);
+  for (; c < channels; ++c) {
+    const opmath_t v = static_cast<opmath_t>(xp[c]);
+    if constexpr (kWithSum) sum += v;
+    best = nan_max(best, v);
+  }
+  return {sum, best};
+}
+
+template <typename scalar_t>
+void forward_channels_last(const scalar_t* x, scalar_t* out, int64_t pixels, int64_t channels) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, pixels, grain_for(channels), [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
-      const scalar_t* xp = x + pixel * channels;
-      Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity());
-      int64_t c = 0;
-      for (; c + V::size() <= channels; c += V::size()) {
-        const auto chunk = V::load(xp + c);
-        for (int k = 0; k < V::kVecs; ++k) {
-          vsum += chunk[k];
-          vmax = at::vec::maximum(vmax, chunk[k]);
-        }
-      }
-      opmath_t sum = lane_sum(vsum), best = lane_max(vmax);
-      for (; c < channels; ++c) {
-        const opmath_t v = static_cast<opmath_t>(xp[c]);
-        sum += v;
-        best = nan_max(best, v);
-      }
+      const auto [sum, best] = pixel_sum_and_max<true>(x + pixel * channels, channels);
       out[pixel * 2] = static_cast<scalar_t>(sum / static_cast<opmath_t>(channels));
       out[pixel * 2 + 1] = static_cast<scalar_t>(best);
     }
@@ -177,21 +186,11 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
 template <typename scalar_t>
 void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
                             int64_t pixels, int64_t channels) {
-  using V = OpmathVec<scalar_t>;
-  using opmath_t = typename V::opmath_t;
-  using Vec = typename V::Vec;
-  const int64_t grain = grain_for(channels);
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, pixels, grain_for(channels), [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const scalar_t* xp = x + pixel * channels;
-      Vec vmax(-std::numeric_limits<opmath_t>::infinity());
-      int64_t c = 0;
-      for (; c + V::size() <= channels; c += V::size()) {
-        const auto chunk = V::load(xp + c);
-        for (int k = 0; k < V::kVecs; ++k) vmax = at::vec::maximum(vmax, chunk[k]);
-      }
-      opmath_t best = lane_max(vmax);
-      for (; c < channels; ++c) best = nan_max(best, static_cast<opmath_t>(xp[c]));
+      const opmath_t best = pixel_sum_and_max<false>(xp, channels).second;
       // The pixel's C values were just read: finding the first maximum runs in cache.
       const int64_t where = cpu::first_index_of(xp, channels, best);
       const opmath_t g =
@@ -203,53 +202,40 @@ void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* g
   });
 }
 
-at::Tensor channel_pool_forward_kernel(const at::Tensor& x) {
-  check_channel_pool_args(x);
-  const Layout layout = choose_layout(x);
-  at::Tensor out = channel_pool_output_like(x);
-  if (out.numel() == 0) return out;
-  const at::Tensor input = to_layout(x, layout);
+void pool_cpu(const at::Tensor& x, at::Tensor& out, Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_forward_cpu", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cpu", [&] {
         if (layout == Layout::ChannelsFirst) {
-          forward_channels_first(input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                 batch, channels, positions);
+          forward_channels_first(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), batch,
+                                 channels, positions);
         } else {
-          forward_channels_last(input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          forward_channels_last(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 batch * positions, channels);
         }
       });
-  return out;
 }
 
-at::Tensor channel_pool_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_channel_pool_backward_args(grad_out, x);
-  const Layout layout = choose_layout(x);
-  at::Tensor grad_x = empty_in_layout(x.sym_sizes(), x.options(), layout);
-  if (grad_x.numel() == 0) return grad_x;
-  const at::Tensor input = to_layout(x, layout);
-  const at::Tensor grad = to_layout(grad_out, layout);
+void pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::Tensor& grad_x,
+                       Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_backward_cpu", [&] {
         if (layout == Layout::ChannelsFirst) {
-          backward_channels_first(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+          backward_channels_first(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                   grad_x.data_ptr<scalar_t>(), batch, channels, positions);
         } else {
-          backward_channels_last(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+          backward_channels_last(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                  grad_x.data_ptr<scalar_t>(), batch * positions, channels);
         }
       });
-  return grad_x;
 }
+
+constexpr ChannelPoolBackend kCpuBackend{pool_cpu, pool_backward_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
-  m.impl("channel_pool", TORCH_FN(channel_pool_forward_kernel));
-  m.impl("_channel_pool_backward", TORCH_FN(channel_pool_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) { register_channel_pool_kernels<kCpuBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -77,8 +77,8 @@ void recompute_probs(int64_t rows, int64_t cols, int64_t dq, T scale, const T* q
 }
 
 template <typename T>
-void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              T scale, const at::Tensor& out, const at::Tensor& lse) {
+void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, T scale,
+                             const at::Tensor& out, const at::Tensor& lse) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
@@ -149,12 +149,12 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
 }
 
 // grad_q, grad_k, grad_v: (N, H, rows, d) with a unit last stride, zero on entry; delta
-// (N, H, P) from softmax_correction_kernel.
+// (N, H, P) from softmax_correction_typed.
 template <typename T>
-void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
-                               T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
-                               const at::Tensor& grad_v) {
+void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                              T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                              const at::Tensor& grad_v) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
@@ -234,9 +234,9 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
 // of two nearly equal values, and only a delta made of the very p and dp it is subtracted from
 // keeps that difference accurate (dividing by sum_j p_j also cancels the rounding of lse).
 template <typename T>
-void softmax_correction_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& lse, T scale,
-                               const at::Tensor& delta) {
+void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& lse, T scale,
+                              const at::Tensor& delta) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
@@ -296,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   at::Tensor out = at::empty({batch, positions, heads, dv}, q.options().dtype(acc)).transpose(1, 2);
   at::Tensor lse = at::empty({batch, heads, positions}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_forward_cpu", [&] {
-    attention_forward_kernel<scalar_t>(q.to(acc), k.to(acc), v.to(acc),
-                                       static_cast<scalar_t>(scale), out, lse);
+    attention_forward_typed<scalar_t>(q.to(acc), k.to(acc), v.to(acc), static_cast<scalar_t>(scale),
+                                      out, lse);
   });
   return {out.to(q.scalar_type()), lse};
 }
@@ -318,15 +318,15 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
                    grad_v_acc = accumulator(grad_v);
   // The saved output is not needed: the correction term is recomputed (see
-  // softmax_correction_kernel).
+  // softmax_correction_typed).
   (void)out;
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), v_acc = v.to(acc);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
     const auto scale_value = static_cast<scalar_t>(scale);
-    softmax_correction_kernel<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, delta);
-    attention_backward_kernel<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, delta, scale_value,
-                                        grad_q_acc, grad_k_acc, grad_v_acc);
+    softmax_correction_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, delta);
+    attention_backward_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, delta, scale_value,
+                                       grad_q_acc, grad_k_acc, grad_v_acc);
   });
   if (!in_place) {
     grad_q.copy_(grad_q_acc);
@@ -367,45 +367,12 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-const SelfAttentionKernels kCpuKernels{attention_forward_cpu, attention_backward_cpu,
-                                       cpu::fixed_order_matmul, position_sum_product_cpu};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_kernel(
-    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-  return self_attention_forward(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
-                                num_heads, kv_stride, kCpuKernels);
-}
-
-at::Tensor self_attention_kernel(const at::Tensor& x, const at::Tensor& qkv_weight,
-                                 const std::optional<at::Tensor>& qkv_bias,
-                                 const at::Tensor& out_weight,
-                                 const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                                 int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-  return std::get<0>(self_attention_forward_kernel(x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                                   gamma, qk_dim, num_heads, kv_stride));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-self_attention_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x,
-                               const at::Tensor& qkv_weight,
-                               const std::optional<at::Tensor>& qkv_bias,
-                               const at::Tensor& out_weight,
-                               const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                               const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                               int64_t num_heads, int64_t kv_stride) {
-  return self_attention_backward(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma,
-                                 attn, lse, qk_dim, num_heads, kv_stride, kCpuKernels);
-}
+constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu, attention_backward_cpu,
+                                           cpu::fixed_order_matmul, position_sum_product_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
-  m.impl("self_attention", TORCH_FN(self_attention_kernel));
-  m.impl("_self_attention_forward", TORCH_FN(self_attention_forward_kernel));
-  m.impl("_self_attention_backward", TORCH_FN(self_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) { register_self_attention_kernels<kCpuBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -1,5 +1,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -336,7 +337,7 @@ void top_k_row(const T* row, int64_t stride, int64_t positions, int64_t k, T* ma
   }
 }
 
-at::Tensor top_k_mask_kernel(const at::Tensor& scores, int64_t k, Layout layout) {
+at::Tensor top_k_mask_cpu(const at::Tensor& scores, int64_t k, Layout layout) {
   at::Tensor mask = at::empty_like(scores);
   const int64_t batch = scores.size(0), score_channels = scores.size(1);
   const int64_t positions = num_positions(scores);
@@ -455,8 +456,8 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
   });
 }
 
-void scale_by_scores_kernel(const at::Tensor& x, const at::Tensor& scores,
-                            const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask) {
+void scale_by_scores_cpu(const at::Tensor& x, const at::Tensor& scores,
+                         const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_by_scores_cpu", [&] {
         scale_by_scores_typed(x.const_data_ptr<scalar_t>(), scores.const_data_ptr<scalar_t>(),
@@ -466,10 +467,10 @@ void scale_by_scores_kernel(const at::Tensor& x, const at::Tensor& scores,
       });
 }
 
-void scale_by_scores_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
-                                     const at::Tensor& scores, const at::Tensor& mask,
-                                     const ElementwiseWeights& how, at::Tensor& grad_x,
-                                     at::Tensor& grad_scores) {
+void scale_by_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& scores, const at::Tensor& mask,
+                                  const ElementwiseWeights& how, at::Tensor& grad_x,
+                                  at::Tensor& grad_scores) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(),
       "spatial_attention_scale_by_scores_backward_cpu", [&] {
@@ -481,7 +482,7 @@ void scale_by_scores_backward_kernel(const at::Tensor& grad, const at::Tensor& x
       });
 }
 
-void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
+void scale_cpu(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_cpu", [&] {
         scale_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
@@ -490,8 +491,8 @@ void scale_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
       });
 }
 
-void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
-                           at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
+void scale_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
+                        at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_scale_backward_cpu", [&] {
         const bool pooled = grad.dim() == 2;
@@ -504,7 +505,7 @@ void scale_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at
       });
 }
 
-void pool_kernel(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
+void pool_cpu(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_pool_cpu", [&] {
         pool_typed(x.const_data_ptr<scalar_t>(), rows_of(x, layout),
@@ -701,7 +702,7 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
   });
 }
 
-at::Tensor position_softmax_kernel(const at::Tensor& s, double temperature, Layout layout) {
+at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, Layout layout) {
   const at::Tensor in = to_layout(s, layout);
   at::Tensor out = at::empty_like(in);
   if (in.numel() == 0) return out;
@@ -713,8 +714,8 @@ at::Tensor position_softmax_kernel(const at::Tensor& s, double temperature, Layo
   return out;
 }
 
-at::Tensor position_softmax_backward_kernel(const at::Tensor& grad_p, const at::Tensor& p,
-                                            double temperature, Layout layout) {
+at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Tensor& p,
+                                         double temperature, Layout layout) {
   const at::Tensor probabilities = to_layout(p, layout);
   const at::Tensor grad = to_layout(grad_p, layout);
   at::Tensor out = at::empty_like(probabilities);
@@ -727,63 +728,44 @@ at::Tensor position_softmax_backward_kernel(const at::Tensor& grad_p, const at::
   return out;
 }
 
-constexpr SpatialAttentionSweeps kCpuSweeps{scale_kernel,
-                                            scale_backward_kernel,
-                                            pool_kernel,
-                                            top_k_mask_kernel,
-                                            position_softmax_kernel,
-                                            position_softmax_backward_kernel,
-                                            /*reads_strided_rows=*/true,
-                                            scale_by_scores_kernel,
-                                            scale_by_scores_backward_kernel};
-
-at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
-                                         c10::string_view normalize, double temperature) {
-  return soft_attention_forward(x, scores, normalize, temperature, kCpuSweeps);
+// ATen's CPU sigmoid splits its work by the number of threads, and its vector and scalar
+// paths round differently, so the weights would change in the last bit with the thread
+// count. The batch is therefore cut into blocks whose size depends on the shape alone, each
+// computed serially (ATen calls inside at::parallel_for do not fork again): the result depends
+// on the input alone. The worker threads get the caller's thread-local state (below autograd,
+// grad mode), as at::launch does.
+at::Tensor position_sigmoid_cpu(const at::Tensor& s, double temperature) {
+  const int64_t batch = s.size(0);
+  if (batch == 0) return aten_position_sigmoid(s, temperature);
+  constexpr int64_t kBlockElements = 32768;
+  const int64_t per_sample = std::max<int64_t>(1, s.numel() / batch);
+  const int64_t block = std::max<int64_t>(1, kBlockElements / per_sample);
+  at::Tensor out = at::empty_like(s);
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, (batch + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * block, count = std::min(batch, n0 + block) - n0;
+      out.narrow(0, n0, count).copy_(aten_position_sigmoid(s.narrow(0, n0, count), temperature));
+    }
+  });
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(const at::Tensor& grad_y,
-                                                                  const at::Tensor& x,
-                                                                  const at::Tensor& scores,
-                                                                  c10::string_view normalize,
-                                                                  double temperature) {
-  return soft_attention_backward(grad_y, x, scores, normalize, temperature, kCpuSweeps);
-}
-
-at::Tensor soft_attention_pool_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
-                                              double temperature) {
-  return soft_attention_pool_forward(x, scores, temperature, kCpuSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(const at::Tensor& grad_out,
-                                                                       const at::Tensor& x,
-                                                                       const at::Tensor& scores,
-                                                                       double temperature) {
-  return soft_attention_pool_backward(grad_out, x, scores, temperature, kCpuSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward_kernel(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature) {
-  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature, kCpuSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> hard_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
-    c10::string_view estimator, double temperature) {
-  return hard_attention_backward(grad_y, x, scores, mask, estimator, temperature, kCpuSweeps);
-}
+constexpr SpatialAttentionBackend kCpuBackend{scale_cpu,
+                                              scale_backward_cpu,
+                                              pool_cpu,
+                                              top_k_mask_cpu,
+                                              position_sigmoid_cpu,
+                                              position_softmax_cpu,
+                                              position_softmax_backward_cpu,
+                                              /*reads_strided_rows=*/true,
+                                              scale_by_scores_cpu,
+                                              scale_by_scores_backward_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) {
-  m.impl("soft_attention", TORCH_FN(soft_attention_forward_kernel));
-  m.impl("_soft_attention_backward", TORCH_FN(soft_attention_backward_kernel));
-  m.impl("soft_attention_pool", TORCH_FN(soft_attention_pool_forward_kernel));
-  m.impl("_soft_attention_pool_backward", TORCH_FN(soft_attention_pool_backward_kernel));
-  m.impl("hard_attention", TORCH_FN(hard_attention_forward_kernel));
-  m.impl("_hard_attention_backward", TORCH_FN(hard_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) { register_spatial_attention_kernels<kCpuBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

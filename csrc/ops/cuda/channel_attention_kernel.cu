@@ -136,8 +136,8 @@ int64_t choose_splits(int64_t blocks_per_split, int64_t positions, int64_t min_s
   return std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 1024));
 }
 
-ChannelStats reduce_kernel(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
-                           Layout layout) {
+ChannelStats reduce_cuda(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
+                         Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   const int64_t rows = batch * channels;
   ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
@@ -219,9 +219,9 @@ __global__ void apply_kernel(const scalar_t* __restrict__ in, scalar_t* __restri
   }
 }
 
-void apply_kernel_launch(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
-                         const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
-                         Layout layout) {
+void apply_cuda(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
+                const at::Tensor& at_argmax, const at::Tensor& argmax, at::Tensor& out,
+                Layout layout) {
   const int64_t numel = in.numel();
   const int64_t blocks = cuda::grid_size(numel, kThreads);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -252,42 +252,11 @@ void apply_kernel_launch(const at::Tensor& in, const at::Tensor& scale, const at
       });
 }
 
-constexpr ChannelAttentionSweeps kCudaSweeps{reduce_kernel, apply_kernel_launch, blas_matmul};
-
-at::Tensor channel_attention_forward_kernel(
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return channel_attention_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate,
-                                   kCudaSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-channel_attention_backward_kernel(
-    const at::Tensor& grad_y,
-    const at::Tensor& x,
-    const at::Tensor& fc1_weight,
-    const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pool,
-    c10::string_view gate) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return channel_attention_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
-                                    gate, kCudaSweeps);
-}
+constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda, apply_cuda, blas_matmul};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) {
-  m.impl("channel_attention", TORCH_FN(channel_attention_forward_kernel));
-  m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) { register_channel_attention_kernels<kCudaBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

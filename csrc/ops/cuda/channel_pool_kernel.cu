@@ -119,42 +119,29 @@ __global__ void backward_channels_last_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-at::Tensor channel_pool_forward_kernel(const at::Tensor& x) {
-  check_channel_pool_args(x);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const Layout layout = choose_layout(x);
-  at::Tensor out = channel_pool_output_like(x);
-  if (out.numel() == 0) return out;
-  const at::Tensor input = to_layout(x, layout);
+void pool_cuda(const at::Tensor& x, at::Tensor& out, Layout layout) {
   const int64_t channels = x.size(1), positions = num_positions(x);
   const int64_t pixels = x.size(0) * positions;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (layout == Layout::ChannelsFirst) {
           forward_channels_first_kernel<scalar_t, acc_t>
               <<<cuda::grid_size(pixels, kThreads), kThreads, 0, stream>>>(
-                  input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pixels, channels,
+                  x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pixels, channels,
                   positions);
         } else {
           forward_channels_last_kernel<scalar_t, acc_t>
               <<<cuda::grid_size(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(
-                  input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pixels, channels);
+                  x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pixels, channels);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return out;
 }
 
-at::Tensor channel_pool_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_channel_pool_backward_args(grad_out, x);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const Layout layout = choose_layout(x);
-  at::Tensor grad_x = empty_in_layout(x.sym_sizes(), x.options(), layout);
-  if (grad_x.numel() == 0) return grad_x;
-  const at::Tensor input = to_layout(x, layout);
-  const at::Tensor grad = to_layout(grad_out, layout);
+void pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::Tensor& grad_x,
+                        Layout layout) {
   const int64_t channels = x.size(1), positions = num_positions(x);
   const int64_t pixels = x.size(0) * positions;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -164,25 +151,23 @@ at::Tensor channel_pool_backward_kernel(const at::Tensor& grad_out, const at::Te
         if (layout == Layout::ChannelsFirst) {
           backward_channels_first_kernel<scalar_t, acc_t>
               <<<cuda::grid_size(pixels, kThreads), kThreads, 0, stream>>>(
-                  grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                  grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                   grad_x.data_ptr<scalar_t>(), pixels, channels, positions);
         } else {
           backward_channels_last_kernel<scalar_t, acc_t>
               <<<cuda::grid_size(pixels, kWarpsPerBlock), kThreads, 0, stream>>>(
-                  grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                  grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                   grad_x.data_ptr<scalar_t>(), pixels, channels);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return grad_x;
 }
+
+constexpr ChannelPoolBackend kCudaBackend{pool_cuda, pool_backward_cuda};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) {
-  m.impl("channel_pool", TORCH_FN(channel_pool_forward_kernel));
-  m.impl("_channel_pool_backward", TORCH_FN(channel_pool_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) { register_channel_pool_kernels<kCudaBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -274,47 +274,12 @@ at::Tensor position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-const SelfAttentionKernels kCudaKernels{attention_forward_cuda, attention_backward_cuda,
-                                        blas_matmul, position_sum_product_cuda};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_kernel(
-    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return self_attention_forward(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
-                                num_heads, kv_stride, kCudaKernels);
-}
-
-at::Tensor self_attention_kernel(const at::Tensor& x, const at::Tensor& qkv_weight,
-                                 const std::optional<at::Tensor>& qkv_bias,
-                                 const at::Tensor& out_weight,
-                                 const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                                 int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-  return std::get<0>(self_attention_forward_kernel(x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                                   gamma, qk_dim, num_heads, kv_stride));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-self_attention_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x,
-                               const at::Tensor& qkv_weight,
-                               const std::optional<at::Tensor>& qkv_bias,
-                               const at::Tensor& out_weight,
-                               const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                               const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                               int64_t num_heads, int64_t kv_stride) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return self_attention_backward(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma,
-                                 attn, lse, qk_dim, num_heads, kv_stride, kCudaKernels);
-}
+constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda, attention_backward_cuda,
+                                            blas_matmul, position_sum_product_cuda};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) {
-  m.impl("self_attention", TORCH_FN(self_attention_kernel));
-  m.impl("_self_attention_forward", TORCH_FN(self_attention_forward_kernel));
-  m.impl("_self_attention_backward", TORCH_FN(self_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) { register_self_attention_kernels<kCudaBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -166,7 +166,7 @@ __global__ void pool_channels_last_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-void scale_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
+void scale_cuda(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const SweepExtent e = sweep_extent_of(x, weights);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -190,8 +190,8 @@ void scale_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& y,
       });
 }
 
-void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
-                           at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
+void scale_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weights,
+                         at::Tensor& grad_x, at::Tensor& grad_weights, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const SweepExtent e = sweep_extent_of(x, weights);
   const bool pooled = grad.dim() == 2;
@@ -223,7 +223,7 @@ void scale_backward_launch(const at::Tensor& grad, const at::Tensor& x, const at
       });
 }
 
-void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
+void pool_cuda(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out, Layout layout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const SweepExtent e = sweep_extent_of(x, weights);
   const int64_t rows = e.batch * e.channels;
@@ -250,69 +250,20 @@ void pool_launch(const at::Tensor& x, const at::Tensor& weights, at::Tensor& out
 // softmax reduces each row in a tree of float sums, which does not stall on long rows.
 // x and grad arrive dense (copied once if need be); weights of C-channel score maps are
 // stored.
-constexpr SpatialAttentionSweeps kCudaSweeps{scale_launch,
-                                             scale_backward_launch,
-                                             pool_launch,
-                                             top_k_mask_by_kthvalue,
-                                             aten_position_softmax,
-                                             aten_position_softmax_backward,
-                                             /*reads_strided_rows=*/false,
-                                             /*scale_by_scores=*/nullptr,
-                                             /*scale_by_scores_backward=*/nullptr};
-
-at::Tensor soft_attention_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
-                                         c10::string_view normalize, double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return soft_attention_forward(x, scores, normalize, temperature, kCudaSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> soft_attention_backward_kernel(const at::Tensor& grad_y,
-                                                                  const at::Tensor& x,
-                                                                  const at::Tensor& scores,
-                                                                  c10::string_view normalize,
-                                                                  double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return soft_attention_backward(grad_y, x, scores, normalize, temperature, kCudaSweeps);
-}
-
-at::Tensor soft_attention_pool_forward_kernel(const at::Tensor& x, const at::Tensor& scores,
-                                              double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return soft_attention_pool_forward(x, scores, temperature, kCudaSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward_kernel(const at::Tensor& grad_out,
-                                                                       const at::Tensor& x,
-                                                                       const at::Tensor& scores,
-                                                                       double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return soft_attention_pool_backward(grad_out, x, scores, temperature, kCudaSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> hard_attention_forward_kernel(
-    const at::Tensor& x, const at::Tensor& scores, c10::string_view mode, double threshold,
-    int64_t k, c10::string_view estimator, double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return hard_attention_forward(x, scores, mode, threshold, k, estimator, temperature, kCudaSweeps);
-}
-
-std::tuple<at::Tensor, at::Tensor> hard_attention_backward_kernel(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
-    c10::string_view estimator, double temperature) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return hard_attention_backward(grad_y, x, scores, mask, estimator, temperature, kCudaSweeps);
-}
+constexpr SpatialAttentionBackend kCudaBackend{scale_cuda,
+                                               scale_backward_cuda,
+                                               pool_cuda,
+                                               top_k_mask_by_kthvalue,
+                                               aten_position_sigmoid,
+                                               aten_position_softmax,
+                                               aten_position_softmax_backward,
+                                               /*reads_strided_rows=*/false,
+                                               /*scale_by_scores=*/nullptr,
+                                               /*scale_by_scores_backward=*/nullptr};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) {
-  m.impl("soft_attention", TORCH_FN(soft_attention_forward_kernel));
-  m.impl("_soft_attention_backward", TORCH_FN(soft_attention_backward_kernel));
-  m.impl("soft_attention_pool", TORCH_FN(soft_attention_pool_forward_kernel));
-  m.impl("_soft_attention_pool_backward", TORCH_FN(soft_attention_pool_backward_kernel));
-  m.impl("hard_attention", TORCH_FN(hard_attention_forward_kernel));
-  m.impl("_hard_attention_backward", TORCH_FN(hard_attention_backward_kernel));
-}
+TORCH_LIBRARY_IMPL(cnn_attention, CUDA, m) { register_spatial_attention_kernels<kCudaBackend>(m); }
 
 }  // namespace ops
 }  // namespace cnn_attention

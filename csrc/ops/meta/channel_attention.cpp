@@ -18,7 +18,7 @@ at::Tensor channel_attention_forward_meta(
     c10::string_view pool,
     c10::string_view gate) {
   check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
-  return channel_attention_output_like(x);
+  return feature_map_like(x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -33,8 +33,7 @@ channel_attention_backward_meta(
     c10::string_view gate) {
   check_channel_attention_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         pool, gate);
-  return {channel_attention_output_like(x),
-          at::empty_symint(fc1_weight.sym_sizes(), fc1_weight.options()),
+  return {feature_map_like(x), at::empty_symint(fc1_weight.sym_sizes(), fc1_weight.options()),
           at::empty_symint({fc1_weight.sym_size(0)}, fc1_weight.options()),
           at::empty_symint(fc2_weight.sym_sizes(), fc2_weight.options()),
           at::empty_symint({fc2_weight.sym_size(0)}, fc2_weight.options())};

@@ -16,7 +16,7 @@ at::Tensor channel_pool_forward_meta(const at::Tensor& x) {
 
 at::Tensor channel_pool_backward_meta(const at::Tensor& grad_out, const at::Tensor& x) {
   check_channel_pool_backward_args(grad_out, x);
-  return empty_in_layout(x.sym_sizes(), x.options(), choose_layout(x));
+  return feature_map_like(x);
 }
 
 }  // namespace

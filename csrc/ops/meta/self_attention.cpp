@@ -15,7 +15,7 @@ at::Tensor self_attention_meta(const at::Tensor& x, const at::Tensor& qkv_weight
                                int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
   check_self_attention_args(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
                             num_heads, kv_stride);
-  return self_attention_output_like(x);
+  return feature_map_like(x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_meta(
@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward_meta(
     const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
-  return {self_attention_output_like(x), self_attention_attn_like(x, sizes),
+  return {feature_map_like(x), self_attention_attn_like(x, sizes),
           self_attention_lse_like(x, sizes)};
 }
 
@@ -39,7 +39,7 @@ self_attention_backward_meta(const at::Tensor& grad_y, const at::Tensor& x,
   check_self_attention_backward_args(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma,
                                      attn, lse, qk_dim, num_heads, kv_stride);
   const auto options = x.options();
-  return {self_attention_output_like(x),
+  return {feature_map_like(x),
           at::empty_symint(qkv_weight.sym_sizes(), options),
           at::empty_symint({qkv_weight.sym_size(0)}, options),
           at::empty_symint(out_weight.sym_sizes(), options),
