@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, settings
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The operator table (tests/shared/operators.py), shared with the fuzzer and the sanitizer workload.
+sys.path.insert(0, os.path.join(ROOT, "tests", "shared"))
 
 import cnn_attention  # noqa: E402,F401
 

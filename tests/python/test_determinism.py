@@ -8,75 +8,28 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 
-from helpers import DEVICES, assert_bitwise_identical_across_thread_counts, in_layout
+from helpers import DEVICES, assert_bitwise_identical_across_thread_counts
 from models import TinyAllFamiliesCNN
+from operators import OPS, OpInfo
 
-ops = torch.ops.cnn_attention
 SHAPE = (3, 24, 40, 44)  # 1760 positions, 72 rows of channels
-Case = Callable[[Dict[str, torch.Tensor]], torch.Tensor]
-
-
-def _scores(channels: int):
-    return lambda t: torch.randn((SHAPE[0], channels) + SHAPE[2:])
-
-
-def _self_attention_params(qk: int, v: int) -> Dict[str, Callable]:
-    c = SHAPE[1]
-    return {"qkv_weight": lambda t: torch.randn(2 * qk + v, c) / c**0.5, "qkv_bias": lambda t: torch.randn(2 * qk + v),
-            "out_weight": lambda t: torch.randn(c, v) / v**0.5, "out_bias": lambda t: torch.randn(c),
-            "gamma": lambda t: torch.full((1,), 0.7)}
-
-
-# name -> (extra inputs besides x, by name and maker; the call)
-CASES: Dict[str, Tuple[Dict[str, Callable], Case]] = {
-    **{f"channel_attention_{pool}_{gate}": (
-        {"fc1_weight": lambda t: torch.randn(6, SHAPE[1]), "fc1_bias": lambda t: torch.randn(6),
-         "fc2_weight": lambda t: torch.randn(SHAPE[1], 6), "fc2_bias": lambda t: torch.randn(SHAPE[1])},
-        lambda a, pool=pool, gate=gate: ops.channel_attention(
-            a["x"], a["fc1_weight"], a["fc1_bias"], a["fc2_weight"], a["fc2_bias"], pool, gate))
-       for pool, gate in [("avg", "sigmoid"), ("max", "softmax"), ("avgmax", "sigmoid")]},
-    "channel_pool": ({}, lambda a: ops.channel_pool(a["x"])),
-    **{f"soft_attention_{normalize}_{channels}": (
-        {"scores": _scores(channels)},
-        lambda a, normalize=normalize: ops.soft_attention(a["x"], a["scores"], normalize, 0.8))
-       for normalize in ["sigmoid", "softmax"] for channels in [1, SHAPE[1]]},
-    **{f"soft_attention_pool_{channels}": (
-        {"scores": _scores(channels)}, lambda a: ops.soft_attention_pool(a["x"], a["scores"], 0.8))
-       for channels in [1, SHAPE[1]]},
-    **{f"hard_attention_{mode}_{channels}": (
-        {"scores": _scores(channels)},
-        lambda a, mode=mode: ops.hard_attention(a["x"], a["scores"], mode, 0.4, 700, "sigmoid", 1.0)[0])
-       for mode in ["threshold", "topk"] for channels in [1, SHAPE[1]]},
-    # Query/key heads narrower than value heads, as wide (the shape ATen's CPU flash kernel
-    # would take), and keys and values pooled by 2.
-    "self_attention_narrow_heads": (
-        _self_attention_params(8, 24), lambda a: ops.self_attention(*_self_args(a), 8, 2, 1)),
-    "self_attention_equal_heads": (
-        _self_attention_params(24, 24), lambda a: ops.self_attention(*_self_args(a), 24, 2, 1)),
-    "self_attention_kv_stride_2": (
-        _self_attention_params(8, 24), lambda a: ops.self_attention(*_self_args(a), 8, 2, 2)),
+# Every variant of every operator of the operator table, by name.
+CASES: Dict[str, Tuple[OpInfo, dict]] = {
+    f"{op.name}_{variant['id']}": (op, variant) for op in OPS for variant in op.variants if op.applies(SHAPE, variant)
 }
 
 
-def _self_args(a: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-    return [a[name] for name in ["x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"]]
-
-
 def _forward_and_backward(case: str, device: str, dtype: torch.dtype, layout: str) -> Callable[[], List[torch.Tensor]]:
-    """A function returning the output and the gradient of every input, from fixed inputs."""
-    makers, call = CASES[case]
-    torch.manual_seed(11)
-    inputs = {"x": in_layout(torch.randn(SHAPE), layout)}
-    inputs.update({name: make(inputs["x"]) for name, make in makers.items()})
-    if "scores" in inputs:
-        inputs["scores"] = in_layout(inputs["scores"], layout)
-    inputs = {name: t.to(device=device, dtype=dtype) for name, t in inputs.items()}
+    """A function returning the output and the gradient of every differentiable input, from
+    fixed inputs."""
+    op, variant = CASES[case]
+    sample = op.sample(SHAPE, variant, dtype, device, layout, torch.Generator().manual_seed(11))
 
     def run() -> List[torch.Tensor]:
-        leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items()}
-        out = call(leaves)
+        leaves = sample.leaves()
+        out = sample.output(sample.call(leaves))
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
-        grads = torch.autograd.grad(out, list(leaves.values()), grad)
+        grads = torch.autograd.grad(out, sample.inputs_to_differentiate(leaves), grad)
         return [out.detach()] + list(grads)
 
     return run
@@ -118,7 +71,7 @@ def test_cpu_operators_call_no_blas_and_no_aten_softmax(case):
     # The profile sees the operators and the ATen calls inside them (their allocations).
     assert any(name.startswith("cnn_attention::") for name in called) and "aten::empty" in called
     assert not called & BLAS_OPS, sorted(called & BLAS_OPS)
-    if not case.startswith("channel_attention"):
+    if not CASES[case][0].aten_softmax_over_channels:
         assert not called & SOFTMAX_OPS, sorted(called & SOFTMAX_OPS)
 
 

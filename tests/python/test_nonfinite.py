@@ -8,31 +8,21 @@ import zlib
 import pytest
 import torch
 
-from helpers import (
-    DEVICES,
-    channel_attention_reference,
-    channel_pool_reference,
-    float64_leaves,
-    grads_of,
-    hard_attention_backward_reference,
-    hard_attention_reference,
-    self_attention_reference,
-    soft_attention_pool_reference,
-    soft_attention_reference,
-)
+from helpers import DEVICES, hard_attention_reference, soft_attention_reference
+from operators import BY_NAME, OPS, Sample
 
 ops = torch.ops.cnn_attention
 VALUES = [float("nan"), float("inf"), -float("inf")]
 DTYPES = [torch.float64, torch.float32]
 
 
-def poisoned(shape, value: float, count: int, device, dtype, generator: torch.Generator) -> torch.Tensor:
-    """Random values with `count` elements at random places set to `value`."""
-    t = torch.randn(shape, generator=generator, dtype=torch.float64)
+def poison(t: torch.Tensor, value: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """A copy of `t` with `count` elements at random places set to `value`."""
+    t = t.clone()
     if t.numel():
         where = torch.randperm(t.numel(), generator=generator)[:count]
-        t.view(-1)[where] = value
-    return t.to(device=device, dtype=dtype)
+        t.view(-1)[where.to(t.device)] = value
+    return t
 
 
 def assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -54,132 +44,92 @@ def assert_nonfinite_where_reference_is(actual: torch.Tensor, expected: torch.Te
     torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5, msg=what)
 
 
-def check_forward_and_backward(op, reference, inputs, differentiable, what: str, factored=()) -> None:
-    """op(*inputs) against reference(*float64 copies), and the gradients of the inputs at
-    `differentiable` (indices), NaN/inf positions included; for those in `factored`, see
+def check_forward_and_backward(sample: Sample, tensors, what: str, factored=()) -> None:
+    """The sample's call on `tensors` against its float64 reference, and the gradient of every
+    differentiable input, NaN/inf positions included; for the inputs named in `factored`, see
     assert_nonfinite_where_reference_is."""
-    leaves = [t.detach().clone().requires_grad_(i in differentiable) if t is not None else None
-              for i, t in enumerate(inputs)]
-    ref_leaves = float64_leaves(inputs)
-    out, expected = op(*leaves), reference(*ref_leaves)
+    op = sample.op
+    leaves = {name: None if t is None else t.detach().clone().requires_grad_(name in op.differentiable)
+              for name, t in tensors.items()}
+    ref_leaves = {name: None if t is None else t.detach().double().requires_grad_(name in op.differentiable)
+                  for name, t in tensors.items()}
+    out, expected = sample.output(sample.call(leaves)), sample.reference(ref_leaves)
     assert_same_values(out, expected, f"{what}: forward")
     grad = torch.randn(out.shape, dtype=torch.float64).to(out)
-    got = grads_of(out, grad, [leaves[i] for i in differentiable])
-    want = grads_of(expected, grad.double(), [ref_leaves[i] for i in differentiable])
-    for index, a, b in zip(differentiable, got, want):
-        check = assert_nonfinite_where_reference_is if index in factored else assert_same_values
-        check(a, b, f"{what}: gradient of input {index}")
+    got = torch.autograd.grad(out, sample.inputs_to_differentiate(leaves), grad)
+    want = torch.autograd.grad(expected, sample.inputs_to_differentiate(ref_leaves), grad.double())
+    names = [name for name in op.differentiable if tensors.get(name) is not None]
+    for name, a, b in zip(names, got, want):
+        check = assert_nonfinite_where_reference_is if name in factored else assert_same_values
+        check(a, b, f"{what}: gradient of {name}")
+
+
+SHAPE = (3, 6, 5, 7)
+CASES = [(op, variant, target) for op in OPS for variant in op.variants if op.applies(SHAPE, variant)
+         for target in op.poison_targets]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
-@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
-@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("target", ["x", "fc1_weight"])
-def test_channel_attention(device, dtype, value, pool, gate, target):
+@pytest.mark.parametrize("op,variant,target", CASES,
+                         ids=[f"{op.name}-{variant['id']}-{target}" for op, variant, target in CASES])
+def test_operator(device, dtype, value, op, variant, target):
+    """Every variant of every operator of the operator table, with non-finite values in each
+    input the table names: the forward and every gradient against the float64 reference."""
+    what = f"{op.name} {variant['id']} {value} in {target}"
     # A seed that is the same in every process (str hashes are salted per process).
-    g = torch.Generator().manual_seed(zlib.crc32(f"{pool} {gate} {target} {value}".encode()))
-    shape = {"x": (3, 6, 5, 7), "fc1_weight": (3, 6), "fc1_bias": (3,), "fc2_weight": (6, 3), "fc2_bias": (6,)}
-    inputs = {name: poisoned(s, value, 2 if name == target else 0, device, dtype, g) for name, s in shape.items()}
-    check_forward_and_backward(
-        lambda *a: ops.channel_attention(*a, pool, gate),
-        lambda *a: channel_attention_reference(*a, pool, gate),
-        list(inputs.values()), [0, 1, 2, 3, 4], f"channel_attention {pool} {gate} {value} in {target}")
+    g = torch.Generator().manual_seed(zlib.crc32(what.encode()))
+    sample = op.sample(SHAPE, variant, dtype, device, "contiguous", g)
+    tensors = dict(sample.tensors)
+    tensors[target] = poison(tensors[target], value, op.poison_count, g)
+    factored = op.factored_gradients.get(target, ()) if math.isinf(value) else ()
+    check_forward_and_backward(sample, tensors, what, factored)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
-def test_channel_pool(device, dtype, value):
+def test_channel_pool_meets_both_infinities_at_one_position(device, dtype, value):
     g = torch.Generator().manual_seed(1)
-    # Several poisoned elements, some sharing a position: max and mean over channels meet
-    # NaN and infinities of both signs together.
-    x = poisoned((2, 5, 6, 7), value, 12, device, dtype, g)
+    sample = BY_NAME["channel_pool"].sample((2, 5, 6, 7), {"id": "mean_max"}, dtype, device, "contiguous", g)
+    x = poison(sample.tensors["x"], value, 12, g)
     x[0, 1:3, 2, 2] = torch.tensor([math.inf, -math.inf], dtype=dtype)
-    check_forward_and_backward(ops.channel_pool, channel_pool_reference, [x], [0], f"channel_pool {value}")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("value", VALUES)
-@pytest.mark.parametrize("normalize", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("score_channels", [1, 4])
-@pytest.mark.parametrize("target", ["x", "scores"])
-def test_soft_attention(device, dtype, value, normalize, score_channels, target):
-    g = torch.Generator().manual_seed(2)
-    x = poisoned((3, 4, 5, 6), value, 2 if target == "x" else 0, device, dtype, g)
-    scores = poisoned((3, score_channels, 5, 6), value, 2 if target == "scores" else 0, device, dtype, g)
-    check_forward_and_backward(
-        lambda *a: ops.soft_attention(*a, normalize, 0.7),
-        lambda *a: soft_attention_reference(*a, normalize, 0.7),
-        [x, scores], [0, 1], f"soft_attention {normalize} {value} in {target}")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("value", VALUES)
-@pytest.mark.parametrize("score_channels", [1, 4])
-@pytest.mark.parametrize("target", ["x", "scores"])
-def test_soft_attention_pool(device, dtype, value, score_channels, target):
-    g = torch.Generator().manual_seed(3)
-    x = poisoned((3, 4, 5, 6), value, 2 if target == "x" else 0, device, dtype, g)
-    scores = poisoned((3, score_channels, 5, 6), value, 2 if target == "scores" else 0, device, dtype, g)
-    check_forward_and_backward(
-        lambda *a: ops.soft_attention_pool(*a, 1.5),
-        lambda *a: soft_attention_pool_reference(*a, 1.5),
-        [x, scores], [0, 1], f"soft_attention_pool {value} in {target}")
+    check_forward_and_backward(sample, {"x": x}, f"channel_pool {value}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
-@pytest.mark.parametrize("estimator", ["sigmoid", "identity"])
 @pytest.mark.parametrize("target", ["x", "scores"])
-def test_hard_attention(device, dtype, value, mode, estimator, target):
+def test_hard_attention_mask(device, dtype, value, mode, target):
+    """The 0/1 mask (the second result) of poisoned inputs equals the reference's."""
     g = torch.Generator().manual_seed(4)
-    x = poisoned((3, 4, 5, 6), value, 6 if target == "x" else 0, device, dtype, g)
-    scores = poisoned((3, 1, 5, 6), value, 6 if target == "scores" else 0, device, dtype, g)
-    x.requires_grad_(True)
-    scores.requires_grad_(True)
-    y, mask = ops.hard_attention(x, scores, mode, 0.5, 7, estimator, 1.0)
-    y_ref, mask_ref = hard_attention_reference(x.detach(), scores.detach(), mode, 0.5, 7)
-    what = f"hard_attention {mode} {value} in {target}"
-    assert torch.equal(mask.double(), mask_ref), f"{what}: mask"
-    # A NaN or infinite x at a dropped position gives NaN, as x * 0 does.
-    assert_same_values(y, y_ref, f"{what}: forward")
-    grad_y = torch.randn(y.shape, dtype=torch.float64).to(y)
-    grad_x, grad_scores = torch.autograd.grad(y, [x, scores], grad_y)
-    want_x, want_scores = hard_attention_backward_reference(grad_y, x.detach(), scores.detach(), mask_ref, estimator)
-    assert_same_values(grad_x, want_x, f"{what}: gradient of x")
-    assert_same_values(grad_scores, want_scores, f"{what}: gradient of scores")
+    variant = {"id": mode, "mode": mode, "estimator": "sigmoid", "score_channels": "one", "k_fraction": 0.25}
+    sample = BY_NAME["hard_attention"].sample((3, 4, 5, 6), variant, dtype, device, "contiguous", g)
+    tensors = dict(sample.tensors)
+    tensors[target] = poison(tensors[target], value, 6, g)
+    _, mask = sample.call(tensors)
+    options = sample.options
+    _, mask_ref = hard_attention_reference(tensors["x"], tensors["scores"], options["mode"], options["threshold"],
+                                           options["k"], options["temperature"])
+    assert torch.equal(mask.double(), mask_ref), f"hard_attention {mode} {value} in {target}: mask"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("kv_stride", [1, 2])
-@pytest.mark.parametrize("target", ["x", "qkv_weight", "query_rows", "gamma"])
-def test_self_attention(device, dtype, value, kv_stride, target):
+def test_self_attention_non_finite_query_rows(device, dtype, value, kv_stride):
+    """Only the scores are non-finite (the values finite): the softmax itself must give NaN."""
     g = torch.Generator().manual_seed(5)
-    c, qk, v = 6, 4, 6
-    shapes = {"x": (2, c, 5, 7), "qkv_weight": (2 * qk + v, c), "qkv_bias": (2 * qk + v,),
-              "out_weight": (c, v), "out_bias": (c,), "gamma": (1,)}
-    # One poisoned element: it reaches every row of its sample through the keys (or every
-    # position through gamma or the weights), as in the eager composition.
-    inputs = {name: poisoned(s, value, 1 if name == target else 0, device, dtype, g) for name, s in shapes.items()}
-    if target == "query_rows":
-        # Only the scores are non-finite (values finite): the softmax itself must give NaN.
-        inputs["qkv_weight"][1, 2] = value
-    # An infinite gamma: the operator takes gamma out of the sums over positions that give the
-    # out_weight and out_bias gradients (gamma * sum(grad_y * heads)), so where eager's
-    # sum(gamma * grad_y * heads) meets +inf and -inf terms (NaN) it gives an infinity.
-    factored = (3, 4) if target == "gamma" and math.isinf(value) else ()
-    check_forward_and_backward(
-        lambda *a: ops.self_attention(*a, qk, 2, kv_stride),
-        lambda *a: self_attention_reference(*a, qk, 2, kv_stride),
-        list(inputs.values()), [0, 1, 2, 3, 4, 5], f"self_attention {value} in {target}", factored)
+    variant = {"id": "odd_heads", "qk": 4, "v": 6, "heads": 2, "kv_stride": kv_stride}
+    sample = BY_NAME["self_attention"].sample(SHAPE, variant, dtype, device, "contiguous", g)
+    tensors = dict(sample.tensors)
+    tensors["qkv_weight"] = tensors["qkv_weight"].clone()
+    tensors["qkv_weight"][1, 2] = value  # row 1 is a query row
+    check_forward_and_backward(sample, tensors, f"self_attention {value} in a query row")
 
 
 @pytest.mark.parametrize("device", DEVICES)

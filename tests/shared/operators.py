@@ -1,0 +1,300 @@
+"""The operator table: every public operator of cnn_attention described once for the tests, in
+the spirit of PyTorch's OpInfo. An entry gives the operator's tensor arguments for a shape of
+x (their shapes, and which are feature maps laid out like x), its variants (sets of options),
+its float64 reference, which arguments are differentiable, and which inputs a test may poison.
+The suites (determinism, non-finite values, the sanitizer workload, ...) iterate over OPS:
+adding an operator's tests is one entry here plus its reference in tests/python/helpers.py.
+
+    for op in OPS:
+        for sample in op.samples((2, 5, 7, 9), torch.float32, "cpu", "channels_last", generator):
+            y = sample.output(sample.call())
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import helpers
+
+Shape = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One call of an operator: its tensors and options by schema name."""
+
+    op: "OpInfo"
+    name: str
+    tensors: Dict[str, Optional[Tensor]]
+    options: Dict[str, object]
+
+    def args(self, tensors: Optional[Dict[str, Optional[Tensor]]] = None) -> List[object]:
+        """The arguments in schema order, with `tensors` (default: the sample's own)."""
+        tensors = self.tensors if tensors is None else tensors
+        return [tensors[name] if name in tensors else self.options[name] for name in self.op.arguments]
+
+    def call(self, tensors: Optional[Dict[str, Optional[Tensor]]] = None):
+        return getattr(torch.ops.cnn_attention, self.op.name)(*self.args(tensors))
+
+    def reference(self, tensors: Dict[str, Optional[Tensor]]) -> Tensor:
+        """The float64 reference of the differentiable output, from float64 `tensors`."""
+        return self.op.reference(*self.args(tensors))
+
+    def output(self, result) -> Tensor:
+        """The differentiable output of a call's result."""
+        return result if self.op.output_index is None else result[self.op.output_index]
+
+    def leaves(self, requires_grad: bool = True) -> Dict[str, Optional[Tensor]]:
+        """Fresh copies of the tensors with the same strides, the differentiable ones requiring
+        grad when `requires_grad`."""
+        return {name: None if t is None else same_strides_copy(t).requires_grad_(
+            requires_grad and name in self.op.differentiable) for name, t in self.tensors.items()}
+
+
+    def inputs_to_differentiate(self, tensors: Dict[str, Optional[Tensor]]) -> List[Tensor]:
+        """The differentiable tensors among `tensors` (absent optional ones left out), in schema order."""
+        return [tensors[name] for name in self.op.differentiable if tensors.get(name) is not None]
+
+
+def same_strides_copy(t: Tensor) -> Tensor:
+    """A copy of `t` stored with t's strides (an expanded, stride-0 view becomes dense)."""
+    if 0 in t.stride():
+        return t.detach().clone()
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    # Every argument name, in schema order.
+    arguments: Tuple[str, ...]
+    # shape of x and a variant -> {tensor name: shape}; feature maps (laid out like x) are the
+    # names in `feature_maps`.
+    tensor_shapes: Callable[[Shape, Dict[str, object]], Dict[str, Optional[Shape]]]
+    # The variants: option sets, each with an "id"; options may depend on the shape (see resolve).
+    variants: Tuple[Dict[str, object], ...]
+    reference: Callable[..., Tensor]
+    differentiable: Tuple[str, ...]
+    feature_maps: Tuple[str, ...] = ("x",)
+    # Which element of a tuple result is the differentiable output (None: the result itself).
+    output_index: Optional[int] = None
+    # The inputs a non-finite value test poisons, and how many of their elements.
+    poison_targets: Tuple[str, ...] = ("x",)
+    poison_count: int = 2
+    # Poisoned input -> gradients in which an infinity may stand for the reference's NaN when the
+    # poison is infinite (the operator factors the input out of a sum whose +inf and -inf terms
+    # give eager NaN).
+    factored_gradients: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    # shape, variant -> the schema's options (e.g. k from a fraction of the positions).
+    resolve: Callable[[Shape, Dict[str, object]], Dict[str, object]] = lambda shape, variant: {
+        k: v for k, v in variant.items() if k != "id"
+    }
+    # shape, variant -> whether the variant can run on that shape.
+    applies: Callable[[Shape, Dict[str, object]], bool] = lambda shape, variant: True
+    # Whether the operator computes a softmax over a row as short as C with ATen's softmax
+    # (channel attention's softmax gate); any other softmax must be the operator's own kernel.
+    aten_softmax_over_channels: bool = False
+    # Scale of every parameter tensor (weights, biases): name -> factor on randn, from x's shape.
+    parameter_scale: Callable[[str, Shape, Dict[str, object]], float] = lambda name, shape, variant: 1.0
+
+    def sample(self, shape: Shape, variant: Dict[str, object], dtype: torch.dtype, device, layout: str,
+               generator: Optional[torch.Generator] = None) -> Sample:
+        """The sample for one variant: random values (float64 drawn, then cast), feature maps in
+        `layout` (helpers.in_layout), parameters contiguous."""
+        tensors: Dict[str, Optional[Tensor]] = {}
+        for name, tensor_shape in self.tensor_shapes(shape, variant).items():
+            if tensor_shape is None:
+                tensors[name] = None
+                continue
+            values = torch.randn(tensor_shape, generator=generator, dtype=torch.float64)
+            if name not in self.feature_maps:
+                values = values * self.parameter_scale(name, shape, variant)
+            t = values.to(device=device, dtype=dtype)
+            tensors[name] = helpers.in_layout(t, layout) if name in self.feature_maps else t
+        return Sample(self, f"{self.name}_{variant['id']}", tensors, self.resolve(shape, variant))
+
+    def samples(self, shape: Shape, dtype: torch.dtype, device, layout: str,
+                generator: Optional[torch.Generator] = None) -> List[Sample]:
+        return [self.sample(shape, v, dtype, device, layout, generator) for v in self.variants if self.applies(shape, v)]
+
+
+def _positions(shape: Shape) -> int:
+    return math.prod(shape[2:])
+
+
+def _score_channels(shape: Shape, variant) -> int:
+    return 1 if variant["score_channels"] == "one" else shape[1]
+
+
+def _hidden(channels: int) -> int:
+    return max(1, (channels + 3) // 4)
+
+
+def _fan_in_scale(name: str, fan_in: int) -> float:
+    return 1.0 if name.endswith("bias") or name == "gamma" else 1.0 / math.sqrt(max(1, fan_in))
+
+
+def _channel_attention_shapes(shape, variant):
+    c, r = shape[1], _hidden(shape[1])
+    bias = variant.get("bias", True)
+    return {"x": shape, "fc1_weight": (r, c), "fc1_bias": (r,) if bias else None, "fc2_weight": (c, r),
+            "fc2_bias": (c,) if bias else None}
+
+
+def _scores_shapes(shape, variant):
+    return {"x": shape, "scores": (shape[0], _score_channels(shape, variant)) + tuple(shape[2:])}
+
+
+def _self_attention_dims(shape, variant) -> Tuple[int, int]:
+    return variant["qk"], shape[1] if variant["v"] == "C" else variant["v"]
+
+
+def _self_attention_shapes(shape, variant):
+    c = shape[1]
+    qk, v = _self_attention_dims(shape, variant)
+    return {"x": shape, "qkv_weight": (2 * qk + v, c), "qkv_bias": (2 * qk + v,), "out_weight": (c, v),
+            "out_bias": (c,), "gamma": (1,)}
+
+
+def _self_attention_scale(name, shape, variant):
+    qk, v = _self_attention_dims(shape, variant)
+    return _fan_in_scale(name, v if name == "out_weight" else shape[1])
+
+
+def _hard_attention_options(shape, variant):
+    k = max(1, round(_positions(shape) * variant["k_fraction"]))
+    return {"mode": variant["mode"], "threshold": 0.5, "k": min(k, max(1, _positions(shape))),
+            "estimator": variant["estimator"], "temperature": 1.0}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """y = x * mask with hard_attention's straight-through gradients (float64)."""
+
+    @staticmethod
+    def forward(ctx, x, scores, mask, estimator, temperature):
+        ctx.save_for_backward(x, scores, mask)
+        ctx.estimator, ctx.temperature = estimator, temperature
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scores, mask = ctx.saved_tensors
+        grad_x, grad_scores = helpers.hard_attention_backward_reference(
+            grad_y, x, scores, mask, ctx.estimator, ctx.temperature)
+        return grad_x, grad_scores, None, None, None
+
+
+def _hard_attention_reference(x, scores, mode, threshold, k, estimator, temperature):
+    _, mask = helpers.hard_attention_reference(x.detach(), scores.detach(), mode, threshold, k, temperature)
+    return _StraightThrough.apply(x, scores, mask, estimator, temperature)
+
+
+OPS: Tuple[OpInfo, ...] = (
+    OpInfo(
+        name="channel_attention",
+        arguments=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pool", "gate"),
+        tensor_shapes=_channel_attention_shapes,
+        variants=tuple({"id": f"{pool}_{gate}", "pool": pool, "gate": gate}
+                       for pool in ("avg", "max", "avgmax") for gate in ("sigmoid", "softmax"))
+        + ({"id": "avgmax_sigmoid_no_bias", "pool": "avgmax", "gate": "sigmoid", "bias": False},),
+        reference=helpers.channel_attention_reference,
+        differentiable=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
+        poison_targets=("x", "fc1_weight"),
+        resolve=lambda shape, variant: {"pool": variant["pool"], "gate": variant["gate"]},
+        aten_softmax_over_channels=True,
+        parameter_scale=lambda name, shape, variant: _fan_in_scale(
+            name, shape[1] if name == "fc1_weight" else _hidden(shape[1])),
+    ),
+    OpInfo(
+        name="channel_pool",
+        arguments=("x",),
+        tensor_shapes=lambda shape, variant: {"x": shape},
+        variants=({"id": "mean_max"},),
+        reference=helpers.channel_pool_reference,
+        differentiable=("x",),
+        # Several poisoned elements, some sharing a position: the mean and the max over channels
+        # meet NaN and infinities together.
+        poison_count=12,
+    ),
+    OpInfo(
+        name="soft_attention",
+        arguments=("x", "scores", "normalize", "temperature"),
+        tensor_shapes=_scores_shapes,
+        variants=tuple({"id": f"{normalize}_{channels}", "normalize": normalize, "score_channels": channels}
+                       for normalize in ("sigmoid", "softmax") for channels in ("one", "all")),
+        reference=helpers.soft_attention_reference,
+        differentiable=("x", "scores"),
+        feature_maps=("x", "scores"),
+        poison_targets=("x", "scores"),
+        resolve=lambda shape, variant: {"normalize": variant["normalize"], "temperature": 0.7},
+    ),
+    OpInfo(
+        name="soft_attention_pool",
+        arguments=("x", "scores", "temperature"),
+        tensor_shapes=_scores_shapes,
+        variants=tuple({"id": channels, "score_channels": channels} for channels in ("one", "all")),
+        reference=helpers.soft_attention_pool_reference,
+        differentiable=("x", "scores"),
+        feature_maps=("x", "scores"),
+        poison_targets=("x", "scores"),
+        resolve=lambda shape, variant: {"temperature": 1.3},
+    ),
+    OpInfo(
+        name="hard_attention",
+        arguments=("x", "scores", "mode", "threshold", "k", "estimator", "temperature"),
+        tensor_shapes=_scores_shapes,
+        variants=tuple({"id": f"{mode}_{estimator}_{channels}", "mode": mode, "estimator": estimator,
+                        "score_channels": channels, "k_fraction": 0.4}
+                       for mode in ("threshold", "topk") for estimator in ("sigmoid", "identity")
+                       for channels in ("one", "all")),
+        reference=_hard_attention_reference,
+        differentiable=("x", "scores"),
+        feature_maps=("x", "scores"),
+        output_index=0,
+        poison_targets=("x", "scores"),
+        poison_count=6,
+        resolve=_hard_attention_options,
+        applies=lambda shape, variant: variant["mode"] != "topk" or _positions(shape) > 0,
+    ),
+    OpInfo(
+        name="self_attention",
+        arguments=("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma", "qk_dim", "num_heads",
+                   "kv_stride"),
+        tensor_shapes=_self_attention_shapes,
+        # Query/key heads narrower than value heads, as wide, one head of width 2, heads whose
+        # widths are multiples of 8 (torch's memory-efficient kernel on CUDA) and not, keys and
+        # values pooled by 2.
+        variants=(
+            {"id": "narrow_heads", "qk": 8, "v": 24, "heads": 2, "kv_stride": 1},
+            {"id": "equal_heads", "qk": 24, "v": 24, "heads": 2, "kv_stride": 1},
+            {"id": "narrow_heads_kv_stride_2", "qk": 8, "v": 24, "heads": 2, "kv_stride": 2},
+            {"id": "heads_of_8", "qk": 16, "v": 16, "heads": 2, "kv_stride": 1},
+            {"id": "one_head_of_2", "qk": 2, "v": "C", "heads": 1, "kv_stride": 1},
+            {"id": "odd_heads", "qk": 4, "v": 6, "heads": 2, "kv_stride": 1},
+            {"id": "odd_heads_kv_stride_2", "qk": 4, "v": 6, "heads": 2, "kv_stride": 2},
+        ),
+        reference=helpers.self_attention_reference,
+        differentiable=("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"),
+        # One poisoned element reaches every row of its sample through the keys, or every
+        # position through gamma or the weights.
+        poison_targets=("x", "qkv_weight", "gamma"),
+        poison_count=1,
+        # The operator takes gamma out of the sums over positions that give the out_weight and
+        # out_bias gradients (gamma * sum(grad_y * heads)).
+        factored_gradients={"gamma": ("out_weight", "out_bias")},
+        resolve=lambda shape, variant: {"qk_dim": variant["qk"], "num_heads": variant["heads"],
+                                        "kv_stride": variant["kv_stride"]},
+        applies=lambda shape, variant: variant["kv_stride"] <= min(shape[2:], default=1),
+        parameter_scale=_self_attention_scale,
+    ),
+)
+
+BY_NAME: Dict[str, OpInfo] = {op.name: op for op in OPS}
+
+
+def all_samples(shape: Shape, dtype: torch.dtype, device, layout: str,
+                generator: Optional[torch.Generator] = None, ops: Sequence[OpInfo] = OPS) -> List[Sample]:
+    return [sample for op in ops for sample in op.samples(shape, dtype, device, layout, generator)]
