@@ -1,5 +1,3 @@
-import itertools
-
 import pytest
 import torch
 from helpers import (
@@ -80,43 +78,6 @@ def test_channels_last_vector_lanes_and_block_tails(device, dtype, channels, poo
     wanted = grads_of(expected, grad.double(), ref_inputs)
     for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
         assert_close(a, w, dtype, scale=1.0 if name == "x" else 4.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pool,gate", list(itertools.product(POOLS, GATES)))
-@pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck(device, pool, gate, bias):
-    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
-    params = [
-        None if p is None else p.requires_grad_(True)
-        for p in make_params(6, 3, torch.float64, device, bias=bias)
-    ]
-    assert torch.autograd.gradcheck(lambda *a: op(*a, pool, gate), (x, *params))
-
-
-# opcheck samples: every dtype the kernels dispatch on x every layout x every spatial rank,
-# cycling through the pool / gate combinations.
-OPCHECK_SAMPLES = [
-    (dtype, layout, spatial, *list(itertools.product(POOLS, GATES))[i % 6])
-    for i, (dtype, layout, spatial) in enumerate(
-        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
-    )
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,pool,gate", OPCHECK_SAMPLES)
-def test_opcheck(device, dtype, layout, spatial, pool, gate):
-    x = in_layout(torch.randn((2, 8) + spatial, device=device).to(dtype), layout).requires_grad_(True)
-    params = [p.requires_grad_(True) for p in make_params(8, 4, dtype, device)]
-    torch.library.opcheck(op, (x, *params, pool, gate))
-    # The backward operator too (its own schema and fake kernel).
-    grad = torch.randn((2, 8) + spatial, device=device).to(dtype)
-    torch.library.opcheck(
-        torch.ops.cnn_attention._channel_attention_backward,
-        (grad, x.detach(), *[p.detach() for p in params], pool, gate),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,27 +39,6 @@ def test_forward_and_backward_match_float64_reference(device, dtype, layout, spa
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("spatial", [(4,), (3, 4), (2, 3, 2)])
-def test_gradcheck(device, spatial):
-    x = torch.randn((2, 5) + spatial, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(op, (x,))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spatial", [(6,), (5, 4), (2, 3, 4)])
-def test_opcheck(device, dtype, layout, spatial):
-    x = in_layout(torch.randn((2, 6) + spatial, device=device).to(dtype), layout).requires_grad_(True)
-    torch.library.opcheck(op, (x,))
-    torch.library.opcheck(
-        torch.ops.cnn_attention._channel_pool_backward,
-        (torch.randn((2, 2) + spatial, device=device).to(dtype), x.detach()),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_ties_send_max_gradient_to_first_channel(device):
     x = torch.zeros(1, 4, 3, device=device, dtype=torch.float64, requires_grad=True)
     y = op(x)

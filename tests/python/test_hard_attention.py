@@ -31,7 +31,6 @@ CONFIGS = [
 ]
 
 
-
 def check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype):
     leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
     y, mask = op(*leaves, mode, threshold, k, estimator, temperature)
@@ -205,29 +204,6 @@ def test_autocast(device, mode):
     y_ref, mask_ref = hard_attention_reference(x.to(dtype), scores.to(dtype), mode, 0.5, 5)
     torch.testing.assert_close(mask.double(), mask_ref, rtol=0, atol=0)
     torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=0)
-
-
-OPCHECK_SAMPLES = [
-    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(
-        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
-    )
-][::2]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", OPCHECK_SAMPLES)
-def test_opcheck(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = feature_map_and_scores((2, 4) + spatial, score_channels, dtype, device, layout)
-    args = (x.requires_grad_(True), scores.requires_grad_(True), mode, threshold, k, estimator, temperature)
-    torch.library.opcheck(op, args)
-    _, mask = op(*args)
-    grad = in_layout(torch.randn((2, 4) + spatial, device=device).to(dtype), layout)
-    torch.library.opcheck(
-        backward_op,
-        (grad, x.detach(), scores.detach(), mask, estimator, temperature),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
 
 
 # ---- bad input ----

@@ -1,10 +1,9 @@
 """self_attention: the operator against the float64 reference of docs/design.md section 1 (every
-dtype, layout, spatial rank, head count, key/value stride, with and without biases),
-gradcheck, opcheck, memory linear in P, determinism, NaN, bad inputs, the SelfAttention
-module under torch.compile and TorchScript's functional API (the model-level runtime tests,
-TorchScript in a fresh process and torch.export included, are in test_runtimes.py)."""
-
-import itertools
+dtype, layout, spatial rank, head count, key/value stride, with and without biases), memory
+linear in P, determinism, NaN, bad inputs, the SelfAttention module under torch.compile and
+TorchScript's functional API (the model-level runtime tests, TorchScript in a fresh process and
+torch.export included, are in test_runtimes.py; gradcheck and opcheck in test_operators.py, from
+the operator table)."""
 
 import pytest
 import torch
@@ -189,45 +188,6 @@ def test_many_positions_match_reference(device, dtype, shape, layout, num_heads,
     # at the end whatever the block size; the softmax runs over up to 2003 keys.
     x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
     check_against_reference(x, make_params(8, 4, 8, dtype, device), 4, num_heads, kv_stride, dtype, scale=scale)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "spatial,num_heads,kv_stride",
-    [((7,), 1, 1), ((7,), 2, 2), ((3, 5), 2, 1), ((3, 5), 1, 2), ((3, 4, 5), 2, 2), ((3, 3, 3), 1, 1)],
-)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_gradcheck(device, spatial, num_heads, kv_stride, bias):
-    # Random inputs: max pooling (kv_stride > 1) is not differentiable where a window ties.
-    x = torch.randn((2, 4) + spatial, dtype=torch.float64, device=device, requires_grad=True)
-    params = [None if p is None else p.requires_grad_(True)
-              for p in make_params(4, 2, 4, torch.float64, device, bias=bias)]
-    assert torch.autograd.gradcheck(lambda *a: op(*a, 2, num_heads, kv_stride), (x, *params))
-
-
-OPCHECK_CONFIGS = list(itertools.product(HEADS, [1, 2], [True, False]))
-OPCHECK_SAMPLES = [
-    (dtype, layout, spatial, *OPCHECK_CONFIGS[i % len(OPCHECK_CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(
-        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(7,), (5, 3), (3, 2, 5)])
-    )
-][::2]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,num_heads,kv_stride,bias", OPCHECK_SAMPLES)
-def test_opcheck(device, dtype, layout, spatial, num_heads, kv_stride, bias):
-    x = in_layout(torch.randn((2, 6) + spatial, device=device).to(dtype), layout)
-    params = make_params(6, 4, 6, dtype, device, bias=bias)
-    leaves = [None if t is None else t.requires_grad_(True) for t in [x, *params]]
-    torch.library.opcheck(op, (*leaves, 4, num_heads, kv_stride))
-    plain = [None if t is None else t.detach() for t in leaves]
-    args = (*plain, 4, num_heads, kv_stride)
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(forward_op, args, test_utils=utils)
-    y, attn, lse = forward_op(*args)
-    grad = in_layout(torch.randn(x.shape, device=device).to(dtype), layout)
-    torch.library.opcheck(backward_op, (grad, *plain, attn, lse, 4, num_heads, kv_stride), test_utils=utils)
 
 
 def test_private_forward_returns_the_saved_tensors():

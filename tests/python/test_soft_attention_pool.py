@@ -24,7 +24,6 @@ TEMPERATURES = [1.0, 0.5]
 CONFIGS = list(itertools.product(["one", "all"], TEMPERATURES))
 
 
-
 def check_against_reference(x, scores, temperature, dtype, scale=1.0):
     leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
     out = op(*leaves, temperature)
@@ -85,36 +84,6 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
     # positions (shared scores): full vectors, partial blocks and scalar tails.
     x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
     check_against_reference(x, scores, 1.0, dtype, scale=2.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("score_channels,temperature", CONFIGS)
-@pytest.mark.parametrize("spatial", [(5,), (3, 4), (2, 3, 2)])
-def test_gradcheck(device, score_channels, temperature, spatial):
-    x, scores = feature_map_and_scores((2, 3) + spatial, score_channels, torch.float64, device, "contiguous")
-    x.requires_grad_(True)
-    scores.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: op(a, b, temperature), (x, scores))
-
-
-OPCHECK_SAMPLES = [
-    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(
-        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)])
-    )
-][::2]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", OPCHECK_SAMPLES)
-def test_opcheck(device, dtype, layout, spatial, score_channels, temperature):
-    x, scores = feature_map_and_scores((2, 4) + spatial, score_channels, dtype, device, layout)
-    torch.library.opcheck(op, (x.requires_grad_(True), scores.requires_grad_(True), temperature))
-    torch.library.opcheck(
-        backward_op,
-        (torch.randn(2, 4, device=device).to(dtype), x.detach(), scores.detach(), temperature),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

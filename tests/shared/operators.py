@@ -97,6 +97,12 @@ class OpInfo:
     # Whether the operator computes a softmax over a row as short as C with ATen's softmax
     # (channel attention's softmax gate); any other softmax must be the operator's own kernel.
     aten_softmax_over_channels: bool = False
+    # Whether torch.autograd.gradcheck applies (hard attention's straight-through gradient is
+    # not the derivative of its 0/1 mask).
+    gradcheck: bool = True
+    # sample, the gradient of the differentiable output -> the calls of the private operators
+    # (name, arguments) that the operator's autograd makes, for torch.library.opcheck.
+    private_calls: Callable[["Sample", Tensor], List[Tuple[str, tuple]]] = lambda sample, grad: []
     # Scale of every parameter tensor (weights, biases): name -> factor on randn, from x's shape.
     parameter_scale: Callable[[str, Shape, Dict[str, object]], float] = lambda name, shape, variant: 1.0
 
@@ -155,8 +161,9 @@ def _self_attention_dims(shape, variant) -> Tuple[int, int]:
 def _self_attention_shapes(shape, variant):
     c = shape[1]
     qk, v = _self_attention_dims(shape, variant)
-    return {"x": shape, "qkv_weight": (2 * qk + v, c), "qkv_bias": (2 * qk + v,), "out_weight": (c, v),
-            "out_bias": (c,), "gamma": (1,)}
+    bias = variant.get("bias", True)
+    return {"x": shape, "qkv_weight": (2 * qk + v, c), "qkv_bias": (2 * qk + v,) if bias else None,
+            "out_weight": (c, v), "out_bias": (c,) if bias else None, "gamma": (1,)}
 
 
 def _self_attention_scale(name, shape, variant):
@@ -168,6 +175,24 @@ def _hard_attention_options(shape, variant):
     k = max(1, round(_positions(shape) * variant["k_fraction"]))
     return {"mode": variant["mode"], "threshold": 0.5, "k": min(k, max(1, _positions(shape))),
             "estimator": variant["estimator"], "temperature": 1.0}
+
+
+def _plain(sample: "Sample", *names: str) -> List[Optional[Tensor]]:
+    """The sample's tensors `names`, detached (as the autograd kernels pass them on)."""
+    return [None if sample.tensors[n] is None else sample.tensors[n].detach() for n in names]
+
+
+def _options(sample: "Sample", *names: str) -> List[object]:
+    return [sample.options[n] for n in names]
+
+
+def _self_attention_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[str, tuple]]:
+    names = ("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma")
+    options = _options(sample, "qk_dim", "num_heads", "kv_stride")
+    forward = (*_plain(sample, *names), *options)
+    _, attn, lse = torch.ops.cnn_attention._self_attention_forward(*forward)
+    return [("_self_attention_forward", forward),
+            ("_self_attention_backward", (grad, *_plain(sample, *names), attn, lse, *options))]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -197,13 +222,17 @@ OPS: Tuple[OpInfo, ...] = (
         name="channel_attention",
         arguments=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pool", "gate"),
         tensor_shapes=_channel_attention_shapes,
-        variants=tuple({"id": f"{pool}_{gate}", "pool": pool, "gate": gate}
-                       for pool in ("avg", "max", "avgmax") for gate in ("sigmoid", "softmax"))
-        + ({"id": "avgmax_sigmoid_no_bias", "pool": "avgmax", "gate": "sigmoid", "bias": False},),
+        variants=tuple({"id": f"{pool}_{gate}" + ("" if bias else "_no_bias"), "pool": pool, "gate": gate,
+                        "bias": bias}
+                       for pool in ("avg", "max", "avgmax") for gate in ("sigmoid", "softmax")
+                       for bias in (True, False)),
         reference=helpers.channel_attention_reference,
         differentiable=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
         poison_targets=("x", "fc1_weight"),
         resolve=lambda shape, variant: {"pool": variant["pool"], "gate": variant["gate"]},
+        private_calls=lambda sample, grad: [("_channel_attention_backward", (
+            grad, *_plain(sample, "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
+            *_options(sample, "pool", "gate")))],
         aten_softmax_over_channels=True,
         parameter_scale=lambda name, shape, variant: _fan_in_scale(
             name, shape[1] if name == "fc1_weight" else _hidden(shape[1])),
@@ -215,6 +244,7 @@ OPS: Tuple[OpInfo, ...] = (
         variants=({"id": "mean_max"},),
         reference=helpers.channel_pool_reference,
         differentiable=("x",),
+        private_calls=lambda sample, grad: [("_channel_pool_backward", (grad, *_plain(sample, "x")))],
         # Several poisoned elements, some sharing a position: the mean and the max over channels
         # meet NaN and infinities together.
         poison_count=12,
@@ -223,24 +253,31 @@ OPS: Tuple[OpInfo, ...] = (
         name="soft_attention",
         arguments=("x", "scores", "normalize", "temperature"),
         tensor_shapes=_scores_shapes,
-        variants=tuple({"id": f"{normalize}_{channels}", "normalize": normalize, "score_channels": channels}
-                       for normalize in ("sigmoid", "softmax") for channels in ("one", "all")),
+        variants=tuple({"id": f"{normalize}_{channels}_t{temperature}", "normalize": normalize,
+                        "score_channels": channels, "temperature": temperature}
+                       for normalize in ("sigmoid", "softmax") for channels in ("one", "all")
+                       for temperature in (1.0, 0.7)),
         reference=helpers.soft_attention_reference,
         differentiable=("x", "scores"),
         feature_maps=("x", "scores"),
         poison_targets=("x", "scores"),
-        resolve=lambda shape, variant: {"normalize": variant["normalize"], "temperature": 0.7},
+        resolve=lambda shape, variant: {"normalize": variant["normalize"], "temperature": variant["temperature"]},
+        private_calls=lambda sample, grad: [("_soft_attention_backward", (
+            grad, *_plain(sample, "x", "scores"), *_options(sample, "normalize", "temperature")))],
     ),
     OpInfo(
         name="soft_attention_pool",
         arguments=("x", "scores", "temperature"),
         tensor_shapes=_scores_shapes,
-        variants=tuple({"id": channels, "score_channels": channels} for channels in ("one", "all")),
+        variants=tuple({"id": f"{channels}_t{temperature}", "score_channels": channels, "temperature": temperature}
+                       for channels in ("one", "all") for temperature in (1.0, 1.3)),
         reference=helpers.soft_attention_pool_reference,
         differentiable=("x", "scores"),
         feature_maps=("x", "scores"),
         poison_targets=("x", "scores"),
-        resolve=lambda shape, variant: {"temperature": 1.3},
+        resolve=lambda shape, variant: {"temperature": variant["temperature"]},
+        private_calls=lambda sample, grad: [("_soft_attention_pool_backward", (
+            grad, *_plain(sample, "x", "scores"), *_options(sample, "temperature")))],
     ),
     OpInfo(
         name="hard_attention",
@@ -257,6 +294,9 @@ OPS: Tuple[OpInfo, ...] = (
         poison_targets=("x", "scores"),
         poison_count=6,
         resolve=_hard_attention_options,
+        gradcheck=False,
+        private_calls=lambda sample, grad: [("_hard_attention_backward", (
+            grad, *_plain(sample, "x", "scores"), sample.call()[1], *_options(sample, "estimator", "temperature")))],
         applies=lambda shape, variant: variant["mode"] != "topk" or _positions(shape) > 0,
     ),
     OpInfo(
@@ -275,6 +315,7 @@ OPS: Tuple[OpInfo, ...] = (
             {"id": "one_head_of_2", "qk": 2, "v": "C", "heads": 1, "kv_stride": 1},
             {"id": "odd_heads", "qk": 4, "v": 6, "heads": 2, "kv_stride": 1},
             {"id": "odd_heads_kv_stride_2", "qk": 4, "v": 6, "heads": 2, "kv_stride": 2},
+            {"id": "odd_heads_no_bias", "qk": 4, "v": 6, "heads": 2, "kv_stride": 2, "bias": False},
         ),
         reference=helpers.self_attention_reference,
         differentiable=("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"),
@@ -289,6 +330,7 @@ OPS: Tuple[OpInfo, ...] = (
                                         "kv_stride": variant["kv_stride"]},
         applies=lambda shape, variant: variant["kv_stride"] <= min(shape[2:], default=1),
         parameter_scale=_self_attention_scale,
+        private_calls=_self_attention_private_calls,
     ),
 )
 

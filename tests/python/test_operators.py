@@ -1,0 +1,68 @@
+"""The checks every operator of the operator table (tests/shared/operators.py) gets the same way:
+gradcheck in float64 over every variant and spatial rank, and torch.library.opcheck (schema,
+fake tensor, autograd registration, AOT dispatch) of the operator and of the private operators
+its autograd calls, over every dtype the kernels dispatch on x every layout x every spatial
+rank, cycling through the variants. Each operator's own semantics (ties, identities, empty
+inputs, bad inputs, modules) are in its test_<op>.py."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import DEVICES, LAYOUTS, in_layout
+from operators import OPS
+
+BATCH_AND_CHANNELS = (2, 3)
+GRADCHECK_SPATIAL = [(5,), (3, 4), (2, 3, 2)]
+GRADCHECK_CASES = [
+    (op, variant, spatial)
+    for op in OPS if op.gradcheck
+    for variant in op.variants
+    for spatial in GRADCHECK_SPATIAL
+    if op.applies(BATCH_AND_CHANNELS + spatial, variant)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,variant,spatial", GRADCHECK_CASES,
+                         ids=[f"{op.name}-{variant['id']}-{len(spatial)}d" for op, variant, spatial in GRADCHECK_CASES])
+def test_gradcheck(device, op, variant, spatial):
+    # Random inputs: a max (pooling, kv_stride > 1) is not differentiable where values tie.
+    generator = torch.Generator().manual_seed(len(spatial))
+    sample = op.sample(BATCH_AND_CHANNELS + spatial, variant, torch.float64, device, "contiguous", generator)
+    leaves = sample.leaves()
+    names = [name for name in op.differentiable if leaves[name] is not None]
+
+    def call(*tensors):
+        return sample.output(sample.call({**leaves, **dict(zip(names, tensors))}))
+
+    assert torch.autograd.gradcheck(call, [leaves[name] for name in names])
+
+
+OPCHECK_UTILS_PRIVATE = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+OPCHECK_CASES = [
+    (op, variants[i % len(variants)], dtype, layout, spatial)
+    for op in OPS
+    for variants in [op.variants]
+    for i, (dtype, layout, spatial) in enumerate(
+        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)]))
+    if op.applies((2, 4) + spatial, variants[i % len(variants)])
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "op,variant,dtype,layout,spatial", OPCHECK_CASES,
+    ids=[f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{len(spatial)}d"
+         for op, variant, dtype, layout, spatial in OPCHECK_CASES])
+def test_opcheck(device, op, variant, dtype, layout, spatial):
+    shape = (2, 4) + spatial
+    sample = op.sample(shape, variant, dtype, device, layout, torch.Generator().manual_seed(3))
+    torch.library.opcheck(getattr(torch.ops.cnn_attention, op.name), tuple(sample.args(sample.leaves())))
+    out = sample.output(sample.call())
+    grad = in_layout(torch.randn(out.shape, device=device).to(dtype), layout) if out.dim() > 2 else \
+        torch.randn(out.shape, device=device).to(dtype)
+    private = op.private_calls(sample, grad)
+    assert private, f"{op.name}: its autograd calls private operators; the table must name them"
+    for name, args in private:
+        torch.library.opcheck(getattr(torch.ops.cnn_attention, name), args, test_utils=OPCHECK_UTILS_PRIVATE)
