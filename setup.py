@@ -34,9 +34,20 @@ def cmake_cuda_setting() -> str:
     return {"0": "OFF", "1": "ON"}.get(setting, "AUTO")
 
 
+def tool(name: str) -> str:
+    """A build tool, first from this interpreter's environment (a virtual environment that is
+    not activated has cmake and ninja there), then from PATH."""
+    here = os.path.dirname(sys.executable)
+    found = shutil.which(name, path=here + os.pathsep + os.environ.get("PATH", ""))
+    if not found:
+        raise RuntimeError(f"cnn_attention: the build needs {name} (pip install {name})")
+    return found
+
+
 def configure_arguments() -> list:
     arguments = [
         "-G", "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
         f"-DCMAKE_BUILD_TYPE={'Debug' if os.environ.get('DEBUG', '0') == '1' else 'Release'}",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DPython3_EXECUTABLE={sys.executable}",
@@ -77,11 +88,11 @@ class BuildWithCMake(build_ext):
         if not os.path.exists(os.path.join(tree, "build.ninja")) or not os.path.exists(stamp) or (
             json.load(open(stamp)) != configuration
         ):
-            subprocess.check_call(["cmake", "-S", ROOT, "-B", tree] + arguments)
+            subprocess.check_call([tool("cmake"), "-S", ROOT, "-B", tree] + arguments)
             with open(stamp, "w") as f:
                 json.dump(configuration, f)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.check_call(["cmake", "--build", tree, "--target", "cnn_attention_python", "-j", jobs])
+        subprocess.check_call([tool("cmake"), "--build", tree, "--target", "cnn_attention_python", "-j", jobs])
 
         module = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(module), exist_ok=True)

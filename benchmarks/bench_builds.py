@@ -23,6 +23,9 @@ CASES = {
     "channel_attention avgmax (8,256,56,56) fwd+bwd": ("channel", (8, 256, 56, 56), 16, "avgmax"),
     "channel_attention avg (32,2048,7,7) fwd+bwd": ("channel", (32, 2048, 7, 7), 16, "avg"),
     "channel_attention avg (32,2048,7,7) fwd": ("channel_fwd", (32, 2048, 7, 7), 16, "avg"),
+    "channel_pool (8,256,56,56) fwd+bwd": ("channel_pool", (8, 256, 56, 56)),
+    "channel_pool channels_last (8,256,56,56) fwd+bwd": ("channel_pool_last", (8, 256, 56, 56)),
+    "soft_attention sigmoid (8,64,112,112) fwd+bwd": ("sigmoid", (8, 64, 112, 112)),
     "soft_attention softmax (8,64,112,112) fwd+bwd": ("softmax", (8, 64, 112, 112)),
     "soft_attention_pool (8,64,112,112) fwd+bwd": ("pool", (8, 64, 112, 112)),
     "self_attention qk 8 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 8),
@@ -46,15 +49,19 @@ def call(kind, shape, *extra):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     n, c = shape[:2]
-    if kind.startswith("channel"):
+    if kind in ("channel", "channel_fwd"):
         hidden = max(c // extra[0], 8)
         params = [torch.randn(hidden, c) / c**0.5, torch.zeros(hidden), torch.randn(c, hidden) / hidden**0.5,
                   torch.zeros(c)]
         params = [p.requires_grad_(True) for p in params]
         run = lambda: ops.channel_attention(x, *params, extra[1], "sigmoid")
-    elif kind in ("softmax", "pool"):
+    elif kind.startswith("channel_pool"):
+        if kind.endswith("last"):
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        run = lambda: ops.channel_pool(x)
+    elif kind in ("softmax", "sigmoid", "pool"):
         scores = torch.randn((n, 1) + tuple(shape[2:]), requires_grad=True)
-        run = (lambda: ops.soft_attention(x, scores, "softmax", 1.0)) if kind == "softmax" else (
+        run = (lambda: ops.soft_attention(x, scores, kind, 1.0)) if kind != "pool" else (
             lambda: ops.soft_attention_pool(x, scores, 1.0))
     else:
         qk, v = extra[0], c
