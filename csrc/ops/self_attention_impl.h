@@ -1,10 +1,10 @@
 #pragma once
 
 // The device-independent half of self_attention (see docs/design.md, "One pattern per
-// operator"). Everything but the attention itself is a
-// handful of matrix products over positions, done here through the backend's products
-// (SelfAttentionBackend::matmul: a fixed-order kernel of ours on CPU, cuBLAS on CUDA) in the
-// token-major layout (N, P, features) that attention wants:
+// operator"). Everything but the attention itself is a handful of matrix products over
+// positions, done here through the backend's products (SelfAttentionBackend::matmul: a
+// fixed-order kernel of ours on CPU, cuBLAS on CUDA) in the token-major layout (N, P, features)
+// that attention wants:
 //
 //   qkv  (N, P, 2 qk + v)  = x_tokens @ qkv_weight^T + qkv_bias   one product, no copy of x
 //   k, v (N, Pk, qk + v)   = max-pool of qkv's key and value columns when kv_stride > 1
@@ -76,9 +76,9 @@ SelfAttentionSizes check_self_attention_backward_args(
 at::Tensor self_attention_attn_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
 at::Tensor self_attention_lse_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
 
-// q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv): views with a unit stride on the last
-// dim and any other strides, in the dtype of x. Backends choose how to compute attention.
-// What a backend supplies.
+// What a backend supplies. q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv) are views with a
+// unit stride on the last dim and any other strides, in the dtype of x; backends choose how to
+// compute attention.
 struct SelfAttentionBackend {
   // (out (N, H, P, dv) in the dtype of q with any strides, lse (N, H, P) dense in the
   // accumulation dtype): out = softmax(q k^T * scale) v, lse = logsumexp(q k^T * scale).
