@@ -8,6 +8,7 @@ export MAX_JOBS ?= 2
 # folder hits the same cache entries.
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
+TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 
 .PHONY: all setup build build-cpp build-sanitize test test-python test-cpp test-sanitize fuzz demo bench clean
 

@@ -65,6 +65,14 @@ def configure_arguments() -> list:
     return arguments
 
 
+def replace_file(source: str, target: str) -> None:
+    """Copy `source` to `target` through a new file renamed into place: a process that has the
+    old library mapped keeps its own copy."""
+    partial = target + ".partial"
+    shutil.copy(source, partial)
+    os.replace(partial, target)
+
+
 class CMakeExtension(Extension):
     """The extension module, built by CMake with the library it links."""
 
@@ -98,8 +106,8 @@ class BuildWithCMake(build_ext):
         os.makedirs(os.path.dirname(module), exist_ok=True)
         built_module, built_library = open(os.path.join(tree, "python_package_files.txt")).read().split()
         library = os.path.join(os.path.dirname(module), os.path.basename(built_library))
-        shutil.copy(built_module, module)
-        shutil.copy(built_library, library)  # the soname link's target, under the soname
+        replace_file(built_module, module)
+        replace_file(built_library, library)  # the soname link's target, under the soname
         self._libraries.append(library)
 
     def copy_extensions_to_source(self) -> None:
