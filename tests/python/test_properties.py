@@ -35,6 +35,7 @@ from helpers import (
 )
 from hypothesis import event, given
 from hypothesis import strategies as st
+from operators import OPS
 from test_channel_attention import make_params as channel_attention_params
 from test_self_attention import make_params as self_attention_params
 from torch import Tensor
@@ -527,3 +528,9 @@ def test_self_attention(case: Case) -> None:
         own_gamma = own_gamma + (grad64.sum((0, 2)) * out_bias.detach().double()).sum()
     assert_matches(actual[5], own_gamma.reshape(actual[5].shape), dtype, "grad gamma (own attn)",
                    slack=ulp * float(gamma_sizes))
+
+
+def test_every_operator_of_the_operator_table_has_a_property() -> None:
+    """A property per operator of tests/shared/operators.py, named test_<operator>."""
+    properties = {name.removeprefix("test_") for name, value in globals().items() if callable(value)}
+    assert {op.name for op in OPS} <= properties, {op.name for op in OPS} - properties
