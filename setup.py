@@ -15,6 +15,7 @@ Environment:
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import torch.utils
 from torch.utils.cpp_extension import CUDA_HOME
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+# The version is CMakeLists.txt's (the library reports it in build_info()).
+VERSION = re.search(r"project\(CNNAttention VERSION ([0-9.]+)", open(os.path.join(ROOT, "CMakeLists.txt")).read()).group(1)
 
 
 def cmake_cuda_setting() -> str:

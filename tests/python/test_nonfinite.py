@@ -58,8 +58,7 @@ def check_forward_and_backward(sample: Sample, tensors, what: str, factored=()) 
     grad = torch.randn(out.shape, dtype=torch.float64).to(out)
     got = torch.autograd.grad(out, sample.inputs_to_differentiate(leaves), grad)
     want = torch.autograd.grad(expected, sample.inputs_to_differentiate(ref_leaves), grad.double())
-    names = [name for name in op.differentiable if tensors.get(name) is not None]
-    for name, a, b in zip(names, got, want):
+    for name, a, b in zip(sample.differentiable_names(tensors), got, want):
         check = assert_nonfinite_where_reference_is if name in factored else assert_same_values
         check(a, b, f"{what}: gradient of {name}")
 

@@ -40,14 +40,22 @@ def test_gradcheck(device, op, variant, spatial):
 
 
 OPCHECK_UTILS_PRIVATE = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-OPCHECK_CASES = [
-    (op, variants[i % len(variants)], dtype, layout, spatial)
-    for op in OPS
-    for variants in [op.variants]
-    for i, (dtype, layout, spatial) in enumerate(
-        itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, [(6,), (4, 5), (2, 3, 4)]))
-    if op.applies((2, 4) + spatial, variants[i % len(variants)])
-]
+OPCHECK_SPATIAL = [(6,), (4, 5), (2, 3, 4)]
+
+
+def _opcheck_cases():
+    """Every dtype x layout x spatial rank per operator, each with the next of its variants."""
+    cases = []
+    for op in OPS:
+        combinations = itertools.product([torch.float64, torch.float32, torch.bfloat16], LAYOUTS, OPCHECK_SPATIAL)
+        for i, (dtype, layout, spatial) in enumerate(combinations):
+            variant = op.variants[i % len(op.variants)]
+            if op.applies((2, 4) + spatial, variant):
+                cases.append((op, variant, dtype, layout, spatial))
+    return cases
+
+
+OPCHECK_CASES = _opcheck_cases()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,8 +68,7 @@ def test_opcheck(device, op, variant, dtype, layout, spatial):
     sample = op.sample(shape, variant, dtype, device, layout, torch.Generator().manual_seed(3))
     torch.library.opcheck(getattr(torch.ops.cnn_attention, op.name), tuple(sample.args(sample.leaves())))
     out = sample.output(sample.call())
-    grad = in_layout(torch.randn(out.shape, device=device).to(dtype), layout) if out.dim() > 2 else \
-        torch.randn(out.shape, device=device).to(dtype)
+    grad = in_layout(torch.randn(out.shape, device=device).to(dtype), layout)
     private = op.private_calls(sample, grad)
     assert private, f"{op.name}: its autograd calls private operators; the table must name them"
     for name, args in private:

@@ -12,7 +12,7 @@ adding an operator's tests is one entry here plus its reference in tests/python/
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,7 +27,6 @@ class Sample:
     """One call of an operator: its tensors and options by schema name."""
 
     op: "OpInfo"
-    name: str
     tensors: Dict[str, Optional[Tensor]]
     options: Dict[str, object]
 
@@ -53,10 +52,13 @@ class Sample:
         return {name: None if t is None else same_strides_copy(t).requires_grad_(
             requires_grad and name in self.op.differentiable) for name, t in self.tensors.items()}
 
+    def differentiable_names(self, tensors: Dict[str, Optional[Tensor]]) -> List[str]:
+        """The differentiable arguments present in `tensors` (absent optional ones left out), in
+        schema order."""
+        return [name for name in self.op.differentiable if tensors.get(name) is not None]
 
     def inputs_to_differentiate(self, tensors: Dict[str, Optional[Tensor]]) -> List[Tensor]:
-        """The differentiable tensors among `tensors` (absent optional ones left out), in schema order."""
-        return [tensors[name] for name in self.op.differentiable if tensors.get(name) is not None]
+        return [tensors[name] for name in self.differentiable_names(tensors)]
 
 
 def same_strides_copy(t: Tensor) -> Tensor:
@@ -120,7 +122,7 @@ class OpInfo:
                 values = values * self.parameter_scale(name, shape, variant)
             t = values.to(device=device, dtype=dtype)
             tensors[name] = helpers.in_layout(t, layout) if name in self.feature_maps else t
-        return Sample(self, f"{self.name}_{variant['id']}", tensors, self.resolve(shape, variant))
+        return Sample(self, tensors, self.resolve(shape, variant))
 
     def samples(self, shape: Shape, dtype: torch.dtype, device, layout: str,
                 generator: Optional[torch.Generator] = None) -> List[Sample]:
@@ -167,14 +169,15 @@ def _self_attention_shapes(shape, variant):
 
 
 def _self_attention_scale(name, shape, variant):
-    qk, v = _self_attention_dims(shape, variant)
+    _, v = _self_attention_dims(shape, variant)
     return _fan_in_scale(name, v if name == "out_weight" else shape[1])
 
 
 def _hard_attention_options(shape, variant):
+    # round(P * fraction) <= P, so k is a valid count wherever top-k applies (P > 0).
     k = max(1, round(_positions(shape) * variant["k_fraction"]))
-    return {"mode": variant["mode"], "threshold": 0.5, "k": min(k, max(1, _positions(shape))),
-            "estimator": variant["estimator"], "temperature": 1.0}
+    return {"mode": variant["mode"], "threshold": 0.5, "k": k, "estimator": variant["estimator"],
+            "temperature": 1.0}
 
 
 def _plain(sample: "Sample", *names: str) -> List[Optional[Tensor]]:
@@ -338,5 +341,5 @@ BY_NAME: Dict[str, OpInfo] = {op.name: op for op in OPS}
 
 
 def all_samples(shape: Shape, dtype: torch.dtype, device, layout: str,
-                generator: Optional[torch.Generator] = None, ops: Sequence[OpInfo] = OPS) -> List[Sample]:
-    return [sample for op in ops for sample in op.samples(shape, dtype, device, layout, generator)]
+                generator: Optional[torch.Generator] = None) -> List[Sample]:
+    return [sample for op in OPS for sample in op.samples(shape, dtype, device, layout, generator)]
