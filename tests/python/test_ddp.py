@@ -3,6 +3,7 @@ with 2 CPU processes (gloo); the gradients equal those of one process on the who
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -61,6 +62,15 @@ def _worker(rank, port, path):
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, path)
     finally:
         dist.destroy_process_group()
+    # destroy_process_group does not join Gloo's worker threads: one may still be
+    # releasing its last finished work item, whose saved thread-local state holds a
+    # Python object, while the interpreter finalizes. Taking the GIL then ends that
+    # thread inside a noexcept destructor and the process aborts (SIGABRT, about one
+    # run in ten here). A successful worker therefore leaves without finalizing;
+    # a failing one raises above, so spawn still reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():
