@@ -1,3 +1,8 @@
+"""channel_attention's own cases: vector lanes and block tails, identities, empty inputs, ties,
+poisoned outputs, precision, the module, autocast, bad inputs, determinism. Every variant
+against the float64 reference over dtype x layout x rank, gradcheck and opcheck are in
+test_operators.py, from the operator table."""
+
 import pytest
 import torch
 from helpers import (
@@ -5,22 +10,15 @@ from helpers import (
     assert_bitwise_identical_across_thread_counts,
     DTYPES,
     LAYOUTS,
-    SPATIAL,
     assert_close,
     channel_attention_reference,
-    float64_leaves,
-    grads_of,
     in_layout,
 )
+from operators import BY_NAME, Sample, check_against_reference
 
 import cnn_attention
-from cnn_attention import functional as CF
 
 op = torch.ops.cnn_attention.channel_attention
-
-POOLS = ["avg", "max", "avgmax"]
-GATES = ["sigmoid", "softmax"]
-
 
 def make_params(channels, hidden, dtype, device, bias=True):
     w1 = torch.randn(hidden, channels, dtype=dtype, device=device) / channels**0.5
@@ -32,60 +30,15 @@ def make_params(channels, hidden, dtype, device, bias=True):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spatial", SPATIAL)
-@pytest.mark.parametrize("pool,gate", [("avg", "sigmoid"), ("max", "softmax"), ("avgmax", "sigmoid")])
-def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, pool, gate):
-    channels, hidden = 12, 4
-    x = in_layout(torch.randn((3, channels) + spatial, device=device).to(dtype), layout)
-    params = make_params(channels, hidden, dtype, device)
-    leaves = [t.requires_grad_(True) for t in [x, *params]]
-    y = op(*leaves, pool, gate)
-
-    ref_inputs = float64_leaves([x, *params])
-    expected = channel_attention_reference(*ref_inputs, pool, gate)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, expected, dtype)
-    if layout == "channels_last":
-        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
-    if layout == "contiguous":
-        assert y.is_contiguous()
-
-    grad = torch.randn_like(y)
-    actual = torch.autograd.grad(y, leaves, grad)
-    wanted = grads_of(expected, grad.double(), ref_inputs)
-    for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
-        assert a.dtype == dtype, name
-        # Parameter gradients sum over N * P terms rounded to `dtype` once.
-        assert_close(a, w, dtype, scale=1.0 if name == "x" else 4.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels", [40, 70, 130])
 @pytest.mark.parametrize("pool", ["max", "avgmax"])
 def test_channels_last_vector_lanes_and_block_tails(device, dtype, channels, pool):
     # Channels-last kernels vectorize over channels in blocks: these counts give full
     # vectors, partial blocks and scalar tails for every dtype's vector width.
-    x = in_layout(torch.randn(2, channels, 5, 3, device=device).to(dtype), "channels_last").requires_grad_(True)
-    params = [p.requires_grad_(True) for p in make_params(channels, 8, dtype, device)]
-    y = op(x, *params, pool, "sigmoid")
-    ref_inputs = float64_leaves([x, *params])
-    expected = channel_attention_reference(*ref_inputs, pool, "sigmoid")
-    assert_close(y, expected, dtype)
-    grad = torch.randn_like(y)
-    actual = torch.autograd.grad(y, [x, *params], grad)
-    wanted = grads_of(expected, grad.double(), ref_inputs)
-    for name, a, w in zip(["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"], actual, wanted):
-        assert_close(a, w, dtype, scale=1.0 if name == "x" else 4.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_channel_attention_without_biases_matches_reference(device):
-    x = torch.randn(2, 5, 9, device=device)
-    w1, _, w2, _ = make_params(5, 2, torch.float32, device)
-    expected = channel_attention_reference(x.double(), w1.double(), None, w2.double(), None, "avgmax")
-    assert_close(CF.channel_attention(x, w1, None, w2, None, "avgmax"), expected, torch.float32)
+    x = in_layout(torch.randn(2, channels, 5, 3, device=device).to(dtype), "channels_last")
+    w1, b1, w2, b2 = make_params(channels, 8, dtype, device)
+    tensors = {"x": x, "fc1_weight": w1, "fc1_bias": b1, "fc2_weight": w2, "fc2_bias": b2}
+    check_against_reference(Sample(BY_NAME["channel_attention"], tensors, {"pool": pool, "gate": "sigmoid"}))
 
 
 @pytest.mark.parametrize("device", DEVICES)

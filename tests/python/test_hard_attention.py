@@ -1,3 +1,9 @@
+"""hard_attention's own cases: scores in every layout, vector lanes and block tails, top-k
+ties, NaN scores, k = P, threshold bounds, extreme scores, empty inputs, autocast, bad inputs
+and options, determinism. Every variant against the reference (y and the mask exact, the
+straight-through gradients) over dtype x layout x rank and opcheck are in test_operators.py,
+from the operator table."""
+
 import itertools
 
 import pytest
@@ -6,7 +12,6 @@ from helpers import (
     DEVICES,
     DTYPES,
     LAYOUTS,
-    SPATIAL,
     assert_bitwise_identical_across_thread_counts,
     assert_close,
     feature_map_and_scores,
@@ -14,74 +19,21 @@ from helpers import (
     hard_attention_reference,
     in_layout,
 )
+import operators
+from operators import BY_NAME, Sample
 
 from cnn_attention import functional as CF
 
 op = torch.ops.cnn_attention.hard_attention
 backward_op = torch.ops.cnn_attention._hard_attention_backward
 
-# (score channels, mode, threshold, k, estimator, temperature)
-CONFIGS = [
-    ("one", "threshold", 0.5, 1, "sigmoid", 1.0),
-    ("all", "topk", 0.5, 3, "identity", 0.5),
-    ("one", "topk", 0.5, 5, "sigmoid", 2.0),
-    ("all", "threshold", 0.3, 1, "identity", 1.0),
-    ("one", "threshold", 0.7, 1, "sigmoid", 0.5),
-    ("all", "topk", 0.5, 1, "sigmoid", 1.0),
-]
-
-
-def check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype):
-    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
-    y, mask = op(*leaves, mode, threshold, k, estimator, temperature)
-    y_ref, mask_ref = hard_attention_reference(x.detach(), scores.detach(), mode, threshold, k, temperature)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert mask.dtype == dtype and mask.shape == scores.shape
-    assert not mask.requires_grad
-    # Both are exact: the mask is 0/1 and y is x times 0 or 1.
-    torch.testing.assert_close(mask.double(), mask_ref, rtol=0, atol=0)
-    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=0)
-    if mode == "topk":
-        assert (mask.flatten(2).sum(-1) == k).all()
-
-    grad = torch.randn_like(y)
-    gx, gs = torch.autograd.grad(y, leaves, grad)
-    wx, ws = hard_attention_backward_reference(grad, x.detach(), scores.detach(), mask_ref, estimator, temperature)
-    assert gx.dtype == dtype and gx.shape == x.shape
-    assert gs.dtype == dtype and gs.shape == scores.shape
-    torch.testing.assert_close(gx.double(), wx, rtol=0, atol=0)
-    assert_close(gs, ws, dtype, scale=2.0)
-    return y, mask, gx, gs
-
-
-FULL_SAMPLES = [
-    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,score_channels,mode,threshold,k,estimator,temperature", FULL_SAMPLES)
-def test_forward_and_backward_match_reference(device, dtype, layout, spatial, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
-    y, mask, gx, _ = check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
-    if layout == "channels_last":
-        assert y.stride() == x.stride() and gx.stride() == x.stride(), "channels_last input must give channels_last output"
-        if score_channels == "all":
-            assert mask.stride() == x.stride()
-    else:
-        assert y.is_contiguous() and gx.is_contiguous() and mask.is_contiguous()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("score_channels", ["one", "all"])
-@pytest.mark.parametrize("mode,threshold,k", [("threshold", 0.5, 1), ("threshold", 0.25, 1), ("topk", 0.5, 1), ("topk", 0.5, 7)])
-@pytest.mark.parametrize("estimator", ["sigmoid", "identity"])
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_every_configuration_matches_reference(device, dtype, score_channels, mode, threshold, k, estimator, temperature):
-    x, scores = feature_map_and_scores((2, 5, 4, 3), score_channels, dtype, device, "contiguous")
-    check_against_reference(x, scores, mode, threshold, k, estimator, temperature, dtype)
+def check_against_reference(x, scores, mode, threshold, k, estimator, temperature):
+    """The call against the float64 reference, as the operator table checks it (y and the mask
+    exact, the straight-through gradients): (y, mask, grad of x, grad of scores)."""
+    options = {"mode": mode, "threshold": threshold, "k": k, "estimator": estimator, "temperature": temperature}
+    (y, mask), grads = operators.check_against_reference(
+        Sample(BY_NAME["hard_attention"], {"x": x, "scores": scores}, options))
+    return y, mask, grads["x"], grads["scores"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,7 +42,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, mo
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels, mode):
     x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
-    check_against_reference(x, scores, mode, 0.5, 4, "sigmoid", 0.5, torch.float32)
+    check_against_reference(x, scores, mode, 0.5, 4, "sigmoid", 0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +52,7 @@ def test_scores_in_every_layout(device, layout, scores_layout, score_channels, m
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, score_channels):
     x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
-    check_against_reference(x, scores, "topk", 0.5, 6, "sigmoid", 1.0, dtype)
+    check_against_reference(x, scores, "topk", 0.5, 6, "sigmoid", 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

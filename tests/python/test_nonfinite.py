@@ -105,7 +105,8 @@ def test_channel_pool_meets_both_infinities_at_one_position(device, dtype, value
 def test_hard_attention_mask(device, dtype, value, mode, target):
     """The 0/1 mask (the second result) of poisoned inputs equals the reference's."""
     g = torch.Generator().manual_seed(4)
-    variant = {"id": mode, "mode": mode, "estimator": "sigmoid", "score_channels": "one", "k_fraction": 0.25}
+    variant = {"id": mode, "mode": mode, "estimator": "sigmoid", "score_channels": "one", "k_fraction": 0.25,
+               "threshold": 0.5, "temperature": 1.0}
     sample = BY_NAME["hard_attention"].sample((3, 4, 5, 6), variant, dtype, device, "contiguous", g)
     tensors = dict(sample.tensors)
     tensors[target] = poison(tensors[target], value, 6, g)

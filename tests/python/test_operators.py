@@ -1,5 +1,6 @@
 """The checks every operator of the operator table (tests/shared/operators.py) gets the same way:
-gradcheck in float64 over every variant and spatial rank, and torch.library.opcheck (schema,
+the forward and every gradient against the float64 reference over every variant x dtype x
+layout x spatial rank (with the layout of every output), gradcheck in float64 over every variant and spatial rank, and torch.library.opcheck (schema,
 fake tensor, autograd registration, AOT dispatch) of the operator and of the private operators
 its autograd calls, over every dtype the kernels dispatch on x every layout x every spatial
 rank, cycling through the variants. Each operator's own semantics (ties, identities, empty
@@ -9,8 +10,50 @@ import itertools
 
 import pytest
 import torch
-from helpers import DEVICES, LAYOUTS, in_layout
-from operators import OPS
+from helpers import DEVICES, DTYPES, LAYOUTS, SPATIAL, in_layout
+from operators import OPS, check_against_reference
+
+REFERENCE_CASES = [
+    (op, variant, dtype, layout, shape)
+    for op in OPS
+    for channels in op.reference_channels
+    for spatial in SPATIAL
+    for shape in [(3, channels) + spatial]
+    for variant in op.variants if op.applies(shape, variant)
+    for dtype in DTYPES
+    for layout in LAYOUTS
+]
+
+
+def _assert_laid_out_like_x(t, x, layout, what):
+    """A feature map the operator allocates (output or gradient) is stored channels-last for a
+    channels-last x and contiguous otherwise."""
+    if t.dim() != x.dim():
+        return
+    if layout == "channels_last":
+        if x.is_contiguous():
+            return  # one channel or one position: the layouts are the same
+        order = [0] + list(range(2, t.dim())) + [1]
+        assert t.permute(order).is_contiguous(), f"{what}: channels_last input must give channels_last {what}"
+    else:
+        assert t.is_contiguous(), f"{what} must be contiguous"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "op,variant,dtype,layout,shape", REFERENCE_CASES,
+    ids=[f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{'x'.join(map(str, shape))}"
+         for op, variant, dtype, layout, shape in REFERENCE_CASES])
+def test_matches_float64_reference(device, op, variant, dtype, layout, shape):
+    generator = torch.Generator().manual_seed(sum(shape) + len(variant["id"]))
+    sample = op.sample(shape, variant, dtype, device, layout, generator)
+    result, grads = check_against_reference(sample, generator)
+    x = sample.tensors["x"]
+    for i, out in enumerate(result if isinstance(result, tuple) else (result,)):
+        _assert_laid_out_like_x(out, x, layout, f"{op.name} output {i}")
+    for name in op.feature_maps:
+        if name in grads and sample.tensors[name].shape == x.shape:
+            _assert_laid_out_like_x(grads[name], x, layout, f"{op.name} gradient of {name}")
 
 BATCH_AND_CHANNELS = (2, 3)
 GRADCHECK_SPATIAL = [(5,), (3, 4), (2, 3, 2)]

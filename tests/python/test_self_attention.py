@@ -1,24 +1,23 @@
-"""self_attention: the operator against the float64 reference of docs/design.md section 1 (every
-dtype, layout, spatial rank, head count, key/value stride, with and without biases), memory
-linear in P, determinism, NaN, bad inputs, the SelfAttention module under torch.compile and
-TorchScript's functional API (the model-level runtime tests, TorchScript in a fresh process and
-torch.export included, are in test_runtimes.py; gradcheck and opcheck in test_operators.py, from
-the operator table)."""
+"""self_attention's own cases against the float64 reference of docs/design.md section 1 (head
+dims, the flash setting, few and many positions), memory linear in P, determinism, NaN, bad
+inputs, the SelfAttention module under torch.compile and TorchScript's functional API. Every
+variant of the operator table (head counts, key/value strides, with and without biases) against
+the reference over dtype x layout x rank, gradcheck and opcheck are in test_operators.py; the
+model-level runtime tests (TorchScript in a fresh process, torch.export) in test_runtimes.py."""
 
 import pytest
 import torch
 from helpers import (
     DEVICES,
     DTYPES,
-    LAYOUTS,
-    TOLERANCE,
     assert_bitwise_identical_across_thread_counts,
     assert_close,
     float64_leaves,
-    grads_of,
     in_layout,
     self_attention_reference,
 )
+import operators
+from operators import BY_NAME, Sample
 
 from cnn_attention import SelfAttention
 from cnn_attention import functional as CF
@@ -30,8 +29,6 @@ backward_op = torch.ops.cnn_attention._self_attention_backward
 NAMES = ["x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"]
 # Odd spatial sizes that neither 2 nor 3 divides: kv_stride 2 and 3 drop trailing positions.
 SA_SPATIAL = [(11,), (5, 7), (5, 7, 5)]
-HEADS = [1, 2]
-STRIDES = [1, 2, 3]
 
 
 def make_params(channels, qk_dim, v_dim, dtype, device, bias=True, gamma=0.8, scale=1.5):
@@ -46,66 +43,12 @@ def make_params(channels, qk_dim, v_dim, dtype, device, bias=True, gamma=0.8, sc
     return [None if p is None else p.to(dtype) for p in params]
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
-def assert_gradient_close(actual, expected, dtype, norm, scale=1.0):
-    """4 times the tolerance of `dtype`: a gradient runs back through two projections, the
-    softmax and the pooling. Each element sums N * P products (gamma's N * C * P), each
-    rounded by the dtype's precision of its own size, so an element that cancels to near zero
-    (the key bias's is exactly zero: a softmax ignores a shift of all its logits) is off by
-    that much of `norm`, the size of what is summed (the largest element, or for gamma the
-    root sum of squares of its terms): the tolerance has a part relative to `norm` too. (The
-    eager composition in the same dtype lands as far off.)"""
-    atol, rtol = TOLERANCE[dtype]
-    atol = atol + rtol * norm
-    torch.testing.assert_close(actual.double(), expected.double(), atol=4 * scale * atol, rtol=4 * scale * rtol)
-
-
-def check_against_reference(x, params, qk_dim, num_heads, kv_stride, dtype, scale=1.0):
-    """Forward and the gradients of x and every parameter against the float64 reference."""
-    leaves = [None if t is None else t.requires_grad_(True) for t in [x, *params]]
-    y = op(*leaves, qk_dim, num_heads, kv_stride)
-    ref_inputs = float64_leaves(leaves)
-    pool_dtype = dtype if dtype in HALF else None
-    expected = self_attention_reference(*ref_inputs, qk_dim, num_heads, kv_stride, pool_dtype)
-    assert y.dtype == dtype and y.shape == x.shape
-    # y = x + gamma * out rounds out and then y to the dtype: in half precision twice.
-    assert_close(y, expected, dtype, scale * (2.0 if dtype in HALF else 1.0))
-    grad = torch.randn_like(y)
-    actual = grads_of(y, grad, leaves)
-    wanted = grads_of(expected, grad.double(), ref_inputs)
-    with torch.no_grad():
-        ones = torch.ones_like(ref_inputs[5])
-        out = self_attention_reference(*ref_inputs[:5], ones, qk_dim, num_heads, kv_stride, pool_dtype) - ref_inputs[0]
-        gamma_terms = (grad.double() * out).square().sum().sqrt()
-    for name, a, w, leaf in zip(NAMES, actual, wanted, leaves):
-        if leaf is None:
-            continue
-        assert a.dtype == dtype and a.shape == leaf.shape, name
-        norm = gamma_terms if name == "gamma" else w.abs().max()
-        assert_gradient_close(a, w, dtype, float(norm), scale)
-    return y, actual
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spatial", SA_SPATIAL)
-@pytest.mark.parametrize("num_heads", HEADS)
-@pytest.mark.parametrize("kv_stride", STRIDES)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, num_heads, kv_stride, bias):
-    # C = 6, qk_dim = 4, v_dim = 6: with two heads the query/key head dim (2) differs from
-    # the value head dim (3).
-    x = in_layout(torch.randn((3, 6) + spatial, device=device).to(dtype), layout)
-    params = make_params(6, 4, 6, dtype, device, bias=bias)
-    y, (gx, *_) = check_against_reference(x, params, 4, num_heads, kv_stride, dtype)
-    if layout == "channels_last":
-        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
-        assert gx.stride() == x.stride()
-    if layout == "contiguous":
-        assert y.is_contiguous() and gx.is_contiguous()
+def check_against_reference(x, params, qk_dim, num_heads, kv_stride, scale=1.0):
+    """The forward and the gradients of x and every parameter against the float64 reference, as
+    the operator table checks them (its tolerance model is in operators._self_attention_compare)."""
+    tensors = {"x": x, **dict(zip(NAMES[1:], params))}
+    options = {"qk_dim": qk_dim, "num_heads": num_heads, "kv_stride": kv_stride}
+    return operators.check_against_reference(Sample(BY_NAME["self_attention"], tensors, options), scale=scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,7 +68,7 @@ def test_forward_and_backward_match_float64_reference(device, dtype, layout, spa
 @pytest.mark.parametrize("kv_stride", [1, 2])
 def test_head_dims_match_reference(device, dtype, spatial, channels, qk_dim, v_dim, num_heads, kv_stride):
     x = torch.randn((2, channels) + spatial, device=device, dtype=dtype)
-    check_against_reference(x, make_params(channels, qk_dim, v_dim, dtype, device), qk_dim, num_heads, kv_stride, dtype)
+    check_against_reference(x, make_params(channels, qk_dim, v_dim, dtype, device), qk_dim, num_heads, kv_stride)
 
 
 FEW = [
@@ -152,7 +95,7 @@ def test_equal_head_dims_whatever_the_flash_setting(dtype, layout, kv_stride, fl
     enabled = torch.backends.cuda.flash_sdp_enabled()
     torch.backends.cuda.enable_flash_sdp(flash)
     try:
-        check_against_reference(x, params, 8, 2, kv_stride, dtype)
+        check_against_reference(x, params, 8, 2, kv_stride)
     finally:
         torch.backends.cuda.enable_flash_sdp(enabled)
 
@@ -166,7 +109,7 @@ def test_equal_head_dims_whatever_the_flash_setting(dtype, layout, kv_stride, fl
 )
 def test_few_positions_and_keys(device, dtype, spatial, kv_stride, layout):
     x = in_layout(torch.randn((2, 6) + spatial, device=device, dtype=dtype), layout)
-    check_against_reference(x, make_params(6, 2, 4, dtype, device), 2, 2, kv_stride, dtype)
+    check_against_reference(x, make_params(6, 2, 4, dtype, device), 2, 2, kv_stride)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -187,7 +130,7 @@ def test_many_positions_match_reference(device, dtype, shape, layout, num_heads,
     # P around 2000 (2003 is prime): many blocks of queries and keys, with partial blocks
     # at the end whatever the block size; the softmax runs over up to 2003 keys.
     x = in_layout(torch.randn(shape, device=device).to(dtype), layout)
-    check_against_reference(x, make_params(8, 4, 8, dtype, device), 4, num_heads, kv_stride, dtype, scale=scale)
+    check_against_reference(x, make_params(8, 4, 8, dtype, device), 4, num_heads, kv_stride, scale=scale)
 
 
 def test_private_forward_returns_the_saved_tensors():

@@ -1,3 +1,8 @@
+"""soft_attention's own cases: scores in every layout, vector lanes and block tails, empty
+inputs, extreme scores, identities, autocast, bad inputs, determinism, poisoned outputs,
+strided inputs. Every variant against the float64 reference over dtype x layout x rank,
+gradcheck and opcheck are in test_operators.py, from the operator table."""
+
 import itertools
 
 import pytest
@@ -6,16 +11,15 @@ from helpers import (
     DEVICES,
     DTYPES,
     LAYOUTS,
-    SPATIAL,
     assert_bitwise_identical_across_thread_counts,
     assert_close,
     feature_map_and_scores,
-    float64_leaves,
-    grads_of,
     in_layout,
     soft_attention_pool_reference,
     soft_attention_reference,
 )
+import operators
+from operators import BY_NAME, Sample
 
 from cnn_attention import functional as CF
 
@@ -23,56 +27,15 @@ op = torch.ops.cnn_attention.soft_attention
 backward_op = torch.ops.cnn_attention._soft_attention_backward
 
 NORMALIZE = ["sigmoid", "softmax"]
-TEMPERATURES = [1.0, 0.5]
-# (score channels: "one" is (N, 1, *S), "all" is (N, C, *S)) x normalize x temperature.
-CONFIGS = list(itertools.product(["one", "all"], NORMALIZE, TEMPERATURES))
 
 
-def check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=1.0):
-    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
-    y = op(*leaves, normalize, temperature)
-    ref_inputs = float64_leaves(leaves)
-    expected = soft_attention_reference(*ref_inputs, normalize, temperature)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, expected, dtype)
-    grad = torch.randn_like(y)
-    gx, gs = torch.autograd.grad(y, leaves, grad)
-    wx, ws = grads_of(expected, grad.double(), ref_inputs)
-    assert gx.dtype == dtype and gx.shape == x.shape
-    assert gs.dtype == dtype and gs.shape == scores.shape
-    assert_close(gx, wx, dtype)
-    # The score gradient sums over channels (shared scores) and over positions (softmax).
-    assert_close(gs, ws, dtype, scale=grad_scale)
-    return y, gx, gs
-
-
-# Every dtype x layout x spatial rank, each with one of the configurations in turn (so that
-# every configuration meets every dtype and every layout).
-FULL_SAMPLES = [
-    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,score_channels,normalize,temperature", FULL_SAMPLES)
-def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, normalize, temperature):
-    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
-    y, gx, gs = check_against_reference(x, scores, normalize, temperature, dtype, grad_scale=2.0)
-    if layout == "channels_last":
-        assert y.stride() == x.stride(), "channels_last input must give channels_last output"
-        assert gx.stride() == x.stride()
-    else:
-        assert y.is_contiguous() and gx.is_contiguous()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("score_channels,normalize,temperature", CONFIGS)
-@pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
-def test_every_configuration_matches_reference(device, dtype, score_channels, normalize, temperature, spatial):
-    x, scores = feature_map_and_scores((2, 5) + spatial, score_channels, dtype, device, "contiguous")
-    check_against_reference(x, scores, normalize, temperature, dtype)
+def check_against_reference(x, scores, normalize, temperature):
+    """The call against the float64 reference, as the operator table checks it: (y, grad of x,
+    grad of scores)."""
+    sample = Sample(BY_NAME["soft_attention"], {"x": x, "scores": scores},
+                    {"normalize": normalize, "temperature": temperature})
+    y, grads = operators.check_against_reference(sample)
+    return y, grads["x"], grads["scores"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,7 +44,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, no
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels, normalize):
     x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
-    y, _, _ = check_against_reference(x, scores, normalize, 0.5, torch.float32)
+    y, _, _ = check_against_reference(x, scores, normalize, 0.5)
     if layout == "channels_last":
         assert y.stride() == x.stride()
 
@@ -95,7 +58,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
     # The sweeps vectorize over the inner dim and block the outer one (512 positions, 256
     # channels): these sizes give full vectors, partial blocks and scalar tails.
     x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
-    check_against_reference(x, scores, "softmax", 1.0, dtype, grad_scale=2.0)
+    check_against_reference(x, scores, "softmax", 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,7 +89,7 @@ def test_extreme_scores_stay_finite(device, score_channels, normalize):
     scores[:, :, 0, 0] = 1e4
     scores[:, :, 1, 1] = -1e4
     scores[:, :, 2, 2] = 0.0
-    y, gx, gs = check_against_reference(x, scores, normalize, 0.5, torch.float32)
+    y, gx, gs = check_against_reference(x, scores, normalize, 0.5)
     for t in (y, gx, gs):
         assert torch.isfinite(t).all()
 

@@ -1,3 +1,8 @@
+"""soft_attention_pool's own cases: scores in every layout, vector lanes and block tails,
+uniform scores, strided output gradients, empty inputs, extreme scores, autocast, bad inputs,
+determinism. Every variant against the float64 reference over dtype x layout x rank, gradcheck
+and opcheck are in test_operators.py, from the operator table."""
+
 import itertools
 
 import pytest
@@ -6,7 +11,6 @@ from helpers import (
     DEVICES,
     DTYPES,
     LAYOUTS,
-    SPATIAL,
     assert_bitwise_identical_across_thread_counts,
     assert_close,
     feature_map_and_scores,
@@ -14,56 +18,22 @@ from helpers import (
     grads_of,
     soft_attention_pool_reference,
 )
+import operators
+from operators import BY_NAME, Sample
 
 from cnn_attention import functional as CF
 
 op = torch.ops.cnn_attention.soft_attention_pool
 backward_op = torch.ops.cnn_attention._soft_attention_pool_backward
 
-TEMPERATURES = [1.0, 0.5]
-CONFIGS = list(itertools.product(["one", "all"], TEMPERATURES))
 
 
-def check_against_reference(x, scores, temperature, dtype, scale=1.0):
-    leaves = [x.requires_grad_(True), scores.requires_grad_(True)]
-    out = op(*leaves, temperature)
-    ref_inputs = float64_leaves(leaves)
-    expected = soft_attention_pool_reference(*ref_inputs, temperature)
-    assert out.dtype == dtype and out.shape == x.shape[:2]
-    # A sum over positions rounded to `dtype` once.
-    assert_close(out, expected, dtype, scale=scale)
-    grad = torch.randn_like(out)
-    gx, gs = torch.autograd.grad(out, leaves, grad)
-    wx, ws = grads_of(expected, grad.double(), ref_inputs)
-    assert gx.dtype == dtype and gx.shape == x.shape
-    assert gs.dtype == dtype and gs.shape == scores.shape
-    assert_close(gx, wx, dtype)
-    assert_close(gs, ws, dtype, scale=scale)
-    return out, gx, gs
-
-
-FULL_SAMPLES = [
-    (dtype, layout, spatial, *CONFIGS[i % len(CONFIGS)])
-    for i, (dtype, layout, spatial) in enumerate(itertools.product(DTYPES, LAYOUTS, SPATIAL))
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,layout,spatial,score_channels,temperature", FULL_SAMPLES)
-def test_forward_and_backward_match_float64_reference(device, dtype, layout, spatial, score_channels, temperature):
-    x, scores = feature_map_and_scores((3, 6) + spatial, score_channels, dtype, device, layout)
-    _, gx, _ = check_against_reference(x, scores, temperature, dtype, scale=2.0)
-    if layout == "channels_last":
-        assert gx.stride() == x.stride(), "channels_last input must give a channels_last gradient"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("score_channels,temperature", CONFIGS)
-@pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
-def test_every_configuration_matches_reference(device, dtype, score_channels, temperature, spatial):
-    x, scores = feature_map_and_scores((2, 5) + spatial, score_channels, dtype, device, "contiguous")
-    check_against_reference(x, scores, temperature, dtype)
+def check_against_reference(x, scores, temperature):
+    """The call against the float64 reference, as the operator table checks it: (pooled, grad
+    of x, grad of scores)."""
+    sample = Sample(BY_NAME["soft_attention_pool"], {"x": x, "scores": scores}, {"temperature": temperature})
+    out, grads = operators.check_against_reference(sample)
+    return out, grads["x"], grads["scores"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,7 +41,7 @@ def test_every_configuration_matches_reference(device, dtype, score_channels, te
 @pytest.mark.parametrize("score_channels", ["one", "all"])
 def test_scores_in_every_layout(device, layout, scores_layout, score_channels):
     x, scores = feature_map_and_scores((2, 6, 5, 7), score_channels, torch.float32, device, layout, scores_layout)
-    check_against_reference(x, scores, 0.5, torch.float32)
+    check_against_reference(x, scores, 0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -83,7 +53,7 @@ def test_vector_lanes_and_block_tails(device, dtype, layout, channels, spatial, 
     # Vectorized over the inner dim, blocked over 256 channels (channels last) and 512
     # positions (shared scores): full vectors, partial blocks and scalar tails.
     x, scores = feature_map_and_scores((2, channels) + spatial, score_channels, dtype, device, layout)
-    check_against_reference(x, scores, 1.0, dtype, scale=2.0)
+    check_against_reference(x, scores, 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,7 +104,7 @@ def test_extreme_scores_stay_finite(device, score_channels):
     scores = scores.sign() * 1e4
     scores[:, :, 0, 0] = 1e4
     scores[:, :, 1, 1] = -1e4
-    out, gx, gs = check_against_reference(x, scores, 0.5, torch.float32)
+    out, gx, gs = check_against_reference(x, scores, 0.5)
     for t in (out, gx, gs):
         assert torch.isfinite(t).all()
 

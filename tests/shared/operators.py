@@ -1,8 +1,10 @@
 """The operator table: every public operator of cnn_attention described once for the tests, in
 the spirit of PyTorch's OpInfo. An entry gives the operator's tensor arguments for a shape of
 x (their shapes, and which are feature maps laid out like x), its variants (sets of options),
-its float64 reference, which arguments are differentiable, and which inputs a test may poison.
-The suites (determinism, non-finite values, the sanitizer workload, ...) iterate over OPS:
+its float64 reference and the tolerance of the comparison with it, which arguments are
+differentiable, and which inputs a test may poison. The suites (the comparison with the
+reference, gradcheck, opcheck, determinism, non-finite values, the sanitizer workload) iterate
+over OPS; an operator's own tests check their special inputs with check_against_reference:
 adding an operator's tests is one entry here plus its reference in tests/python/helpers.py.
 
     for op in OPS:
@@ -38,9 +40,13 @@ class Sample:
     def call(self, tensors: Optional[Dict[str, Optional[Tensor]]] = None):
         return getattr(torch.ops.cnn_attention, self.op.name)(*self.args(tensors))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors["x"].dtype
+
     def reference(self, tensors: Dict[str, Optional[Tensor]]) -> Tensor:
         """The float64 reference of the differentiable output, from float64 `tensors`."""
-        return self.op.reference(*self.args(tensors))
+        return self.op.reference(*self.args(tensors), **self.op.reference_options(self))
 
     def output(self, result) -> Tensor:
         """The differentiable output of a call's result."""
@@ -107,6 +113,20 @@ class OpInfo:
     private_calls: Callable[["Sample", Tensor], List[Tuple[str, tuple]]] = lambda sample, grad: []
     # Scale of every parameter tensor (weights, biases): name -> factor on randn, from x's shape.
     parameter_scale: Callable[[str, Shape, Dict[str, object]], float] = lambda name, shape, variant: 1.0
+    # sample -> keyword arguments of the reference that depend on the sample's dtype (where the
+    # operator rounds in the input's precision by definition).
+    reference_options: Callable[["Sample"], Dict[str, object]] = lambda sample: {}
+    # Tolerance of the comparison with the reference, as a factor on helpers.TOLERANCE of the
+    # dtype: "output" or a differentiable argument's name (its gradient) -> factor (default 1;
+    # 0: exact).
+    tolerance_scales: Dict[str, float] = field(default_factory=dict)
+    # Replaces the comparison for operators whose error model is not a fixed tolerance:
+    # (comparison, "output" or argument name, actual, float64 expected) -> asserts.
+    compare: Optional[Callable[["Comparison", str, Tensor, Tensor], None]] = None
+    # Checks of the other outputs of a tuple result: (comparison, result) -> asserts.
+    check_other_outputs: Callable[["Comparison", object], None] = lambda comparison, result: None
+    # Channel counts of x in the tests against the reference.
+    reference_channels: Tuple[int, ...] = (6,)
 
     def sample(self, shape: Shape, variant: Dict[str, object], dtype: torch.dtype, device, layout: str,
                generator: Optional[torch.Generator] = None) -> Sample:
@@ -127,6 +147,52 @@ class OpInfo:
     def samples(self, shape: Shape, dtype: torch.dtype, device, layout: str,
                 generator: Optional[torch.Generator] = None) -> List[Sample]:
         return [self.sample(shape, v, dtype, device, layout, generator) for v in self.variants if self.applies(shape, v)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a comparison with the reference may need besides the two tensors."""
+
+    sample: Sample
+    # The sample's tensors in float64, the differentiable ones leaves of the reference's graph.
+    inputs: Dict[str, Optional[Tensor]]
+    # The gradient of the output, in float64.
+    grad: Tensor
+    # A factor on every tolerance (a test's inputs that sum more terms than the table's).
+    scale: float = 1.0
+
+
+def check_against_reference(sample: Sample, generator: Optional[torch.Generator] = None, scale: float = 1.0):
+    """The sample's call against its float64 reference: the output and the gradient of every
+    differentiable argument (for a random output gradient laid out like the output), each in the
+    sample's dtype and shape, within the operator's tolerance (times `scale`). Returns the call's result and the
+    gradients by argument name."""
+    op, dtype = sample.op, sample.dtype
+    leaves = sample.leaves()
+    inputs = {name: None if t is None else t.detach().double().requires_grad_(name in op.differentiable)
+              for name, t in sample.tensors.items()}
+    result = sample.call(leaves)
+    out, expected = sample.output(result), sample.reference(inputs)
+    assert out.dtype == dtype and out.shape == expected.shape, f"{op.name}: output {out.dtype} {tuple(out.shape)}"
+    grad = torch.empty_like(out).copy_(torch.randn(out.shape, generator=generator, dtype=torch.float64))
+    comparison = Comparison(sample, inputs, grad.double(), scale)
+    compare = op.compare or _compare_in_tolerance
+    compare(comparison, "output", out, expected)
+    op.check_other_outputs(comparison, result)
+    names = sample.differentiable_names(leaves)
+    actual = torch.autograd.grad(out, [leaves[name] for name in names], grad)
+    wanted = torch.autograd.grad(expected, [inputs[name] for name in names], grad.double())
+    for name, a, w in zip(names, actual, wanted):
+        assert a.dtype == dtype and a.shape == leaves[name].shape, f"{op.name}: gradient of {name}"
+        compare(comparison, name, a, w)
+    return result, dict(zip(names, actual))
+
+
+def _compare_in_tolerance(comparison: Comparison, name: str, actual: Tensor, expected: Tensor) -> None:
+    scale = comparison.scale * comparison.sample.op.tolerance_scales.get(name, 1.0)
+    atol, rtol = helpers.TOLERANCE[comparison.sample.dtype]
+    torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol * scale,
+                               msg=lambda m: f"{comparison.sample.op.name}, {name}: {m}")
 
 
 def _positions(shape: Shape) -> int:
@@ -170,14 +236,34 @@ def _self_attention_shapes(shape, variant):
 
 def _self_attention_scale(name, shape, variant):
     _, v = _self_attention_dims(shape, variant)
+    # The logits q.k / sqrt(d) of a standard normal x then have a standard deviation of about
+    # 1.5**2: the softmax is neither flat nor one-hot.
+    if name == "qkv_weight":
+        return 1.5 * _fan_in_scale(name, shape[1])
     return _fan_in_scale(name, v if name == "out_weight" else shape[1])
 
 
 def _hard_attention_options(shape, variant):
     # round(P * fraction) <= P, so k is a valid count wherever top-k applies (P > 0).
     k = max(1, round(_positions(shape) * variant["k_fraction"]))
-    return {"mode": variant["mode"], "threshold": 0.5, "k": k, "estimator": variant["estimator"],
-            "temperature": 1.0}
+    return {"mode": variant["mode"], "threshold": variant["threshold"], "k": k, "estimator": variant["estimator"],
+            "temperature": variant["temperature"]}
+
+
+def _hard_attention_variants():
+    """mode x estimator x score channels; the threshold (0.5 or 0.25), k (40% of the positions
+    or 1) and the temperature (1 or 0.5) vary with them."""
+    variants = []
+    for mode in ("threshold", "topk"):
+        for estimator in ("sigmoid", "identity"):
+            for channels in ("one", "all"):
+                variant = {"mode": mode, "estimator": estimator, "score_channels": channels,
+                           "threshold": 0.5 if estimator == "sigmoid" else 0.25,
+                           "k_fraction": 0.4 if estimator == "sigmoid" else 0.0,
+                           "temperature": 1.0 if channels == "one" else 0.5}
+                chosen = f"t{variant['threshold']}" if mode == "threshold" else f"k{variant['k_fraction']}"
+                variants.append({"id": f"{mode}_{estimator}_{channels}_{chosen}_T{variant['temperature']}", **variant})
+    return tuple(variants)
 
 
 def _plain(sample: "Sample", *names: str) -> List[Optional[Tensor]]:
@@ -215,9 +301,63 @@ class _StraightThrough(torch.autograd.Function):
         return grad_x, grad_scores, None, None, None
 
 
-def _hard_attention_reference(x, scores, mode, threshold, k, estimator, temperature):
-    _, mask = helpers.hard_attention_reference(x.detach(), scores.detach(), mode, threshold, k, temperature)
+def _hard_attention_reference(x, scores, mode, threshold, k, estimator, temperature, dtype=torch.float64):
+    """`dtype`: the operator's input dtype, whose accumulation precision decides the threshold
+    mask (helpers.hard_attention_reference)."""
+    _, mask = helpers.hard_attention_reference(x.detach(), scores.detach().to(dtype), mode, threshold, k, temperature)
     return _StraightThrough.apply(x, scores, mask, estimator, temperature)
+
+
+def _check_hard_attention_mask(comparison: Comparison, result) -> None:
+    """The mask is exact, in x's dtype, shaped like the scores, outside autograd; top-k keeps k
+    positions per sample and score channel."""
+    sample, options = comparison.sample, comparison.sample.options
+    mask = result[1]
+    _, expected = helpers.hard_attention_reference(
+        comparison.inputs["x"].detach(), sample.tensors["scores"].detach(), options["mode"], options["threshold"],
+        options["k"], options["temperature"])
+    assert mask.dtype == sample.dtype and mask.shape == sample.tensors["scores"].shape
+    assert not mask.requires_grad
+    torch.testing.assert_close(mask.double(), expected, rtol=0, atol=0)
+    if options["mode"] == "topk":
+        assert (mask.flatten(2).sum(-1) == options["k"]).all()
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _self_attention_reference_options(sample: Sample) -> Dict[str, object]:
+    # In half precision the operator picks each pooling window's maximum among the rounded keys
+    # and values.
+    return {"pool_dtype": sample.dtype if sample.dtype in _HALF else None}
+
+
+def _self_attention_compare(comparison: Comparison, name: str, actual: Tensor, expected: Tensor) -> None:
+    """The output within the dtype's tolerance (twice it in half precision: y = x + gamma * out
+    rounds out and then y), times |gamma| where that is above 1 (it scales out's error). A gradient within 4 times it, as it runs back through two
+    projections, the softmax and the pooling; each of its elements sums N * P products (gamma's
+    N * C * P), each rounded by the dtype's precision of its own size, so an element that cancels
+    to near zero (the key bias's is exactly zero: a softmax ignores a shift of all its logits) is
+    off by that much of the size of what is summed (the largest element, or for gamma the root
+    sum of squares of its terms): the tolerance has a part relative to that size too. (The eager
+    composition in the same dtype lands as far off.)"""
+    sample = comparison.sample
+    atol, rtol = helpers.TOLERANCE[sample.dtype]
+    if name == "output":
+        gamma = float(comparison.inputs["gamma"].detach().abs().max())
+        scale = comparison.scale * (2.0 if sample.dtype in _HALF else 1.0) * max(1.0, gamma)
+        torch.testing.assert_close(actual.double(), expected, atol=scale * atol, rtol=scale * rtol)
+        return
+    if name == "gamma":
+        with torch.no_grad():
+            inputs = {n: None if t is None else t.detach() for n, t in comparison.inputs.items()}
+            out = sample.reference({**inputs, "gamma": torch.ones_like(inputs["gamma"])}) - inputs["x"]
+            norm = float((comparison.grad * out).square().sum().sqrt())
+    else:
+        norm = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = 4 * comparison.scale
+    torch.testing.assert_close(actual.double(), expected, atol=scale * (atol + rtol * norm), rtol=scale * rtol,
+                               msg=lambda m: f"self_attention, gradient of {name}: {m}")
 
 
 OPS: Tuple[OpInfo, ...] = (
@@ -239,6 +379,9 @@ OPS: Tuple[OpInfo, ...] = (
         aten_softmax_over_channels=True,
         parameter_scale=lambda name, shape, variant: _fan_in_scale(
             name, shape[1] if name == "fc1_weight" else _hidden(shape[1])),
+        # Parameter gradients sum over N * P terms rounded to the dtype once.
+        tolerance_scales={"fc1_weight": 4.0, "fc1_bias": 4.0, "fc2_weight": 4.0, "fc2_bias": 4.0},
+        reference_channels=(12,),
     ),
     OpInfo(
         name="channel_pool",
@@ -251,6 +394,7 @@ OPS: Tuple[OpInfo, ...] = (
         # Several poisoned elements, some sharing a position: the mean and the max over channels
         # meet NaN and infinities together.
         poison_count=12,
+        reference_channels=(1, 5, 40),
     ),
     OpInfo(
         name="soft_attention",
@@ -267,6 +411,8 @@ OPS: Tuple[OpInfo, ...] = (
         resolve=lambda shape, variant: {"normalize": variant["normalize"], "temperature": variant["temperature"]},
         private_calls=lambda sample, grad: [("_soft_attention_backward", (
             grad, *_plain(sample, "x", "scores"), *_options(sample, "normalize", "temperature")))],
+        # The score gradient sums over channels (shared scores) and over positions (softmax).
+        tolerance_scales={"scores": 2.0},
     ),
     OpInfo(
         name="soft_attention_pool",
@@ -281,15 +427,14 @@ OPS: Tuple[OpInfo, ...] = (
         resolve=lambda shape, variant: {"temperature": variant["temperature"]},
         private_calls=lambda sample, grad: [("_soft_attention_pool_backward", (
             grad, *_plain(sample, "x", "scores"), *_options(sample, "temperature")))],
+        # The output and the score gradient are sums over positions rounded to the dtype once.
+        tolerance_scales={"output": 2.0, "scores": 2.0},
     ),
     OpInfo(
         name="hard_attention",
         arguments=("x", "scores", "mode", "threshold", "k", "estimator", "temperature"),
         tensor_shapes=_scores_shapes,
-        variants=tuple({"id": f"{mode}_{estimator}_{channels}", "mode": mode, "estimator": estimator,
-                        "score_channels": channels, "k_fraction": 0.4}
-                       for mode in ("threshold", "topk") for estimator in ("sigmoid", "identity")
-                       for channels in ("one", "all")),
+        variants=_hard_attention_variants(),
         reference=_hard_attention_reference,
         differentiable=("x", "scores"),
         feature_maps=("x", "scores"),
@@ -301,6 +446,10 @@ OPS: Tuple[OpInfo, ...] = (
         private_calls=lambda sample, grad: [("_hard_attention_backward", (
             grad, *_plain(sample, "x", "scores"), sample.call()[1], *_options(sample, "estimator", "temperature")))],
         applies=lambda shape, variant: variant["mode"] != "topk" or _positions(shape) > 0,
+        reference_options=lambda sample: {"dtype": sample.dtype},
+        # y is x times 0 or 1, and so is the gradient of x; the score gradient sums over channels.
+        tolerance_scales={"output": 0.0, "x": 0.0, "scores": 2.0},
+        check_other_outputs=_check_hard_attention_mask,
     ),
     OpInfo(
         name="self_attention",
@@ -309,7 +458,7 @@ OPS: Tuple[OpInfo, ...] = (
         tensor_shapes=_self_attention_shapes,
         # Query/key heads narrower than value heads, as wide, one head of width 2, heads whose
         # widths are multiples of 8 (torch's memory-efficient kernel on CUDA) and not, keys and
-        # values pooled by 2.
+        # values pooled by 2 and 3, with and without biases.
         variants=(
             {"id": "narrow_heads", "qk": 8, "v": 24, "heads": 2, "kv_stride": 1},
             {"id": "equal_heads", "qk": 24, "v": 24, "heads": 2, "kv_stride": 1},
@@ -319,6 +468,9 @@ OPS: Tuple[OpInfo, ...] = (
             {"id": "odd_heads", "qk": 4, "v": 6, "heads": 2, "kv_stride": 1},
             {"id": "odd_heads_kv_stride_2", "qk": 4, "v": 6, "heads": 2, "kv_stride": 2},
             {"id": "odd_heads_no_bias", "qk": 4, "v": 6, "heads": 2, "kv_stride": 2, "bias": False},
+            {"id": "odd_heads_kv_stride_3", "qk": 4, "v": 6, "heads": 2, "kv_stride": 3},
+            {"id": "one_head_kv_stride_2", "qk": 4, "v": 6, "heads": 1, "kv_stride": 2},
+            {"id": "one_head_kv_stride_3_no_bias", "qk": 4, "v": 6, "heads": 1, "kv_stride": 3, "bias": False},
         ),
         reference=helpers.self_attention_reference,
         differentiable=("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma"),
@@ -334,6 +486,8 @@ OPS: Tuple[OpInfo, ...] = (
         applies=lambda shape, variant: variant["kv_stride"] <= min(shape[2:], default=1),
         parameter_scale=_self_attention_scale,
         private_calls=_self_attention_private_calls,
+        reference_options=_self_attention_reference_options,
+        compare=_self_attention_compare,
     ),
 )
 
