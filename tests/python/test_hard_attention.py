@@ -1,8 +1,8 @@
 """hard_attention's own cases: scores in every layout, vector lanes and block tails, top-k
-ties, NaN scores, k = P, threshold bounds, extreme scores, empty inputs, autocast, bad inputs
-and options, determinism. Every variant against the reference (y and the mask exact, the
-straight-through gradients) over dtype x layout x rank and opcheck are in test_operators.py,
-from the operator table."""
+ties, NaN scores, k = P, k outside top-k mode, threshold bounds, extreme scores, empty inputs,
+autocast, bad backward arguments, determinism. Every variant against the reference (y and the
+mask exact, the straight-through gradients) over dtype x layout x rank, the bad calls and
+opcheck are in test_operators.py, from the operator table."""
 
 import itertools
 
@@ -164,56 +164,11 @@ def _good(device="cpu"):
     return torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 1, 4, 5, device=device)
 
 
-BAD_INPUTS = [
-    ("batch", lambda x, s: (x, torch.randn(1, 1, 4, 5)),
-     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(1, 1, 4, 5\)"),
-    ("channels", lambda x, s: (x, torch.randn(2, 4, 4, 5)),
-     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 4, 4, 5\)"),
-    ("spatial", lambda x, s: (x, torch.randn(2, 1, 5, 4)),
-     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 5, 4\)"),
-    ("scores_rank", lambda x, s: (x, s.flatten(2)),
-     r"hard_attention: scores must be \(N, 1, \*S\) or \(N, C, \*S\) = \(2, 1 or 3, 4, 5\), got \(2, 1, 20\)"),
-    ("x_rank", lambda x, s: (x[0, 0], s[0, 0]),
-     r"hard_attention: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(4, 5\)"),
-    ("int_x", lambda x, s: (x.to(torch.int16), s),
-     r"hard_attention: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Short"),
-    ("bool_x", lambda x, s: (x > 0, s), r"hard_attention: x must have a floating dtype .* got Bool"),
-    ("int_scores", lambda x, s: (x, s.long()), r"hard_attention: scores must have the dtype of x \(Float\), got Long"),
-    ("dtype_mismatch", lambda x, s: (x, s.bfloat16()), r"hard_attention: scores must have the dtype of x \(Float\), got BFloat16"),
-]
-
-
-@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_bad_input_raises_runtime_error_naming_op_and_argument(name, mutate, message, device):
-    args = [a.to(device) for a in mutate(*_good())]
-    with pytest.raises(RuntimeError, match=message):
-        op(*args, "threshold", 0.5, 1, "sigmoid", 1.0)
-
-
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_bad_options(device):
+def test_k_is_ignored_in_threshold_mode(device):
     x, s = _good(device)
-    with pytest.raises(RuntimeError, match=r'hard_attention: mode must be one of "threshold", "topk", got "top"'):
-        op(x, s, "top", 0.5, 1, "sigmoid", 1.0)
-    with pytest.raises(RuntimeError, match=r'hard_attention: estimator must be one of "sigmoid", "identity", got "ste"'):
-        op(x, s, "threshold", 0.5, 1, "ste", 1.0)
-    for threshold, shown in [(-0.1, "-0.1"), (1.5, "1.5"), (float("nan"), "nan"), (float("inf"), "inf")]:
-        with pytest.raises(RuntimeError, match=rf"hard_attention: threshold must be finite and in \[0, 1\], got {shown}$"):
-            op(x, s, "threshold", threshold, 1, "sigmoid", 1.0)
-    for k in (0, -1, 21):
-        with pytest.raises(RuntimeError, match=rf"hard_attention: k must be in \[1, P\] with P = 20 in top-k mode, got {k}$"):
-            op(x, s, "topk", 0.5, k, "sigmoid", 1.0)
-    for temperature, shown in [(0.0, "0"), (-1.0, "-1"), (float("nan"), "nan"), (float("inf"), "inf")]:
-        with pytest.raises(RuntimeError, match=rf"hard_attention: temperature must be finite and positive, got {shown}$"):
-            op(x, s, "topk", 0.5, 1, "sigmoid", temperature)
-    # k only matters in top-k mode.
-    op(x, s, "threshold", 0.5, 0, "sigmoid", 1.0)
-    # Checked even when there is nothing to compute.
-    with pytest.raises(RuntimeError, match=r"hard_attention: mode must be one of"):
-        op(x[:0], s[:0], "top", 0.5, 1, "sigmoid", 1.0)
-    with pytest.raises(RuntimeError, match=r"hard_attention: k must be in \[1, P\] with P = 20 in top-k mode, got 21"):
-        op(x[:0], s[:0], "topk", 0.5, 21, "sigmoid", 1.0)
+    y, mask = op(x, s, "threshold", 0.5, 0, "sigmoid", 1.0)
+    assert y.shape == x.shape and mask.shape == s.shape
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

@@ -1,15 +1,17 @@
 """The checks every operator of the operator table (tests/shared/operators.py) gets the same way:
 the forward and every gradient against the float64 reference over every variant x dtype x
-layout x spatial rank (with the layout of every output), gradcheck in float64 over every variant and spatial rank, and torch.library.opcheck (schema,
+layout x spatial rank (with the layout of every output), the bad calls and their messages,
+gradcheck in float64 over every variant and spatial rank, and torch.library.opcheck (schema,
 fake tensor, autograd registration, AOT dispatch) of the operator and of the private operators
 its autograd calls, over every dtype the kernels dispatch on x every layout x every spatial
 rank, cycling through the variants. Each operator's own semantics (ties, identities, empty
-inputs, bad inputs, modules) are in its test_<op>.py."""
+inputs, bad backward arguments, modules) are in its test_<op>.py."""
 
 import itertools
 
 import pytest
 import torch
+from torch import Tensor
 from helpers import DEVICES, DTYPES, LAYOUTS, SPATIAL, in_layout
 from operators import OPS, check_against_reference
 
@@ -80,6 +82,28 @@ def test_gradcheck(device, op, variant, spatial):
         return sample.output(sample.call({**leaves, **dict(zip(names, tensors))}))
 
     assert torch.autograd.gradcheck(call, [leaves[name] for name in names])
+
+
+BAD_CALLS = [(op, bad) for op in OPS for bad in op.bad_calls]
+
+
+def _call_on(op, arguments, device):
+    arguments = {name: value.to(device) if isinstance(value, Tensor) else value for name, value in arguments.items()}
+    return getattr(torch.ops.cnn_attention, op.name)(*[arguments[name] for name in op.arguments])
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_the_valid_call_of_the_bad_calls_runs(device, op):
+    assert op.valid_call is not None and op.bad_calls, f"{op.name}: the table must give its bad calls"
+    _call_on(op, op.valid_call(), device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("op,bad", BAD_CALLS, ids=[f"{op.name}-{bad.id}" for op, bad in BAD_CALLS])
+def test_bad_call_raises_runtime_error_naming_operator_and_argument(device, op, bad):
+    with pytest.raises(RuntimeError, match=bad.message):
+        _call_on(op, bad.change(op.valid_call()), device)
 
 
 OPCHECK_UTILS_PRIVATE = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -2,7 +2,7 @@
 the spirit of PyTorch's OpInfo. An entry gives the operator's tensor arguments for a shape of
 x (their shapes, and which are feature maps laid out like x), its variants (sets of options),
 its float64 reference and the tolerance of the comparison with it, which arguments are
-differentiable, and which inputs a test may poison. The suites (the comparison with the
+differentiable, which inputs a test may poison, and its bad calls (bad_calls.py). The suites (the comparison with the
 reference, gradcheck, opcheck, determinism, non-finite values, the sanitizer workload) iterate
 over OPS; an operator's own tests check their special inputs with check_against_reference:
 adding an operator's tests is one entry here plus its reference in tests/python/helpers.py.
@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+import bad_calls
 import helpers
+from bad_calls import Arguments, BadCall
 
 Shape = Tuple[int, ...]
 
@@ -127,6 +129,10 @@ class OpInfo:
     check_other_outputs: Callable[["Comparison", object], None] = lambda comparison, result: None
     # Channel counts of x in the tests against the reference.
     reference_channels: Tuple[int, ...] = (6,)
+    # One valid call (arguments by schema name) and the bad calls made from it, each with the
+    # message the operator must raise (tests/shared/bad_calls.py).
+    valid_call: Optional[Callable[[], Arguments]] = None
+    bad_calls: Tuple[BadCall, ...] = ()
 
     def sample(self, shape: Shape, variant: Dict[str, object], dtype: torch.dtype, device, layout: str,
                generator: Optional[torch.Generator] = None) -> Sample:
@@ -382,6 +388,8 @@ OPS: Tuple[OpInfo, ...] = (
         # Parameter gradients sum over N * P terms rounded to the dtype once.
         tolerance_scales={"fc1_weight": 4.0, "fc1_bias": 4.0, "fc2_weight": 4.0, "fc2_bias": 4.0},
         reference_channels=(12,),
+        valid_call=bad_calls.channel_attention_call,
+        bad_calls=bad_calls.CHANNEL_ATTENTION,
     ),
     OpInfo(
         name="channel_pool",
@@ -395,6 +403,8 @@ OPS: Tuple[OpInfo, ...] = (
         # meet NaN and infinities together.
         poison_count=12,
         reference_channels=(1, 5, 40),
+        valid_call=bad_calls.channel_pool_call,
+        bad_calls=bad_calls.CHANNEL_POOL,
     ),
     OpInfo(
         name="soft_attention",
@@ -413,6 +423,8 @@ OPS: Tuple[OpInfo, ...] = (
             grad, *_plain(sample, "x", "scores"), *_options(sample, "normalize", "temperature")))],
         # The score gradient sums over channels (shared scores) and over positions (softmax).
         tolerance_scales={"scores": 2.0},
+        valid_call=bad_calls.soft_attention_call,
+        bad_calls=bad_calls.SOFT_ATTENTION,
     ),
     OpInfo(
         name="soft_attention_pool",
@@ -429,6 +441,8 @@ OPS: Tuple[OpInfo, ...] = (
             grad, *_plain(sample, "x", "scores"), *_options(sample, "temperature")))],
         # The output and the score gradient are sums over positions rounded to the dtype once.
         tolerance_scales={"output": 2.0, "scores": 2.0},
+        valid_call=bad_calls.soft_attention_pool_call,
+        bad_calls=bad_calls.SOFT_ATTENTION_POOL,
     ),
     OpInfo(
         name="hard_attention",
@@ -450,6 +464,8 @@ OPS: Tuple[OpInfo, ...] = (
         # y is x times 0 or 1, and so is the gradient of x; the score gradient sums over channels.
         tolerance_scales={"output": 0.0, "x": 0.0, "scores": 2.0},
         check_other_outputs=_check_hard_attention_mask,
+        valid_call=bad_calls.hard_attention_call,
+        bad_calls=bad_calls.HARD_ATTENTION,
     ),
     OpInfo(
         name="self_attention",
@@ -488,6 +504,8 @@ OPS: Tuple[OpInfo, ...] = (
         private_calls=_self_attention_private_calls,
         reference_options=_self_attention_reference_options,
         compare=_self_attention_compare,
+        valid_call=bad_calls.self_attention_call,
+        bad_calls=bad_calls.SELF_ATTENTION,
     ),
 )
 
