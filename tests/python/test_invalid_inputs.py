@@ -4,6 +4,7 @@ The fuzzer runs in a child process: a crash (a signal) in an operator must fail 
 with the call that caused it, not take pytest down with it. `make fuzz` runs it longer.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from operators import OPS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "fuzz" / "invalid_inputs.py"
@@ -73,3 +75,23 @@ def test_none_for_a_required_tensor_names_the_operator() -> None:
                 getattr(torch.ops.cnn_attention, op)(*args)
         with pytest.raises(RuntimeError, match=rf"^{op}: {name} must be a tensor, got None"):
             getattr(torch.ops.cnn_attention, op)(*args)
+
+
+def _fuzzer():
+    """The fuzzer as a module (it is a script, not on the import path)."""
+    spec = importlib.util.spec_from_file_location("invalid_inputs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("invalid_inputs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_the_fuzzer_oracle_agrees_with_the_operator_table(op):
+    """The fuzzer's oracle (its model of validity, written from docs/design.md) and the
+    operator table's fixed calls (tests/shared/bad_calls.py) are two descriptions of the same
+    checks: the oracle must accept the table's valid call and reject every bad call."""
+    oracle = _fuzzer().OP_KINDS[op.name].valid
+    assert oracle(op.valid_call()), f"{op.name}: the oracle rejects the valid call"
+    accepted = [bad.id for bad in op.bad_calls if oracle(bad.change(op.valid_call()))]
+    assert not accepted, f"{op.name}: the oracle accepts the bad calls {accepted}"
