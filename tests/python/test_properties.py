@@ -1,7 +1,9 @@
 """Hypothesis property tests: every operator, forward and the gradient of every differentiable
 input, against the float64 references of helpers.py on random shapes (no samples, one
 channel, one position, no positions, a few thousand positions), dtypes, layouts of every
-feature-map argument, options and values.
+feature-map argument, options and values. test_operator_table draws every operator of the
+operator table (tests/shared/operators.py) from its entry alone; the properties per operator
+draw option values between the table's variants and model the errors of their sums.
 
 `make test` runs conftest.py's derandomized default profile (a bounded number of examples per
 test); the fuzz profile runs 10,000 fresh ones per test:
@@ -35,7 +37,7 @@ from helpers import (
 )
 from hypothesis import event, given
 from hypothesis import strategies as st
-from operators import OPS
+from operators import OPS, Sample, check_against_reference
 from test_channel_attention import make_params as channel_attention_params
 from test_self_attention import make_params as self_attention_params
 from torch import Tensor
@@ -530,7 +532,42 @@ def test_self_attention(case: Case) -> None:
                    slack=ulp * float(gamma_sizes))
 
 
-def test_every_operator_of_the_operator_table_has_a_property() -> None:
-    """A property per operator of tests/shared/operators.py, named test_<operator>."""
-    properties = {name.removeprefix("test_") for name, value in globals().items() if callable(value)}
-    assert {op.name for op in OPS} <= properties, {op.name for op in OPS} - properties
+# ---- every operator of the operator table ----
+
+@st.composite
+def table_cases(draw: st.DrawFn) -> Case:
+    """An operator of tests/shared/operators.py and one of its variants that applies to the
+    drawn shape (an example whose shape none applies to draws the operator's first variant and
+    a shape with positions)."""
+    op = draw(st.sampled_from(OPS))
+    case = draw(base_cases(op.feature_maps, max_positions=op.reference_max_positions, large_every=16))
+    applicable = [v for v in op.variants if op.applies(case.shape, v)]
+    if not applicable:
+        case = Case((*case.shape[:2], *(max(1, s) for s in case.shape[2:])), case.dtype, case.seed, case.layouts)
+        applicable = [v for v in op.variants if op.applies(case.shape, v)]
+    return with_options(case, op=op, variant=draw(st.sampled_from(applicable)))
+
+
+@given(case=table_cases())
+def test_operator_table(case: Case) -> None:
+    """Every operator of the operator table, from its own description: random shapes, dtypes,
+    layouts of every feature-map argument and variants, the forward and every gradient against
+    the float64 reference within the table's tolerance or 4 times the eager composition's error.
+    (The properties above refine this for each operator: option values between the variants,
+    error models of their sums.)"""
+    record(case)
+    op, variant = case.options["op"], case.options["variant"]
+    event(op.name)
+    generator = torch.Generator().manual_seed(case.seed)
+    drawn = op.sample(case.shape, variant, case.dtype, "cpu", "contiguous", generator)
+    tensors = {name: layout_view(t, *case.layouts[name]) if t is not None and name in op.feature_maps else t
+               for name, t in drawn.tensors.items()}
+    sample = Sample(op, tensors, drawn.options)
+    if case.empty:
+        leaves = sample.leaves()
+        out = sample.output(sample.call(leaves))
+        names = sample.differentiable_names(leaves)
+        grads = torch.autograd.grad(out, [leaves[n] for n in names], torch.randn(out.shape).to(out), allow_unused=True)
+        assert_empty_result(out, grads, [leaves[n] for n in names])
+        return
+    check_against_reference(sample, generator, eager_slack=True)
