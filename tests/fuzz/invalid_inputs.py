@@ -7,7 +7,9 @@
 Each call starts from a valid call and applies zero to three mutations (tensor ranks, sizes,
 dtypes, devices, layouts, non-tensors where tensors go, odd strings, NaN / inf / huge
 numbers, wrong argument counts). An oracle written from docs/design.md and the checks in
-csrc/ops says whether the call is valid. Rules:
+csrc/ops says whether the call is valid. An operator of the operator table
+(tests/shared/operators.py) without a generator and oracle here is fuzzed from its table
+entry, with validity unknown (only the rules on exceptions, messages and time apply). Rules:
 
 - a call returns or raises RuntimeError, ValueError, TypeError, IndexError or
   NotImplementedError whose message names the operator (a module: its class name or an
@@ -45,8 +47,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent / "python"), str(TESTS / "python"), str(TESTS / "shared")]
 import cnn_attention  # noqa: E402
+import operators as operator_table  # noqa: E402
 from cnn_attention import functional as caf  # noqa: E402
 
 OPS = torch.ops.cnn_attention
@@ -599,6 +603,9 @@ def op_kind(base: str, build: Callable[..., dict[str, Any]], valid: Callable[[di
     return OpKind(base, lambda rng, g: build(rng, g, **options), valid)
 
 
+# Filled by targets(): the operator table's kinds for operators without a generator here.
+TABLE_OP_KINDS: dict[str, OpKind] = {}
+
 CA, CP, SA = "channel_attention", "channel_pool", "soft_attention"
 SP, HA, SELF = "soft_attention_pool", "hard_attention", "self_attention"
 OP_KINDS: dict[str, OpKind] = {
@@ -617,6 +624,64 @@ OP_KINDS: dict[str, OpKind] = {
                                        backward=False, forward_only=True),
     "_self_attention_backward": op_kind(SELF, build_self_attention, valid_self_attention, backward=True),
 }
+
+
+# An operator of the operator table (tests/shared/operators.py) without a generator and oracle
+# above is fuzzed from its table entry: valid calls drawn from its variants and tensor shapes
+# (its private operators from the calls its autograd makes), mutated like the others, with no
+# oracle (validity unknown): every call must still return or raise an allowed exception that
+# names the operator, in time. A generator and an oracle here add "a valid call succeeds with
+# the contracted result, an invalid one is rejected".
+
+
+def table_build(info: Any) -> Callable[[random.Random, Geometry], dict[str, Any]]:
+    def build(rng: random.Random, g: Geometry) -> dict[str, Any]:
+        shape = g.x_shape
+        variant = rng.choice([v for v in info.variants if info.applies(shape, v)] or list(info.variants))
+        values: dict[str, Any] = {
+            name: None if tensor_shape is None else spec(rng, g, tensor_shape, grad=name in info.differentiable)
+            for name, tensor_shape in info.tensor_shapes(shape, variant).items()
+        }
+        return {**values, **info.resolve(shape, variant)}
+
+    return build
+
+
+def table_private_build(info: Any, private: str) -> Callable[[random.Random, Geometry], dict[str, Any]]:
+    """The arguments of the private operator as the public one's autograd passes them, from a
+    small real sample of the geometry (a huge geometry, or one the public operator rejects,
+    such as no channels, is replaced by a small one)."""
+    def arguments(shape: tuple[int, ...], dtype: torch.dtype, device: str, rng: random.Random) -> dict[str, Any]:
+        applicable = [v for v in info.variants if info.applies(shape, v)]
+        sample = info.sample(shape, rng.choice(applicable), dtype, device, rng.choice(("contiguous", "channels_last")))
+        out = sample.output(sample.call())
+        grad = torch.randn(out.shape, dtype=dtype).to(out.device)
+        args = dict(sample.op.private_calls(sample, grad))[private]
+        return dict(zip([p.name for p in schema_params(private)], args))
+
+    def build(rng: random.Random, g: Geometry) -> dict[str, Any]:
+        if extent(g.x_shape) <= MAX_REAL:
+            try:
+                return arguments(g.x_shape, g.dtype, g.device, rng)
+            except (RuntimeError, IndexError):
+                pass
+        return arguments((2, 3, 4, 5), g.dtype, g.device, rng)
+
+    return build
+
+
+def table_op_kinds() -> dict[str, "OpKind"]:
+    """Kinds for the operators of the operator table and their private operators."""
+    kinds: dict[str, OpKind] = {}
+    for info in operator_table.OPS:
+        kinds[info.name] = OpKind(info.name, table_build(info), lambda bound: None)
+        shape = (2, 3, 4, 5)
+        sample = info.sample(shape, next(v for v in info.variants if info.applies(shape, v)), torch.float32, "cpu",
+                             "contiguous")
+        out = sample.output(sample.call())
+        for private, _ in info.private_calls(sample, torch.zeros_like(out)):
+            kinds[private] = OpKind(info.name, table_private_build(info, private), lambda bound: None)
+    return kinds
 
 
 # ---------------------------------------------------------------------------- op calls
@@ -1023,7 +1088,7 @@ def layout_problem(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, An
 
 
 def op_call(rng: random.Random, target: str, op: str, functional: bool) -> Call:
-    kind = OP_KINDS[op]
+    kind = OP_KINDS.get(op) or TABLE_OP_KINDS[op]
     params = schema_params(op)
     huge = rng.random() < 0.08
     g = random_geometry(rng, huge)
@@ -1124,9 +1189,10 @@ def targets() -> dict[str, float]:
     """Every target and its share of the calls: public operators and modules 4, private
     operators and functional wrappers 2 (they share the public operators' checks)."""
     ops = registered_ops()
-    missing = [op for op in ops if op not in OP_KINDS]
+    TABLE_OP_KINDS.update({op: kind for op, kind in table_op_kinds().items() if op not in OP_KINDS})
+    missing = [op for op in ops if op not in OP_KINDS and op not in TABLE_OP_KINDS]
     if missing:
-        raise SystemExit(f"invalid_inputs.py: no generator for operators {missing}; add one")
+        raise SystemExit(f"invalid_inputs.py: operators {missing} are neither in the operator table nor here")
     weights = {op: (2.0 if op.startswith("_") else 4.0) for op in ops}
     weights.update({f"F.{f}": 2.0 for f in caf.__all__})
     weights.update({m: 4.0 for m in MODULES})

@@ -95,3 +95,22 @@ def test_the_fuzzer_oracle_agrees_with_the_operator_table(op):
     assert oracle(op.valid_call()), f"{op.name}: the oracle rejects the valid call"
     accepted = [bad.id for bad in op.bad_calls if oracle(bad.change(op.valid_call()))]
     assert not accepted, f"{op.name}: the oracle accepts the bad calls {accepted}"
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_the_fuzzer_fuzzes_an_operator_of_the_table_without_its_generator(op):
+    """An operator the fuzzer has no generator and oracle for is fuzzed from its table entry,
+    its private operators too: calls that are accepted and calls that are rejected, none with
+    a problem (a disallowed exception, a message that does not name the operator, a hang)."""
+    fuzzer = _fuzzer()
+    private = {name for name, kind in fuzzer.OP_KINDS.items() if kind.base == op.name and name != op.name}
+    for name in {op.name, *private}:
+        del fuzzer.OP_KINDS[name]
+    weights = fuzzer.targets()
+    assert {op.name, *private} <= set(fuzzer.TABLE_OP_KINDS)
+    outcomes = [fuzzer.run_call(fuzzer.make_call(SEED, i, {name: 1.0 for name in {op.name, *private}}), slow=10.0)
+                for i in range(300)]
+    problems = [(i, o.problem, o.message) for i, o in enumerate(outcomes) if o.problem]
+    assert not problems, problems[:5]
+    assert any(o.accepted for o in outcomes) and any(not o.accepted for o in outcomes)
+    assert set(weights) >= {op.name, *private}
