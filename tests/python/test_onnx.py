@@ -1,9 +1,11 @@
-"""ONNX export (cnn_attention.onnx): models with every operator and option exported with
-standard ONNX operators; onnxruntime's outputs match PyTorch's."""
+"""ONNX export (cnn_attention.onnx): models with every operator and option, and every variant of
+every operator of the operator table, exported with standard ONNX operators; onnxruntime's
+outputs match PyTorch's."""
 
 import pytest
 import torch
 from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
+from operators import OPS
 from torch import nn
 
 import cnn_attention
@@ -61,3 +63,37 @@ def test_every_option_matches_onnxruntime(tmp_path):
     x = torch.randn(2, 6, 20)
     (out,) = _run_onnx(model, x, tmp_path)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+class OperatorCall(nn.Module):
+    """One call of an operator of the operator table, x its input: the sample's other tensors
+    are buffers (ONNX initializers), its options constants."""
+
+    def __init__(self, sample):
+        super().__init__()
+        self.sample = sample
+        self.names = [name for name in sample.op.arguments if name in sample.tensors and name != "x"]
+        for name in self.names:
+            self.register_buffer(name, sample.tensors[name])
+
+    def forward(self, x):
+        return self.sample.call({"x": x, **{name: getattr(self, name) for name in self.names}})
+
+
+# Every variant, 2-D and 1-D maps in turn.
+TABLE_CASES = [(op, variant, shape) for op in OPS for i, variant in enumerate(op.variants)
+               for shape in [[(2, 6, 5, 7), (2, 6, 11)][i % 2]] if op.applies(shape, variant)]
+
+
+@pytest.mark.parametrize("op,variant,shape", TABLE_CASES,
+                         ids=[f"{op.name}-{variant['id']}-{len(shape) - 2}d" for op, variant, shape in TABLE_CASES])
+def test_every_operator_of_the_table_matches_onnxruntime(tmp_path, op, variant, shape):
+    sample = op.sample(shape, variant, torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(1))
+    model = OperatorCall(sample).eval()
+    x = sample.tensors["x"]
+    outputs = _run_onnx(model, x, tmp_path)
+    expected = model(x)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    assert len(outputs) == len(expected)
+    for out, want in zip(outputs, expected):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
