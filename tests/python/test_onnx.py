@@ -5,7 +5,7 @@ outputs match PyTorch's."""
 import pytest
 import torch
 from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
-from operators import OPS
+from operators import OPS, OperatorCall
 from torch import nn
 
 import cnn_attention
@@ -17,11 +17,13 @@ import cnn_attention.onnx  # noqa: E402
 
 
 def _run_onnx(model, x, tmp_path):
-    program = cnn_attention.onnx.export(model, (x,), verbose=False)
+    """`x`: the model's input, or a tuple of its inputs."""
+    inputs = x if isinstance(x, tuple) else (x,)
+    program = cnn_attention.onnx.export(model, inputs, verbose=False)
     path = tmp_path / "model.onnx"
     program.save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    outputs = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
     return [torch.from_numpy(o) for o in outputs]
 
 
@@ -65,21 +67,6 @@ def test_every_option_matches_onnxruntime(tmp_path):
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
 
 
-class OperatorCall(nn.Module):
-    """One call of an operator of the operator table, x its input: the sample's other tensors
-    are buffers (ONNX initializers), its options constants."""
-
-    def __init__(self, sample):
-        super().__init__()
-        self.sample = sample
-        self.names = [name for name in sample.op.arguments if name in sample.tensors and name != "x"]
-        for name in self.names:
-            self.register_buffer(name, sample.tensors[name])
-
-    def forward(self, x):
-        return self.sample.call({"x": x, **{name: getattr(self, name) for name in self.names}})
-
-
 # Every variant, 2-D and 1-D maps in turn.
 TABLE_CASES = [(op, variant, shape) for op in OPS for i, variant in enumerate(op.variants)
                for shape in [[(2, 6, 5, 7), (2, 6, 11)][i % 2]] if op.applies(shape, variant)]
@@ -90,9 +77,8 @@ TABLE_CASES = [(op, variant, shape) for op in OPS for i, variant in enumerate(op
 def test_every_operator_of_the_table_matches_onnxruntime(tmp_path, op, variant, shape):
     sample = op.sample(shape, variant, torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(1))
     model = OperatorCall(sample).eval()
-    x = sample.tensors["x"]
-    outputs = _run_onnx(model, x, tmp_path)
-    expected = model(x)
+    outputs = _run_onnx(model, model.inputs, tmp_path)
+    expected = model(*model.inputs)
     expected = list(expected) if isinstance(expected, tuple) else [expected]
     assert len(outputs) == len(expected)
     for out, want in zip(outputs, expected):

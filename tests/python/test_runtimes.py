@@ -1,5 +1,6 @@
 """The operators and modules under every runtime the contract names: TorchScript (script,
-save, load in a fresh process), torch.compile(fullgraph=True), torch.export."""
+save, load in a fresh process), torch.compile(fullgraph=True), torch.export; models with every
+module, and every operator of the operator table on its own."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from operators import OPS, OperatorCall
 from models import TinyAllFamiliesCNN, TinyAttentionCNN, TinyInsertedCNN, TinySelfAttentionCNN, TinySpatialAttentionCNN
 
 import cnn_attention
@@ -169,3 +171,75 @@ def test_cuda_model_matches_cpu(kind):
     model, x = _model_and_input(kind)
     expected = model(x)
     torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _table_call(op):
+    """An OperatorCall of the operator's first variant that applies to a (2, 6, 5, 7) float32 map."""
+    shape = (2, 6, 5, 7)
+    variant = next(v for v in op.variants if op.applies(shape, v))
+    sample = op.sample(shape, variant, torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(2))
+    return OperatorCall(sample)
+
+
+def _as_list(result):
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_every_operator_of_the_table_under_export_and_compile(op):
+    """torch.export (with a dynamic batch) shows the operator in its graph and gives its result;
+    torch.compile(fullgraph=True) gives its result and the gradient of every input."""
+    model = _table_call(op)
+    inputs = model.inputs
+    expected = _as_list(model(*inputs))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    # forward(*maps): one dynamic-shape spec for the variadic argument, a dict per map.
+    exported = torch.export.export(model, inputs, dynamic_shapes=(tuple({0: batch} for _ in inputs),))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any(f"cnn_attention.{op.name}." in t for t in targets), targets
+    for got, want in zip(_as_list(exported.module()(*inputs)), expected):
+        torch.testing.assert_close(got, want)
+    bigger = tuple(torch.cat([t, t, t]) for t in inputs)
+    for got, want in zip(_as_list(exported.module()(*bigger)), _as_list(model(*bigger))):
+        torch.testing.assert_close(got, want)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    got, want = _as_list(compiled(*leaves)), _as_list(model(*eager_leaves))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    grads = torch.autograd.grad(got[0].sum(), leaves)
+    eager_grads = torch.autograd.grad(want[0].sum(), eager_leaves)
+    for g, w in zip(grads, eager_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_every_operator_of_the_table_traced_saved_and_loaded_in_a_fresh_process(tmp_path):
+    """TorchScript: each operator's call traced, saved, loaded by a fresh process that imports
+    cnn_attention, with the same results."""
+    for op in OPS:
+        model = _table_call(op)
+        traced = torch.jit.trace(model, model.inputs, check_trace=False)
+        traced.save(str(tmp_path / f"{op.name}.pt"))
+        torch.save({"inputs": model.inputs, "outputs": _as_list(model(*model.inputs))}, tmp_path / f"{op.name}_io.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(ROOT, 'python')!r})
+        import cnn_attention
+        for name in {[op.name for op in OPS]!r}:
+            m = torch.jit.load({str(tmp_path)!r} + f"/{{name}}.pt")
+            io = torch.load({str(tmp_path)!r} + f"/{{name}}_io.pt")
+            out = m(*io["inputs"])
+            out = list(out) if isinstance(out, (tuple, list)) else [out]
+            assert len(out) == len(io["outputs"])
+            for got, want in zip(out, io["outputs"]):
+                torch.testing.assert_close(got, want)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -532,6 +532,25 @@ OPS: Tuple[OpInfo, ...] = (
 BY_NAME: Dict[str, OpInfo] = {op.name: op for op in OPS}
 
 
-def all_samples(shape: Shape, dtype: torch.dtype, device, layout: str,
-                generator: Optional[torch.Generator] = None) -> List[Sample]:
-    return [sample for op in OPS for sample in op.samples(shape, dtype, device, layout, generator)]
+class OperatorCall(torch.nn.Module):
+    """One call of an operator as a model (for the runtime and ONNX tests): its inputs are the
+    sample's feature maps (`inputs`), its other tensors buffers, its options constants. Returns
+    the whole result."""
+
+    def __init__(self, sample: Sample):
+        super().__init__()
+        self.sample = sample
+        self.maps = [name for name in sample.op.feature_maps if sample.tensors.get(name) is not None]
+        self.names = [name for name, t in sample.tensors.items() if t is not None and name not in self.maps]
+        for name in self.names:
+            self.register_buffer(name, sample.tensors[name].detach().clone())
+
+    @property
+    def inputs(self) -> Tuple[Tensor, ...]:
+        return tuple(self.sample.tensors[name] for name in self.maps)
+
+    def forward(self, *maps: Tensor):
+        tensors = {name: None for name in self.sample.tensors}
+        tensors.update(zip(self.maps, maps))
+        tensors.update({name: getattr(self, name) for name in self.names})
+        return self.sample.call(tensors)
