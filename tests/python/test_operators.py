@@ -41,11 +41,13 @@ def _assert_laid_out_like_x(t, x, layout, what):
         assert t.is_contiguous(), f"{what} must be contiguous"
 
 
+def _case_id(op, variant, dtype, layout, where):
+    return f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{where}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "op,variant,dtype,layout,shape", REFERENCE_CASES,
-    ids=[f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{'x'.join(map(str, shape))}"
-         for op, variant, dtype, layout, shape in REFERENCE_CASES])
+@pytest.mark.parametrize("op,variant,dtype,layout,shape", REFERENCE_CASES,
+                         ids=[_case_id(*case[:4], "x".join(map(str, case[4]))) for case in REFERENCE_CASES])
 def test_matches_float64_reference(device, op, variant, dtype, layout, shape):
     generator = torch.Generator().manual_seed(sum(shape) + len(variant["id"]))
     sample = op.sample(shape, variant, dtype, device, layout, generator)
@@ -126,10 +128,8 @@ OPCHECK_CASES = _opcheck_cases()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "op,variant,dtype,layout,spatial", OPCHECK_CASES,
-    ids=[f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{len(spatial)}d"
-         for op, variant, dtype, layout, spatial in OPCHECK_CASES])
+@pytest.mark.parametrize("op,variant,dtype,layout,spatial", OPCHECK_CASES,
+                         ids=[_case_id(*case[:4], f"{len(case[4])}d") for case in OPCHECK_CASES])
 def test_opcheck(device, op, variant, dtype, layout, spatial):
     shape = (2, 4) + spatial
     sample = op.sample(shape, variant, dtype, device, layout, torch.Generator().manual_seed(3))
