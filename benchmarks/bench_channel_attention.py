@@ -7,7 +7,6 @@ bytes, backward 4|x|, at the copy bandwidth measured in the same run.
     python benchmarks/bench_channel_attention.py --device cuda --dtype bfloat16
 """
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import measure_all, median_ms, print_table  # noqa: E402
+from common import block_arguments, measure_all, median_ms, print_table  # noqa: E402
 
 
 class TimmSE(nn.Module):
@@ -42,14 +41,9 @@ class TimmCbamChannel(TimmSE):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--shape", default="8,256,56,56")
+    parser = block_arguments(__doc__, "8,256,56,56")
     parser.add_argument("--reduction", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     args = parser.parse_args()
 
     device, dtype = args.device, getattr(torch, args.dtype)

@@ -6,7 +6,6 @@ forward and forward+backward.
     python benchmarks/bench_channel_pool.py --device cuda --dtype bfloat16
 """
 
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402,F401
-from common import measure_all, print_table  # noqa: E402
+from common import block_arguments, measure_all, print_table  # noqa: E402
 
 
 class EagerChannelPool(nn.Module):
@@ -29,13 +28,7 @@ class OurChannelPool(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--shape", default="8,64,112,112")
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
+    args = block_arguments(__doc__, "8,64,112,112").parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     shape = tuple(int(s) for s in args.shape.split(","))
     torch.manual_seed(0)

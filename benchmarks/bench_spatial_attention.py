@@ -16,7 +16,6 @@ score parameters).
     python benchmarks/bench_spatial_attention.py --device cuda --dtype bfloat16
 """
 
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import measure_all, median_ms, print_table  # noqa: E402
+from common import block_arguments, measure_all, median_ms, print_table  # noqa: E402
 
 # Bytes an operator must move, in units of |x|: (forward, backward). soft_attention and
 # hard_attention read x and write y, then read grad_y and x and write grad_x;
@@ -114,16 +113,11 @@ def candidates_for(op, shape, device, dtype, compile_eager, score_channels):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--shape", default="8,64,112,112")
-    parser.add_argument("--repeat", type=int, default=20)
+    parser = block_arguments(__doc__, "8,64,112,112")
     parser.add_argument("--ops", default="soft,softmax,hard,pool")
     parser.add_argument("--layouts", default="contiguous,channels_last")
     parser.add_argument("--channel-scores", action="store_true",
                         help="scores with C channels (N, C, *S) instead of one (not for 'soft')")
-    parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     shape = tuple(int(s) for s in args.shape.split(","))

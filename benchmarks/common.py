@@ -1,10 +1,23 @@
 """Timing helpers shared by the benchmarks: round-robin timing of candidates side by side,
 median and minimum per candidate, and the markdown table every benchmark prints."""
 
+import argparse
 import statistics
 import time
 
 import torch
+
+
+def block_arguments(description: str, shape: str) -> argparse.ArgumentParser:
+    """The options every per-block benchmark takes: device, dtype, the shape of x (default
+    `shape`), calls per candidate, and whether to leave out the torch.compile baselines."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--shape", default=shape)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    return parser
 
 
 def sync(device: str) -> None:
