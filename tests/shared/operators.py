@@ -554,3 +554,8 @@ class OperatorCall(torch.nn.Module):
         tensors.update(zip(self.maps, maps))
         tensors.update({name: getattr(self, name) for name in self.names})
         return self.sample.call(tensors)
+
+
+def all_samples(shape: Shape, dtype: torch.dtype, device, layout: str,
+                generator: Optional[torch.Generator] = None) -> List[Sample]:
+    return [sample for op in OPS for sample in op.samples(shape, dtype, device, layout, generator)]
