@@ -2,10 +2,11 @@
 the spirit of PyTorch's OpInfo. An entry gives the operator's tensor arguments for a shape of
 x (their shapes, and which are feature maps laid out like x), its variants (sets of options),
 its float64 reference and the tolerance of the comparison with it, which arguments are
-differentiable, which inputs a test may poison, and its bad calls (bad_calls.py). The suites (the comparison with the
-reference, gradcheck, opcheck, determinism, non-finite values, the sanitizer workload) iterate
-over OPS; an operator's own tests check their special inputs with check_against_reference:
-adding an operator's tests is one entry here plus its reference in tests/python/helpers.py.
+differentiable, which inputs a test may poison, and its valid call and bad calls
+(bad_calls.py). The suites iterate over OPS (docs/design.md section 3 lists them); an
+operator's own tests check their special inputs with check_against_reference. Adding an
+operator's tests is one entry here and in bad_calls.py plus its reference in
+tests/python/helpers.py.
 
     for op in OPS:
         for sample in op.samples((2, 5, 7, 9), torch.float32, "cpu", "channels_last", generator):
@@ -356,8 +357,9 @@ def _self_attention_reference_options(sample: Sample) -> Dict[str, object]:
 
 def _self_attention_compare(comparison: Comparison, name: str, actual: Tensor, expected: Tensor) -> None:
     """The output within the dtype's tolerance (twice it in half precision: y = x + gamma * out
-    rounds out and then y), times |gamma| where that is above 1 (it scales out's error). A gradient within 4 times it, as it runs back through two
-    projections, the softmax and the pooling; each of its elements sums N * P products (gamma's
+    rounds out and then y), times |gamma| where that is above 1 (it scales out's error). A
+    gradient within 4 times it, as it runs back through two projections, the softmax and the
+    pooling; each of its elements sums N * P products (gamma's
     N * C * P), each rounded by the dtype's precision of its own size, so an element that cancels
     to near zero (the key bias's is exactly zero: a softmax ignores a shift of all its logits) is
     off by that much of the size of what is summed (the largest element, or for gamma the root
