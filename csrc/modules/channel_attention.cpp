@@ -21,6 +21,7 @@ void ChannelAttentionImpl::reset() {
               options.channels(), ", ", options.reduction(), ", ", options.min_hidden());
   ops::parse_channel_pool("ChannelAttention", options.pool());
   ops::parse_channel_gate("ChannelAttention", options.gate());
+  ops::parse_channel_activation("ChannelAttention", options.activation());
   const int64_t channels = options.channels();
   hidden = std::max(channels / options.reduction(), options.min_hidden());
   fc1_weight = register_parameter("fc1_weight", torch::empty({hidden, channels}));
@@ -44,12 +45,13 @@ void ChannelAttentionImpl::reset_parameters() {
 
 torch::Tensor ChannelAttentionImpl::forward(const torch::Tensor& x) {
   return ops::channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, options.pool(),
-                                options.gate());
+                                options.gate(), options.activation());
 }
 
 void ChannelAttentionImpl::pretty_print(std::ostream& stream) const {
   stream << "cnn_attention::nn::ChannelAttention(" << options.channels() << ", hidden=" << hidden
-         << ", pool=" << options.pool() << ", gate=" << options.gate() << ")";
+         << ", pool=" << options.pool() << ", gate=" << options.gate()
+         << ", activation=" << options.activation() << ")";
 }
 
 }  // namespace nn

@@ -20,6 +20,7 @@ struct CNN_ATTENTION_API ChannelAttentionOptions {
   TORCH_ARG(int64_t, min_hidden) = 8;
   TORCH_ARG(std::string, pool) = "avg";
   TORCH_ARG(std::string, gate) = "sigmoid";
+  TORCH_ARG(std::string, activation) = "relu";
 };
 
 // SE / CBAM channel attention over cnn_attention::ops::channel_attention; the same

@@ -20,9 +20,10 @@ at::Tensor channel_attention(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   static auto op = find_op<decltype(channel_attention)>("cnn_attention::channel_attention");
-  return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
 }
 
 namespace detail {
@@ -36,9 +37,10 @@ _channel_attention_backward(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   static auto op = find_op<decltype(_channel_attention_backward)>("cnn_attention::_channel_attention_backward");
-  return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+  return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
 }
 
 }  // namespace detail
@@ -50,8 +52,18 @@ ChannelPool parse_channel_pool(const char* op, c10::string_view pool) {
 }
 
 ChannelGate parse_channel_gate(const char* op, c10::string_view gate) {
-  return parse_choice<ChannelGate>(
-      op, "gate", gate, {{"sigmoid", ChannelGate::Sigmoid}, {"softmax", ChannelGate::Softmax}});
+  return parse_choice<ChannelGate>(op, "gate", gate,
+                                   {{"sigmoid", ChannelGate::Sigmoid},
+                                    {"softmax", ChannelGate::Softmax},
+                                    {"hard_sigmoid", ChannelGate::HardSigmoid}});
+}
+
+ChannelActivation parse_channel_activation(const char* op, c10::string_view activation) {
+  return parse_choice<ChannelActivation>(op, "activation", activation,
+                                         {{"relu", ChannelActivation::Relu},
+                                          {"silu", ChannelActivation::Silu},
+                                          {"gelu", ChannelActivation::Gelu},
+                                          {"identity", ChannelActivation::Identity}});
 }
 
 ChannelAttentionModes check_channel_attention_args(
@@ -61,7 +73,8 @@ ChannelAttentionModes check_channel_attention_args(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   check_feature_map(kOp, "x", x);
   const c10::SymInt channels = x.sym_size(1);
   TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.sym_size(1) == channels,
@@ -81,7 +94,8 @@ ChannelAttentionModes check_channel_attention_args(
     check_sizes(kOp, "fc2_bias", *fc2_bias, {channels}, "(C,)");
     check_like(kOp, "x", x, "fc2_bias", *fc2_bias);
   }
-  return {parse_channel_pool(kOp, pool), parse_channel_gate(kOp, gate)};
+  return {parse_channel_pool(kOp, pool), parse_channel_gate(kOp, gate),
+          parse_channel_activation(kOp, activation)};
 }
 
 ChannelAttentionModes check_channel_attention_backward_args(
@@ -92,9 +106,10 @@ ChannelAttentionModes check_channel_attention_backward_args(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
-  const ChannelAttentionModes modes =
-      check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+    c10::string_view gate,
+    c10::string_view activation) {
+  const ChannelAttentionModes modes = check_channel_attention_args(
+      x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
   check_like(kOp, "x", x, "grad_y", grad_y);
   check_sizes(kOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
   return modes;
@@ -103,11 +118,12 @@ ChannelAttentionModes check_channel_attention_backward_args(
 TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
   m.def(
       "channel_attention(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
-      "Tensor? fc2_bias, str pool=\"avg\", str gate=\"sigmoid\") -> Tensor",
+      "Tensor? fc2_bias, str pool=\"avg\", str gate=\"sigmoid\", str activation=\"relu\") "
+      "-> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "_channel_attention_backward(Tensor grad_y, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, str pool, str gate) "
+      "Tensor fc2_weight, Tensor? fc2_bias, str pool, str gate, str activation=\"relu\") "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

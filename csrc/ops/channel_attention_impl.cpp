@@ -26,15 +26,17 @@ at::Tensor row_sums(MatmulFn matmul, const at::Tensor& t) {
   return product(matmul, t, at::ones({t.size(1), 1}, t.options()));
 }
 
-// fc2(relu(fc1(p))) in the accumulation dtype, whatever the dtype of the parameters.
+// fc2(activation(fc1(p))) in the accumulation dtype, whatever the dtype of the parameters.
 struct Mlp {
   at::Tensor fc1_weight, fc2_weight;
   std::optional<at::Tensor> fc1_bias, fc2_bias;
+  ChannelActivation activation;
   MatmulFn matmul;
 
   Mlp(const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-      const std::optional<at::Tensor>& b2, at::ScalarType dtype, MatmulFn matmul)
-      : fc1_weight(w1.to(dtype)), fc2_weight(w2.to(dtype)), matmul(matmul) {
+      const std::optional<at::Tensor>& b2, ChannelActivation activation, at::ScalarType dtype,
+      MatmulFn matmul)
+      : fc1_weight(w1.to(dtype)), fc2_weight(w2.to(dtype)), activation(activation), matmul(matmul) {
     if (b1.has_value()) fc1_bias = b1->to(dtype);
     if (b2.has_value()) fc2_bias = b2->to(dtype);
   }
@@ -47,8 +49,40 @@ struct Mlp {
     matmul(out, input, weight.t(), bias.has_value());
     return out;
   }
-  at::Tensor hidden(const at::Tensor& pooled) const {
-    return at::relu(linear(pooled, fc1_weight, fc1_bias));
+  // fc1's output, before the activation.
+  at::Tensor preactivation(const at::Tensor& pooled) const {
+    return linear(pooled, fc1_weight, fc1_bias);
+  }
+  at::Tensor activate(const at::Tensor& z) const {
+    switch (activation) {
+      case ChannelActivation::Relu:
+        return at::relu(z);
+      case ChannelActivation::Silu:
+        return at::silu(z);
+      case ChannelActivation::Gelu:
+        // gelu(+inf) = +inf, as ATen's float64 GELU gives; its vectorized float32 one gives NaN.
+        return at::where(at::isposinf(z), z, at::gelu(z));
+      case ChannelActivation::Identity:
+        return z;
+    }
+    return z;
+  }
+  // The gradient through the activation, as its eager backward computes it: ReLU selects (a
+  // unit that is off passes no gradient, even a NaN or infinite one, and a NaN unit passes it),
+  // SiLU and GELU (exact, erf) are ATen's own backward formulas.
+  at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z,
+                                 const at::Tensor& hidden) const {
+    switch (activation) {
+      case ChannelActivation::Relu:
+        return at::where(hidden <= 0, 0, grad);
+      case ChannelActivation::Silu:
+        return at::silu_backward(grad, z);
+      case ChannelActivation::Gelu:
+        return at::gelu_backward(grad, z);
+      case ChannelActivation::Identity:
+        return grad;
+    }
+    return grad;
   }
   at::Tensor logits(const at::Tensor& hidden) const { return linear(hidden, fc2_weight, fc2_bias); }
 };
@@ -60,17 +94,31 @@ at::Tensor pooled_branches(const ChannelStats& stats, ChannelPool pool) {
   return stats.pooled;
 }
 
-// The MLP on every branch at once (one product per layer for both branches): returns
-// the summed logits (N, C) and the hidden activations (B * N, R).
-std::pair<at::Tensor, at::Tensor> mlp_forward(const Mlp& mlp, const at::Tensor& branches) {
+// The MLP on every branch at once (one product per layer for both branches).
+struct MlpResult {
+  at::Tensor logits;         // (N, C), summed over the branches
+  at::Tensor preactivation;  // (B * N, R), fc1's output
+  at::Tensor hidden;         // (B * N, R), after the activation
+};
+
+MlpResult mlp_forward(const Mlp& mlp, const at::Tensor& branches) {
   const int64_t count = branches.size(0), batch = branches.size(1);
-  const at::Tensor hidden = mlp.hidden(branches.reshape({count * batch, branches.size(2)}));
+  const at::Tensor z = mlp.preactivation(branches.reshape({count * batch, branches.size(2)}));
+  const at::Tensor hidden = mlp.activate(z);
   const at::Tensor logits = mlp.logits(hidden);
-  return {count == 1 ? logits : logits.view({count, batch, -1}).sum(0), hidden};
+  return {count == 1 ? logits : logits.view({count, batch, -1}).sum(0), z, hidden};
 }
 
 at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
-  if (gate == ChannelGate::Sigmoid) return at::sigmoid(logits);
+  switch (gate) {
+    case ChannelGate::Sigmoid:
+      return at::sigmoid(logits);
+    case ChannelGate::HardSigmoid:
+      // relu6(z + 3) / 6, as torch.nn.Hardsigmoid.
+      return at::hardsigmoid(logits);
+    case ChannelGate::Softmax:
+      break;
+  }
   // C * softmax keeps uniform weights equal to one (the identity).
   return at::softmax(logits, 1) * static_cast<double>(logits.size(1));
 }
@@ -94,9 +142,10 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
                                      const std::optional<at::Tensor>& fc1_bias,
                                      const at::Tensor& fc2_weight,
                                      const std::optional<at::Tensor>& fc2_bias,
-                                     c10::string_view pool, c10::string_view gate) {
-  const auto [pool_mode, gate_mode] =
-      check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+                                     c10::string_view pool, c10::string_view gate,
+                                     c10::string_view activation) {
+  const auto [pool_mode, gate_mode, activation_mode] = check_channel_attention_args(
+      x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
   const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
   at::Tensor y = feature_map_like(x);
@@ -104,9 +153,9 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
 
   const at::Tensor input = to_layout(x, layout);
   const ChannelStats stats = backend.reduce(input, at::Tensor(), false, layout);
-  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
-                backend.matmul);
-  const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).first;
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
+                stats.mean.scalar_type(), backend.matmul);
+  const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).logits;
   backend.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
                 layout);
   return y;
@@ -116,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
     const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, c10::string_view pool,
-    c10::string_view gate) {
-  const auto [pool_mode, gate_mode] = check_channel_attention_backward_args(
-      grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+    c10::string_view gate, c10::string_view activation) {
+  const auto [pool_mode, gate_mode, activation_mode] = check_channel_attention_backward_args(
+      grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
   const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
   at::Tensor grad_x = feature_map_like(x);
@@ -135,14 +184,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   const at::Tensor input = to_layout(x, layout);
   const at::Tensor grad_out = to_layout(grad_y, layout);
   const ChannelStats stats = backend.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout);
-  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, stats.mean.scalar_type(),
-                backend.matmul);
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
+                stats.mean.scalar_type(), backend.matmul);
 
   // Recompute the (N, C)-sized forward: cheaper than saving it, and it keeps the
   // operator's forward a plain function of its inputs.
   const at::Tensor branches = pooled_branches(stats, pool_mode);  // (B, N, C)
   const int64_t count = branches.size(0), batch = x.size(0);
-  const auto [logits, hidden] = mlp_forward(mlp, branches);       // (N, C), (B * N, R)
+  const auto [logits, preactivation, hidden] = mlp_forward(mlp, branches);
   const at::Tensor weights = apply_gate(logits, gate_mode);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
@@ -150,6 +199,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   at::Tensor grad_logits;
   if (gate_mode == ChannelGate::Sigmoid) {
     grad_logits = grad_weights * weights * (1 - weights);
+  } else if (gate_mode == ChannelGate::HardSigmoid) {
+    // 1/6 strictly inside (-3, 3), 0 elsewhere, as torch.nn.Hardsigmoid's backward.
+    grad_logits = at::hardsigmoid_backward(grad_weights, logits);
   } else {
     // w = C softmax(z): dz_j = w_j (g_j - sum_i g_i w_i / C).
     grad_logits = weights * (grad_weights - row_sums(backend.matmul, grad_weights * weights) /
@@ -168,13 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   }
   const at::Tensor grad_fc2_bias =
       column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
-  // A select, not a product with the 0/1 derivative, exactly as eager relu's backward: a
-  // unit that is off passes no gradient even when the gradient reaching it is NaN or
-  // infinite, and a NaN unit passes it.
+  const at::Tensor grad_activation = product(mlp.matmul, grad_logits, mlp.fc2_weight)
+                                         .unsqueeze(0)
+                                         .expand({count, batch, hidden_size});
   const at::Tensor grad_hidden =
-      at::where(hidden_by_branch <= 0, 0,
-                product(mlp.matmul, grad_logits, mlp.fc2_weight).unsqueeze(0))
-          .view({count * batch, hidden_size});
+      mlp.activation_backward(grad_activation,
+                              preactivation.view({count, batch, hidden_size}), hidden_by_branch)
+          .reshape({count * batch, hidden_size});
   const at::Tensor grad_fc1_weight =
       product(mlp.matmul, grad_hidden.t(), branches.reshape({count * batch, channels}));
   const at::Tensor grad_fc1_bias = column_sums(mlp.matmul, grad_hidden);

@@ -35,16 +35,19 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 _channel_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                             const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                             const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                            c10::string_view pool, c10::string_view gate);
+                            c10::string_view pool, c10::string_view gate,
+                            c10::string_view activation);
 
 }  // namespace detail
 
 enum class ChannelPool { Avg, Max, AvgMax };
-enum class ChannelGate { Sigmoid, Softmax };
+enum class ChannelGate { Sigmoid, Softmax, HardSigmoid };
+enum class ChannelActivation { Relu, Silu, Gelu, Identity };
 
 struct ChannelAttentionModes {
   ChannelPool pool;
   ChannelGate gate;
+  ChannelActivation activation;
 };
 
 // Every check of docs/design.md section 1 on the arguments; shared by every backend so that
@@ -54,13 +57,15 @@ ChannelAttentionModes check_channel_attention_args(const at::Tensor& x,
                                                    const std::optional<at::Tensor>& fc1_bias,
                                                    const at::Tensor& fc2_weight,
                                                    const std::optional<at::Tensor>& fc2_bias,
-                                                   c10::string_view pool, c10::string_view gate);
+                                                   c10::string_view pool, c10::string_view gate,
+                                                   c10::string_view activation);
 
 // The same, plus grad_y, for _channel_attention_backward.
 ChannelAttentionModes check_channel_attention_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
     const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-    const std::optional<at::Tensor>& fc2_bias, c10::string_view pool, c10::string_view gate);
+    const std::optional<at::Tensor>& fc2_bias, c10::string_view pool, c10::string_view gate,
+    c10::string_view activation);
 
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
@@ -95,13 +100,14 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
                                      const std::optional<at::Tensor>& fc1_bias,
                                      const at::Tensor& fc2_weight,
                                      const std::optional<at::Tensor>& fc2_bias,
-                                     c10::string_view pool, c10::string_view gate);
+                                     c10::string_view pool, c10::string_view gate,
+                                     c10::string_view activation);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward(
     const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, c10::string_view pool,
-    c10::string_view gate);
+    c10::string_view gate, c10::string_view activation);
 
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_channel_attention_kernels<kCpuBackend>(m).
@@ -116,6 +122,7 @@ void register_channel_attention_kernels(torch::Library& m) {
 // option it is) and the accepted values.
 ChannelPool parse_channel_pool(const char* op, c10::string_view pool);
 ChannelGate parse_channel_gate(const char* op, c10::string_view gate);
+ChannelActivation parse_channel_activation(const char* op, c10::string_view activation);
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -25,11 +25,12 @@ def channel_attention(
     fc2_bias: Optional[Tensor],
     pool: str = "avg",
     gate: str = "sigmoid",
+    activation: str = "relu",
 ) -> Tensor:
     """Channel attention (squeeze-and-excitation, CBAM's channel branch) in one operator.
 
     ``y = x * w`` with ``w = gate(mlp(pool(x)))`` broadcast over the spatial dims, where
-    ``mlp(p) = fc2(relu(fc1(p)))``.
+    ``mlp(p) = fc2(activation(fc1(p)))``.
 
     Args:
         x: ``(N, C, *S)`` with 1 to 3 spatial dims; any floating dtype, any strides
@@ -37,15 +38,18 @@ def channel_attention(
         fc1_weight: ``(R, C)``. fc1_bias: ``(R,)`` or ``None``.
         fc2_weight: ``(C, R)``. fc2_bias: ``(C,)`` or ``None``.
         pool: ``"avg"`` (SE), ``"max"``, or ``"avgmax"`` (CBAM: ``mlp(avg) + mlp(max)``).
-        gate: ``"sigmoid"`` (independent weights in (0, 1)) or ``"softmax"``
-            (``C * softmax`` over channels: competing weights whose mean is 1).
+        gate: ``"sigmoid"`` (independent weights in (0, 1)), ``"hard_sigmoid"``
+            (``relu6(z + 3) / 6`` as ``torch.nn.Hardsigmoid``, MobileNetV3's gate) or
+            ``"softmax"`` (``C * softmax`` over channels: competing weights whose mean is 1).
+        activation: the MLP's: ``"relu"``, ``"silu"`` (EfficientNet), ``"gelu"`` (exact,
+            erf) or ``"identity"``.
 
     Returns:
         ``y``, shaped and laid out like ``x`` (a strided view gives a contiguous result).
         The max pool sends its gradient to the first position that attains the maximum.
     """
     return torch.ops.cnn_attention.channel_attention(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation
     )
 
 

@@ -15,7 +15,8 @@ from . import functional as ops
 __all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "SelfAttention", "CBAM"]
 
 _POOLS = ("avg", "max", "avgmax")
-_GATES = ("sigmoid", "softmax")
+_GATES = ("sigmoid", "softmax", "hard_sigmoid")
+_ACTIVATIONS = ("relu", "silu", "gelu", "identity")
 _NORMALIZE = ("sigmoid", "softmax")
 _HARD_MODES = ("threshold", "topk")
 _ESTIMATORS = ("sigmoid", "identity")
@@ -97,14 +98,16 @@ class ChannelAttention(nn.Module):
     (``pool="avgmax"``), fused into one operator.
 
     Pools each channel over the spatial dims, runs a two-layer MLP with ``R`` hidden units,
-    gates the result and scales the channels: ``y = x * gate(fc2(relu(fc1(pool(x)))))``.
+    gates the result and scales the channels: ``y = x * gate(fc2(activation(fc1(pool(x)))))``.
 
     Args:
         channels: ``C``, the number of input channels.
         reduction: ``R = max(channels // reduction, min_hidden)``.
         min_hidden: lower bound of ``R``.
         pool: ``"avg"``, ``"max"`` or ``"avgmax"``.
-        gate: ``"sigmoid"`` or ``"softmax"`` (``C * softmax``, so uniform weights are the identity).
+        gate: ``"sigmoid"``, ``"hard_sigmoid"`` (``relu6(z + 3) / 6``) or ``"softmax"``
+            (``C * softmax``, so uniform weights are the identity).
+        activation: the MLP's: ``"relu"``, ``"silu"``, ``"gelu"`` or ``"identity"``.
 
     Shape: ``(N, C, *S) -> (N, C, *S)`` for 1 to 3 spatial dims.
     """
@@ -116,6 +119,7 @@ class ChannelAttention(nn.Module):
         min_hidden: int = 8,
         pool: str = "avg",
         gate: str = "sigmoid",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         channels = _check_int("ChannelAttention", "channels", channels)
@@ -123,10 +127,12 @@ class ChannelAttention(nn.Module):
         min_hidden = _check_int("ChannelAttention", "min_hidden", min_hidden)
         _check_choice("ChannelAttention", "pool", pool, _POOLS)
         _check_choice("ChannelAttention", "gate", gate, _GATES)
+        _check_choice("ChannelAttention", "activation", activation, _ACTIVATIONS)
         self.channels = channels
         self.hidden = max(channels // reduction, min_hidden)
         self.pool = pool
         self.gate = gate
+        self.activation = activation
         self.fc1_weight = nn.Parameter(torch.empty(self.hidden, channels))
         self.fc1_bias = nn.Parameter(torch.empty(self.hidden))
         self.fc2_weight = nn.Parameter(torch.empty(channels, self.hidden))
@@ -145,11 +151,13 @@ class ChannelAttention(nn.Module):
         if not torch.jit.is_scripting():
             _check_input("ChannelAttention", x)
         return ops.channel_attention(
-            x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.pool, self.gate
+            x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.pool, self.gate,
+            self.activation,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, hidden={self.hidden}, pool={self.pool!r}, gate={self.gate!r}"
+        return (f"{self.channels}, hidden={self.hidden}, pool={self.pool!r}, gate={self.gate!r}, "
+                f"activation={self.activation!r}")
 
 
 def _check_temperature(module: str, temperature: float) -> float:

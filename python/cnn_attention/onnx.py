@@ -50,12 +50,26 @@ def _linear(p, weight, bias):
     return out if bias is None else op.Add(out, bias)
 
 
-def channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool: str = "avg", gate: str = "sigmoid"):
+def _activation(z, activation: str):
+    op = _op()
+    if activation == "relu":
+        return op.Relu(z)
+    if activation == "silu":
+        return op.Mul(z, op.Sigmoid(z))
+    if activation == "gelu":
+        # The exact (erf) GELU: opset 18 has no Gelu operator.
+        half, root2 = op.CastLike(0.5, z), op.CastLike(math.sqrt(2.0), z)
+        return op.Mul(op.Mul(half, z), op.Add(op.CastLike(1.0, z), op.Erf(op.Div(z, root2))))
+    return z
+
+
+def channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool: str = "avg", gate: str = "sigmoid",
+                      activation: str = "relu"):
     op = _op()
     axes = _ints(_spatial_axes(x))
 
     def mlp(p):
-        return _linear(op.Relu(_linear(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+        return _linear(_activation(_linear(p, fc1_weight, fc1_bias), activation), fc2_weight, fc2_bias)
 
     if pool == "avg":
         z = mlp(op.ReduceMean(x, axes, keepdims=0))
@@ -65,6 +79,9 @@ def channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool: str =
         z = op.Add(mlp(op.ReduceMean(x, axes, keepdims=0)), mlp(op.ReduceMax(x, axes, keepdims=0)))
     if gate == "sigmoid":
         w = op.Sigmoid(z)
+    elif gate == "hard_sigmoid":
+        # max(0, min(1, z / 6 + 1/2)) = relu6(z + 3) / 6
+        w = op.HardSigmoid(z, alpha=1.0 / 6.0, beta=0.5)
     else:
         channels = op.CastLike(op.Shape(x, start=1, end=2), x)
         w = op.Mul(op.Softmax(z, axis=1), channels)

@@ -55,7 +55,8 @@ void build(const std::string& module, const Options& values) {
   if (module == "ChannelAttention") {
     using O = cnn::ChannelAttentionOptions;
     const Setters<O> setters{INT_OPTION(O, channels), INT_OPTION(O, reduction),
-                             INT_OPTION(O, min_hidden), WORD_OPTION(O, pool), WORD_OPTION(O, gate)};
+                             INT_OPTION(O, min_hidden), WORD_OPTION(O, pool), WORD_OPTION(O, gate),
+                             WORD_OPTION(O, activation)};
     cnn::ChannelAttention(with(O(16), values, setters));
   } else if (module == "SoftAttention") {
     using O = cnn::SoftAttentionOptions;

@@ -81,7 +81,8 @@ ALLOC_RE = re.compile(
 STRINGS: tuple[Any, ...] = (
     "", " ", "AVG", "Max", "Sigmoid", "SOFTMAX", "Threshold", "TopK", "Identity", " avg", "avg ",
     "avg\x00", "sigmoid\x00softmax", "\x00", "sigmöid", "注意力", "🙂", "\ud800", "a" * 100_000,
-    "avg", "max", "avgmax", "sigmoid", "softmax", "threshold", "topk", "identity",
+    "avg", "max", "avgmax", "sigmoid", "softmax", "threshold", "topk", "identity", "hard_sigmoid", "silu",
+    "gelu", "relu",
     None, 0, 1.5, b"avg", ["avg"],
 )
 FLOAT_VALUES: tuple[Any, ...] = (
@@ -104,6 +105,8 @@ MODULE_FLOAT_VALUES: tuple[Any, ...] = (
     NAN, INF, -INF, 0.0, -0.0, -1.0, -1e-300, 1e300, -1e300, 2**62, 1e-300, 5e-324, 2, 0.25,
     0.5, 1.0, True,
 )
+CHANNEL_GATES = ("sigmoid", "softmax", "hard_sigmoid")
+CHANNEL_ACTIVATIONS = ("relu", "silu", "gelu", "identity")
 NON_TENSORS: tuple[Any, ...] = (None, [1.0, 2.0], [[1.0]], "x", 1.0, 3, (), {"a": 1})
 
 
@@ -355,7 +358,8 @@ def build_channel_attention(rng: random.Random, g: Geometry, backward: bool) -> 
         "fc2_weight": spec(rng, g, (g.c, r)),
         "fc2_bias": spec(rng, g, (g.c,)) if rng.random() < 0.8 else None,
         "pool": rng.choice(("avg", "max", "avgmax")),
-        "gate": rng.choice(("sigmoid", "softmax")),
+        "gate": rng.choice(CHANNEL_GATES),
+        "activation": rng.choice(CHANNEL_ACTIVATIONS),
     }
     if backward:
         v["grad_y"] = spec(rng, g, g.x_shape)
@@ -466,7 +470,8 @@ def valid_channel_attention(a: dict[str, Any]) -> bool:
         and (a["fc1_bias"] is None or shaped(a["fc1_bias"], x, (r,)))
         and (a["fc2_bias"] is None or shaped(a["fc2_bias"], x, (c,)))
         and a["pool"] in ("avg", "max", "avgmax")
-        and a["gate"] in ("sigmoid", "softmax")
+        and a["gate"] in CHANNEL_GATES
+        and a.get("activation", "relu") in CHANNEL_ACTIVATIONS
         and ("grad_y" not in a or shaped(a["grad_y"], x, tuple(x.shape)))
     )
 
@@ -905,7 +910,8 @@ def valid_scores_head(a: dict[str, Any]) -> Optional[bool]:
 def valid_channel_module(a: dict[str, Any]) -> Optional[bool]:
     return all3(m_int(a["channels"]), m_int(a["reduction"]), m_int(a["min_hidden"]),
                 m_choice(a.get("pool", "avgmax"), ("avg", "max", "avgmax")),
-                m_choice(a.get("gate", "sigmoid"), ("sigmoid", "softmax")))
+                m_choice(a.get("gate", "sigmoid"), CHANNEL_GATES),
+                m_choice(a.get("activation", "relu"), CHANNEL_ACTIVATIONS))
 
 
 def valid_soft_module(a: dict[str, Any]) -> Optional[bool]:
@@ -948,7 +954,8 @@ MODULES: dict[str, ModuleSpec] = {
         (("channels", "size", lambda r: r.randint(1, 8)), ("reduction", "int", lambda r: r.choice((1, 2, 4, 16))),
          ("min_hidden", "size", lambda r: r.randint(1, 8)),
          ("pool", "str", lambda r: r.choice(("avg", "max", "avgmax"))),
-         ("gate", "str", lambda r: r.choice(("sigmoid", "softmax")))),
+         ("gate", "str", lambda r: r.choice(CHANNEL_GATES)),
+         ("activation", "str", lambda r: r.choice(CHANNEL_ACTIVATIONS))),
         ("ChannelAttention", "channel_attention"),
         valid_channel_module,
     ),

@@ -93,11 +93,13 @@ def channel_attention_reference(
     fc2_bias: Optional[Tensor],
     pool: str = "avg",
     gate: str = "sigmoid",
+    activation: str = "relu",
 ) -> Tensor:
     dims = list(range(2, x.dim()))
+    act = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}[activation]
 
     def mlp(p: Tensor) -> Tensor:
-        return F.linear(F.relu(F.linear(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+        return F.linear(act(F.linear(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
     if pool == "avg":
         z = mlp(x.mean(dims))
@@ -105,7 +107,12 @@ def channel_attention_reference(
         z = mlp(first_max(x, dims))
     else:
         z = mlp(x.mean(dims)) + mlp(first_max(x, dims))
-    w = torch.sigmoid(z) if gate == "sigmoid" else x.shape[1] * torch.softmax(z, dim=1)
+    if gate == "sigmoid":
+        w = torch.sigmoid(z)
+    elif gate == "hard_sigmoid":
+        w = F.hardsigmoid(z)
+    else:
+        w = x.shape[1] * torch.softmax(z, dim=1)
     return x * w.reshape(w.shape + (1,) * len(dims))
 
 

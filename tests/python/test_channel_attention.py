@@ -3,6 +3,8 @@ poisoned outputs, precision, the module, autocast, bad backward arguments, deter
 variant against the float64 reference over dtype x layout x rank, the bad calls, gradcheck and
 opcheck are in test_operators.py, from the operator table."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -38,7 +40,8 @@ def test_channels_last_vector_lanes_and_block_tails(device, dtype, channels, poo
     x = in_layout(torch.randn(2, channels, 5, 3, device=device).to(dtype), "channels_last")
     w1, b1, w2, b2 = make_params(channels, 8, dtype, device)
     tensors = {"x": x, "fc1_weight": w1, "fc1_bias": b1, "fc2_weight": w2, "fc2_bias": b2}
-    check_against_reference(Sample(BY_NAME["channel_attention"], tensors, {"pool": pool, "gate": "sigmoid"}))
+    options = {"pool": pool, "gate": "sigmoid", "activation": "relu"}
+    check_against_reference(Sample(BY_NAME["channel_attention"], tensors, options))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,7 +124,7 @@ def test_module_matches_functional_and_reference(device):
 def test_module_rejects_bad_options():
     with pytest.raises(ValueError, match=r"ChannelAttention: pool must be one of 'avg', 'max', 'avgmax', got 'mean'"):
         cnn_attention.ChannelAttention(8, pool="mean")
-    with pytest.raises(ValueError, match=r"ChannelAttention: gate must be one of 'sigmoid', 'softmax', got 'relu'"):
+    with pytest.raises(ValueError, match=r"ChannelAttention: gate must be one of 'sigmoid', 'softmax', 'hard_sigmoid', got 'relu'"):
         cnn_attention.ChannelAttention(8, gate="relu")
     with pytest.raises(ValueError, match=r"ChannelAttention: channels must be an integer >= 1, got 0"):
         cnn_attention.ChannelAttention(0)
@@ -223,3 +226,29 @@ def test_results_are_bitwise_identical_across_runs_and_thread_counts(layout, cha
         return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
 
     assert_bitwise_identical_across_thread_counts(run)
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_a_model_saved_before_the_activation_argument_loads_and_runs():
+    """Two ChannelAttention modules scripted and saved when the operator's schema ended at
+    `gate`: the file loads (the new `activation` takes its default, "relu") and gives the
+    outputs saved with it."""
+    model = torch.jit.load(str(DATA / "channel_attention_before_activation.pt"))
+    io = torch.load(DATA / "channel_attention_before_activation_io.pt")
+    torch.testing.assert_close(model(io["x"]), io["y"])
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "identity"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hard_sigmoid", "softmax"])
+def test_module_activation_and_gate(activation, gate):
+    m = cnn_attention.ChannelAttention(16, reduction=4, gate=gate, activation=activation)
+    assert f"activation={activation!r}" in repr(m) and f"gate={gate!r}" in repr(m)
+    x = torch.randn(2, 16, 5, 5)
+    expected = channel_attention_reference(
+        x.double(), m.fc1_weight.double(), m.fc1_bias.double(), m.fc2_weight.double(), m.fc2_bias.double(),
+        "avg", gate, activation)
+    assert_close(m(x), expected, torch.float32)
+    scripted = torch.jit.script(m)
+    torch.testing.assert_close(scripted(x), m(x))

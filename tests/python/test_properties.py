@@ -214,7 +214,8 @@ def channel_attention_cases(draw: st.DrawFn) -> Case:
     return with_options(
         case,
         pool=draw(st.sampled_from(["avg", "max", "avgmax"])),
-        gate=draw(st.sampled_from(["sigmoid", "softmax"])),
+        gate=draw(st.sampled_from(["sigmoid", "softmax", "hard_sigmoid"])),
+        activation=draw(st.sampled_from(["relu", "silu", "gelu", "identity"])),
         hidden=draw(st.integers(1, 8)),
         fc1_bias=draw(st.booleans()),
         fc2_bias=draw(st.booleans()),
@@ -230,11 +231,12 @@ def test_channel_attention(case: Case) -> None:
     w1, b1, w2, b2 = channel_attention_params(case.shape[1], o["hidden"], case.dtype, "cpu")
     params = [w1, b1 if o["fc1_bias"] else None, w2, b2 if o["fc2_bias"] else None]
     leaves = [x, *[None if p is None else p.requires_grad_(True) for p in params]]
-    y, actual, grad = run(lambda *a: ops.channel_attention(*a, o["pool"], o["gate"]), leaves, case.dtype)
+    y, actual, grad = run(lambda *a: ops.channel_attention(*a, o["pool"], o["gate"], o["activation"]), leaves,
+                          case.dtype)
     if case.empty:
         assert_empty_result(y, actual, leaves)
         return
-    reference = lambda *a: channel_attention_reference(*a, o["pool"], o["gate"])  # noqa: E731
+    reference = lambda *a: channel_attention_reference(*a, o["pool"], o["gate"], o["activation"])  # noqa: E731
     expected, wanted = run_reference(reference, leaves, grad)
     assert_matches(y, expected, case.dtype, "y")
     # The gradient of the pooled statistics passes through the gate's backward (the softmax

@@ -42,7 +42,8 @@ def _bad_temperatures(op: str, change: Callable[..., Callable[[Arguments], Argum
 
 def channel_attention_call() -> Arguments:
     return {"x": torch.randn(2, 8, 5, 5), "fc1_weight": torch.randn(4, 8), "fc1_bias": torch.randn(4),
-            "fc2_weight": torch.randn(8, 4), "fc2_bias": torch.randn(8), "pool": "avg", "gate": "sigmoid"}
+            "fc2_weight": torch.randn(8, 4), "fc2_bias": torch.randn(8), "pool": "avg", "gate": "sigmoid",
+            "activation": "relu"}
 
 
 CHANNEL_ATTENTION = (
@@ -66,7 +67,11 @@ CHANNEL_ATTENTION = (
     BadCall("fc1_rank", lambda a: {**a, "fc1_weight": a["fc1_weight"].flatten()},
             r"channel_attention: fc1_weight must be \(R, C\) with C = 8, got \(32,\)"),
     BadCall("pool", replace(pool="mean"), r'channel_attention: pool must be one of "avg", "max", "avgmax", got "mean"'),
-    BadCall("gate", replace(gate="tanh"), r'channel_attention: gate must be one of "sigmoid", "softmax", got "tanh"'),
+    BadCall("gate", replace(gate="tanh"),
+            r'channel_attention: gate must be one of "sigmoid", "softmax", "hard_sigmoid", got "tanh"'),
+    BadCall("activation", replace(activation="tanh"),
+            r'channel_attention: activation must be one of "relu", "silu", "gelu", "identity", got "tanh"'),
+    BadCall("activation_without_samples", empty_batch(activation="swish"), r"channel_attention: activation must be one of"),
     BadCall("pool_without_samples", empty_batch(pool="mean"), r"channel_attention: pool must be one of"),
 )
 

@@ -241,6 +241,19 @@ def _channel_attention_shapes(shape, variant):
             "fc2_bias": (c,) if bias else None}
 
 
+def _channel_attention_variants():
+    """pool x gate x with and without biases; the MLP's activation cycles through relu, silu,
+    gelu and identity, so that each meets every pool and gate."""
+    variants = []
+    for pool in ("avg", "max", "avgmax"):
+        for gate in ("sigmoid", "softmax", "hard_sigmoid"):
+            for bias in (True, False):
+                activation = ("relu", "silu", "gelu", "identity")[len(variants) % 4]
+                variants.append({"id": f"{pool}_{gate}_{activation}" + ("" if bias else "_no_bias"), "pool": pool,
+                                 "gate": gate, "activation": activation, "bias": bias})
+    return tuple(variants)
+
+
 def _scores_shapes(shape, variant):
     return {"x": shape, "scores": (shape[0], _score_channels(shape, variant)) + tuple(shape[2:])}
 
@@ -389,19 +402,17 @@ def _self_attention_compare(comparison: Comparison, name: str, actual: Tensor, e
 OPS: Tuple[OpInfo, ...] = (
     OpInfo(
         name="channel_attention",
-        arguments=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pool", "gate"),
+        arguments=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pool", "gate", "activation"),
         tensor_shapes=_channel_attention_shapes,
-        variants=tuple({"id": f"{pool}_{gate}" + ("" if bias else "_no_bias"), "pool": pool, "gate": gate,
-                        "bias": bias}
-                       for pool in ("avg", "max", "avgmax") for gate in ("sigmoid", "softmax")
-                       for bias in (True, False)),
+        variants=_channel_attention_variants(),
         reference=helpers.channel_attention_reference,
         differentiable=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
         poison_targets=("x", "fc1_weight"),
-        resolve=lambda shape, variant: {"pool": variant["pool"], "gate": variant["gate"]},
+        resolve=lambda shape, variant: {"pool": variant["pool"], "gate": variant["gate"],
+                                        "activation": variant["activation"]},
         private_calls=lambda sample, grad: [("_channel_attention_backward", (
             grad, *_plain(sample, "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
-            *_options(sample, "pool", "gate")))],
+            *_options(sample, "pool", "gate", "activation")))],
         aten_softmax_over_channels=True,
         parameter_scale=lambda name, shape, variant: _fan_in_scale(
             name, shape[1] if name == "fc1_weight" else _hidden(shape[1])),

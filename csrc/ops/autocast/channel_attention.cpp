@@ -20,7 +20,8 @@ at::Tensor channel_attention_autocast(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const at::Tensor input = at::autocast::cached_cast(
       at::autocast::get_lower_precision_fp_from_device_type(device_type), x, device_type);
@@ -29,7 +30,7 @@ at::Tensor channel_attention_autocast(
       input, at::autocast::cached_cast(param_dtype, fc1_weight, device_type),
       at::autocast::cached_cast(param_dtype, fc1_bias, device_type),
       at::autocast::cached_cast(param_dtype, fc2_weight, device_type),
-      at::autocast::cached_cast(param_dtype, fc2_bias, device_type), pool, gate);
+      at::autocast::cached_cast(param_dtype, fc2_bias, device_type), pool, gate, activation);
 }
 
 }  // namespace

@@ -23,16 +23,18 @@ class ChannelAttentionFunction
       const at::Tensor& fc2_weight,
       const std::optional<at::Tensor>& fc2_bias,
       c10::string_view pool,
-      c10::string_view gate) {
+      c10::string_view gate,
+      c10::string_view activation) {
     ctx->saved_data["pool"] = std::string(pool);
     ctx->saved_data["gate"] = std::string(gate);
+    ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["has_fc1_bias"] = fc1_bias.has_value();
     ctx->saved_data["has_fc2_bias"] = fc2_bias.has_value();
     // Only inputs are saved: the backward recomputes the (N, C) statistics while it reads x.
     ctx->save_for_backward({x, fc1_weight, fc1_bias.value_or(at::Tensor()), fc2_weight,
                             fc2_bias.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+    return channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
@@ -45,14 +47,16 @@ class ChannelAttentionFunction
                                                  : std::nullopt;
     const std::string pool = ctx->saved_data["pool"].toStringRef();
     const std::string gate = ctx->saved_data["gate"].toStringRef();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
     auto [grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias] =
         detail::_channel_attention_backward(grad_outputs[0], saved[0], saved[1], fc1_bias,
-                                            saved[3], fc2_bias, pool, gate);
+                                            saved[3], fc2_bias, pool, gate, activation);
     return {grad_x,
             grad_fc1_weight,
             fc1_bias.has_value() ? grad_fc1_bias : at::Tensor(),
             grad_fc2_weight,
             fc2_bias.has_value() ? grad_fc2_bias : at::Tensor(),
+            at::Tensor(),
             at::Tensor(),
             at::Tensor()};
   }
@@ -71,10 +75,11 @@ class ChannelAttentionBackwardFunction
       const at::Tensor& fc2_weight,
       const std::optional<at::Tensor>& fc2_bias,
       c10::string_view pool,
-      c10::string_view gate) {
+      c10::string_view gate,
+      c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [a, b, c, d, e] = detail::_channel_attention_backward(grad_y, x, fc1_weight, fc1_bias,
-                                                               fc2_weight, fc2_bias, pool, gate);
+    auto [a, b, c, d, e] = detail::_channel_attention_backward(
+        grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
     return {a, b, c, d, e};
   }
 
@@ -90,11 +95,12 @@ at::Tensor channel_attention_autograd(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   check_defined("channel_attention",
                 {{"x", x}, {"fc1_weight", fc1_weight}, {"fc2_weight", fc2_weight}});
   return ChannelAttentionFunction::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool,
-                                         gate);
+                                         gate, activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -106,12 +112,13 @@ channel_attention_backward_autograd(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   check_defined(
       "channel_attention",
       {{"grad_y", grad_y}, {"x", x}, {"fc1_weight", fc1_weight}, {"fc2_weight", fc2_weight}});
-  auto grads = ChannelAttentionBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias,
-                                                       fc2_weight, fc2_bias, pool, gate);
+  auto grads = ChannelAttentionBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias, fc2_weight,
+                                                       fc2_bias, pool, gate, activation);
   return {grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 

@@ -16,8 +16,10 @@ at::Tensor channel_attention_forward_meta(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
-  check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate);
+    c10::string_view gate,
+    c10::string_view activation) {
+  check_channel_attention_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate,
+                               activation);
   return feature_map_like(x);
 }
 
@@ -30,9 +32,10 @@ channel_attention_backward_meta(
     const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias,
     c10::string_view pool,
-    c10::string_view gate) {
+    c10::string_view gate,
+    c10::string_view activation) {
   check_channel_attention_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                        pool, gate);
+                                        pool, gate, activation);
   return {feature_map_like(x), at::empty_symint(fc1_weight.sym_sizes(), fc1_weight.options()),
           at::empty_symint({fc1_weight.sym_size(0)}, fc1_weight.options()),
           at::empty_symint(fc2_weight.sym_sizes(), fc2_weight.options()),
