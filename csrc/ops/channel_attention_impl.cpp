@@ -117,10 +117,10 @@ at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
       // relu6(z + 3) / 6, as torch.nn.Hardsigmoid.
       return at::hardsigmoid(logits);
     case ChannelGate::Softmax:
-      break;
+      // C * softmax keeps uniform weights equal to one (the identity).
+      return at::softmax(logits, 1) * static_cast<double>(logits.size(1));
   }
-  // C * softmax keeps uniform weights equal to one (the identity).
-  return at::softmax(logits, 1) * static_cast<double>(logits.size(1));
+  return logits;
 }
 
 }  // namespace

@@ -70,10 +70,12 @@ def test_none_for_a_required_tensor_names_the_operator() -> None:
 
 
 def _fuzzer():
-    """The fuzzer as a module (it is a script, not on the import path)."""
+    """The fuzzer as a module (it is a script, not on the import path); a fresh one each call,
+    since a test removes generators from its OP_KINDS. Registered before it runs: its
+    dataclasses look their module up in sys.modules."""
     spec = importlib.util.spec_from_file_location("invalid_inputs", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("invalid_inputs", module)
+    sys.modules["invalid_inputs"] = module
     spec.loader.exec_module(module)
     return module
 

@@ -32,9 +32,9 @@ def empty_batch(**values: Any) -> Callable[[Arguments], Arguments]:
     return lambda a: {**a, **{n: t[:0] for n, t in a.items() if n in ("x", "scores")}, **values}
 
 
-def _bad_temperatures(op: str, change: Callable[..., Callable[[Arguments], Arguments]] = replace,
-                      values=((0.0, "0"), (-1.5, "-1.5"), (NAN, "nan"), (INF, "inf"))) -> Tuple[BadCall, ...]:
-    return tuple(BadCall(f"temperature_{shown}", change(temperature=t),
+def _bad_temperatures(op: str, values=((0.0, "0"), (-1.5, "-1.5"), (NAN, "nan"), (INF, "inf"))
+                      ) -> Tuple[BadCall, ...]:
+    return tuple(BadCall(f"temperature_{shown}", replace(temperature=t),
                          rf"{op}: temperature must be finite and positive, got {shown}$") for t, shown in values)
 
 
