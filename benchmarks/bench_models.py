@@ -1,23 +1,34 @@
-"""Whole networks with attention, side by side in one run: timm's ResNet-50 without attention,
-with each family put in by cnn_attention.insert where the papers put it, and with timm's own
-eager SE and CBAM blocks in the same places; a training step (forward, backward, SGD step) and
-inference, median and minimum of interleaved rounds, and the cost over the plain network.
+"""Whole networks with attention, side by side in one run (median and minimum of interleaved
+rounds; a training step is forward, backward and an SGD step):
 
-    python benchmarks/bench_models.py                       # CPU, batch 8, 128x128
-    python benchmarks/bench_models.py --batch 4 --size 224 --repeat 5
+- ``--table zoo``: models of torchvision and timm that contain attention blocks, as they are
+  (eager), after ``cnn_attention.convert``, ``torch.compile`` of the eager model, and the same
+  architecture with its attention blocks replaced by identities; the attention's cost (time
+  with it minus time without) and how much of it conversion removes.
+- ``--table families``: timm's ResNet-50 without attention, with each family put in by
+  ``cnn_attention.insert`` where the papers put it, and with timm's own eager SE and CBAM
+  blocks in the same places; the cost over the plain network.
+
+    python benchmarks/bench_models.py                       # both tables, CPU, batch 8, 128x128
+    python benchmarks/bench_models.py --table zoo --no-compile
+    python benchmarks/bench_models.py --batch 4 --size 224 --repeat 5 --device cuda
 """
 
 import argparse
+import copy
 import os
 import sys
+import time
 
 import timm
 import torch
+import torchvision
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
 from common import interleaved_ms  # noqa: E402
+from cnn_attention.convert import recognised_blocks  # noqa: E402
 
 
 def resnet50(attn_layer=None) -> nn.Module:
@@ -47,37 +58,96 @@ def configurations(size: int):
     ]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=7)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    labels = torch.randint(0, 1000, (args.batch,))
+def zoo_models():
+    """(name, factory) of the models the zoo table runs."""
+    return [
+        ("timm seresnet50", lambda: timm.create_model("seresnet50")),
+        ("timm resnet50 + CBAM", lambda: resnet50("cbam")),
+        ("timm efficientnet_b0", lambda: timm.create_model("efficientnet_b0")),
+        ("timm mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100")),
+        ("torchvision efficientnet_b0", lambda: torchvision.models.efficientnet_b0()),
+    ]
+
+
+def without_attention(model: nn.Module) -> nn.Module:
+    """The same network with every recognised attention block replaced by an identity."""
+    blocks = tuple(recognised_blocks())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, blocks):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model
+
+
+def timed_pair(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    """(training step, inference) closures of `model`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return step, infer
+
+
+def zoo_table(args, x, labels):
+    print(f"### Converted zoo models: batch {args.batch}, {args.size}x{args.size}, {x.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median / min of {args.repeat} interleaved rounds")
+    print()
+    print("| model | phase | no attention ms | eager ms | converted ms | torch.compile(eager) ms | attention cost eager "
+          "| cost converted | cost removed | converted / eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, make in zoo_models():
+        torch.manual_seed(0)
+        eager = make().to(args.device)
+        variants = {
+            "none": without_attention(copy.deepcopy(eager)),
+            "eager": eager,
+            "converted": cnn_attention.convert(copy.deepcopy(eager)),
+        }
+        compile_note = "skipped (--no-compile)"
+        if not args.no_compile:
+            compiled = torch.compile(copy.deepcopy(eager))
+            start = time.perf_counter()
+            for fn in timed_pair(compiled, x, labels):
+                fn()  # compiles the training and the inference graphs once
+            compile_note = f"compiled in {time.perf_counter() - start:.0f} s"
+            variants["compile"] = compiled
+        pairs = {key: timed_pair(model, x, labels) for key, model in variants.items()}
+        for phase, index in (("training step", 0), ("inference", 1)):
+            ms = interleaved_ms({key: pair[index] for key, pair in pairs.items()}, args.device, args.repeat, warmup=2)
+            none, eager_ms, converted = ms["none"][0], ms["eager"][0], ms["converted"][0]
+            cost_eager, cost_converted = eager_ms - none, converted - none
+            removed = f"{100 * (1 - cost_converted / cost_eager):.0f}%" if cost_eager > 0 else "n/a"
+            compiled_ms = f"{ms['compile'][0]:.0f} / {ms['compile'][1]:.0f}" if "compile" in ms else "-"
+
+            def both(key):
+                return f"{ms[key][0]:.0f} / {ms[key][1]:.0f}"
+
+            print(f"| {name} | {phase} | {both('none')} | {both('eager')} | {both('converted')} | {compiled_ms} | "
+                  f"{cost_eager:+.0f} ms ({100 * cost_eager / none:+.1f}%) | {cost_converted:+.0f} ms "
+                  f"({100 * cost_converted / none:+.1f}%) | {removed} | {eager_ms / converted:.2f}x |")
+        print(f"<!-- {name}: torch.compile {compile_note} -->")
+    print()
+
+
+def families_table(args, x, labels):
     models, training, inference, places = {}, {}, {}, {}
     for name, where, make in configurations(args.size):
-        model = make()
+        model = make().to(args.device)
         models[name], places[name] = model, where
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def step(model=model, optimizer=optimizer):
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), labels).backward()
-            optimizer.step()
-
-        def infer(model=model):
-            model.eval()
-            with torch.no_grad():
-                model(x)
-
-        training[name], inference[name] = step, infer
-    train_ms = interleaved_ms(training, "cpu", args.repeat, warmup=2)
-    infer_ms = interleaved_ms(inference, "cpu", args.repeat, warmup=2)
-    print(f"timm resnet50, batch {args.batch}, {args.size}x{args.size}, float32, CPU threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}; median / min of {args.repeat} interleaved rounds")
+        training[name], inference[name] = timed_pair(model, x, labels)
+    train_ms = interleaved_ms(training, args.device, args.repeat, warmup=2)
+    infer_ms = interleaved_ms(inference, args.device, args.repeat, warmup=2)
+    print(f"### Every family in timm resnet50: batch {args.batch}, {args.size}x{args.size}, float32, {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median / min of {args.repeat} interleaved rounds")
     print()
     print("| attention | where | parameters | training step ms | over none | inference ms | over none |")
     print("|---|---|---|---|---|---|---|")
@@ -87,6 +157,25 @@ def main():
         (tm, tmin), (im, imin) = train_ms[name], infer_ms[name]
         print(f"| {name} | {places[name]} | {params / 1e6:.2f} M | {tm:.0f} / {tmin:.0f} | "
               f"{100 * (tm / base_train - 1):+.1f}% | {im:.0f} / {imin:.0f} | {100 * (im / base_infer - 1):+.1f}% |")
+    print()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=["zoo", "families", "both"], default="both")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the eager models")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    labels = torch.randint(0, 1000, (args.batch,), device=args.device)
+    if args.table in ("zoo", "both"):
+        zoo_table(args, x, labels)
+    if args.table in ("families", "both"):
+        families_table(args, x, labels)
 
 
 if __name__ == "__main__":

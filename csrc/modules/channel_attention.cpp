@@ -54,5 +54,19 @@ void ChannelAttentionImpl::pretty_print(std::ostream& stream) const {
          << ", activation=" << options.activation() << ")";
 }
 
+ChannelGateImpl::ChannelGateImpl(ChannelGateOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void ChannelGateImpl::reset() { ops::parse_channel_gate("ChannelGate", options.gate()); }
+
+torch::Tensor ChannelGateImpl::forward(const torch::Tensor& x, const torch::Tensor& logits) {
+  return ops::channel_gate(x, logits, options.gate());
+}
+
+void ChannelGateImpl::pretty_print(std::ostream& stream) const {
+  stream << "cnn_attention::nn::ChannelGate(gate=" << options.gate() << ")";
+}
+
 }  // namespace nn
 }  // namespace cnn_attention

@@ -42,5 +42,25 @@ class CNN_ATTENTION_API ChannelAttentionImpl
 
 TORCH_MODULE(ChannelAttention);
 
+// Options of ChannelGate: ChannelGate(ChannelGateOptions().gate("hard_sigmoid")).
+struct CNN_ATTENTION_API ChannelGateOptions {
+  TORCH_ARG(std::string, gate) = "sigmoid";
+};
+
+// y = x * gate(logits) over cnn_attention::ops::channel_gate, logits (N, C): the end of an
+// excitation block whose (N, C) middle is computed elsewhere. No parameters.
+class CNN_ATTENTION_API ChannelGateImpl : public torch::nn::Cloneable<ChannelGateImpl> {
+ public:
+  explicit ChannelGateImpl(ChannelGateOptions options = {});
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& logits);
+  void pretty_print(std::ostream& stream) const override;
+
+  ChannelGateOptions options;
+};
+
+TORCH_MODULE(ChannelGate);
+
 }  // namespace nn
 }  // namespace cnn_attention

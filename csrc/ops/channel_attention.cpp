@@ -11,6 +11,7 @@ namespace ops {
 
 namespace {
 constexpr const char* kOp = "channel_attention";
+constexpr const char* kGateOp = "channel_gate";
 }  // namespace
 
 at::Tensor channel_attention(
@@ -24,6 +25,14 @@ at::Tensor channel_attention(
     c10::string_view activation) {
   static auto op = find_op<decltype(channel_attention)>("cnn_attention::channel_attention");
   return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
+}
+
+at::Tensor channel_gate(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  static auto op = find_op<decltype(channel_gate)>("cnn_attention::channel_gate");
+  return op.call(x, logits, gate);
 }
 
 namespace detail {
@@ -41,6 +50,15 @@ _channel_attention_backward(
     c10::string_view activation) {
   static auto op = find_op<decltype(_channel_attention_backward)>("cnn_attention::_channel_attention_backward");
   return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  static auto op = find_op<decltype(_channel_gate_backward)>("cnn_attention::_channel_gate_backward");
+  return op.call(grad_y, x, logits, gate);
 }
 
 }  // namespace detail
@@ -115,6 +133,27 @@ ChannelAttentionModes check_channel_attention_backward_args(
   return modes;
 }
 
+ChannelGate check_channel_gate_args(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  check_feature_map(kGateOp, "x", x);
+  check_sizes(kGateOp, "logits", logits, {x.sym_size(0), x.sym_size(1)}, "(N, C)");
+  check_like(kGateOp, "x", x, "logits", logits);
+  return parse_channel_gate(kGateOp, gate);
+}
+
+ChannelGate check_channel_gate_backward_args(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  const ChannelGate mode = check_channel_gate_args(x, logits, gate);
+  check_like(kGateOp, "x", x, "grad_y", grad_y);
+  check_sizes(kGateOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  return mode;
+}
+
 TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
   m.def(
       "channel_attention(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
@@ -126,6 +165,11 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       "Tensor fc2_weight, Tensor? fc2_bias, str pool, str gate, str activation=\"relu\") "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  m.def("channel_gate(Tensor x, Tensor logits, str gate=\"sigmoid\") -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("_channel_gate_backward(Tensor grad_y, Tensor x, Tensor logits, str gate) "
+        "-> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace ops

@@ -23,5 +23,14 @@ CNN_ATTENTION_API at::Tensor channel_attention(
     c10::string_view gate = "sigmoid",
     c10::string_view activation = "relu");
 
+// The gate alone: y = x * gate(logits), logits (N, C) broadcast over the spatial dims, with
+// `gate` as in channel_attention. The fused end of an excitation block whose middle is not the
+// standard MLP (ECA's 1-D convolution, GC's transform, SE with normalization): the small (N, C)
+// part runs in PyTorch between a pooling and this gate. See docs/design.md section 1.
+CNN_ATTENTION_API at::Tensor channel_gate(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate = "sigmoid");
+
 }  // namespace ops
 }  // namespace cnn_attention

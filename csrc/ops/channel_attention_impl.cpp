@@ -123,6 +123,23 @@ at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
   return logits;
 }
 
+// d loss / d logits from d loss / d weights, for weights = apply_gate(logits, gate).
+at::Tensor gate_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
+                         const at::Tensor& weights, ChannelGate gate, MatmulFn matmul) {
+  switch (gate) {
+    case ChannelGate::Sigmoid:
+      return grad_weights * weights * (1 - weights);
+    case ChannelGate::HardSigmoid:
+      // 1/6 strictly inside (-3, 3), 0 elsewhere, as torch.nn.Hardsigmoid's backward.
+      return at::hardsigmoid_backward(grad_weights, logits);
+    case ChannelGate::Softmax:
+      // w = C softmax(z): dz_j = w_j (g_j - sum_i g_i w_i / C).
+      return weights * (grad_weights - row_sums(matmul, grad_weights * weights) /
+                                           static_cast<double>(logits.size(1)));
+  }
+  return grad_weights;
+}
+
 }  // namespace
 
 ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax) {
@@ -152,7 +169,8 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
   if (y.numel() == 0) return y;
 
   const at::Tensor input = to_layout(x, layout);
-  const ChannelStats stats = backend.reduce(input, at::Tensor(), false, layout);
+  const ChannelStats stats =
+      backend.reduce(input, at::Tensor(), false, layout, at::Tensor(), at::Tensor());
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
                 stats.mean.scalar_type(), backend.matmul);
   const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).logits;
@@ -183,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
 
   const at::Tensor input = to_layout(x, layout);
   const at::Tensor grad_out = to_layout(grad_y, layout);
-  const ChannelStats stats = backend.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout);
+  const ChannelStats stats = backend.reduce(input, grad_out, pool_mode != ChannelPool::Avg, layout,
+                                            at::Tensor(), at::Tensor());
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
                 stats.mean.scalar_type(), backend.matmul);
 
@@ -195,18 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   const at::Tensor weights = apply_gate(logits, gate_mode);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
-  const at::Tensor& grad_weights = stats.grad_dot;
-  at::Tensor grad_logits;
-  if (gate_mode == ChannelGate::Sigmoid) {
-    grad_logits = grad_weights * weights * (1 - weights);
-  } else if (gate_mode == ChannelGate::HardSigmoid) {
-    // 1/6 strictly inside (-3, 3), 0 elsewhere, as torch.nn.Hardsigmoid's backward.
-    grad_logits = at::hardsigmoid_backward(grad_weights, logits);
-  } else {
-    // w = C softmax(z): dz_j = w_j (g_j - sum_i g_i w_i / C).
-    grad_logits = weights * (grad_weights - row_sums(backend.matmul, grad_weights * weights) /
-                                                static_cast<double>(channels));
-  }
+  const at::Tensor grad_logits =
+      gate_backward(stats.grad_dot, logits, weights, gate_mode, backend.matmul);
 
   // Every branch receives the same grad_logits, so the sums over branches fold into
   // one product per parameter.
@@ -246,6 +255,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
           grad_fc1_bias.to(fc1_weight.scalar_type()),
           grad_fc2_weight.to(fc2_weight.scalar_type()),
           grad_fc2_bias.to(fc2_weight.scalar_type())};
+}
+
+namespace {
+
+// The gate's weights in the accumulation dtype of x, (N, C) contiguous as the sweeps read them.
+at::Tensor gate_weights(const at::Tensor& x, const at::Tensor& logits, ChannelGate gate) {
+  return apply_gate(logits.to(at::toOpMathType(x.scalar_type())), gate).contiguous();
+}
+
+}  // namespace
+
+at::Tensor channel_gate_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                const at::Tensor& logits, c10::string_view gate) {
+  const ChannelGate gate_mode = check_channel_gate_args(x, logits, gate);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor y = feature_map_like(x);
+  if (y.numel() == 0) return y;
+  backend.apply(to_layout(x, layout), gate_weights(x, logits, gate_mode), at::Tensor(),
+                at::Tensor(), at::Tensor(), y, layout);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionBackend& backend,
+                                                         const at::Tensor& grad_y,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& logits,
+                                                         c10::string_view gate) {
+  const ChannelGate gate_mode = check_channel_gate_backward_args(grad_y, x, logits, gate);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = feature_map_like(x);
+  // No position contributes: the logits get exactly zero gradient.
+  if (x.numel() == 0) return {grad_x, at::zeros(logits.sizes(), logits.options())};
+
+  const at::Tensor weights = gate_weights(x, logits, gate_mode);
+  const ChannelStats stats = backend.reduce(to_layout(x, layout), to_layout(grad_y, layout),
+                                            false, layout, weights, grad_x);
+  const at::Tensor grad_logits =
+      gate_backward(stats.grad_dot, logits.to(weights.scalar_type()), weights, gate_mode,
+                    backend.matmul);
+  return {grad_x, grad_logits.to(logits.scalar_type())};
 }
 
 }  // namespace ops

@@ -10,6 +10,8 @@
 // Backward: stats = reduce(x, grad_y);    (w, dstats, dweights) = ...; grad_x = apply(...)
 // so the forward moves 3|x| bytes and the backward 4|x| (the position of each channel's
 // maximum is found in the backward reduction, so the second backward sweep needs no x).
+// channel_gate is the same without the pooling and the MLP: its forward is one apply, its
+// backward one reduce that also writes grad_x (3|x| bytes).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -37,6 +39,11 @@ _channel_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                             const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                             c10::string_view pool, c10::string_view gate,
                             c10::string_view activation);
+
+// Gradients (x, logits).
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& logits,
+    c10::string_view gate);
 
 }  // namespace detail
 
@@ -67,6 +74,12 @@ ChannelAttentionModes check_channel_attention_backward_args(
     const std::optional<at::Tensor>& fc2_bias, c10::string_view pool, c10::string_view gate,
     c10::string_view activation);
 
+// The checks of channel_gate and _channel_gate_backward.
+ChannelGate check_channel_gate_args(const at::Tensor& x, const at::Tensor& logits,
+                                    c10::string_view gate);
+ChannelGate check_channel_gate_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                             const at::Tensor& logits, c10::string_view gate);
+
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
 struct ChannelStats {
@@ -83,9 +96,11 @@ ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_
 
 // What a backend supplies.
 struct ChannelAttentionBackend {
-  // Reads `x` (and `grad_y` when defined, laid out like `x`) once.
+  // Reads `x` (and `grad_y` when defined, laid out like `x`) once. When `grad_scale` (N, C)
+  // is defined, the same sweep also writes grad_x = grad_y * grad_scale[n, c] (channel_gate's
+  // backward: both gradients from one read of x and grad_y).
   ChannelStats (*reduce)(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
-                         Layout layout);
+                         Layout layout, const at::Tensor& grad_scale, const at::Tensor& grad_x);
   // out = in * scale[n, c] + shift[n, c] + (position == argmax[n, c]) * at_argmax[n, c];
   // `shift`, `at_argmax` and `argmax` may be undefined (forward).
   void (*apply)(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
@@ -109,6 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, c10::string_view pool,
     c10::string_view gate, c10::string_view activation);
 
+at::Tensor channel_gate_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                const at::Tensor& logits, c10::string_view gate);
+
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionBackend& backend,
+                                                         const at::Tensor& grad_y,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& logits,
+                                                         c10::string_view gate);
+
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_channel_attention_kernels<kCpuBackend>(m).
 template <const ChannelAttentionBackend& kBackend>
@@ -116,6 +140,9 @@ void register_channel_attention_kernels(torch::Library& m) {
   m.impl("channel_attention", TORCH_FN((OnBackend<channel_attention_forward, kBackend>::kernel)));
   m.impl("_channel_attention_backward",
          TORCH_FN((OnBackend<channel_attention_backward, kBackend>::kernel)));
+  m.impl("channel_gate", TORCH_FN((OnBackend<channel_gate_forward, kBackend>::kernel)));
+  m.impl("_channel_gate_backward",
+         TORCH_FN((OnBackend<channel_gate_backward, kBackend>::kernel)));
 }
 
 // The modes a string argument names, or an error naming `op` (the operator or the module whose

@@ -29,8 +29,9 @@ _check_cpu()
 
 from . import _C  # noqa: F401  (loads the library; its static registrations define the ops)
 from . import functional
-from .modules import CBAM, ChannelAttention, HardAttention, SelfAttention, SoftAttention, SpatialScores
+from .modules import CBAM, ChannelAttention, ChannelGate, HardAttention, SelfAttention, SoftAttention, SpatialScores
 from .insert import AttentionAfter, find_stages, insert
+from .convert import convert
 from .maps import attention_maps
 
 __version__ = "0.1.0"
@@ -51,12 +52,14 @@ def __getattr__(name: str):
 __all__ = [
     "CBAM",
     "ChannelAttention",
+    "ChannelGate",
     "HardAttention",
     "SelfAttention",
     "SoftAttention",
     "SpatialScores",
     "functional",
     "insert",
+    "convert",
     "attention_maps",
     "find_stages",
     "AttentionAfter",

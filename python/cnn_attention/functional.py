@@ -9,6 +9,7 @@ from torch import Tensor
 
 __all__ = [
     "channel_attention",
+    "channel_gate",
     "channel_pool",
     "soft_attention",
     "soft_attention_pool",
@@ -51,6 +52,27 @@ def channel_attention(
     return torch.ops.cnn_attention.channel_attention(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate, activation
     )
+
+
+def channel_gate(x: Tensor, logits: Tensor, gate: str = "sigmoid") -> Tensor:
+    """The gate of channel attention alone: ``y = x * gate(logits)``, ``logits`` ``(N, C)``
+    broadcast over the spatial dims.
+
+    The fused end of an excitation block whose middle is not ``channel_attention``'s MLP (ECA's
+    1-D convolution, a normalized MLP, GC's transform): compute the ``(N, C)`` logits in
+    PyTorch, then gate here. The backward reads ``x`` and the output's gradient once for both
+    gradients.
+
+    Args:
+        x: ``(N, C, *S)`` with 1 to 3 spatial dims; any floating dtype and strides.
+        logits: ``(N, C)``, the dtype and device of ``x``.
+        gate: ``"sigmoid"``, ``"hard_sigmoid"`` or ``"softmax"`` (``C * softmax`` over
+            channels), as in ``channel_attention``.
+
+    Returns:
+        ``y``, shaped and laid out like ``x``. Gradients flow to ``x`` and ``logits``.
+    """
+    return torch.ops.cnn_attention.channel_gate(x, logits, gate)
 
 
 def channel_pool(x: Tensor) -> Tensor:

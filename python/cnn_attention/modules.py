@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import functional as ops
 
-__all__ = ["ChannelAttention", "SpatialScores", "SoftAttention", "HardAttention", "SelfAttention", "CBAM"]
+__all__ = ["ChannelAttention", "ChannelGate", "SpatialScores", "SoftAttention", "HardAttention", "SelfAttention", "CBAM"]
 
 _POOLS = ("avg", "max", "avgmax")
 _GATES = ("sigmoid", "softmax", "hard_sigmoid")
@@ -158,6 +158,34 @@ class ChannelAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.channels}, hidden={self.hidden}, pool={self.pool!r}, gate={self.gate!r}, "
                 f"activation={self.activation!r}")
+
+
+class ChannelGate(nn.Module):
+    """The gate of channel attention alone: ``y = x * gate(logits)`` with ``logits`` ``(N, C)``
+    broadcast over the spatial dims; no parameters.
+
+    The fused end of an excitation block whose ``(N, C)`` middle is computed elsewhere (ECA's
+    1-D convolution, a normalized MLP, GC's transform); ``cnn_attention.convert`` builds its
+    blocks on it.
+
+    Args:
+        gate: ``"sigmoid"``, ``"hard_sigmoid"`` or ``"softmax"`` (``C * softmax``).
+
+    Shape: ``x`` ``(N, C, *S)``, ``logits`` ``(N, C)`` -> ``(N, C, *S)``.
+    """
+
+    def __init__(self, gate: str = "sigmoid") -> None:
+        super().__init__()
+        _check_choice("ChannelGate", "gate", gate, _GATES)
+        self.gate = gate
+
+    def forward(self, x: Tensor, logits: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_input("ChannelGate", x)
+        return ops.channel_gate(x, logits, self.gate)
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate!r}"
 
 
 def _check_temperature(module: str, temperature: float) -> float:

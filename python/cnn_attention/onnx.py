@@ -77,15 +77,20 @@ def channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool: str =
         z = mlp(op.ReduceMax(x, axes, keepdims=0))
     else:
         z = op.Add(mlp(op.ReduceMean(x, axes, keepdims=0)), mlp(op.ReduceMax(x, axes, keepdims=0)))
+    return channel_gate(x, z, gate)
+
+
+def channel_gate(x, logits, gate: str = "sigmoid"):
+    op = _op()
     if gate == "sigmoid":
-        w = op.Sigmoid(z)
+        w = op.Sigmoid(logits)
     elif gate == "hard_sigmoid":
         # max(0, min(1, z / 6 + 1/2)) = relu6(z + 3) / 6
-        w = op.HardSigmoid(z, alpha=1.0 / 6.0, beta=0.5)
+        w = op.HardSigmoid(logits, alpha=1.0 / 6.0, beta=0.5)
     else:
         channels = op.CastLike(op.Shape(x, start=1, end=2), x)
-        w = op.Mul(op.Softmax(z, axis=1), channels)
-    return op.Mul(x, op.Unsqueeze(w, axes))
+        w = op.Mul(op.Softmax(logits, axis=1), channels)
+    return op.Mul(x, op.Unsqueeze(w, _ints(_spatial_axes(x))))
 
 
 def channel_pool(x):
@@ -183,6 +188,7 @@ def translation_table() -> Dict[object, object]:
     ops = torch.ops.cnn_attention
     return {
         ops.channel_attention.default: channel_attention,
+        ops.channel_gate.default: channel_gate,
         ops.channel_pool.default: channel_pool,
         ops.soft_attention.default: soft_attention,
         ops.soft_attention_pool.default: soft_attention_pool,

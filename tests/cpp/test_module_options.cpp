@@ -58,6 +58,10 @@ void build(const std::string& module, const Options& values) {
                              INT_OPTION(O, min_hidden), WORD_OPTION(O, pool), WORD_OPTION(O, gate),
                              WORD_OPTION(O, activation)};
     cnn::ChannelAttention(with(O(16), values, setters));
+  } else if (module == "ChannelGate") {
+    using O = cnn::ChannelGateOptions;
+    const Setters<O> setters{WORD_OPTION(O, gate)};
+    cnn::ChannelGate(with(O(), values, setters));
   } else if (module == "SoftAttention") {
     using O = cnn::SoftAttentionOptions;
     const Setters<O> setters{INT_OPTION(O, kernel_size), WORD_OPTION(O, normalize),

@@ -366,6 +366,17 @@ def build_channel_attention(rng: random.Random, g: Geometry, backward: bool) -> 
     return v
 
 
+def build_channel_gate(rng: random.Random, g: Geometry, backward: bool) -> dict[str, Any]:
+    v: dict[str, Any] = {
+        "x": spec(rng, g, g.x_shape, grad=not backward),
+        "logits": spec(rng, g, (g.n, g.c), grad=not backward),
+        "gate": rng.choice(CHANNEL_GATES),
+    }
+    if backward:
+        v["grad_y"] = spec(rng, g, g.x_shape)
+    return v
+
+
 def build_channel_pool(rng: random.Random, g: Geometry, backward: bool) -> dict[str, Any]:
     v: dict[str, Any] = {"x": spec(rng, g, g.x_shape, grad=not backward)}
     if backward:
@@ -472,6 +483,16 @@ def valid_channel_attention(a: dict[str, Any]) -> bool:
         and a["pool"] in ("avg", "max", "avgmax")
         and a["gate"] in CHANNEL_GATES
         and a.get("activation", "relu") in CHANNEL_ACTIVATIONS
+        and ("grad_y" not in a or shaped(a["grad_y"], x, tuple(x.shape)))
+    )
+
+
+def valid_channel_gate(a: dict[str, Any]) -> bool:
+    x = a["x"]
+    return (
+        is_fm(x)
+        and shaped(a["logits"], x, (x.shape[0], x.shape[1]))
+        and a["gate"] in CHANNEL_GATES
         and ("grad_y" not in a or shaped(a["grad_y"], x, tuple(x.shape)))
     )
 
@@ -616,6 +637,8 @@ SP, HA, SELF = "soft_attention_pool", "hard_attention", "self_attention"
 OP_KINDS: dict[str, OpKind] = {
     CA: op_kind(CA, build_channel_attention, valid_channel_attention, backward=False),
     "_channel_attention_backward": op_kind(CA, build_channel_attention, valid_channel_attention, backward=True),
+    "channel_gate": op_kind("channel_gate", build_channel_gate, valid_channel_gate, backward=False),
+    "_channel_gate_backward": op_kind("channel_gate", build_channel_gate, valid_channel_gate, backward=True),
     CP: op_kind(CP, build_channel_pool, valid_channel_pool, backward=False),
     "_channel_pool_backward": op_kind(CP, build_channel_pool, valid_channel_pool, backward=True),
     SA: op_kind(SA, build_soft_attention, valid_soft_attention, backward=False),

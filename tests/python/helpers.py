@@ -107,13 +107,17 @@ def channel_attention_reference(
         z = mlp(first_max(x, dims))
     else:
         z = mlp(x.mean(dims)) + mlp(first_max(x, dims))
+    return channel_gate_reference(x, z, gate)
+
+
+def channel_gate_reference(x: Tensor, logits: Tensor, gate: str = "sigmoid") -> Tensor:
     if gate == "sigmoid":
-        w = torch.sigmoid(z)
+        w = torch.sigmoid(logits)
     elif gate == "hard_sigmoid":
-        w = F.hardsigmoid(z)
+        w = F.hardsigmoid(logits)
     else:
-        w = x.shape[1] * torch.softmax(z, dim=1)
-    return x * w.reshape(w.shape + (1,) * len(dims))
+        w = x.shape[1] * torch.softmax(logits, dim=1)
+    return x * w.reshape(w.shape + (1,) * (x.dim() - 2))
 
 
 def channel_pool_reference(x: Tensor) -> Tensor:

@@ -76,6 +76,32 @@ CHANNEL_ATTENTION = (
 )
 
 
+# ---- channel_gate ----
+
+def channel_gate_call() -> Arguments:
+    return {"x": torch.randn(2, 8, 5, 5), "logits": torch.randn(2, 8), "gate": "sigmoid"}
+
+
+CHANNEL_GATE = (
+    BadCall("rank", lambda a: {**a, "x": a["x"][0, 0]},
+            r"channel_gate: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(5, 5\)"),
+    BadCall("int_x", lambda a: {**a, "x": a["x"].to(torch.int32)},
+            r"channel_gate: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    BadCall("channels", replace(x=torch.randn(2, 6, 5, 5)),
+            r"channel_gate: logits must be \(N, C\) = \(2, 6\), got \(2, 8\)"),
+    BadCall("batch", replace(logits=torch.randn(3, 8)),
+            r"channel_gate: logits must be \(N, C\) = \(2, 8\), got \(3, 8\)"),
+    BadCall("logits_rank", lambda a: {**a, "logits": a["logits"][:, :, None, None]},
+            r"channel_gate: logits must be \(N, C\) = \(2, 8\), got \(2, 8, 1, 1\)"),
+    BadCall("logits_dtype", lambda a: {**a, "logits": a["logits"].double()},
+            r"channel_gate: logits must have the dtype of x \(Float\), got Double"),
+    BadCall("gate", replace(gate="relu"),
+            r'channel_gate: gate must be one of "sigmoid", "softmax", "hard_sigmoid", got "relu"'),
+    BadCall("gate_without_samples", lambda a: {**a, "x": a["x"][:0], "logits": a["logits"][:0], "gate": "tanh"},
+            r"channel_gate: gate must be one of"),
+)
+
+
 # ---- channel_pool ----
 
 def channel_pool_call() -> Arguments:

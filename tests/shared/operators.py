@@ -90,6 +90,9 @@ class OpInfo:
     reference: Callable[..., Tensor]
     differentiable: Tuple[str, ...]
     feature_maps: Tuple[str, ...] = ("x",)
+    # Other tensors with a batch dim (N first), e.g. channel_gate's logits (N, C): a model's
+    # inputs with the feature maps in the runtime tests.
+    per_sample: Tuple[str, ...] = ()
     # Which element of a tuple result is the differentiable output (None: the result itself).
     output_index: Optional[int] = None
     # The inputs a non-finite value test poisons, and how many of their elements.
@@ -423,6 +426,24 @@ OPS: Tuple[OpInfo, ...] = (
         bad_calls=bad_calls.CHANNEL_ATTENTION,
     ),
     OpInfo(
+        name="channel_gate",
+        arguments=("x", "logits", "gate"),
+        tensor_shapes=lambda shape, variant: {"x": shape, "logits": (shape[0], shape[1])},
+        per_sample=("logits",),
+        variants=tuple({"id": gate, "gate": gate} for gate in ("sigmoid", "softmax", "hard_sigmoid")),
+        reference=helpers.channel_gate_reference,
+        differentiable=("x", "logits"),
+        poison_targets=("x", "logits"),
+        private_calls=lambda sample, grad: [("_channel_gate_backward", (
+            grad, *_plain(sample, "x", "logits"), *_options(sample, "gate")))],
+        aten_softmax_over_channels=True,
+        # The logits' gradient sums P terms rounded to the dtype once.
+        tolerance_scales={"logits": 4.0},
+        reference_channels=(12,),
+        valid_call=bad_calls.channel_gate_call,
+        bad_calls=bad_calls.CHANNEL_GATE,
+    ),
+    OpInfo(
         name="channel_pool",
         arguments=("x",),
         tensor_shapes=lambda shape, variant: {"x": shape},
@@ -547,13 +568,14 @@ BY_NAME: Dict[str, OpInfo] = {op.name: op for op in OPS}
 
 class OperatorCall(torch.nn.Module):
     """One call of an operator as a model (for the runtime and ONNX tests): its inputs are the
-    sample's feature maps (`inputs`), its other tensors buffers, its options constants. Returns
-    the whole result."""
+    sample's feature maps and per-sample tensors (`inputs`), its other tensors buffers, its
+    options constants. Returns the whole result."""
 
     def __init__(self, sample: Sample):
         super().__init__()
         self.sample = sample
-        self.maps = [name for name in sample.op.feature_maps if sample.tensors.get(name) is not None]
+        batched = sample.op.feature_maps + sample.op.per_sample
+        self.maps = [name for name in batched if sample.tensors.get(name) is not None]
         self.names = [name for name, t in sample.tensors.items() if t is not None and name not in self.maps]
         for name in self.names:
             self.register_buffer(name, sample.tensors[name].detach().clone())

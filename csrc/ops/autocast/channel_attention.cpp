@@ -11,7 +11,7 @@ namespace {
 // Under autocast the op runs in the lower-precision dtype, as convolutions do: the feature
 // map usually arrives in it already, the parameters (float32) are cast to it, and the
 // kernels accumulate in float32 anyway, so nothing is lost but half the bytes moved.
-// float64 inputs are left alone.
+// float64 inputs are left alone. channel_gate's logits follow x.
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor channel_attention_autocast(
     const at::Tensor& x,
@@ -33,16 +33,32 @@ at::Tensor channel_attention_autocast(
       at::autocast::cached_cast(param_dtype, fc2_bias, device_type), pool, gate, activation);
 }
 
+template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
+at::Tensor channel_gate_autocast(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const at::Tensor input = at::autocast::cached_cast(
+      at::autocast::get_lower_precision_fp_from_device_type(device_type), x, device_type);
+  return channel_gate(input, at::autocast::cached_cast(input.scalar_type(), logits, device_type),
+                      gate);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
   m.impl("channel_attention",
          TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
+  m.impl("channel_gate",
+         TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
 }
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
   m.impl("channel_attention",
          TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
+  m.impl("channel_gate",
+         TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
 }
 
 }  // namespace ops

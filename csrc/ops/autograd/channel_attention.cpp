@@ -122,11 +122,71 @@ channel_attention_backward_autograd(
   return {grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 
+class ChannelGateFunction : public torch::autograd::Function<ChannelGateFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& logits,
+      c10::string_view gate) {
+    ctx->saved_data["gate"] = std::string(gate);
+    ctx->save_for_backward({x, logits});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return channel_gate(x, logits, gate);
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_x, grad_logits] = detail::_channel_gate_backward(
+        grad_outputs[0], saved[0], saved[1], ctx->saved_data["gate"].toStringRef());
+    return {grad_x, grad_logits, at::Tensor()};
+  }
+};
+
+class ChannelGateBackwardFunction
+    : public torch::autograd::Function<ChannelGateBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& grad_y,
+      const at::Tensor& x,
+      const at::Tensor& logits,
+      c10::string_view gate) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_logits] = detail::_channel_gate_backward(grad_y, x, logits, gate);
+    return {grad_x, grad_logits};
+  }
+
+  static variable_list backward(AutogradContext*, const variable_list&) {
+    TORCH_CHECK(false, "channel_gate: double backward is not supported");
+  }
+};
+
+at::Tensor channel_gate_autograd(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  check_defined("channel_gate", {{"x", x}, {"logits", logits}});
+  return ChannelGateFunction::apply(x, logits, gate);
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward_autograd(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  check_defined("channel_gate", {{"grad_y", grad_y}, {"x", x}, {"logits", logits}});
+  auto grads = ChannelGateBackwardFunction::apply(grad_y, x, logits, gate);
+  return {grads[0], grads[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
   m.impl("channel_attention", TORCH_FN(channel_attention_autograd));
   m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_autograd));
+  m.impl("channel_gate", TORCH_FN(channel_gate_autograd));
+  m.impl("_channel_gate_backward", TORCH_FN(channel_gate_backward_autograd));
 }
 
 }  // namespace ops

@@ -27,10 +27,18 @@ constexpr int64_t kPositionChunk = 256;
 // Independent accumulator vectors per row when positions are the inner dim.
 constexpr int kChains = 4;
 
+// With `grad_scale`, also grad_x = grad_y * grad_scale[row] (the sweep reads grad_y anyway).
+template <typename scalar_t>
+struct ScaledGrad {
+  const at::opmath_type<scalar_t>* scale;  // (N, C), or null: nothing to write
+  scalar_t* out;                           // laid out like grad_y
+};
+
 // (N, C, P): one task per run of (n, c) rows, each row contiguous.
 template <typename scalar_t>
 void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t rows,
-                           int64_t positions, bool with_argmax, ChannelStats& stats) {
+                           int64_t positions, bool with_argmax, ChannelStats& stats,
+                           ScaledGrad<scalar_t> scaled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -43,6 +51,8 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * positions;
       const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
+      scalar_t* out = scaled.scale ? scaled.out + row * positions : nullptr;
+      const opmath_t scale = scaled.scale ? scaled.scale[row] : opmath_t(0);
       // kChains independent accumulators, so the adds are not one serial dependency chain.
       Vec vmax[kChains];
       std::fill_n(vmax, kChains, Vec(-std::numeric_limits<opmath_t>::infinity()));
@@ -63,9 +73,13 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
               vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
             }
             if (gr) {
-              const auto grad = V::load(gr + p + chain * V::size());
+              auto grad = V::load(gr + p + chain * V::size());
               for (int k = 0; k < V::kVecs; ++k) {
                 vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
+              }
+              if (out) {
+                for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
+                V::store(out + p + chain * V::size(), grad);
               }
             }
           }
@@ -86,6 +100,7 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
         sum += v;
         best = nan_max(best, v);
         if (gr) dot += v * static_cast<opmath_t>(gr[p]);
+        if (out) out[p] = static_cast<scalar_t>(static_cast<opmath_t>(gr[p]) * scale);
       }
       mean[row] = sum / static_cast<opmath_t>(positions);
       max[row] = best;
@@ -103,7 +118,7 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
 template <typename scalar_t>
 void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t batch,
                           int64_t channels, int64_t positions, bool with_argmax,
-                          ChannelStats& stats) {
+                          ChannelStats& stats, ScaledGrad<scalar_t> scaled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
@@ -132,6 +147,8 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* xp = x + (n * positions + p) * channels;
         const scalar_t* gp = grad_y ? grad_y + (n * positions + p) * channels : nullptr;
+        scalar_t* out = scaled.scale ? scaled.out + (n * positions + p) * channels : nullptr;
+        const opmath_t* scale = scaled.scale ? scaled.scale + n * channels : nullptr;
         int64_t c = 0;
         for (; c + V::size() <= channels; c += V::size()) {
           const auto chunk = V::load(xp + c);
@@ -156,10 +173,15 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
             }
           }
           if (gp) {
-            const auto grad = V::load(gp + c);
+            auto grad = V::load(gp + c);
             for (int k = 0; k < V::kVecs; ++k) {
               const int64_t at = c + k * kLanes;
               at::vec::fmadd(chunk[k], grad[k], Vec::loadu(dot + at)).store(dot + at);
+            }
+            if (out) {
+              const auto s = V::load_opmath(scale + c);
+              for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * s[k];
+              V::store(out + c, grad);
             }
           }
         }
@@ -171,6 +193,7 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
             if (where) where[c] = p;
           }
           if (gp) dot[c] += v * static_cast<opmath_t>(gp[c]);
+          if (out) out[c] = static_cast<scalar_t>(static_cast<opmath_t>(gp[c]) * scale[c]);
         }
       }
     }
@@ -205,18 +228,23 @@ void reduce_channels_last(const scalar_t* x, const scalar_t* grad_y, int64_t bat
 }
 
 ChannelStats reduce_cpu(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
-                        Layout layout) {
+                        Layout layout, const at::Tensor& grad_scale, const at::Tensor& grad_x) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_reduce_cpu", [&] {
         const scalar_t* grad = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+        ScaledGrad<scalar_t> scaled{nullptr, nullptr};
+        if (grad_scale.defined()) {
+          scaled = {grad_scale.const_data_ptr<at::opmath_type<scalar_t>>(),
+                    grad_x.data_ptr<scalar_t>()};
+        }
         if (layout == Layout::ChannelsFirst) {
           reduce_channels_first(x.const_data_ptr<scalar_t>(), grad, batch * channels, positions,
-                                with_argmax, stats);
+                                with_argmax, stats, scaled);
         } else {
           reduce_channels_last(x.const_data_ptr<scalar_t>(), grad, batch, channels, positions,
-                               with_argmax, stats);
+                               with_argmax, stats, scaled);
         }
       });
   return stats;

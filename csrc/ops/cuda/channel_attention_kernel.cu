@@ -39,12 +39,21 @@ struct StatsOut {
   }
 };
 
+// With `scale`, the reductions also write grad_x = grad_y * scale[row] (channel_gate's
+// backward: one read of x and grad_y for both gradients).
+template <typename scalar_t, typename acc_t>
+struct ScaledGrad {
+  const acc_t* scale;  // (N, C), or null: nothing to write
+  scalar_t* out;       // laid out like grad_y
+};
+
 // (N, C, P) input: block (row, split) reduces positions [split * span, ...) of one row.
 template <typename scalar_t, typename acc_t>
 __global__ void reduce_channels_first_kernel(const scalar_t* __restrict__ x,
                                              const scalar_t* __restrict__ grad_y,
                                              int64_t positions, int64_t span,
-                                             StatsOut<acc_t> out) {
+                                             StatsOut<acc_t> out,
+                                             ScaledGrad<scalar_t, acc_t> scaled) {
   __shared__ acc_t value_scratch[kThreads / kWarpSize];
   __shared__ int64_t index_scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
@@ -52,13 +61,19 @@ __global__ void reduce_channels_first_kernel(const scalar_t* __restrict__ x,
   const int64_t end = std::min(positions, begin + span);
   const scalar_t* xr = x + row * positions;
   const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
+  scalar_t* scaled_out = scaled.scale ? scaled.out + row * positions : nullptr;
+  const acc_t scale = scaled.scale ? scaled.scale[row] : acc_t(0);
   acc_t sum = 0, dot = 0;
   ArgMax<acc_t> best = ArgMax<acc_t>::identity();
   for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
     const acc_t v = static_cast<acc_t>(xr[p]);
     sum += v;
     best.update(v, p);
-    if (gr) dot += v * static_cast<acc_t>(gr[p]);
+    if (gr) {
+      const acc_t g = static_cast<acc_t>(gr[p]);
+      dot += v * g;
+      if (scaled_out) scaled_out[p] = static_cast<scalar_t>(g * scale);
+    }
   }
   sum = cuda::block_sum(sum, value_scratch);
   dot = gr ? cuda::block_sum(dot, value_scratch) : acc_t(0);
@@ -75,7 +90,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void reduce_channels_last_kernel(const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ grad_y,
                                             int64_t channels, int64_t positions, int64_t span,
-                                            int64_t tiles, StatsOut<acc_t> out) {
+                                            int64_t tiles, StatsOut<acc_t> out,
+                                            ScaledGrad<scalar_t, acc_t> scaled) {
   __shared__ acc_t sums[kTileRows][kTileChannels];
   __shared__ acc_t dots[kTileRows][kTileChannels];
   __shared__ acc_t values[kTileRows][kTileChannels];
@@ -92,7 +108,13 @@ __global__ void reduce_channels_last_kernel(const scalar_t* __restrict__ x,
       const acc_t v = static_cast<acc_t>(x[offset]);
       sum += v;
       best.update(v, p);
-      if (grad_y) dot += v * static_cast<acc_t>(grad_y[offset]);
+      if (grad_y) {
+        const acc_t g = static_cast<acc_t>(grad_y[offset]);
+        dot += v * g;
+        if (scaled.scale) {
+          scaled.out[offset] = static_cast<scalar_t>(g * scaled.scale[n * channels + c]);
+        }
+      }
     }
   }
   sums[threadIdx.y][threadIdx.x] = sum;
@@ -137,7 +159,7 @@ int64_t choose_splits(int64_t blocks_per_split, int64_t positions, int64_t min_s
 }
 
 ChannelStats reduce_cuda(const at::Tensor& x, const at::Tensor& grad_y, bool with_argmax,
-                         Layout layout) {
+                         Layout layout, const at::Tensor& grad_scale, const at::Tensor& grad_x) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   const int64_t rows = batch * channels;
   ChannelStats stats = empty_channel_stats(x, grad_y.defined(), with_argmax);
@@ -171,15 +193,19 @@ ChannelStats reduce_cuda(const at::Tensor& x, const at::Tensor& grad_y, bool wit
           if (with_argmax) partial.argmax = at::empty({splits, rows}, x.options().dtype(at::kLong));
         }
         const scalar_t* grad = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+        ScaledGrad<scalar_t, acc_t> scaled{nullptr, nullptr};
+        if (grad_scale.defined()) {
+          scaled = {grad_scale.const_data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>()};
+        }
         const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
         if (first) {
           reduce_channels_first_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), grad, positions, span, stats_out(partial));
+              x.const_data_ptr<scalar_t>(), grad, positions, span, stats_out(partial), scaled);
         } else {
           reduce_channels_last_kernel<scalar_t, acc_t>
               <<<grid, dim3(kTileChannels, kTileRows), 0, stream>>>(
                   x.const_data_ptr<scalar_t>(), grad, channels, positions, span, tiles,
-                  stats_out(partial));
+                  stats_out(partial), scaled);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (splits > 1) {

@@ -42,11 +42,30 @@ channel_attention_backward_meta(
           at::empty_symint({fc2_weight.sym_size(0)}, fc2_weight.options())};
 }
 
+at::Tensor channel_gate_forward_meta(
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  check_channel_gate_args(x, logits, gate);
+  return feature_map_like(x);
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward_meta(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& logits,
+    c10::string_view gate) {
+  check_channel_gate_backward_args(grad_y, x, logits, gate);
+  return {feature_map_like(x), at::empty_symint(logits.sym_sizes(), logits.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, Meta, m) {
   m.impl("channel_attention", TORCH_FN(channel_attention_forward_meta));
   m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_meta));
+  m.impl("channel_gate", TORCH_FN(channel_gate_forward_meta));
+  m.impl("_channel_gate_backward", TORCH_FN(channel_gate_backward_meta));
 }
 
 }  // namespace ops
