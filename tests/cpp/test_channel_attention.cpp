@@ -125,6 +125,38 @@ TEST(ChannelAttentionModule, MatchesOperatorAndTrainsFromCpp) {
                c10::Error);
 }
 
+TEST(ChannelGate, MatchesFloat64ReferenceAndTrainsFromCpp) {
+  torch::manual_seed(4);
+  for (const std::string gate : {"sigmoid", "hard_sigmoid", "softmax"}) {
+    for (const bool channels_last : {false, true}) {
+      auto x = torch::randn({3, 16, 5, 7});
+      if (channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+      x.requires_grad_();
+      const auto logits = (2 * torch::randn({3, 16})).requires_grad_();
+      cnn_attention::nn::ChannelGate module(cnn_attention::nn::ChannelGateOptions().gate(gate));
+      const auto y = module(x, logits);
+      EXPECT_EQ(y.is_contiguous(torch::MemoryFormat::ChannelsLast), channels_last);
+      const auto grad = torch::randn_like(y);
+      const auto grads = torch::autograd::grad({y}, {x, logits}, {grad});
+
+      const auto x64 = x.detach().to(torch::kDouble).requires_grad_();
+      const auto z64 = logits.detach().to(torch::kDouble).requires_grad_();
+      auto w = gate == "sigmoid"        ? torch::sigmoid(z64)
+               : gate == "hard_sigmoid" ? torch::hardsigmoid(z64)
+                                        : torch::softmax(z64, 1) * 16;
+      const auto expected = x64 * w.unsqueeze(-1).unsqueeze(-1);
+      const auto expected_grads = torch::autograd::grad({expected}, {x64, z64}, {grad.to(torch::kDouble)});
+      EXPECT_TRUE(torch::allclose(y.to(torch::kDouble), expected, 1e-5, 1e-6)) << gate;
+      EXPECT_TRUE(torch::allclose(grads[0].to(torch::kDouble), expected_grads[0], 1e-5, 1e-6)) << gate;
+      EXPECT_TRUE(torch::allclose(grads[1].to(torch::kDouble), expected_grads[1], 1e-4, 1e-5)) << gate;
+    }
+  }
+  EXPECT_EQ(error_of([] { cnn_attention::ops::channel_gate(torch::randn({2, 8, 4}), torch::randn({2, 6})); }),
+            "channel_gate: logits must be (N, C) = (2, 8), got (2, 6)");
+  EXPECT_EQ(error_of([] { cnn_attention::nn::ChannelGate(cnn_attention::nn::ChannelGateOptions().gate("relu")); }),
+            "ChannelGate: gate must be one of \"sigmoid\", \"softmax\", \"hard_sigmoid\", got \"relu\"");
+}
+
 TEST(BuildInfo, NamesVersionAndTorch) {
   const std::string info = cnn_attention::build_info();
   EXPECT_NE(info.find("version=0.1.0"), std::string::npos) << info;

@@ -12,6 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from timm.layers.eca import EcaModule
+from timm.layers.global_context import GlobalContext
+from torchvision.ops.misc import SqueezeExcitation
+
 import cnn_attention
 
 WORLD = 2
@@ -26,10 +30,15 @@ class EveryModule(nn.Module):
         self.soft = cnn_attention.SoftAttention(kernel_size=3, normalize="softmax")
         self.hard = cnn_attention.HardAttention(kernel_size=3, mode="topk", keep_ratio=0.5)
         self.self_attention = cnn_attention.SelfAttention(8, num_heads=2, qk_reduction=2, kv_stride=2, gamma_init=0.5)
+        # Zoo blocks after cnn_attention.convert: channel_attention, channel_gate and
+        # soft_attention_pool with the blocks' own small modules between them.
+        zoo_blocks = nn.Sequential(SqueezeExcitation(8, 4), EcaModule(8), GlobalContext(8, rd_ratio=0.5))
+        self.converted = cnn_attention.convert(zoo_blocks)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
         x = self.self_attention(self.hard(self.soft(self.cbam(self.channel(self.stem(x))))))
+        x = self.converted(x)
         return self.head(x.mean((2, 3)))
 
 
