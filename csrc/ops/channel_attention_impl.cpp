@@ -41,12 +41,19 @@ struct Mlp {
     if (b2.has_value()) fc2_bias = b2->to(dtype);
   }
 
-  // input @ weight^T + bias
+  // input @ weight^T + bias. With fewer samples than weight rows it is computed as
+  // (weight @ input^T)^T: a product packs its right operand into rows, which is input^T
+  // (N x K) there and weight^T (K x R, all of the layer's weights) in the direct form, on
+  // every call. Each element is the same chain of fused multiply-adds either way.
   at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias) const {
     at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
     if (bias.has_value()) out.copy_(bias->expand_as(out));
-    matmul(out, input, weight.t(), bias.has_value());
+    if (input.size(0) < weight.size(0)) {
+      matmul(out.t(), weight, input.t(), bias.has_value());
+    } else {
+      matmul(out, input, weight.t(), bias.has_value());
+    }
     return out;
   }
   // fc1's output, before the activation.

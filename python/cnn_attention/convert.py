@@ -33,22 +33,27 @@ __all__ = ["convert", "recognised_blocks"]
 # ---- the fused modules ----
 
 
-class ConvertedSqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` (``fc1``, ``fc2``) on ``channel_attention``."""
+class ConvertedExcitation(nn.Module):
+    """A block whose MLP is ``fc1``, an activation, ``fc2`` (1x1 convolutions) on one
+    ``channel_attention``: torchvision's ``SqueezeExcitation`` (``pool="avg"``) and CBAM's channel
+    half, timm's ``ChannelAttn`` (``pool="avgmax"``: the MLP on the mean and on the max, added;
+    the max sends its gradient to the first position that attains it, ``amax`` splits it among
+    ties)."""
 
-    def __init__(self, block: nn.Module, activation: str, gate: str) -> None:
+    def __init__(self, block: nn.Module, pool: str, activation: str, gate: str) -> None:
         super().__init__()
         self.fc1 = block.fc1
         self.fc2 = block.fc2
+        self.pool = pool
         self.activation = activation
         self.gate = gate
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.channel_attention(x, self.fc1.weight.flatten(1), self.fc1.bias, self.fc2.weight.flatten(1),
-                                     self.fc2.bias, "avg", self.gate, self.activation)
+                                     self.fc2.bias, self.pool, self.gate, self.activation)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, gate={self.gate!r}"
+        return f"pool={self.pool!r}, activation={self.activation!r}, gate={self.gate!r}"
 
 
 class ConvertedSqueezeExcite(nn.Module):
@@ -175,26 +180,6 @@ class ConvertedGlobalContext(nn.Module):
         return f"gate={self.gate!r}"
 
 
-class ConvertedChannelAttn(nn.Module):
-    """CBAM's channel half, timm's ``ChannelAttn`` (``fc1``, ``act``, ``fc2``: the MLP on the mean
-    and on the max, added), on ``channel_attention`` with ``pool="avgmax"``. The max sends its
-    gradient to the first position that attains it (``amax`` splits it among ties)."""
-
-    def __init__(self, block: nn.Module, activation: str, gate: str) -> None:
-        super().__init__()
-        self.fc1 = block.fc1
-        self.fc2 = block.fc2
-        self.activation = activation
-        self.gate = gate
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.channel_attention(x, self.fc1.weight.flatten(1), self.fc1.bias, self.fc2.weight.flatten(1),
-                                     self.fc2.bias, "avgmax", self.gate, self.activation)
-
-    def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, gate={self.gate!r}"
-
-
 class ConvertedLightChannelAttn(nn.Module):
     """timm's ``LightChannelAttn``: the MLP (``fc1``, ``act``, ``fc2``) on the average of the mean
     and the max, then ``channel_gate`` (its gate is always the sigmoid)."""
@@ -225,6 +210,10 @@ class ConvertedSpatialAttn(nn.Module):
         pooled = ops.channel_pool(x)
         if self.average_pools:
             pooled = 0.5 * pooled.narrow(1, 0, 1) + 0.5 * pooled.narrow(1, 1, 1)
+        if pooled.device.type == "cpu" and pooled.dim() == 4:
+            # As SpatialScores: oneDNN's backward of a convolution to one channel is faster
+            # channels-last (docs/benchmarks.md), and the pooled map is small.
+            pooled = pooled.contiguous(memory_format=torch.channels_last)
         return ops.soft_attention(x, self.conv(pooled), "sigmoid", 1.0)
 
     def extra_repr(self) -> str:
@@ -298,52 +287,49 @@ def _pointwise(conv: nn.Module) -> bool:
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1)
 
 
-def _mlp_reason(fc1: nn.Module, fc2: nn.Module) -> str:
-    if not (_pointwise(fc1) and _pointwise(fc2)):
-        return "its MLP is not two 1x1 convolutions"
-    return ""
-
-
 def _no_gate(gate: nn.Module) -> str:
     return f"gate {type(gate).__name__} is not a sigmoid or an exact hard sigmoid"
 
 
+def _no_activation(act: nn.Module) -> str:
+    return f"activation {type(act).__name__} is not relu, silu, gelu or identity"
+
+
+def _excitation(gate: nn.Module, fc1: nn.Module, fc2: nn.Module, act: nn.Module) -> Tuple[str, Optional[str], str]:
+    """(gate name, activation name or None, why the block cannot convert or ""): a block whose
+    MLP is fc1, act, fc2 and whose gate is `gate`."""
+    gate_name = _gate_name(gate)
+    if gate_name is None:
+        return "", None, _no_gate(gate)
+    if not (_pointwise(fc1) and _pointwise(fc2)):
+        return gate_name, None, "its MLP is not two 1x1 convolutions"
+    return gate_name, _activation_name(act), ""
+
+
 def _torchvision_squeeze_excitation(block: nn.Module) -> _Result:
-    gate = _gate_name(block.scale_activation)
-    if gate is None:
-        return None, _no_gate(block.scale_activation)
-    reason = _mlp_reason(block.fc1, block.fc2)
+    gate, activation, reason = _excitation(block.scale_activation, block.fc1, block.fc2, block.activation)
     if reason:
         return None, reason
     if type(block.avgpool) is not nn.AdaptiveAvgPool2d or block.avgpool.output_size not in (1, (1, 1)):
         return None, "its pooling is not a global average"
-    activation = _activation_name(block.activation)
     if activation is None:
-        return None, f"activation {type(block.activation).__name__} is not relu, silu, gelu or identity"
-    return ConvertedSqueezeExcitation(block, activation, gate), f"channel_attention ({activation}, {gate})"
+        return None, _no_activation(block.activation)
+    return ConvertedExcitation(block, "avg", activation, gate), f"channel_attention ({activation}, {gate})"
 
 
 def _timm_squeeze_excite(block: nn.Module) -> _Result:
-    gate = _gate_name(block.gate)
-    if gate is None:
-        return None, _no_gate(block.gate)
-    reason = _mlp_reason(block.conv_reduce, block.conv_expand)
+    gate, activation, reason = _excitation(block.gate, block.conv_reduce, block.conv_expand, block.act1)
     if reason:
         return None, reason
-    activation = _activation_name(block.act1)
     if activation is None:
-        return None, f"activation {type(block.act1).__name__} is not relu, silu, gelu or identity"
+        return None, _no_activation(block.act1)
     return ConvertedSqueezeExcite(block, activation, gate), f"channel_attention ({activation}, {gate})"
 
 
 def _timm_se_module(block: nn.Module) -> _Result:
-    gate = _gate_name(block.gate)
-    if gate is None:
-        return None, _no_gate(block.gate)
-    reason = _mlp_reason(block.fc1, block.fc2)
+    gate, activation, reason = _excitation(block.gate, block.fc1, block.fc2, block.act)
     if reason:
         return None, reason
-    activation = _activation_name(block.act)
     if type(block.bn) is not nn.Identity or block.add_maxpool:
         activation = None
     converted = ConvertedSEModule(block, activation, gate)
@@ -384,22 +370,17 @@ def _timm_global_context(block: nn.Module) -> _Result:
 def _timm_cbam(block: nn.Module, light: bool) -> _Result:
     channel, spatial = block.channel, block.spatial
     if light:
-        reason = _mlp_reason(channel.fc1, channel.fc2)
-        if reason:
-            return None, reason
+        if not (_pointwise(channel.fc1) and _pointwise(channel.fc2)):
+            return None, "its MLP is not two 1x1 convolutions"
         converted_channel: nn.Module = ConvertedLightChannelAttn(channel)
         what = "mean and max, its MLP, channel_gate (sigmoid)"
     else:
-        gate = _gate_name(channel.gate)
-        if gate is None:
-            return None, _no_gate(channel.gate)
-        reason = _mlp_reason(channel.fc1, channel.fc2)
+        gate, activation, reason = _excitation(channel.gate, channel.fc1, channel.fc2, channel.act)
         if reason:
             return None, reason
-        activation = _activation_name(channel.act)
         if activation is None:
-            return None, f"activation {type(channel.act).__name__} is not relu, silu, gelu or identity"
-        converted_channel = ConvertedChannelAttn(channel, activation, gate)
+            return None, _no_activation(channel.act)
+        converted_channel = ConvertedExcitation(channel, "avgmax", activation, gate)
         what = f"channel_attention (avgmax, {activation}, {gate})"
     if _gate_name(spatial.gate) != "sigmoid":
         return None, f"spatial gate {type(spatial.gate).__name__} is not a sigmoid"
