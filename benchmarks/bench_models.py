@@ -5,11 +5,14 @@ rounds; a training step is forward, backward and an SGD step):
   (eager), after ``cnn_attention.convert``, ``torch.compile`` of the eager model, and the same
   architecture with its attention blocks replaced by identities; the attention's cost (time
   with it minus time without) and how much of it conversion removes.
+- ``--table blocks``: the same models' attention blocks one by one, at the shapes the network
+  gives them: each eager block against its converted module, forward and forward+backward,
+  summed over the network's blocks (what conversion saves without the rest of the network).
 - ``--table families``: timm's ResNet-50 without attention, with each family put in by
   ``cnn_attention.insert`` where the papers put it, and with timm's own eager SE and CBAM
   blocks in the same places; the cost over the plain network.
 
-    python benchmarks/bench_models.py                       # both tables, CPU, batch 8, 128x128
+    python benchmarks/bench_models.py                       # every table, CPU, batch 8, 128x128
     python benchmarks/bench_models.py --table zoo --no-compile
     python benchmarks/bench_models.py --batch 4 --size 224 --repeat 5 --device cuda
 """
@@ -58,15 +61,17 @@ def configurations(size: int):
     ]
 
 
-def zoo_models():
-    """(name, factory) of the models the zoo table runs."""
-    return [
+def zoo_models(only: str = ""):
+    """(name, factory) of the models the zoo and blocks tables run, those whose names contain
+    `only`."""
+    models = [
         ("timm seresnet50", lambda: timm.create_model("seresnet50")),
         ("timm resnet50 + CBAM", lambda: resnet50("cbam")),
         ("timm efficientnet_b0", lambda: timm.create_model("efficientnet_b0")),
         ("timm mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100")),
         ("torchvision efficientnet_b0", lambda: torchvision.models.efficientnet_b0()),
     ]
+    return [(name, make) for name, make in models if only in name]
 
 
 def without_attention(model: nn.Module) -> nn.Module:
@@ -104,7 +109,7 @@ def zoo_table(args, x, labels):
     print("| model | phase | no attention ms | eager ms | converted ms | torch.compile(eager) ms | attention cost eager "
           "| cost converted | cost removed | converted / eager |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, make in zoo_models():
+    for name, make in zoo_models(args.models):
         torch.manual_seed(0)
         eager = make().to(args.device)
         variants = {
@@ -138,6 +143,51 @@ def zoo_table(args, x, labels):
     print()
 
 
+def blocks_table(args, x, labels):
+    print(f"### Converted blocks at their shapes in the network: batch {args.batch}, {args.size}x{args.size}, "
+          f"{x.dtype}, {args.device}, {torch.get_num_threads()} threads; sums over each model's blocks of the "
+          f"median of {args.repeat} interleaved rounds")
+    print()
+    print("| model | blocks | forward eager ms | forward converted ms | fwd+bwd eager ms | fwd+bwd converted ms |")
+    print("|---|---|---|---|---|---|")
+    for name, make in zoo_models(args.models):
+        torch.manual_seed(0)
+        model = make().to(args.device).eval()
+        inputs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach())))
+                 for m in model.modules() if isinstance(m, tuple(recognised_blocks()))]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        totals = {"eager": [0.0, 0.0], "converted": [0.0, 0.0]}
+        for block, block_input in inputs:
+            candidates = {"eager": block, "converted": cnn_attention.convert(nn.Sequential(copy.deepcopy(block)))[0]}
+            grad = torch.randn_like(block_input)
+            leaf = block_input.clone().requires_grad_(True)
+
+            def forward(module):
+                def run():
+                    with torch.no_grad():
+                        module(block_input)
+                return run
+
+            def forward_backward(module):
+                def run():
+                    leaf.grad = None
+                    module(leaf).backward(grad)
+                return run
+
+            fwd = interleaved_ms({k: forward(m) for k, m in candidates.items()}, args.device, args.repeat)
+            both = interleaved_ms({k: forward_backward(m) for k, m in candidates.items()}, args.device, args.repeat)
+            for key in totals:
+                totals[key][0] += fwd[key][0]
+                totals[key][1] += both[key][0]
+        print(f"| {name} | {len(inputs)} | {totals['eager'][0]:.1f} | {totals['converted'][0]:.1f} | "
+              f"{totals['eager'][1]:.1f} | {totals['converted'][1]:.1f} |")
+    print()
+
+
 def families_table(args, x, labels):
     models, training, inference, places = {}, {}, {}, {}
     for name, where, make in configurations(args.size):
@@ -162,19 +212,22 @@ def families_table(args, x, labels):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["zoo", "families", "both"], default="both")
+    parser.add_argument("--table", choices=["zoo", "blocks", "families", "all"], default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the eager models")
+    parser.add_argument("--models", default="", help="only the zoo models whose names contain this text")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, 1000, (args.batch,), device=args.device)
-    if args.table in ("zoo", "both"):
+    if args.table in ("zoo", "all"):
         zoo_table(args, x, labels)
-    if args.table in ("families", "both"):
+    if args.table in ("blocks", "all"):
+        blocks_table(args, x, labels)
+    if args.table in ("families", "all"):
         families_table(args, x, labels)
 
 

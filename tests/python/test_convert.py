@@ -51,12 +51,16 @@ def _zoo_blocks(model):
 def _build(builder, seed):
     torch.manual_seed(seed)
     model = builder()
-    # Random BatchNorm statistics and affine parameters, so eval mode is not an identity.
+    # Random BatchNorm statistics and affine parameters, so eval mode is not an identity and no
+    # residual branch starts at zero (timm zero-initialises each ResNet block's last BatchNorm,
+    # whose output is the attention block's input: the block would see zeros).
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
     return model
 
 
