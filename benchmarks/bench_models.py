@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import interleaved_ms  # noqa: E402
+from common import interleaved_ms, measure_all  # noqa: E402
 from cnn_attention.convert import recognised_blocks  # noqa: E402
 
 
@@ -154,8 +154,9 @@ def blocks_table(args, x, labels):
         torch.manual_seed(0)
         model = make().to(args.device).eval()
         inputs = []
+        blocks = tuple(recognised_blocks())
         hooks = [m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach())))
-                 for m in model.modules() if isinstance(m, tuple(recognised_blocks()))]
+                 for m in model.modules() if isinstance(m, blocks)]
         with torch.no_grad():
             model(x)
         for hook in hooks:
@@ -163,26 +164,10 @@ def blocks_table(args, x, labels):
         totals = {"eager": [0.0, 0.0], "converted": [0.0, 0.0]}
         for block, block_input in inputs:
             candidates = {"eager": block, "converted": cnn_attention.convert(nn.Sequential(copy.deepcopy(block)))[0]}
-            grad = torch.randn_like(block_input)
-            leaf = block_input.clone().requires_grad_(True)
-
-            def forward(module):
-                def run():
-                    with torch.no_grad():
-                        module(block_input)
-                return run
-
-            def forward_backward(module):
-                def run():
-                    leaf.grad = None
-                    module(leaf).backward(grad)
-                return run
-
-            fwd = interleaved_ms({k: forward(m) for k, m in candidates.items()}, args.device, args.repeat)
-            both = interleaved_ms({k: forward_backward(m) for k, m in candidates.items()}, args.device, args.repeat)
-            for key in totals:
-                totals[key][0] += fwd[key][0]
-                totals[key][1] += both[key][0]
+            times = measure_all(candidates, block_input, torch.randn_like(block_input), args.device, args.repeat)
+            for key, (forward, forward_backward) in times.items():
+                totals[key][0] += forward[0]
+                totals[key][1] += forward_backward[0]
         print(f"| {name} | {len(inputs)} | {totals['eager'][0]:.1f} | {totals['converted'][0]:.1f} | "
               f"{totals['eager'][1]:.1f} | {totals['converted'][1]:.1f} |")
     print()

@@ -146,7 +146,7 @@ def _tv_se(activation=nn.ReLU, scale_activation=nn.Sigmoid):
     return SqueezeExcitation(C, 4, activation=activation, scale_activation=scale_activation)
 
 
-# (id, builder, what the fused module is): every path of every converter.
+# (id, builder): every path of every converter.
 BLOCKS = [
     ("tv_se_relu_sigmoid", lambda: _tv_se()),
     ("tv_se_silu", lambda: _tv_se(nn.SiLU)),
