@@ -94,7 +94,30 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       for (int chain = 1; chain < kChains; ++chain) {
         vmax[0] = at::vec::maximum(vmax[0], vmax[chain]);
       }
-      opmath_t sum = lane_sum(total_sum), best = lane_max(vmax[0]), dot = lane_sum(total_dot);
+      // The last vectors, fewer than the chains hold: rows of deep stages (16 or 49
+      // positions) are shorter than one round of the chains.
+      for (; p + V::size() <= positions; p += V::size()) {
+        const auto chunk = V::load(xr + p);
+        for (int k = 0; k < V::kVecs; ++k) {
+          total_sum += chunk[k];
+          vmax[0] = at::vec::maximum(vmax[0], chunk[k]);
+        }
+        if (gr) {
+          auto grad = V::load(gr + p);
+          for (int k = 0; k < V::kVecs; ++k) {
+            total_dot = at::vec::fmadd(chunk[k], grad[k], total_dot);
+          }
+          if (out) {
+            for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
+            V::store(out + p, grad);
+          }
+        }
+      }
+      // Rows shorter than a vector (1x1 maps) skip the lane reductions of vectors never used.
+      const bool vectors = p > 0;
+      opmath_t sum = vectors ? lane_sum(total_sum) : opmath_t(0);
+      opmath_t best = vectors ? lane_max(vmax[0]) : -std::numeric_limits<opmath_t>::infinity();
+      opmath_t dot = vectors && gr ? lane_sum(total_dot) : opmath_t(0);
       for (; p < positions; ++p) {
         const opmath_t v = static_cast<opmath_t>(xr[p]);
         sum += v;
