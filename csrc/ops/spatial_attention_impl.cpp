@@ -80,6 +80,13 @@ bool elementwise(const at::Tensor& x, const at::Tensor& scores,
   return backend.scale_by_scores != nullptr && scores.size(1) == x.size(1) && x.size(1) > 1;
 }
 
+// The same for softmax weights (SpatialAttentionBackend::softmax_scale_by_scores).
+bool elementwise_softmax(const at::Tensor& x, const at::Tensor& scores,
+                         const SpatialAttentionBackend& backend) {
+  return backend.softmax_scale_by_scores != nullptr && scores.size(1) == x.size(1) &&
+         x.size(1) > 1;
+}
+
 at::Tensor threshold_mask(const SpatialAttentionBackend& backend, const at::Tensor& s,
                           double threshold, double temperature) {
   return backend.position_sigmoid(s, temperature).gt_(threshold);
@@ -117,6 +124,11 @@ at::Tensor soft_attention_forward(const SpatialAttentionBackend& backend, const 
     backend.scale_by_scores(to_layout(x, layout), to_layout(scores, layout), how, y, no_mask);
     return y;
   }
+  if (mode == SoftNormalize::Softmax && elementwise_softmax(x, scores, backend)) {
+    backend.softmax_scale_by_scores(to_layout(x, layout), to_layout(scores, layout), temperature,
+                                    y, layout);
+    return y;
+  }
   const at::Tensor s = scores_for_weights(scores, x, layout);
   at::Tensor weights;
   if (mode == SoftNormalize::Sigmoid) {
@@ -146,6 +158,12 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     backend.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
                                      to_layout(scores, layout), at::Tensor(), how, grad_x,
                                      grad_scores);
+    return {grad_x, grad_scores};
+  }
+  if (mode == SoftNormalize::Softmax && elementwise_softmax(x, scores, backend)) {
+    backend.softmax_scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
+                                             to_layout(scores, layout), temperature, grad_x,
+                                             grad_scores, layout);
     return {grad_x, grad_scores};
   }
 

@@ -147,6 +147,18 @@ struct SpatialAttentionBackend {
                                    const at::Tensor& scores, const at::Tensor& mask,
                                    const ElementwiseWeights& how, at::Tensor& grad_x,
                                    at::Tensor& grad_scores);
+  // Optional as well, same conditions: the softmax weights w = P * softmax(s / T over the
+  // positions of each sample and channel), computed from the scores where they are used
+  // instead of stored. Forward: y = x * w. Backward: grad_x = grad * w, grad_scores =
+  // w * (grad * x - sum over positions of grad * x * w / P) / T. Each recomputes the rows'
+  // maximum and sum of exponentials from s, so x-sized maps are read a few times and written
+  // once, where the stored weights take a write and a read of their own at every step.
+  void (*softmax_scale_by_scores)(const at::Tensor& x, const at::Tensor& scores,
+                                  double temperature, at::Tensor& y, Layout layout);
+  void (*softmax_scale_by_scores_backward)(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& scores, double temperature,
+                                           at::Tensor& grad_x, at::Tensor& grad_scores,
+                                           Layout layout);
 };
 
 // position_sigmoid with ATen's sigmoid (any device whose sigmoid does not depend on the

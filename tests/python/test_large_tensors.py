@@ -126,6 +126,28 @@ def test_attention_pooling_sums_long_rows(device, layout):
     torch.testing.assert_close(pooled.cpu(), torch.ones(1, channels), atol=0, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_softmax_over_channel_scores_sums_long_rows(device, layout):
+    """Scores with C channels (weights computed where they are used) over 2^25 positions of
+    ones with equal scores: every weight is P * softmax = 1, so y = x, grad_x = grad_y and
+    the scores' gradient is 0. One float32 running sum of a row would stall at 2^24 terms."""
+    positions = 1 << 25
+    need_memory(device, 6 * 2 * positions * 4)
+    x = torch.ones(1, 2, positions, device=device)
+    scores = torch.zeros(1, 2, positions, device=device)
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        scores = scores.transpose(1, 2).contiguous().transpose(1, 2)
+    y = ops.soft_attention(x, scores, "softmax", 1.0)
+    assert torch.allclose(y, x, atol=0, rtol=1e-4)
+    del y
+    grad_x, grad_scores = ops._soft_attention_backward(x, x, scores, "softmax", 1.0)
+    assert torch.allclose(grad_x, x, atol=0, rtol=1e-4)
+    assert float(grad_scores.abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channel_pool_gradient_past_float32_integer_channels(device):
     """C = 2^24 + 2 channels at one position: the max at channel 2^24 + 1, a channel number

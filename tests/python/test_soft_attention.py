@@ -95,6 +95,38 @@ def test_extreme_scores_stay_finite(device, score_channels, normalize):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_softmax_over_channel_scores_with_rows_partly_infinite(device, layout):
+    """Scores with C channels take the weights-on-the-fly path, which channels last sums each
+    row in runs of positions (16384 / C of them) and combines the runs: a run whose scores are
+    all -inf adds nothing, a row all -inf gives NaN weights, a NaN or +inf score NaN, as the
+    float64 softmax does. 64 channels over 32 x 32 positions: 4 runs of 256."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 32, 32, generator=generator, dtype=torch.float64)
+    scores = torch.randn(2, 64, 32, 32, generator=generator, dtype=torch.float64)
+    flat = scores.view(2, 64, -1)
+    flat[0, 3, :256] = -float("inf")  # the first run
+    flat[0, 4, 300:900] = -float("inf")  # parts of three runs
+    flat[0, 5, :] = -float("inf")  # the whole row
+    flat[1, 6, 700] = float("nan")
+    flat[1, 7, 10] = float("inf")
+    x32 = in_layout(x.float(), layout).requires_grad_(True)
+    s32 = in_layout(scores.float(), layout).requires_grad_(True)
+    x64, s64 = x.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+    y = op(x32, s32, "softmax", 0.7)
+    expected = soft_attention_reference(x64, s64, "softmax", 0.7)
+    grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x32, s32], in_layout(grad.float(), layout))
+    want = torch.autograd.grad(expected, [x64, s64], grad)
+    for actual, reference in zip((y, *got), (expected, *want)):
+        actual = actual.double()
+        assert torch.equal(actual.isnan(), reference.isnan())
+        finite = reference.isfinite()
+        assert finite[0, 3].all() and finite[0, 4].all() and not finite[0, 5].any()
+        assert_close(actual[finite], reference[finite], torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_uniform_softmax_scores_are_the_identity(device):
     x = torch.randn(2, 4, 6, 5, device=device)
     torch.testing.assert_close(op(x, torch.full((2, 1, 6, 5), 3.0, device=device), "softmax", 0.3), x)

@@ -413,12 +413,14 @@ void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, sc
   const Vec temperature(static_cast<opmath_t>(how.temperature));
   const Vec threshold(static_cast<opmath_t>(how.threshold)), one(1), zero(0);
   const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
+  // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
+  const bool divide = how.temperature != 1.0;
   for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
     const auto xs = load_partial(x + at, count);
     const auto ss = load_partial(s + at, count);
     typename V::Chunk ys, weights;
     for (int k = 0; k < V::kVecs; ++k) {
-      const Vec soft = vec_sigmoid(ss[k] / temperature);
+      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
       weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
       ys[k] = xs[k] * weights[k];
     }
@@ -438,6 +440,7 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
   const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1);
   const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
   const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
+  const bool divide = how.temperature != 1.0;
   for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
     const auto gs = load_partial(grad + at, count);
     const auto xs = load_partial(x + at, count);
@@ -446,9 +449,13 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
     if (given_mask) masks = load_partial(mask + at, count);
     typename V::Chunk gx, gscores;
     for (int k = 0; k < V::kVecs; ++k) {
-      const Vec soft = vec_sigmoid(ss[k] / temperature);
+      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
       gx[k] = gs[k] * (given_mask ? masks[k] : soft);
-      const Vec factor = sigmoid_factor ? soft * (one - soft) / temperature : one;
+      Vec factor = one;
+      if (sigmoid_factor) {
+        factor = soft * (one - soft);
+        if (divide) factor = factor / temperature;
+      }
       gscores[k] = gs[k] * xs[k] * factor;
     }
     store_partial(grad_x + at, gx, count);
@@ -692,11 +699,17 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
     blocked_sums<T>(
         positions, lanes, [&](int64_t q) { return load_lanes(g, q) * load_lanes(a, q); },
         [](int64_t) { return T(0); }, dots);
-    // Scalar per lane: the strided values of a task are few next to the reads above.
-    for (int64_t l = 0; l < lanes; ++l) {
-      const T dot_value = static_cast<T>(dots[l]);
-      for (int64_t q = 0; q < positions; ++q) {
-        o[q * stride + l] = a[q * stride + l] * (g[q * stride + l] - dot_value) / temperature;
+    alignas(64) T dot_lanes[Vec::size()];
+    for (int64_t l = 0; l < Vec::size(); ++l) {
+      dot_lanes[l] = l < lanes ? static_cast<T>(dots[l]) : T(0);
+    }
+    const Vec dot_vec = Vec::loadu(dot_lanes), temperature_vec(temperature);
+    for (int64_t q = 0; q < positions; ++q) {
+      const Vec result = load_lanes(a, q) * (load_lanes(g, q) - dot_vec) / temperature_vec;
+      if (lanes == Vec::size()) {
+        result.store(o + q * stride);
+      } else {
+        result.store(o + q * stride, static_cast<int>(lanes));
       }
     }
   });
@@ -726,6 +739,383 @@ at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Ten
         out.data_ptr<scalar_t>(), softmax_rows_of(out, layout), static_cast<scalar_t>(temperature));
   });
   return out;
+}
+
+// ---- Softmax weights computed where they are used (score maps with C channels) ----
+//
+// The weights w = P * exp(z - max) / sum, z = s / T, of each (sample, channel) row are never
+// stored: sweeps find the rows' maxima and their sums of exponentials, and the last sweeps
+// compute w where they use it (so each exponential is computed twice). Channels first a task
+// is a row, vectorized along its positions, whose sweeps reread it from cache; its sums are
+// vector sums within blocks of kSumBlock positions added up in double, as the stored softmax
+// sums. Channels last a task is a run of positions of one sample, vectorized along the
+// channels: each run's maximum and sum come from one task, and the runs are combined in order
+// in double. The results do not depend on the number of threads.
+
+template <typename scalar_t>
+struct SoftmaxTerms {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  opmath_t temperature;
+  bool divide;  // s / 1 is s: no division where it changes nothing
+
+  explicit SoftmaxTerms(double t) : temperature(static_cast<opmath_t>(t)), divide(t != 1.0) {}
+  Vec z(const Vec& s) const { return divide ? s / Vec(temperature) : s; }
+  opmath_t z(opmath_t s) const { return divide ? s / temperature : s; }
+  // exp(z - best), the exponential of exp_u20 (see cpu/vec.h; exp(-inf) = 0, NaN stays NaN).
+  Vec shifted_exp(const Vec& s, const Vec& best) const {
+    return cpu::exp_u20_nonfinite(z(s) - best);
+  }
+};
+
+// Maximum and sum of exp(z - maximum) of one contiguous row.
+template <typename scalar_t>
+std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(const scalar_t* s, int64_t positions,
+                                                               const SoftmaxTerms<scalar_t>& t) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  Vec best_vec(-std::numeric_limits<opmath_t>::infinity());
+  opmath_t best = -std::numeric_limits<opmath_t>::infinity();
+  int64_t p = 0;
+  for (; p + V::size() <= positions; p += V::size()) {
+    const auto chunk = V::load(s + p);
+    for (int k = 0; k < V::kVecs; ++k) best_vec = at::vec::maximum(best_vec, t.z(chunk[k]));
+  }
+  for (; p < positions; ++p) best = cpu::nan_max(t.z(static_cast<opmath_t>(s[p])), best);
+  if (positions >= V::size()) best = cpu::nan_max(cpu::lane_max(best_vec), best);
+  const Vec best_broadcast(best);
+  double total = 0;
+  for (int64_t block = 0; block < positions; block += kSumBlock) {
+    const int64_t block_end = std::min(positions, block + kSumBlock);
+    Vec sum(opmath_t(0));
+    opmath_t tail = 0;
+    for (p = block; p + V::size() <= block_end; p += V::size()) {
+      const auto chunk = V::load(s + p);
+      for (int k = 0; k < V::kVecs; ++k) sum = sum + t.shifted_exp(chunk[k], best_broadcast);
+    }
+    for (; p < block_end; ++p) tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
+    total += static_cast<double>(lane_sum(sum)) + static_cast<double>(tail);
+  }
+  return {best, total};
+}
+
+template <typename scalar_t>
+typename OpmathVec<scalar_t>::Chunk load_opmath_partial(const at::opmath_type<scalar_t>* data,
+                                                        int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  if (count == V::size()) return V::load_opmath(data);
+  alignas(64) at::opmath_type<scalar_t> buffer[V::size()];
+  std::fill_n(buffer, V::size(), at::opmath_type<scalar_t>(0));
+  std::copy_n(data, count, buffer);
+  return V::load_opmath(buffer);
+}
+
+template <typename scalar_t>
+void store_opmath_partial(at::opmath_type<scalar_t>* data,
+                          const typename OpmathVec<scalar_t>::Chunk& chunk, int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  if (count == V::size()) {
+    for (int k = 0; k < V::kVecs; ++k) chunk[k].store(data + k * Vec::size());
+    return;
+  }
+  alignas(64) at::opmath_type<scalar_t> buffer[V::size()];
+  for (int k = 0; k < V::kVecs; ++k) chunk[k].store(buffer + k * Vec::size());
+  std::copy_n(buffer, count, data);
+}
+
+// fn(chunk of x-like values' offset p, weights w) over a contiguous row: w for V::size() positions
+// at a time, the last ones in a partial chunk (load_partial), so that every position's weight is
+// the same arithmetic.
+template <typename scalar_t, typename Fn>
+void for_row_weights(const scalar_t* s, int64_t positions, const SoftmaxTerms<scalar_t>& t,
+                     at::opmath_type<scalar_t> best, at::opmath_type<scalar_t> scale,
+                     const Fn& fn) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  const Vec best_broadcast(best), scale_broadcast(scale);
+  for (int64_t p = 0; p < positions; p += V::size()) {
+    const int64_t count = std::min(V::size(), positions - p);
+    auto w = load_partial(s + p, count);
+    for (int k = 0; k < V::kVecs; ++k) {
+      w[k] = t.shifted_exp(w[k], best_broadcast) * scale_broadcast;
+    }
+    if (count < V::size()) {
+      // The lanes past the row hold exp(-maximum), infinite for a very negative maximum: zero, so
+      // that a product with them (zero-filled x) is not NaN.
+      alignas(64) at::opmath_type<scalar_t> lanes[V::size()];
+      store_opmath_partial<scalar_t>(lanes, w, V::size());
+      w = load_opmath_partial<scalar_t>(lanes, count);
+    }
+    fn(p, count, w);
+  }
+}
+
+// Values per task when the channels are the inner dim: a run of positions of one sample, all
+// channels, small enough for the run's second read to come from cache.
+constexpr int64_t kSoftmaxRunValues = 16384;
+
+int64_t softmax_run_length(int64_t channels) {
+  return std::max<int64_t>(1, kSoftmaxRunValues / std::max<int64_t>(channels, 1));
+}
+
+int64_t softmax_runs(int64_t positions, int64_t channels) {
+  const int64_t length = softmax_run_length(channels);
+  return (positions + length - 1) / length;
+}
+
+// fn(n, run, first position, end position) for the runs of every sample, in parallel.
+template <typename Fn>
+void for_position_runs(int64_t batch, int64_t positions, int64_t channels, const Fn& fn) {
+  const int64_t length = softmax_run_length(channels);
+  const int64_t runs = softmax_runs(positions, channels);
+  at::parallel_for(0, batch * runs, grain_for(length * channels), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / runs, run = task % runs;
+      const int64_t first = run * length;
+      fn(n, run, first, std::min(positions, first + length));
+    }
+  });
+}
+
+// fn(c, count) over the channels of a position, V::size() at a time (the last chunk partial).
+template <typename scalar_t, typename Fn>
+void for_channel_chunks(int64_t channels, const Fn& fn) {
+  using V = OpmathVec<scalar_t>;
+  for (int64_t c = 0; c < channels; c += V::size()) fn(c, std::min(V::size(), channels - c));
+}
+
+// Channels last: each (sample, channel)'s maximum of z and P / (sum of exp(z - maximum)), (N, C)
+// each, so that w = exp(z - best) * scale. One sweep of tasks finds each run's maximum and its sum
+// of exp(z - run maximum) (the run's second read comes from cache); the runs are then combined in
+// order, each sum rescaled by exp(run maximum - maximum) in double.
+template <typename scalar_t>
+void channels_last_softmax(const scalar_t* s, int64_t batch, int64_t positions, int64_t channels,
+                           const SoftmaxTerms<scalar_t>& t,
+                           std::vector<at::opmath_type<scalar_t>>& best,
+                           std::vector<at::opmath_type<scalar_t>>& scale) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  constexpr opmath_t kLowest = -std::numeric_limits<opmath_t>::infinity();
+  const int64_t runs = softmax_runs(positions, channels);
+  std::vector<opmath_t> run_best(batch * runs * channels), run_sum(batch * runs * channels);
+  auto run_statistics = [&](int64_t n, int64_t run, int64_t first, int64_t last) {
+    opmath_t* maxima = run_best.data() + (n * runs + run) * channels;
+    opmath_t* sums = run_sum.data() + (n * runs + run) * channels;
+    std::fill_n(maxima, channels, kLowest);
+    std::fill_n(sums, channels, opmath_t(0));
+    for (int64_t p = first; p < last; ++p) {
+      const scalar_t* sp = s + (n * positions + p) * channels;
+      for_channel_chunks<scalar_t>(channels, [&](int64_t c, int64_t count) {
+        const auto chunk = load_partial(sp + c, count);
+        auto m = load_opmath_partial<scalar_t>(maxima + c, count);
+        for (int k = 0; k < V::kVecs; ++k) m[k] = at::vec::maximum(m[k], t.z(chunk[k]));
+        store_opmath_partial<scalar_t>(maxima + c, m, count);
+      });
+    }
+    for (int64_t p = first; p < last; ++p) {
+      const scalar_t* sp = s + (n * positions + p) * channels;
+      for_channel_chunks<scalar_t>(channels, [&](int64_t c, int64_t count) {
+        const auto chunk = load_partial(sp + c, count);
+        const auto m = load_opmath_partial<scalar_t>(maxima + c, count);
+        auto sum = load_opmath_partial<scalar_t>(sums + c, count);
+        for (int k = 0; k < V::kVecs; ++k) sum[k] = sum[k] + t.shifted_exp(chunk[k], m[k]);
+        store_opmath_partial<scalar_t>(sums + c, sum, count);
+      });
+    }
+  };
+  for_position_runs(batch, positions, channels, run_statistics);
+  best.assign(batch * channels, kLowest);
+  scale.resize(batch * channels);
+  at::parallel_for(0, batch * channels, grain_for(runs), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / channels, c = row % channels;
+      opmath_t m = kLowest;
+      for (int64_t run = 0; run < runs; ++run) {
+        m = cpu::nan_max(run_best[(n * runs + run) * channels + c], m);
+      }
+      double total = 0;
+      for (int64_t run = 0; run < runs; ++run) {
+        const int64_t i = (n * runs + run) * channels + c;
+        // A run whose scores are all -inf adds nothing (its own sum, exp(-inf - -inf), is NaN);
+        // with every score -inf the row stays NaN, as the two-sweep softmax gives.
+        if (run_best[i] == kLowest && m != kLowest) continue;
+        total += static_cast<double>(run_sum[i]) *
+                 std::exp(static_cast<double>(run_best[i]) - static_cast<double>(m));
+      }
+      best[row] = m;
+      scale[row] = static_cast<opmath_t>(static_cast<double>(positions) / total);
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y,
+                                   const SweepExtent& e, double temperature, Layout layout) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  const SoftmaxTerms<scalar_t> t(temperature);
+  const int64_t P = e.positions, C = e.channels;
+  if (layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t offset = row * P;
+        const auto [best, total] = row_softmax_stats(s + offset, P, t);
+        const auto scale = static_cast<opmath_t>(static_cast<double>(P) / total);
+        auto scale_row = [&](int64_t p, int64_t count, const auto& w) {
+          auto values = load_partial(x + offset + p, count);
+          for (int k = 0; k < V::kVecs; ++k) values[k] = values[k] * w[k];
+          store_partial(y + offset + p, values, count);
+        };
+        for_row_weights(s + offset, P, t, best, scale, scale_row);
+      }
+    });
+    return;
+  }
+  std::vector<opmath_t> best, scale;
+  channels_last_softmax(s, e.batch, P, C, t, best, scale);
+  for_position_runs(e.batch, P, C, [&](int64_t n, int64_t, int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t offset = (n * P + p) * C;
+      for_channel_chunks<scalar_t>(C, [&](int64_t c, int64_t count) {
+        const auto b = load_opmath_partial<scalar_t>(best.data() + n * C + c, count);
+        const auto f = load_opmath_partial<scalar_t>(scale.data() + n * C + c, count);
+        const auto chunk = load_partial(s + offset + c, count);
+        auto values = load_partial(x + offset + c, count);
+        for (int k = 0; k < V::kVecs; ++k) {
+          values[k] = values[k] * (t.shifted_exp(chunk[k], b[k]) * f[k]);
+        }
+        store_partial(y + offset + c, values, count);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x,
+                                            const scalar_t* s, scalar_t* grad_x, scalar_t* grad_s,
+                                            const SweepExtent& e, double temperature,
+                                            Layout layout) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  const SoftmaxTerms<scalar_t> t(temperature);
+  const int64_t P = e.positions, C = e.channels;
+  // grad_x = grad * w; grad_s = w * (grad * x - D) / T, D = sum over positions of grad * x * w / P.
+  auto write = [&](int64_t offset, int64_t count, const typename V::Chunk& w,
+                   const typename V::Chunk& d) {
+    const auto g = load_partial(grad + offset, count);
+    const auto values = load_partial(x + offset, count);
+    typename V::Chunk gx, gs;
+    for (int k = 0; k < V::kVecs; ++k) {
+      gx[k] = g[k] * w[k];
+      gs[k] = w[k] * (g[k] * values[k] - d[k]);
+      if (t.divide) gs[k] = gs[k] / Vec(t.temperature);
+    }
+    store_partial(grad_x + offset, gx, count);
+    store_partial(grad_s + offset, gs, count);
+  };
+  if (layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, e.batch * C, grain_for(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t offset = row * P;
+        const auto [best, total] = row_softmax_stats(s + offset, P, t);
+        const auto scale = static_cast<opmath_t>(static_cast<double>(P) / total);
+        double dot = 0;
+        Vec sum(opmath_t(0));
+        auto add_products = [&](int64_t p, int64_t count, const auto& w) {
+          const auto g = load_partial(grad + offset + p, count);
+          const auto values = load_partial(x + offset + p, count);
+          for (int k = 0; k < V::kVecs; ++k) sum = at::vec::fmadd(g[k] * values[k], w[k], sum);
+          if ((p + V::size()) % kSumBlock == 0) {
+            dot += static_cast<double>(lane_sum(sum));
+            sum = Vec(opmath_t(0));
+          }
+        };
+        for_row_weights(s + offset, P, t, best, scale, add_products);
+        dot += static_cast<double>(lane_sum(sum));
+        typename V::Chunk d;
+        d.fill(Vec(static_cast<opmath_t>(dot / static_cast<double>(P))));
+        auto write_row = [&](int64_t p, int64_t count, const auto& w) {
+          write(offset + p, count, w, d);
+        };
+        for_row_weights(s + offset, P, t, best, scale, write_row);
+      }
+    });
+    return;
+  }
+  std::vector<opmath_t> best, scale;
+  channels_last_softmax(s, e.batch, P, C, t, best, scale);
+  auto weights_at = [&](int64_t n, int64_t offset, int64_t c, int64_t count) {
+    const auto b = load_opmath_partial<scalar_t>(best.data() + n * C + c, count);
+    const auto f = load_opmath_partial<scalar_t>(scale.data() + n * C + c, count);
+    auto w = load_partial(s + offset + c, count);
+    for (int k = 0; k < V::kVecs; ++k) w[k] = t.shifted_exp(w[k], b[k]) * f[k];
+    return w;
+  };
+  // The runs' sums of grad * x * w, combined in run order in double.
+  const int64_t runs = softmax_runs(P, C);
+  std::vector<opmath_t> run_dot(e.batch * runs * C);
+  for_position_runs(e.batch, P, C, [&](int64_t n, int64_t run, int64_t first, int64_t last) {
+    opmath_t* dots = run_dot.data() + (n * runs + run) * C;
+    std::fill_n(dots, C, opmath_t(0));
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t offset = (n * P + p) * C;
+      for_channel_chunks<scalar_t>(C, [&](int64_t c, int64_t count) {
+        const auto w = weights_at(n, offset, c, count);
+        const auto g = load_partial(grad + offset + c, count);
+        const auto values = load_partial(x + offset + c, count);
+        auto dot = load_opmath_partial<scalar_t>(dots + c, count);
+        for (int k = 0; k < V::kVecs; ++k) dot[k] = at::vec::fmadd(g[k] * values[k], w[k], dot[k]);
+        store_opmath_partial<scalar_t>(dots + c, dot, count);
+      });
+    }
+  });
+  std::vector<opmath_t> mean_dot(e.batch * C);
+  for (int64_t n = 0; n < e.batch; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      double dot = 0;
+      for (int64_t run = 0; run < runs; ++run) {
+        dot += static_cast<double>(run_dot[(n * runs + run) * C + c]);
+      }
+      mean_dot[n * C + c] = static_cast<opmath_t>(dot / static_cast<double>(P));
+    }
+  }
+  for_position_runs(e.batch, P, C, [&](int64_t n, int64_t, int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t offset = (n * P + p) * C;
+      for_channel_chunks<scalar_t>(C, [&](int64_t c, int64_t count) {
+        write(offset + c, count, weights_at(n, offset, c, count),
+              load_opmath_partial<scalar_t>(mean_dot.data() + n * C + c, count));
+      });
+    }
+  });
+}
+
+void softmax_scale_by_scores_cpu(const at::Tensor& x, const at::Tensor& scores, double temperature,
+                                 at::Tensor& y, Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_softmax_by_scores_cpu", [&] {
+        softmax_scale_by_scores_typed(x.const_data_ptr<scalar_t>(),
+                                      scores.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                      sweep_extent_of(x, scores), temperature, layout);
+      });
+}
+
+void softmax_scale_by_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& scores, double temperature,
+                                          at::Tensor& grad_x, at::Tensor& grad_scores,
+                                          Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_softmax_by_scores_backward_cpu",
+      [&] {
+        softmax_scale_by_scores_backward_typed(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            scores.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+            grad_scores.data_ptr<scalar_t>(), sweep_extent_of(x, scores), temperature, layout);
+      });
 }
 
 // ATen's CPU sigmoid splits its work by the number of threads, and its vector and scalar
@@ -761,7 +1151,9 @@ constexpr SpatialAttentionBackend kCpuBackend{scale_cpu,
                                               position_softmax_backward_cpu,
                                               /*reads_strided_rows=*/true,
                                               scale_by_scores_cpu,
-                                              scale_by_scores_backward_cpu};
+                                              scale_by_scores_backward_cpu,
+                                              softmax_scale_by_scores_cpu,
+                                              softmax_scale_by_scores_backward_cpu};
 
 }  // namespace
 

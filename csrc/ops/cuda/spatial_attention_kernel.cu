@@ -259,7 +259,9 @@ constexpr SpatialAttentionBackend kCudaBackend{scale_cuda,
                                                aten_position_softmax_backward,
                                                /*reads_strided_rows=*/false,
                                                /*scale_by_scores=*/nullptr,
-                                               /*scale_by_scores_backward=*/nullptr};
+                                               /*scale_by_scores_backward=*/nullptr,
+                                               /*softmax_scale_by_scores=*/nullptr,
+                                               /*softmax_scale_by_scores_backward=*/nullptr};
 
 }  // namespace
 
