@@ -82,11 +82,15 @@ def eager_pool(x, scores):
     return (x.flatten(2) * torch.softmax(scores.flatten(2), -1)).sum(-1)
 
 
-def candidates_for(op, shape, device, dtype, compile_eager, score_channels):
+def candidates_for(op, shape, device, dtype, compile_eager, score_channels, layout):
     positions = 1
     for size in shape[2:]:
         positions *= size
     scores = torch.randn((shape[0], score_channels) + shape[2:], device=device, dtype=dtype)
+    if layout == "channels_last":
+        # As a score head (a convolution) of a channels-last map gives them; a single score
+        # channel is the same array in either layout.
+        scores = scores.contiguous(memory_format=torch.channels_last)
     if op == "soft":
         ours = cnn_attention.SoftAttention(7).to(device, dtype)
         eager = EagerSoftAttention(ours)
@@ -138,7 +142,7 @@ def main() -> None:
             if layout == "channels_last":
                 x = x.contiguous(memory_format=torch.channels_last)
             found = candidates_for(op, shape, device, dtype, not args.no_compile,
-                                   shape[1] if args.channel_scores else 1)
+                                   shape[1] if args.channel_scores else 1, layout)
             with torch.no_grad():
                 grad = torch.randn_like(found["cnn_attention"](x))
             results = measure_all(found, x, grad, device, args.repeat)
