@@ -66,6 +66,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_channel_attention.py
 	$(PYTHON) benchmarks/bench_channel_pool.py
 	$(PYTHON) benchmarks/bench_spatial_attention.py
+	$(PYTHON) benchmarks/bench_cbam.py
 	$(PYTHON) benchmarks/bench_self_attention.py
 
 clean:
