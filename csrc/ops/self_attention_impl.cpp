@@ -222,47 +222,70 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   }
   const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
-  at::Tensor grad_attn = tokens_mm(backend.matmul, grad_tokens, out_weight).mul_(gamma_value);
-
-  // Attention, its gradients written straight into that of the projection, grad_qkv (N, P,
-  // R). Pooled keys and values get theirs in a buffer first, then sent back to the positions
-  // that won their windows (the windows do not overlap, so every position gets at most one
-  // value: a deterministic scatter).
-  Projection p = project(backend.matmul, x_tokens, qkv_weight, qkv_bias, g);
+  // The attention's backward runs on chunks of samples: its temporaries (the gradient of the
+  // heads, the recomputed projection and its gradient: v + 2 R values per position) then take
+  // a chunk's share of memory on top of what the backward must hold (y, the saved heads,
+  // grad_x), and a chunk of at least kChunkPositions positions keeps each call's work large
+  // next to its fixed costs.
+  constexpr int64_t kChunkPositions = 1024;
+  const int64_t chunk = std::min(g.batch, std::max<int64_t>(1, kChunkPositions / g.positions));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
-  at::Tensor grad_qkv = at::empty({g.batch, g.positions, rows}, x.options());
-  const at::Tensor grad_kv =
-      sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
-                           : at::empty({g.batch, g.key_positions, kv_columns}, x.options());
-  backend.attention_backward(heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
-                             heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
-                             heads_of(attn_dense, 0, heads, dv), lse.contiguous(),
-                             softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
-                             heads_of(grad_kv, 0, heads, dq),
-                             heads_of(grad_kv, sizes.qk_dim, heads, dv));
-  grad_attn.reset();  // memory: free what is no longer needed before the last products
-  if (sizes.kv_stride > 1) {
-    const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
-                                 .reshape({g.batch, g.key_positions, kv_columns});
-    grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
-  }
-  p = Projection();
-  const at::Tensor grad_qkv_weight = backend.position_sum_product(grad_qkv, x_tokens);
-  const at::Tensor grad_qkv_bias = position_sums(backend, grad_qkv);
-
-  // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
   at::Tensor grad_x = feature_map_like(x);
-  if (g.layout == Layout::ChannelsLast) {
-    const at::Tensor grad_rows =
-        tokens_of(grad_x, g.layout).view({g.batch * g.positions, g.channels});
-    grad_rows.copy_(grad_tokens.reshape({g.batch * g.positions, g.channels}));
-    backend.matmul(grad_rows, grad_qkv.view({g.batch * g.positions, rows}), qkv_weight, true);
-  } else {
-    const at::Tensor grad_x_columns = grad_x.view({g.batch, g.channels, g.positions});
-    grad_x_columns.copy_(grad_dense.view({g.batch, g.channels, g.positions}));
-    for (int64_t n = 0; n < g.batch; ++n) {
-      backend.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(), true);
+  at::Tensor grad_qkv_weight, grad_qkv_bias;
+  for (int64_t first = 0; first < g.batch; first += chunk) {
+    const int64_t count = std::min(chunk, g.batch - first);
+    Geometry part = g;
+    part.batch = count;
+    const at::Tensor chunk_grad_tokens = grad_tokens.narrow(0, first, count);
+    const at::Tensor chunk_x_tokens = x_tokens.narrow(0, first, count);
+    at::Tensor grad_attn =
+        tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
+
+    // Attention, its gradients written straight into that of the projection, grad_qkv
+    // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
+    // positions that won their windows (the windows do not overlap, so every position gets at
+    // most one value: a deterministic scatter).
+    Projection p = project(backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part);
+    at::Tensor grad_qkv = at::empty({count, g.positions, rows}, x.options());
+    const at::Tensor grad_kv =
+        sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                             : at::empty({count, g.key_positions, kv_columns}, x.options());
+    backend.attention_backward(
+        heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
+        heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
+        heads_of(attn_dense.narrow(0, first, count), 0, heads, dv),
+        lse.narrow(0, first, count).contiguous(), softmax_scale(sizes),
+        heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
+        heads_of(grad_kv, sizes.qk_dim, heads, dv));
+    grad_attn.reset();  // memory: free what is no longer needed before the last products
+    if (sizes.kv_stride > 1) {
+      const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
+                                   .reshape({count, g.key_positions, kv_columns});
+      grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
+    }
+    p = Projection();
+    // Sums over the chunks in chunk order: the result depends on the shape alone.
+    const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
+    const at::Tensor bias_part = position_sums(backend, grad_qkv);
+    grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
+    grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
+
+    // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
+    const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);
+    if (g.layout == Layout::ChannelsLast) {
+      const at::Tensor grad_rows =
+          tokens_of(chunk_grad_x, g.layout).view({count * g.positions, g.channels});
+      grad_rows.copy_(chunk_grad_tokens.reshape({count * g.positions, g.channels}));
+      backend.matmul(grad_rows, grad_qkv.view({count * g.positions, rows}), qkv_weight, true);
+    } else {
+      const at::Tensor grad_x_columns = chunk_grad_x.view({count, g.channels, g.positions});
+      grad_x_columns.copy_(
+          grad_dense.narrow(0, first, count).view({count, g.channels, g.positions}));
+      for (int64_t n = 0; n < count; ++n) {
+        backend.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(),
+                       true);
+      }
     }
   }
   // The weight and bias gradients come from position_sum_product in the accumulation dtype.
