@@ -826,7 +826,7 @@ void store_opmath_partial(at::opmath_type<scalar_t>* data,
   std::copy_n(buffer, count, data);
 }
 
-// fn(chunk of x-like values' offset p, weights w) over a contiguous row: w for V::size() positions
+// fn(p, count, w) over a contiguous row: the weights w of positions p .. p + count - 1, V::size()
 // at a time, the last ones in a partial chunk (load_partial), so that every position's weight is
 // the same arithmetic.
 template <typename scalar_t, typename Fn>
@@ -927,7 +927,7 @@ void channels_last_softmax(const scalar_t* s, int64_t batch, int64_t positions, 
     }
   };
   for_position_runs(batch, positions, channels, run_statistics);
-  best.assign(batch * channels, kLowest);
+  best.resize(batch * channels);
   scale.resize(batch * channels);
   at::parallel_for(0, batch * channels, grain_for(runs), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
