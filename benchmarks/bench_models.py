@@ -11,6 +11,9 @@ rounds; a training step is forward, backward and an SGD step):
 - ``--table families``: timm's ResNet-50 without attention, with each family put in by
   ``cnn_attention.insert`` where the papers put it, and with timm's own eager SE and CBAM
   blocks in the same places; the cost over the plain network.
+- ``--table profile``: where the time of a training step of ResNet-50 with our CBAM goes
+  (torch.profiler, self CPU time per step): each of our operators, the score head's
+  convolution, and the whole step; then our operators per call by input shape.
 
     python benchmarks/bench_models.py                       # every table, CPU, batch 8, 128x128
     python benchmarks/bench_models.py --table zoo --no-compile
@@ -195,9 +198,60 @@ def families_table(args, x, labels):
     print()
 
 
+def is_score_head_convolution(event) -> bool:
+    """A convolution event of the score head: one of its inputs is a (1, 2, k, ...) weight."""
+    return "convolution" in event.key and any(len(shape) >= 3 and shape[:2] == [1, 2] for shape in event.input_shapes)
+
+
+def profile_table(args, x, labels):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = inserted("cbam", "all", True, args.size)().to(args.device)
+    step, _ = timed_pair(model, x, labels)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.repeat):
+            step()
+    groups, calls = {}, []
+    total = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms = event.self_cpu_time_total / 1e3 / args.repeat
+        total += ms
+        if event.key.startswith("cnn_attention::"):
+            group = event.key
+            calls.append((event.key, tuple(event.input_shapes[0]), event.count // args.repeat,
+                          event.self_cpu_time_total / 1e3 / event.count))
+        elif is_score_head_convolution(event):
+            group = "score head convolution (" + event.key + ")"
+        else:
+            continue
+        groups[group] = groups.get(group, 0.0) + ms
+    print(f"### Where a training step of timm resnet50 with our CBAM in every bottleneck goes: batch {args.batch}, "
+          f"{args.size}x{args.size}, float32, {args.device}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; torch.profiler self CPU time, mean per step of {args.repeat} steps")
+    print()
+    print("| operator | ms per step | share of the step |")
+    print("|---|---|---|")
+    for group, ms in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"| {group} | {ms:.1f} | {100 * ms / total:.1f}% |")
+    attention = sum(groups.values())
+    print(f"| all of the above | {attention:.1f} | {100 * attention / total:.1f}% |")
+    print(f"| the whole step | {total:.1f} | 100% |")
+    print()
+    print("Our operators per call, by the shape of their first input:")
+    print()
+    print("| operator | first input | calls per step | ms per call |")
+    print("|---|---|---|---|")
+    for key, shape, count, ms in sorted(calls):
+        print(f"| {key} | {shape} | {count} | {ms:.3f} |")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["zoo", "blocks", "families", "all"], default="all")
+    parser.add_argument("--table", choices=["zoo", "blocks", "families", "profile", "all"], default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
@@ -214,6 +268,8 @@ def main():
         blocks_table(args, x, labels)
     if args.table in ("families", "all"):
         families_table(args, x, labels)
+    if args.table in ("profile", "all"):
+        profile_table(args, x, labels)
 
 
 if __name__ == "__main__":
