@@ -1,5 +1,7 @@
 #include "cbam.h"
 
+#include "../ops/channel_attention.h"
+
 namespace cnn_attention {
 namespace nn {
 
@@ -16,7 +18,12 @@ void CBAMImpl::reset() {
 }
 
 torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
-  return spatial->forward(channel->forward(x));
+  const int64_t dims = options.spatial_dims();
+  TORCH_CHECK(x.dim() == dims + 2, "CBAM: x must be (N, C, *S) with ", dims,
+              " spatial dims (spatial_dims), got ", x.dim(), " dims");
+  return ops::cbam(x, channel->fc1_weight, channel->fc1_bias, channel->fc2_weight,
+                   channel->fc2_bias, spatial->scores->weight, spatial->scores->bias,
+                   channel->options.gate(), channel->options.activation());
 }
 
 void CBAMImpl::pretty_print(std::ostream& stream) const {

@@ -20,8 +20,8 @@ struct CNN_ATTENTION_API CBAMOptions {
   TORCH_ARG(int64_t, spatial_dims) = 2;
 };
 
-// CBAM: ChannelAttention(pool "avgmax"), then SoftAttention; submodules `channel` and
-// `spatial`, as in the Python module.
+// CBAM: ChannelAttention(pool "avgmax"), then SoftAttention, run as one operator (ops::cbam);
+// the parameters live in the submodules `channel` and `spatial`, as in the Python module.
 class CNN_ATTENTION_API CBAMImpl : public torch::nn::Cloneable<CBAMImpl> {
  public:
   explicit CBAMImpl(CBAMOptions options);

@@ -12,6 +12,7 @@ namespace ops {
 namespace {
 constexpr const char* kOp = "channel_attention";
 constexpr const char* kGateOp = "channel_gate";
+constexpr const char* kCbamOp = "cbam";
 }  // namespace
 
 at::Tensor channel_attention(
@@ -33,6 +34,21 @@ at::Tensor channel_gate(
     c10::string_view gate) {
   static auto op = find_op<decltype(channel_gate)>("cnn_attention::channel_gate");
   return op.call(x, logits, gate);
+}
+
+at::Tensor cbam(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  static auto op = find_op<decltype(cbam)>("cnn_attention::cbam");
+  return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+                 activation);
 }
 
 namespace detail {
@@ -61,6 +77,23 @@ std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
   return op.call(grad_y, x, logits, gate);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+_cbam_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  static auto op = find_op<decltype(_cbam_backward)>("cnn_attention::_cbam_backward");
+  return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                 gate, activation);
+}
+
 }  // namespace detail
 
 ChannelPool parse_channel_pool(const char* op, c10::string_view pool) {
@@ -84,6 +117,44 @@ ChannelActivation parse_channel_activation(const char* op, c10::string_view acti
                                           {"identity", ChannelActivation::Identity}});
 }
 
+namespace {
+
+// The checks of channel_attention's arguments, raised in the name of `kOp`.
+ChannelAttentionModes check_mlp_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    c10::string_view pool,
+    c10::string_view gate,
+    c10::string_view activation) {
+  check_feature_map(op, "x", x);
+  const c10::SymInt channels = x.sym_size(1);
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.sym_size(1) == channels,
+              op, ": fc1_weight must be (R, C) with C = ", channels, ", got ",
+              format_sizes(fc1_weight.sym_sizes()));
+  const c10::SymInt hidden = fc1_weight.sym_size(0);
+  TORCH_CHECK(hidden > 0, op, ": fc1_weight must have at least one row (R >= 1), got ",
+              format_sizes(fc1_weight.sym_sizes()));
+  check_sizes(op, "fc2_weight", fc2_weight, {channels, hidden}, "(C, R)");
+  check_like(op, "x", x, "fc1_weight", fc1_weight);
+  check_like(op, "x", x, "fc2_weight", fc2_weight);
+  if (fc1_bias.has_value()) {
+    check_sizes(op, "fc1_bias", *fc1_bias, {hidden}, "(R,)");
+    check_like(op, "x", x, "fc1_bias", *fc1_bias);
+  }
+  if (fc2_bias.has_value()) {
+    check_sizes(op, "fc2_bias", *fc2_bias, {channels}, "(C,)");
+    check_like(op, "x", x, "fc2_bias", *fc2_bias);
+  }
+  return {parse_channel_pool(op, pool), parse_channel_gate(op, gate),
+          parse_channel_activation(op, activation)};
+}
+
+}  // namespace
+
 ChannelAttentionModes check_channel_attention_args(
     const at::Tensor& x,
     const at::Tensor& fc1_weight,
@@ -93,27 +164,8 @@ ChannelAttentionModes check_channel_attention_args(
     c10::string_view pool,
     c10::string_view gate,
     c10::string_view activation) {
-  check_feature_map(kOp, "x", x);
-  const c10::SymInt channels = x.sym_size(1);
-  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.sym_size(1) == channels,
-              kOp, ": fc1_weight must be (R, C) with C = ", channels, ", got ",
-              format_sizes(fc1_weight.sym_sizes()));
-  const c10::SymInt hidden = fc1_weight.sym_size(0);
-  TORCH_CHECK(hidden > 0, kOp, ": fc1_weight must have at least one row (R >= 1), got ",
-              format_sizes(fc1_weight.sym_sizes()));
-  check_sizes(kOp, "fc2_weight", fc2_weight, {channels, hidden}, "(C, R)");
-  check_like(kOp, "x", x, "fc1_weight", fc1_weight);
-  check_like(kOp, "x", x, "fc2_weight", fc2_weight);
-  if (fc1_bias.has_value()) {
-    check_sizes(kOp, "fc1_bias", *fc1_bias, {hidden}, "(R,)");
-    check_like(kOp, "x", x, "fc1_bias", *fc1_bias);
-  }
-  if (fc2_bias.has_value()) {
-    check_sizes(kOp, "fc2_bias", *fc2_bias, {channels}, "(C,)");
-    check_like(kOp, "x", x, "fc2_bias", *fc2_bias);
-  }
-  return {parse_channel_pool(kOp, pool), parse_channel_gate(kOp, gate),
-          parse_channel_activation(kOp, activation)};
+  return check_mlp_args(kOp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, gate,
+                        activation);
 }
 
 ChannelAttentionModes check_channel_attention_backward_args(
@@ -154,6 +206,58 @@ ChannelGate check_channel_gate_backward_args(
   return mode;
 }
 
+ChannelAttentionModes check_cbam_args(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  const ChannelAttentionModes modes = check_mlp_args(
+      kCbamOp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation);
+  // (1, 2, k, ..., k), one k per spatial dim of x, k odd: same padding k / 2.
+  const int64_t dim = x.dim();
+  bool square = conv_weight.dim() == dim && conv_weight.sym_size(0) == 1 &&
+                conv_weight.sym_size(1) == 2;
+  if (square) {
+    const c10::SymInt width = conv_weight.sym_size(2);
+    for (int64_t d = 2; d < dim; ++d) square = square && conv_weight.sym_size(d) == width;
+    square = square && width % 2 == 1;
+  }
+  std::string expected = "(1, 2";
+  for (int64_t d = 2; d < dim; ++d) expected += ", k";
+  TORCH_CHECK(square, kCbamOp, ": conv_weight must be ", expected,
+              ") with k odd, one k per spatial dim of x, got ",
+              format_sizes(conv_weight.sym_sizes()));
+  check_like(kCbamOp, "x", x, "conv_weight", conv_weight);
+  if (conv_bias.has_value()) {
+    check_sizes(kCbamOp, "conv_bias", *conv_bias, {1}, "(1,)");
+    check_like(kCbamOp, "x", x, "conv_bias", *conv_bias);
+  }
+  return modes;
+}
+
+ChannelAttentionModes check_cbam_backward_args(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  const ChannelAttentionModes modes = check_cbam_args(
+      x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation);
+  check_like(kCbamOp, "x", x, "grad_y", grad_y);
+  check_sizes(kCbamOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  return modes;
+}
+
 TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
   m.def(
       "channel_attention(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
@@ -170,6 +274,16 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
   m.def("_channel_gate_backward(Tensor grad_y, Tensor x, Tensor logits, str gate) "
         "-> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cbam(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor conv_weight, Tensor? conv_bias, str gate=\"sigmoid\", str activation=\"relu\") "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_cbam_backward(Tensor grad_y, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor conv_weight, Tensor? conv_bias, str gate, "
+      "str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace ops

@@ -32,5 +32,22 @@ CNN_ATTENTION_API at::Tensor channel_gate(
     const at::Tensor& logits,
     c10::string_view gate = "sigmoid");
 
+// CBAM in one operator: channel attention (pool "avgmax", the MLP and `gate` as in
+// channel_attention), then spatial attention on the channel-weighted map x1 = x * w: scores =
+// conv_weight * [mean over channels of x1, max over channels of x1] + conv_bias (a k x ... x k
+// convolution from 2 channels to 1 with same padding, k odd), y = x1 * sigmoid(scores). The
+// result of channel_attention, channel_pool, the convolution and soft_attention in turn, in fewer
+// passes over x: x1 is never written. See docs/design.md section 1.
+CNN_ATTENTION_API at::Tensor cbam(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate = "sigmoid",
+    c10::string_view activation = "relu");
+
 }  // namespace ops
 }  // namespace cnn_attention

@@ -3,7 +3,9 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <optional>
 #include <utility>
+#include <vector>
 
 namespace cnn_attention {
 namespace ops {
@@ -147,6 +149,46 @@ at::Tensor gate_backward(const at::Tensor& grad_weights, const at::Tensor& logit
   return grad_weights;
 }
 
+// The MLP's gradients from d loss / d logits: its parameters' (in the accumulation dtype) and
+// that of its (B, N, C) input.
+struct MlpGradients {
+  at::Tensor fc1_weight, fc1_bias, fc2_weight, fc2_bias;
+  at::Tensor pooled;  // (B, N, C)
+};
+
+MlpGradients mlp_backward(const Mlp& mlp, const at::Tensor& branches,
+                          const at::Tensor& preactivation, const at::Tensor& hidden,
+                          const at::Tensor& grad_logits, int64_t channels) {
+  const int64_t count = branches.size(0), batch = branches.size(1);
+  const int64_t hidden_size = hidden.size(1);
+  // Every branch receives the same grad_logits, so the sums over branches fold into
+  // one product per parameter.
+  const at::Tensor hidden_by_branch = hidden.view({count, batch, hidden_size});
+  // One product per branch, added, as eager: summing the branches' hidden units first would
+  // turn an infinite grad_logits times a unit that is off in one branch (NaN in eager) into
+  // an infinity.
+  at::Tensor grad_fc2_weight = product(mlp.matmul, grad_logits.t(), hidden_by_branch.select(0, 0));
+  for (int64_t branch = 1; branch < count; ++branch) {
+    mlp.matmul(grad_fc2_weight, grad_logits.t(), hidden_by_branch.select(0, branch), true);
+  }
+  const at::Tensor grad_fc2_bias =
+      column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
+  const at::Tensor grad_activation = product(mlp.matmul, grad_logits, mlp.fc2_weight)
+                                         .unsqueeze(0)
+                                         .expand({count, batch, hidden_size});
+  const at::Tensor grad_hidden =
+      mlp.activation_backward(grad_activation,
+                              preactivation.view({count, batch, hidden_size}), hidden_by_branch)
+          .reshape({count * batch, hidden_size});
+  const at::Tensor grad_fc1_weight =
+      product(mlp.matmul, grad_hidden.t(), branches.reshape({count * batch, channels}));
+  const at::Tensor grad_fc1_bias = column_sums(mlp.matmul, grad_hidden);
+  const at::Tensor grad_pooled =
+      product(mlp.matmul, grad_hidden, mlp.fc1_weight).view({count, batch, channels});
+
+  return {grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias, grad_pooled};
+}
+
 }  // namespace
 
 ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax) {
@@ -216,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   // Recompute the (N, C)-sized forward: cheaper than saving it, and it keeps the
   // operator's forward a plain function of its inputs.
   const at::Tensor branches = pooled_branches(stats, pool_mode);  // (B, N, C)
-  const int64_t count = branches.size(0), batch = x.size(0);
+  const int64_t count = branches.size(0);
   const auto [logits, preactivation, hidden] = mlp_forward(mlp, branches);
   const at::Tensor weights = apply_gate(logits, gate_mode);
 
@@ -224,30 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   const at::Tensor grad_logits =
       gate_backward(stats.grad_dot, logits, weights, gate_mode, backend.matmul);
 
-  // Every branch receives the same grad_logits, so the sums over branches fold into
-  // one product per parameter.
-  const at::Tensor hidden_by_branch = hidden.view({count, batch, hidden_size});
-  // One product per branch, added, as eager: summing the branches' hidden units first would
-  // turn an infinite grad_logits times a unit that is off in one branch (NaN in eager) into
-  // an infinity.
-  at::Tensor grad_fc2_weight = product(mlp.matmul, grad_logits.t(), hidden_by_branch.select(0, 0));
-  for (int64_t branch = 1; branch < count; ++branch) {
-    mlp.matmul(grad_fc2_weight, grad_logits.t(), hidden_by_branch.select(0, branch), true);
-  }
-  const at::Tensor grad_fc2_bias =
-      column_sums(mlp.matmul, grad_logits) * static_cast<double>(count);
-  const at::Tensor grad_activation = product(mlp.matmul, grad_logits, mlp.fc2_weight)
-                                         .unsqueeze(0)
-                                         .expand({count, batch, hidden_size});
-  const at::Tensor grad_hidden =
-      mlp.activation_backward(grad_activation,
-                              preactivation.view({count, batch, hidden_size}), hidden_by_branch)
-          .reshape({count * batch, hidden_size});
-  const at::Tensor grad_fc1_weight =
-      product(mlp.matmul, grad_hidden.t(), branches.reshape({count * batch, channels}));
-  const at::Tensor grad_fc1_bias = column_sums(mlp.matmul, grad_hidden);
-  const at::Tensor grad_pooled =
-      product(mlp.matmul, grad_hidden, mlp.fc1_weight).view({count, batch, channels});
+  const MlpGradients grads =
+      mlp_backward(mlp, branches, preactivation, hidden, grad_logits, channels);
+  const at::Tensor& grad_pooled = grads.pooled;
 
   // The mean spreads its gradient evenly over the P positions; the max sends it to the
   // first position that attains it.
@@ -258,10 +279,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   if (pool_mode != ChannelPool::Avg) at_argmax = grad_pooled[count - 1];
   backend.apply(grad_out, weights, shift, at_argmax, stats.argmax, grad_x, layout);
 
-  return {grad_x, grad_fc1_weight.to(fc1_weight.scalar_type()),
-          grad_fc1_bias.to(fc1_weight.scalar_type()),
-          grad_fc2_weight.to(fc2_weight.scalar_type()),
-          grad_fc2_bias.to(fc2_weight.scalar_type())};
+  return {grad_x, grads.fc1_weight.to(fc1_weight.scalar_type()),
+          grads.fc1_bias.to(fc1_weight.scalar_type()),
+          grads.fc2_weight.to(fc2_weight.scalar_type()),
+          grads.fc2_bias.to(fc2_weight.scalar_type())};
 }
 
 namespace {
@@ -304,6 +325,230 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
       gate_backward(stats.grad_dot, logits.to(weights.scalar_type()), weights, gate_mode,
                     backend.matmul);
   return {grad_x, grad_logits.to(logits.scalar_type())};
+}
+
+// ---- cbam: channel attention, then spatial attention on x1 = x * w, without writing x1 ----
+//
+// Forward:  stats = reduce(x); w = gate(mlp(stats)); pooled = weighted_channel_pool(x, w);
+//           ws = sigmoid(conv(pooled)); y = x * w * ws                        (4|x| bytes)
+// Backward: the same statistics and pooling (the pooling also sums grad_y * x * w over the
+//           channels: d loss / d ws); the convolution's backward gives the gradient of the
+//           pooled map, hence that of x1 (PositionTerms g1 = grad_y * ws + d mean / C + d max at
+//           the channel of the max); d loss / d w = sum over positions of g1 * x; the MLP's
+//           backward; grad_x = g1 * w + d avg / P + d max at the position of the max  (7|x|)
+// where channel_attention, channel_pool and soft_attention in turn move 6|x| and 12|x|.
+
+namespace {
+
+// What cbam's forward and backward both compute before their last passes.
+struct CbamWeights {
+  ChannelStats stats;
+  MlpResult mlp;
+  at::Tensor channel_weights;  // (N, C), the accumulation dtype
+  WeightedChannelPool pool;
+  at::Tensor conv_weight;      // in the accumulation dtype
+  std::optional<at::Tensor> conv_bias;
+  at::Tensor spatial_weights;  // (N, P)
+};
+
+CbamWeights cbam_weights(const ChannelAttentionBackend& backend, const at::Tensor& input,
+                         const at::Tensor& grad_out, const Mlp& mlp, ChannelStats stats,
+                         ChannelGate gate, const at::Tensor& conv_weight,
+                         const std::optional<at::Tensor>& conv_bias, Layout layout) {
+  CbamWeights out{std::move(stats)};
+  out.mlp = mlp_forward(mlp, out.stats.pooled);
+  out.channel_weights = apply_gate(out.mlp.logits, gate).contiguous();
+  out.pool = backend.weighted_channel_pool(input, out.channel_weights, grad_out, layout);
+
+  const at::ScalarType acc = out.channel_weights.scalar_type();
+  out.conv_weight = conv_weight.to(acc);
+  if (conv_bias.has_value()) out.conv_bias = conv_bias->to(acc);
+  const at::Tensor scores = backend.score_conv(out.pool.pooled, out.conv_weight, out.conv_bias,
+                                               input.sizes().slice(2));
+  out.spatial_weights = backend.sigmoid(scores);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor cbam_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                        const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                        c10::string_view gate, c10::string_view activation) {
+  const auto modes = check_cbam_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
+                                     conv_bias, gate, activation);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor y = feature_map_like(x);
+  if (y.numel() == 0) return y;
+
+  const at::Tensor input = to_layout(x, layout);
+  ChannelStats stats =
+      backend.reduce(input, at::Tensor(), false, layout, at::Tensor(), at::Tensor());
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation,
+                stats.mean.scalar_type(), backend.matmul);
+  const CbamWeights weights = cbam_weights(backend, input, at::Tensor(), mlp, std::move(stats),
+                                           modes.gate, conv_weight, conv_bias, layout);
+  backend.apply_with_positions(input, PositionTerms{weights.spatial_weights},
+                               weights.channel_weights, at::Tensor(), at::Tensor(), at::Tensor(),
+                               y, layout);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
+              const at::Tensor& x, const at::Tensor& fc1_weight,
+              const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+              const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+              const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+              c10::string_view activation) {
+  const auto modes = check_cbam_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight,
+                                              fc2_bias, conv_weight, conv_bias, gate, activation);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = feature_map_like(x);
+  if (x.numel() == 0) {
+    // No position contributes, so the parameters get exactly zero gradient.
+    return {grad_x,
+            at::zeros(fc1_weight.sizes(), fc1_weight.options()),
+            at::zeros({fc1_weight.size(0)}, fc1_weight.options()),
+            at::zeros(fc2_weight.sizes(), fc2_weight.options()),
+            at::zeros({fc2_weight.size(0)}, fc2_weight.options()),
+            at::zeros(conv_weight.sizes(), conv_weight.options()),
+            at::zeros({1}, conv_weight.options())};
+  }
+
+  const at::Tensor input = to_layout(x, layout);
+  const at::Tensor grad_out = to_layout(grad_y, layout);
+  ChannelStats stats =
+      backend.reduce(input, at::Tensor(), true, layout, at::Tensor(), at::Tensor());
+  const at::Tensor argmax = stats.argmax;
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation,
+                stats.mean.scalar_type(), backend.matmul);
+  const CbamWeights w = cbam_weights(backend, input, grad_out, mlp, std::move(stats), modes.gate,
+                                     conv_weight, conv_bias, layout);
+
+  // Through the spatial sigmoid and the score convolution to the pooled map.
+  const at::Tensor grad_scores = w.pool.grad_dot * w.spatial_weights * (1 - w.spatial_weights);
+  const auto [grad_pooled_map, grad_conv_weight, grad_conv_bias] =
+      backend.score_conv_backward(grad_scores, w.pool.pooled, w.conv_weight, x.sizes().slice(2));
+
+  // d loss / d x1: grad_y * ws, the mean's gradient spread over the C channels, the max's at
+  // the first channel attaining it.
+  const PositionTerms grad_x1{
+      w.spatial_weights,
+      (grad_pooled_map.select(1, 0) / static_cast<double>(x.size(1))).contiguous(),
+      grad_pooled_map.select(1, 1).contiguous(), w.pool.argmax};
+  const at::Tensor grad_channel_weights =
+      backend.reduce_with_positions(input, grad_out, grad_x1, layout);
+
+  const at::Tensor grad_logits = gate_backward(grad_channel_weights, w.mlp.logits,
+                                               w.channel_weights, modes.gate, backend.matmul);
+  const MlpGradients grads = mlp_backward(mlp, w.stats.pooled, w.mlp.preactivation,
+                                          w.mlp.hidden, grad_logits, x.size(1));
+  backend.apply_with_positions(
+      grad_out, grad_x1, w.channel_weights,
+      (grads.pooled[0] / static_cast<double>(num_positions(x))).contiguous(),
+      grads.pooled[1].contiguous(), argmax, grad_x, layout);
+
+  return {grad_x,
+          grads.fc1_weight.to(fc1_weight.scalar_type()),
+          grads.fc1_bias.to(fc1_weight.scalar_type()),
+          grads.fc2_weight.to(fc2_weight.scalar_type()),
+          grads.fc2_bias.to(fc2_weight.scalar_type()),
+          grad_conv_weight.to(conv_weight.scalar_type()).contiguous(),
+          grad_conv_bias.to(conv_weight.scalar_type())};
+}
+
+// ---- cbam's passes with ATen calls ----
+
+namespace {
+
+// A feature map dense in its layout as (N, C, P) in the accumulation dtype.
+at::Tensor as_rows(const at::Tensor& t) {
+  return t.reshape({t.size(0), t.size(1), -1}).to(at::toOpMathType(t.scalar_type()));
+}
+
+// terms(g) of PositionTerms on (N, C, P) rows.
+at::Tensor with_terms(at::Tensor g, const PositionTerms& terms) {
+  if (terms.scale.defined()) g = g * terms.scale.unsqueeze(1);
+  if (terms.shift.defined()) g = g + terms.shift.unsqueeze(1);
+  if (terms.at_argmax.defined()) {
+    const at::Tensor channel = at::arange(g.size(1), terms.argmax.options()).view({1, -1, 1});
+    g = g + at::where(channel == terms.argmax.unsqueeze(1), terms.at_argmax.unsqueeze(1), 0);
+  }
+  return g;
+}
+
+}  // namespace
+
+WeightedChannelPool aten_weighted_channel_pool(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& grad_y, Layout) {
+  const at::Tensor x1 = as_rows(x) * weights.unsqueeze(2);
+  const auto [max, argmax] = x1.max(1);
+  WeightedChannelPool out{at::stack({x1.mean(1), max}, 1).contiguous(), argmax.contiguous()};
+  if (grad_y.defined()) out.grad_dot = (as_rows(grad_y) * x1).sum(1).contiguous();
+  return out;
+}
+
+void aten_apply_with_positions(const at::Tensor& in, const PositionTerms& terms,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& at_argmax, const at::Tensor& argmax,
+                               at::Tensor& out, Layout) {
+  at::Tensor v = with_terms(as_rows(in), terms) * scale.unsqueeze(2);
+  if (shift.defined()) v = v + shift.unsqueeze(2);
+  if (at_argmax.defined()) {
+    const at::Tensor position = at::arange(v.size(2), argmax.options()).view({1, 1, -1});
+    v = v + at::where(position == argmax.unsqueeze(2), at_argmax.unsqueeze(2), 0);
+  }
+  out.view({out.size(0), out.size(1), -1}).copy_(v);
+}
+
+at::Tensor aten_reduce_with_positions(const at::Tensor& x, const at::Tensor& grad_y,
+                                      const PositionTerms& terms, Layout) {
+  return (with_terms(as_rows(grad_y), terms) * as_rows(x)).sum(2);
+}
+
+namespace {
+
+// The convolution's arguments for a same-padded k x ... x k kernel over `dims` spatial dims.
+struct SameConv {
+  std::vector<int64_t> ones, padding, zeros;
+  explicit SameConv(const at::Tensor& weight)
+      : ones(weight.dim() - 2, 1),
+        padding(weight.dim() - 2, weight.size(2) / 2),
+        zeros(weight.dim() - 2, 0) {}
+};
+
+std::vector<int64_t> map_sizes(int64_t batch, int64_t channels, at::IntArrayRef sizes) {
+  std::vector<int64_t> out{batch, channels};
+  out.insert(out.end(), sizes.begin(), sizes.end());
+  return out;
+}
+
+}  // namespace
+
+at::Tensor aten_score_conv(const at::Tensor& pooled, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef sizes) {
+  const SameConv conv(weight);
+  const int64_t batch = pooled.size(0);
+  return at::convolution(pooled.view(map_sizes(batch, 2, sizes)), weight, bias, conv.ones,
+                         conv.padding, conv.ones, false, conv.zeros, 1)
+      .reshape({batch, -1});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_score_conv_backward(
+    const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
+    at::IntArrayRef sizes) {
+  const SameConv conv(weight);
+  const int64_t batch = pooled.size(0);
+  const std::vector<int64_t> bias_sizes{1};
+  auto [grad_map, grad_weight, grad_bias] = at::convolution_backward(
+      grad_scores.view(map_sizes(batch, 1, sizes)), pooled.view(map_sizes(batch, 2, sizes)),
+      weight, bias_sizes, conv.ones, conv.padding, conv.ones, false, conv.zeros, 1,
+      {true, true, true});
+  return {grad_map.reshape({batch, 2, -1}), grad_weight, grad_bias};
 }
 
 }  // namespace ops

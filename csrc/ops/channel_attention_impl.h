@@ -45,6 +45,16 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& logits,
     c10::string_view gate);
 
+// Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias); the bias
+// gradients are returned even when a bias is absent.
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>
+_cbam_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
+               const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+               const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+               const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+               c10::string_view activation);
+
 }  // namespace detail
 
 enum class ChannelPool { Avg, Max, AvgMax };
@@ -80,6 +90,22 @@ ChannelGate check_channel_gate_args(const at::Tensor& x, const at::Tensor& logit
 ChannelGate check_channel_gate_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& logits, c10::string_view gate);
 
+// The checks of cbam and _cbam_backward: those of channel_attention (pool "avgmax") and the
+// score convolution's.
+ChannelAttentionModes check_cbam_args(const at::Tensor& x, const at::Tensor& fc1_weight,
+                                      const std::optional<at::Tensor>& fc1_bias,
+                                      const at::Tensor& fc2_weight,
+                                      const std::optional<at::Tensor>& fc2_bias,
+                                      const at::Tensor& conv_weight,
+                                      const std::optional<at::Tensor>& conv_bias,
+                                      c10::string_view gate, c10::string_view activation);
+ChannelAttentionModes check_cbam_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+    c10::string_view activation);
+
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
 struct ChannelStats {
@@ -93,6 +119,25 @@ struct ChannelStats {
 
 // Uninitialised statistics for `x`, for the device reductions to fill.
 ChannelStats empty_channel_stats(const at::Tensor& x, bool with_grad, bool with_argmax);
+
+// cbam's per-position terms, each (N, P) contiguous in the accumulation dtype (`argmax`
+// int64), any of them undefined: a map `in` becomes
+//   in * scale[n, p] + shift[n, p] + (c == argmax[n, p]) * at_argmax[n, p].
+// In cbam's forward `scale` alone is defined (the spatial weights); in its backward all are,
+// and the map is the gradient of the channel-weighted map x1 = x * w from grad_y.
+struct PositionTerms {
+  at::Tensor scale;
+  at::Tensor shift;
+  at::Tensor at_argmax;
+  at::Tensor argmax;
+};
+
+// The channel statistics of the channel-weighted map x * w (w (N, C)), which is never written.
+struct WeightedChannelPool {
+  at::Tensor pooled;    // (N, 2, P) in the accumulation dtype: the mean, then the max over C
+  at::Tensor argmax;    // (N, P) int64: the first channel attaining the max
+  at::Tensor grad_dot;  // (N, P): sum over channels of grad_y * x * w; only with grad_y
+};
 
 // What a backend supplies.
 struct ChannelAttentionBackend {
@@ -108,7 +153,46 @@ struct ChannelAttentionBackend {
                 Layout layout);
   // The MLP's products (see MatmulFn).
   MatmulFn matmul;
+  // cbam's passes. One read of x (and of grad_y when defined): the statistics over the
+  // channels of x * weights[n, c].
+  WeightedChannelPool (*weighted_channel_pool)(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& grad_y, Layout layout);
+  // out = terms(in) * scale[n, c] + shift[n, c] + (position == argmax[n, c]) * at_argmax[n, c]
+  // (PositionTerms; `shift`, `at_argmax` and `argmax` may be undefined), one read and one write.
+  void (*apply_with_positions)(const at::Tensor& in, const PositionTerms& terms,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& at_argmax, const at::Tensor& argmax,
+                               at::Tensor& out, Layout layout);
+  // (N, C) in the accumulation dtype: sum over positions of terms(grad_y) * x, one read of each.
+  at::Tensor (*reduce_with_positions)(const at::Tensor& x, const at::Tensor& grad_y,
+                                      const PositionTerms& terms, Layout layout);
+  // cbam's score head, in the accumulation dtype: scores (N, P) = the same-padded convolution
+  // of the pooled map (N, 2, P), whose spatial sizes are `sizes`, with weight (1, 2, k, ..., k)
+  // and bias; and its backward: (grad_pooled (N, 2, P), grad_weight, grad_bias) from
+  // grad_scores (N, P). Padding takes part as zeros (0 * inf is NaN, as in torch's convolution).
+  at::Tensor (*score_conv)(const at::Tensor& pooled, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef sizes);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*score_conv_backward)(
+      const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
+      at::IntArrayRef sizes);
+  // sigmoid of the (N, P) scores, elementwise, the same at every thread count.
+  at::Tensor (*sigmoid)(const at::Tensor& scores);
 };
+
+// cbam's passes with ATen calls (any device): for devices without their own kernels.
+WeightedChannelPool aten_weighted_channel_pool(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& grad_y, Layout layout);
+void aten_apply_with_positions(const at::Tensor& in, const PositionTerms& terms,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& at_argmax, const at::Tensor& argmax,
+                               at::Tensor& out, Layout layout);
+at::Tensor aten_reduce_with_positions(const at::Tensor& x, const at::Tensor& grad_y,
+                                      const PositionTerms& terms, Layout layout);
+at::Tensor aten_score_conv(const at::Tensor& pooled, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef sizes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_score_conv_backward(
+    const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
+    at::IntArrayRef sizes);
 
 at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
                                      const at::Tensor& fc1_weight,
@@ -133,6 +217,20 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
                                                          const at::Tensor& logits,
                                                          c10::string_view gate);
 
+at::Tensor cbam_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                        const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                        c10::string_view gate, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
+              const at::Tensor& x, const at::Tensor& fc1_weight,
+              const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+              const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+              const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+              c10::string_view activation);
+
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_channel_attention_kernels<kCpuBackend>(m).
 template <const ChannelAttentionBackend& kBackend>
@@ -143,6 +241,8 @@ void register_channel_attention_kernels(torch::Library& m) {
   m.impl("channel_gate", TORCH_FN((OnBackend<channel_gate_forward, kBackend>::kernel)));
   m.impl("_channel_gate_backward",
          TORCH_FN((OnBackend<channel_gate_backward, kBackend>::kernel)));
+  m.impl("cbam", TORCH_FN((OnBackend<cbam_forward, kBackend>::kernel)));
+  m.impl("_cbam_backward", TORCH_FN((OnBackend<cbam_backward, kBackend>::kernel)));
 }
 
 // The modes a string argument names, or an error naming `op` (the operator or the module whose

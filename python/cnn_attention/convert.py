@@ -232,6 +232,40 @@ class ConvertedCbam(nn.Module):
         return self.spatial(self.channel(x))
 
 
+class ConvertedFusedCbam(nn.Module):
+    """timm's ``CbamModule`` whose channel MLP is two 1x1 convolutions and whose score head is a
+    convolution and a BatchNorm (``ConvNormAct``): one ``cbam`` while the normalization uses its
+    running statistics (eval mode), folded into the convolution's weight and bias. In training
+    mode the normalization needs the batch's statistics of the scores, which exist only between
+    the two halves, so they run one after the other."""
+
+    def __init__(self, channel: ConvertedExcitation, spatial: ConvertedSpatialAttn) -> None:
+        super().__init__()
+        self.channel = channel
+        self.spatial = spatial
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.spatial.conv.bn
+        if norm.training:
+            return self.spatial(self.channel(x))
+        conv = self.spatial.conv.conv
+        mean, var = norm.running_mean, norm.running_var
+        assert mean is not None and var is not None
+        # Locals, so that TorchScript refines the optional tensors.
+        norm_weight, norm_bias, conv_bias = norm.weight, norm.bias, conv.bias
+        scale = torch.rsqrt(var + norm.eps)
+        if norm_weight is not None:
+            scale = scale * norm_weight
+        shift = -mean * scale
+        if norm_bias is not None:
+            shift = shift + norm_bias
+        if conv_bias is not None:
+            shift = shift + conv_bias * scale
+        channel = self.channel
+        return ops.cbam(x, channel.fc1.weight.flatten(1), channel.fc1.bias, channel.fc2.weight.flatten(1),
+                        channel.fc2.bias, conv.weight * scale, shift, channel.gate, channel.activation)
+
+
 # ---- recognising the zoos' pieces ----
 
 # Why a block is left as it is, or None when it converts.
@@ -384,8 +418,28 @@ def _timm_cbam(block: nn.Module, light: bool) -> _Result:
         what = f"channel_attention (avgmax, {activation}, {gate})"
     if _gate_name(spatial.gate) != "sigmoid":
         return None, f"spatial gate {type(spatial.gate).__name__} is not a sigmoid"
-    converted = ConvertedCbam(converted_channel, ConvertedSpatialAttn(spatial, average_pools=light))
+    converted_spatial = ConvertedSpatialAttn(spatial, average_pools=light)
+    if not light and _foldable_score_head(spatial.conv):
+        return (ConvertedFusedCbam(converted_channel, converted_spatial),
+                f"cbam in eval mode (its BatchNorm folded); in training {what}; channel_pool, its conv, "
+                "soft_attention (sigmoid)")
+    converted = ConvertedCbam(converted_channel, converted_spatial)
     return converted, f"{what}; channel_pool, its conv, soft_attention (sigmoid)"
+
+
+def _foldable_score_head(head: nn.Module) -> bool:
+    """Whether a CBAM score head is a same-padded 2 -> 1 convolution, then a BatchNorm with
+    running statistics and nothing after it (timm's ``ConvNormAct(2, 1, k, apply_act=False)``)."""
+    conv, norm = getattr(head, "conv", None), getattr(head, "bn", None)
+    if type(conv) is not nn.Conv2d or not isinstance(norm, nn.BatchNorm2d) or getattr(head, "aa", None) is not None:
+        return False
+    k = conv.weight.shape[-1]
+    if (tuple(conv.weight.shape) != (1, 2, k, k) or k % 2 == 0 or conv.stride != (1, 1)
+            or conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1
+            or conv.padding_mode != "zeros"):
+        return False
+    after = [getattr(norm, name, None) for name in ("drop", "act")]
+    return norm.track_running_stats and all(m is None or isinstance(m, nn.Identity) for m in after)
 
 
 def recognised_blocks() -> Dict[type, Callable[[nn.Module], _Result]]:

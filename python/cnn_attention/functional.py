@@ -10,6 +10,7 @@ from torch import Tensor
 __all__ = [
     "channel_attention",
     "channel_gate",
+    "cbam",
     "channel_pool",
     "soft_attention",
     "soft_attention_pool",
@@ -73,6 +74,41 @@ def channel_gate(x: Tensor, logits: Tensor, gate: str = "sigmoid") -> Tensor:
         ``y``, shaped and laid out like ``x``. Gradients flow to ``x`` and ``logits``.
     """
     return torch.ops.cnn_attention.channel_gate(x, logits, gate)
+
+
+def cbam(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    gate: str = "sigmoid",
+    activation: str = "relu",
+) -> Tensor:
+    """CBAM in one operator: channel attention, then spatial attention on its result.
+
+    ``x1 = channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate,
+    activation)``, ``scores = conv(channel_pool(x1), conv_weight, conv_bias)`` (same padding),
+    ``y = soft_attention(x1, scores, "sigmoid")``, computed without writing ``x1``: the forward
+    reads ``x`` three times and writes ``y`` once; the backward reads ``x`` and the output's
+    gradient about three times each and writes ``x``'s gradient once.
+
+    Args:
+        x: ``(N, C, *S)`` with 1 to 3 spatial dims; any floating dtype and strides.
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, activation: as in
+            ``channel_attention``.
+        conv_weight: ``(1, 2, k, ..., k)``, one odd ``k`` per spatial dim (input channel 0 is
+            the mean over channels, 1 the max). conv_bias: ``(1,)`` or ``None``.
+
+    Returns:
+        ``y``, shaped and laid out like ``x``. Both maxima send their gradient to the first
+        position (channel max: the first channel) that attains them.
+    """
+    return torch.ops.cnn_attention.cbam(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation
+    )
 
 
 def channel_pool(x: Tensor) -> Tensor:

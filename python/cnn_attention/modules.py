@@ -535,7 +535,10 @@ class SelfAttention(nn.Module):
 
 
 class CBAM(nn.Module):
-    """CBAM: channel attention (``pool="avgmax"``), then soft spatial attention.
+    """CBAM: channel attention (``pool="avgmax"``), then soft spatial attention, run as one
+    operator (``functional.cbam``) that never writes the channel-weighted map. Its parameters
+    live in the two halves, ``channel`` (a ``ChannelAttention``) and ``spatial`` (a
+    ``SoftAttention``).
 
     Args:
         channels: ``C``. reduction, min_hidden: of the channel MLP (see ``ChannelAttention``).
@@ -558,4 +561,30 @@ class CBAM(nn.Module):
         self.spatial = SoftAttention(kernel_size, spatial_dims=spatial_dims)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.spatial(self.channel(x))
+        if not torch.jit.is_scripting():
+            _check_input("CBAM", x)
+        channel, scores = self.channel, self.spatial.scores
+        if x.dim() != scores.spatial_dims + 2:
+            raise ValueError(
+                "CBAM: x must be (N, C, *S) with " + str(scores.spatial_dims)
+                + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
+            )
+        for weight in (channel.fc1_weight, scores.weight):
+            if x.device != weight.device:
+                raise ValueError(
+                    "CBAM: x is on device " + str(x.device) + " but the module's parameters are on "
+                    + str(weight.device) + "; move x or the module (module.to('" + str(x.device) + "'))"
+                )
+            # Under autocast the operator casts all but float64 inputs itself.
+            if x.dtype != weight.dtype and (
+                x.dtype == torch.float64 or weight.dtype == torch.float64 or not _autocast_enabled(x.device.type)
+            ):
+                x_dtype = _dtype_name(x.dtype)
+                raise ValueError(
+                    "CBAM: x has dtype " + x_dtype + " but the module's parameters are "
+                    + _dtype_name(weight.dtype) + "; convert x or the module (module.to(" + x_dtype + "))"
+                )
+        return ops.cbam(
+            x, channel.fc1_weight, channel.fc1_bias, channel.fc2_weight, channel.fc2_bias,
+            scores.weight, scores.bias, channel.gate, channel.activation,
+        )

@@ -99,6 +99,19 @@ def channel_pool(x):
     return op.Concat(op.ReduceMean(x, one, keepdims=1), op.ReduceMax(x, one, keepdims=1), axis=1)
 
 
+def cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate: str = "sigmoid",
+         activation: str = "relu"):
+    op = _op()
+    x1 = channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation)
+    pooled = channel_pool(x1)
+    pads = [conv_weight.shape[-1] // 2] * (2 * (len(x.shape) - 2))
+    if conv_bias is None:
+        scores = op.Conv(pooled, conv_weight, pads=pads)
+    else:
+        scores = op.Conv(pooled, conv_weight, conv_bias, pads=pads)
+    return soft_attention(x1, scores)
+
+
 def _scaled(scores, temperature: float):
     op = _op()
     return scores if temperature == 1.0 else op.Div(scores, op.CastLike(temperature, scores))
@@ -189,6 +202,7 @@ def translation_table() -> Dict[object, object]:
     return {
         ops.channel_attention.default: channel_attention,
         ops.channel_gate.default: channel_gate,
+        ops.cbam.default: cbam,
         ops.channel_pool.default: channel_pool,
         ops.soft_attention.default: soft_attention,
         ops.soft_attention_pool.default: soft_attention_pool,

@@ -124,6 +124,25 @@ def channel_pool_reference(x: Tensor) -> Tensor:
     return torch.stack([x.mean(1), first_max(x, [1])], dim=1)
 
 
+def cbam_reference(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    gate: str = "sigmoid",
+    activation: str = "relu",
+) -> Tensor:
+    """Channel attention (avgmax), then the score convolution of the channel pool and the
+    sigmoid spatial weights, one step after the other."""
+    x1 = channel_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    scores = conv(channel_pool_reference(x1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
+    return soft_attention_reference(x1, scores, "sigmoid")
+
+
 def float64_leaves(tensors: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
     return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
 

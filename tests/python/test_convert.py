@@ -268,6 +268,26 @@ def test_convert_rejects_what_is_not_a_module():
         cnn_attention.convert({})
 
 
+def test_converted_cbam_is_one_operator_in_eval_and_two_halves_in_training():
+    torch.manual_seed(0)
+    block = CbamModule(C, rd_ratio=0.25)
+    block.spatial.conv.bn.running_mean.fill_(0.3)
+    block.spatial.conv.bn.running_var.fill_(2.0)
+    nn.init.normal_(block.spatial.conv.bn.weight)
+    nn.init.normal_(block.spatial.conv.bn.bias)
+    converted = cnn_attention.convert(nn.Sequential(copy.deepcopy(block)))
+    assert type(converted[0]).__name__ == "ConvertedFusedCbam"
+    x = torch.randn(2, C, 9, 9)
+    for training, expected_op in ((False, "cbam"), (True, "soft_attention")):
+        converted.train(training)
+        block.train(training)
+        graph = torch.export.export(converted, (x,)).graph
+        targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+        assert f"cnn_attention.{expected_op}.default" in targets
+        assert ("cnn_attention.cbam.default" in targets) == (not training)
+        torch.testing.assert_close(converted(x), block(x), rtol=1e-4, atol=1e-5)
+
+
 def test_converting_twice_changes_nothing():
     model = cnn_attention.convert(nn.Sequential(SEModule(C), CbamModule(C)))
     types = [type(m) for m in model.modules()]
@@ -295,8 +315,11 @@ def test_converted_blocks_compile_fullgraph_and_export():
     batch = torch.export.Dim("batch", min=2, max=64)
     exported = torch.export.export(model, (x.detach(),), dynamic_shapes={"input": {0: batch}})
     ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    # timm's CbamModule (its score head's BatchNorm folded in eval mode) runs as one cbam; the light
+    # one's halves run one after the other.
     assert {"cnn_attention.channel_attention.default", "cnn_attention.channel_gate.default",
-            "cnn_attention.soft_attention_pool.default", "cnn_attention.soft_attention.default"} <= ops
+            "cnn_attention.soft_attention_pool.default", "cnn_attention.soft_attention.default",
+            "cnn_attention.cbam.default"} <= ops
     x6 = torch.randn(6, 3, 10, 10)
     torch.testing.assert_close(exported.module()(x6), model(x6), rtol=1e-5, atol=1e-5)
 

@@ -186,15 +186,19 @@ def test_cbam_is_channel_attention_then_soft_attention(device, spatial_dims):
     assert m.channel.hidden == 3 and m.channel.pool == "avgmax" and m.spatial.normalize == "sigmoid"
     x = torch.randn(SHAPES[spatial_dims], device=device, requires_grad=True)
     y = m(x)
-    c = m.channel
+    c, s = m.channel, m.spatial.scores
+    fused = CF.cbam(x, c.fc1_weight, c.fc1_bias, c.fc2_weight, c.fc2_bias, s.weight, s.bias)
+    torch.testing.assert_close(y, fused, rtol=0, atol=0)
+    # The two-step path (channel_attention, then the score head and soft_attention) rounds
+    # the channel-weighted map once more: equal to float32 rounding.
     after_channel = CF.channel_attention(x, c.fc1_weight, c.fc1_bias, c.fc2_weight, c.fc2_bias, "avgmax", "sigmoid")
-    expected = CF.soft_attention(after_channel, scores_of(m.spatial.scores, after_channel), "sigmoid", 1.0)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    expected = CF.soft_attention(after_channel, scores_of(s, after_channel), "sigmoid", 1.0)
+    torch.testing.assert_close(y, expected)
     x64 = x.detach().double()
     ref = channel_attention_reference(
         x64, c.fc1_weight.double(), c.fc1_bias.double(), c.fc2_weight.double(), c.fc2_bias.double(), "avgmax"
     )
-    ref = soft_attention_reference(ref, scores_reference(m.spatial.scores, ref))
+    ref = soft_attention_reference(ref, scores_reference(s, ref))
     assert_close(y, ref, torch.float32, scale=4.0)
     params = [x, *m.parameters()]
     grad = torch.randn_like(y)
@@ -281,8 +285,7 @@ MODULE_FACTORIES = [
     (lambda dims: SpatialScores(3, dims), "SpatialScores"),
     (lambda dims: SoftAttention(3, spatial_dims=dims), "SoftAttention"),
     (lambda dims: HardAttention(3, spatial_dims=dims), "HardAttention"),
-    # CBAM's channel branch takes any rank; its spatial branch checks it.
-    (lambda dims: CBAM(4, kernel_size=3, spatial_dims=dims), "SoftAttention"),
+    (lambda dims: CBAM(4, kernel_size=3, spatial_dims=dims), "CBAM"),
 ]
 
 
@@ -304,12 +307,7 @@ def test_wrong_input_rank_raises_value_error(make, name):
         make(3)(torch.randn(2, 4, 5, 5))
 
 
-# CBAM's channel branch sees a non-tensor first; its messages name ChannelAttention.
-FORWARD_NAMES = ["SpatialScores", "SoftAttention", "HardAttention", "ChannelAttention"]
-
-
-@pytest.mark.parametrize("make,name", list(zip([f for f, _ in MODULE_FACTORIES], FORWARD_NAMES)),
-                         ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
+@pytest.mark.parametrize("make,name", MODULE_FACTORIES, ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"])
 @pytest.mark.parametrize("x", [None, [1.0, 2.0], 3.0, "x"], ids=["None", "list", "float", "str"])
 def test_non_tensor_input_raises_type_error_naming_the_module(make, name, x):
     with pytest.raises(TypeError, match=rf"^{name}: x must be a Tensor, got {type(x).__name__}$"):
@@ -345,7 +343,11 @@ def test_no_positions_give_empty_results_and_gradients(device, spatial, make):
     assert torch.jit.script(m)(x.detach()).shape == y.shape
 
 
-@pytest.mark.parametrize("make,name", MODULE_FACTORIES[:3], ids=["SpatialScores", "SoftAttention", "HardAttention"])
+@pytest.mark.parametrize(
+    "make,name",
+    MODULE_FACTORIES[:3] + [(lambda dims: CBAM(2, min_hidden=2, kernel_size=3, spatial_dims=dims), "CBAM")],
+    ids=["SpatialScores", "SoftAttention", "HardAttention", "CBAM"],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_input_dtype_other_than_the_parameters_raises_value_error(make, name, dtype):
     x = torch.randn(1, 2, 4, 4, dtype=dtype)
@@ -369,8 +371,12 @@ def test_input_dtype_other_than_the_parameters_raises_value_error(make, name, dt
 def test_input_on_another_device_than_the_parameters_raises_value_error(make, name, spatial):
     m = make(2)
     x = torch.randn((1, 4) + spatial, device="meta")
-    name = "SoftAttention" if name == "CBAM" else name  # CBAM's channel branch passes meta through
     if isinstance(m, CBAM):
+        # Either half's parameters on another device than x.
+        spatial_moved = make(2)
+        spatial_moved.spatial.to("meta")
+        with pytest.raises(ValueError, match=r"^CBAM: x is on device meta but the module's parameters are on cpu"):
+            spatial_moved(x)
         m.channel.to("meta")
     with pytest.raises(ValueError, match=rf"^{name}: x is on device meta but the module's parameters are on cpu; "
                                          r"move x or the module \(module.to\('meta'\)\)$"):
@@ -508,7 +514,7 @@ def test_torch_export(tmp_path):
     model, x = _model_and_input()
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    for op in ("soft_attention", "hard_attention", "channel_attention", "channel_pool"):
+    for op in ("soft_attention", "hard_attention", "cbam", "channel_pool"):
         assert f"cnn_attention.{op}.default" in targets, op
     torch.testing.assert_close(exported.module()(x), model(x))
     path = tmp_path / "model.pt2"

@@ -76,6 +76,46 @@ CHANNEL_ATTENTION = (
 )
 
 
+# ---- cbam ----
+
+def cbam_call() -> Arguments:
+    return {"x": torch.randn(2, 8, 5, 5), "fc1_weight": torch.randn(4, 8), "fc1_bias": torch.randn(4),
+            "fc2_weight": torch.randn(8, 4), "fc2_bias": torch.randn(8), "conv_weight": torch.randn(1, 2, 3, 3),
+            "conv_bias": torch.randn(1), "gate": "sigmoid", "activation": "relu"}
+
+
+CBAM = (
+    BadCall("rank", lambda a: {**a, "x": a["x"][0, 0]},
+            r"cbam: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(5, 5\)"),
+    BadCall("channels", replace(x=torch.randn(2, 6, 5, 5)), r"cbam: fc1_weight must be \(R, C\) with C = 6, got \(4, 8\)"),
+    BadCall("hidden", replace(fc2_weight=torch.randn(8, 3)), r"cbam: fc2_weight must be \(C, R\) = \(8, 4\), got \(8, 3\)"),
+    BadCall("fc2_bias", replace(fc2_bias=torch.randn(7)), r"cbam: fc2_bias must be \(C,\) = \(8,\), got \(7,\)"),
+    BadCall("weight_dtype", lambda a: {**a, "fc1_weight": a["fc1_weight"].double()},
+            r"cbam: fc1_weight must have the dtype of x \(Float\), got Double"),
+    BadCall("int_x", lambda a: {**a, "x": a["x"].to(torch.int32)},
+            r"cbam: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    BadCall("conv_even", replace(conv_weight=torch.randn(1, 2, 4, 4)),
+            r"cbam: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, got \(1, 2, 4, 4\)"),
+    BadCall("conv_not_square", replace(conv_weight=torch.randn(1, 2, 3, 5)),
+            r"cbam: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, got \(1, 2, 3, 5\)"),
+    BadCall("conv_channels", replace(conv_weight=torch.randn(1, 1, 3, 3)),
+            r"cbam: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, got \(1, 1, 3, 3\)"),
+    BadCall("conv_outputs", replace(conv_weight=torch.randn(2, 2, 3, 3)),
+            r"cbam: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, got \(2, 2, 3, 3\)"),
+    BadCall("conv_rank", replace(conv_weight=torch.randn(1, 2, 3)),
+            r"cbam: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, got \(1, 2, 3\)"),
+    BadCall("conv_dtype", lambda a: {**a, "conv_weight": a["conv_weight"].double()},
+            r"cbam: conv_weight must have the dtype of x \(Float\), got Double"),
+    BadCall("conv_bias", replace(conv_bias=torch.randn(2)), r"cbam: conv_bias must be \(1,\) = \(1,\), got \(2,\)"),
+    BadCall("conv_bias_dtype", lambda a: {**a, "conv_bias": a["conv_bias"].half()},
+            r"cbam: conv_bias must have the dtype of x \(Float\), got Half"),
+    BadCall("gate", replace(gate="tanh"), r'cbam: gate must be one of "sigmoid", "softmax", "hard_sigmoid", got "tanh"'),
+    BadCall("activation", replace(activation="tanh"),
+            r'cbam: activation must be one of "relu", "silu", "gelu", "identity", got "tanh"'),
+    BadCall("activation_without_samples", empty_batch(activation="swish"), r"cbam: activation must be one of"),
+)
+
+
 # ---- channel_gate ----
 
 def channel_gate_call() -> Arguments:

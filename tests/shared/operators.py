@@ -257,6 +257,25 @@ def _channel_attention_variants():
     return tuple(variants)
 
 
+def _cbam_shapes(shape, variant):
+    k, bias = variant["kernel_size"], variant["bias"]
+    return {**_channel_attention_shapes(shape, variant), "conv_weight": (1, 2) + (k,) * (len(shape) - 2),
+            "conv_bias": (1,) if bias else None}
+
+
+def _cbam_variants():
+    """gate x with and without biases; the activation cycles as in channel attention's, the
+    score kernel through 1, 3 and 5."""
+    variants = []
+    for gate in ("sigmoid", "softmax", "hard_sigmoid"):
+        for bias in (True, False):
+            activation = ("relu", "silu", "gelu", "identity")[len(variants) % 4]
+            k = (3, 1, 5)[len(variants) % 3]
+            variants.append({"id": f"{gate}_{activation}_k{k}" + ("" if bias else "_no_bias"), "gate": gate,
+                             "activation": activation, "kernel_size": k, "bias": bias})
+    return tuple(variants)
+
+
 def _scores_shapes(shape, variant):
     return {"x": shape, "scores": (shape[0], _score_channels(shape, variant)) + tuple(shape[2:])}
 
@@ -424,6 +443,31 @@ OPS: Tuple[OpInfo, ...] = (
         reference_channels=(12,),
         valid_call=bad_calls.channel_attention_call,
         bad_calls=bad_calls.CHANNEL_ATTENTION,
+    ),
+    OpInfo(
+        name="cbam",
+        arguments=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias", "gate",
+                   "activation"),
+        tensor_shapes=_cbam_shapes,
+        variants=_cbam_variants(),
+        reference=helpers.cbam_reference,
+        differentiable=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias"),
+        poison_targets=("x", "fc1_weight", "conv_weight"),
+        resolve=lambda shape, variant: {"gate": variant["gate"], "activation": variant["activation"]},
+        private_calls=lambda sample, grad: [("_cbam_backward", (
+            grad, *_plain(sample, "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias"),
+            *_options(sample, "gate", "activation")))],
+        aten_softmax_over_channels=True,
+        parameter_scale=lambda name, shape, variant: _fan_in_scale(
+            name, shape[1] if name == "fc1_weight" else 2 * variant["kernel_size"] ** (len(shape) - 2)
+            if name == "conv_weight" else _hidden(shape[1])),
+        # Parameter gradients sum over N * P terms rounded to the dtype once; x's gradient adds
+        # the score head's to the channel weights'.
+        tolerance_scales={"x": 2.0, "fc1_weight": 4.0, "fc1_bias": 4.0, "fc2_weight": 4.0, "fc2_bias": 4.0,
+                          "conv_weight": 4.0, "conv_bias": 4.0},
+        reference_channels=(12,),
+        valid_call=bad_calls.cbam_call,
+        bad_calls=bad_calls.CBAM,
     ),
     OpInfo(
         name="channel_gate",

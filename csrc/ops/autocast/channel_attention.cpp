@@ -11,7 +11,7 @@ namespace {
 // Under autocast the op runs in the lower-precision dtype, as convolutions do: the feature
 // map usually arrives in it already, the parameters (float32) are cast to it, and the
 // kernels accumulate in float32 anyway, so nothing is lost but half the bytes moved.
-// float64 inputs are left alone. channel_gate's logits follow x.
+// float64 inputs are left alone. channel_gate's logits and cbam's parameters follow x.
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor channel_attention_autocast(
     const at::Tensor& x,
@@ -45,6 +45,28 @@ at::Tensor channel_gate_autocast(
                       gate);
 }
 
+template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
+at::Tensor cbam_autocast(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const at::Tensor input = at::autocast::cached_cast(
+      at::autocast::get_lower_precision_fp_from_device_type(device_type), x, device_type);
+  const at::ScalarType param_dtype = input.scalar_type();
+  const auto cast = [&](const auto& t) {
+    return at::autocast::cached_cast(param_dtype, t, device_type);
+  };
+  return cbam(input, cast(fc1_weight), cast(fc1_bias), cast(fc2_weight), cast(fc2_bias),
+              cast(conv_weight), cast(conv_bias), gate, activation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
@@ -52,6 +74,7 @@ TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
          TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
   m.impl("channel_gate",
          TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
+  m.impl("cbam", TORCH_FN((cbam_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
 }
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
@@ -59,6 +82,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
          TORCH_FN((channel_attention_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
   m.impl("channel_gate",
          TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
+  m.impl("cbam",
+         TORCH_FN((cbam_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
 }
 
 }  // namespace ops

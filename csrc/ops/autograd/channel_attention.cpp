@@ -180,6 +180,125 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_autograd(
   return {grads[0], grads[1]};
 }
 
+class CbamFunction : public torch::autograd::Function<CbamFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& fc1_weight,
+      const std::optional<at::Tensor>& fc1_bias,
+      const at::Tensor& fc2_weight,
+      const std::optional<at::Tensor>& fc2_bias,
+      const at::Tensor& conv_weight,
+      const std::optional<at::Tensor>& conv_bias,
+      c10::string_view gate,
+      c10::string_view activation) {
+    ctx->saved_data["gate"] = std::string(gate);
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["has_fc1_bias"] = fc1_bias.has_value();
+    ctx->saved_data["has_fc2_bias"] = fc2_bias.has_value();
+    ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
+    // Only inputs are saved: the backward recomputes the statistics and the scores.
+    ctx->save_for_backward({x, fc1_weight, fc1_bias.value_or(at::Tensor()), fc2_weight,
+                            fc2_bias.value_or(at::Tensor()), conv_weight,
+                            conv_bias.value_or(at::Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+                activation);
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [&](const char* flag, size_t index) {
+      return ctx->saved_data[flag].toBool() ? std::optional<at::Tensor>(saved[index])
+                                            : std::nullopt;
+    };
+    const std::optional<at::Tensor> fc1_bias = optional("has_fc1_bias", 2);
+    const std::optional<at::Tensor> fc2_bias = optional("has_fc2_bias", 4);
+    const std::optional<at::Tensor> conv_bias = optional("has_conv_bias", 6);
+    auto [grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias,
+          grad_conv_weight, grad_conv_bias] =
+        detail::_cbam_backward(grad_outputs[0], saved[0], saved[1], fc1_bias, saved[3], fc2_bias,
+                               saved[5], conv_bias, ctx->saved_data["gate"].toStringRef(),
+                               ctx->saved_data["activation"].toStringRef());
+    return {grad_x,
+            grad_fc1_weight,
+            fc1_bias.has_value() ? grad_fc1_bias : at::Tensor(),
+            grad_fc2_weight,
+            fc2_bias.has_value() ? grad_fc2_bias : at::Tensor(),
+            grad_conv_weight,
+            conv_bias.has_value() ? grad_conv_bias : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+class CbamBackwardFunction : public torch::autograd::Function<CbamBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& grad_y,
+      const at::Tensor& x,
+      const at::Tensor& fc1_weight,
+      const std::optional<at::Tensor>& fc1_bias,
+      const at::Tensor& fc2_weight,
+      const std::optional<at::Tensor>& fc2_bias,
+      const at::Tensor& conv_weight,
+      const std::optional<at::Tensor>& conv_bias,
+      c10::string_view gate,
+      c10::string_view activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c, d, e, f, g] = detail::_cbam_backward(
+        grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+        activation);
+    return {a, b, c, d, e, f, g};
+  }
+
+  static variable_list backward(AutogradContext*, const variable_list&) {
+    TORCH_CHECK(false, "cbam: double backward is not supported");
+  }
+};
+
+at::Tensor cbam_autograd(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  check_defined("cbam", {{"x", x},
+                         {"fc1_weight", fc1_weight},
+                         {"fc2_weight", fc2_weight},
+                         {"conv_weight", conv_weight}});
+  return CbamFunction::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
+                             conv_bias, gate, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cbam_backward_autograd(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  check_defined("cbam", {{"grad_y", grad_y},
+                         {"x", x},
+                         {"fc1_weight", fc1_weight},
+                         {"fc2_weight", fc2_weight},
+                         {"conv_weight", conv_weight}});
+  auto grads = CbamBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                           conv_weight, conv_bias, gate, activation);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
@@ -187,6 +306,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
   m.impl("_channel_attention_backward", TORCH_FN(channel_attention_backward_autograd));
   m.impl("channel_gate", TORCH_FN(channel_gate_autograd));
   m.impl("_channel_gate_backward", TORCH_FN(channel_gate_backward_autograd));
+  m.impl("cbam", TORCH_FN(cbam_autograd));
+  m.impl("_cbam_backward", TORCH_FN(cbam_backward_autograd));
 }
 
 }  // namespace ops

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -387,7 +388,690 @@ void apply_cpu(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& 
       });
 }
 
-constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu, apply_cpu, cpu::fixed_order_matmul};
+// ---- cbam's passes ----
+
+// Positions handled together when channels are the outer dim (cbam's pooling over channels):
+// the accumulators of a block stay in L1 while each channel's stretch of the block streams by.
+constexpr int64_t kPositionBlock = 512;
+
+template <typename scalar_t>
+struct WeightedPoolArgs {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const opmath_t* weights;  // (N, C)
+  const scalar_t* grad_y;   // may be null
+  opmath_t* pooled;         // (N, 2, P)
+  int64_t* argmax;          // (N, P)
+  opmath_t* grad_dot;       // (N, P), null without grad_y
+  int64_t batch, channels, positions;
+};
+
+// Vectorized over positions, each position's best channel held as a number in the
+// accumulation dtype (exact below 2^24 channels; beyond that every position takes the scalar
+// path, which keeps integers), as channel_pool's backward.
+template <typename scalar_t>
+void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t channels = a.channels, positions = a.positions;
+  const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
+  const bool exact_channel_numbers = channels < (int64_t(1) << 24);
+  at::parallel_for(0, a.batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
+    alignas(64) opmath_t sum[kPositionBlock], best[kPositionBlock], where[kPositionBlock];
+    alignas(64) opmath_t dot[kPositionBlock];
+    int64_t where_index[kPositionBlock];  // the scalar path's best channels
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t p0 = (task % blocks) * kPositionBlock;
+      const int64_t width = std::min(kPositionBlock, positions - p0);
+      const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
+      std::fill_n(sum, width, opmath_t(0));
+      std::fill_n(dot, width, opmath_t(0));
+      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+      std::fill_n(where, width, opmath_t(0));
+      std::fill_n(where_index, width, int64_t(0));
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t offset = (n * channels + c) * positions + p0;
+        const scalar_t* xc = a.x + offset;
+        const scalar_t* gc = a.grad_y ? a.grad_y + offset : nullptr;
+        const opmath_t w = a.weights[n * channels + c];
+        const Vec vw(w), channel(static_cast<opmath_t>(c));
+        int64_t j = 0;
+        for (; j < vector_width; j += V::size()) {
+          const auto chunk = V::load(xc + j);
+          typename V::Chunk grad;
+          if (gc) grad = V::load(gc + j);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = j + k * kLanes;
+            const Vec v = chunk[k] * vw, running = Vec::loadu(best + at);
+            (Vec::loadu(sum + at) + v).store(sum + at);
+            const Vec improved = replaces_max(v, running);
+            Vec::blendv(running, v, improved).store(best + at);
+            Vec::blendv(Vec::loadu(where + at), channel, improved).store(where + at);
+            if (gc) at::vec::fmadd(grad[k], v, Vec::loadu(dot + at)).store(dot + at);
+          }
+        }
+        for (; j < width; ++j) {
+          const opmath_t v = static_cast<opmath_t>(xc[j]) * w;
+          sum[j] += v;
+          if (replaces_max(v, best[j])) {
+            best[j] = v;
+            where_index[j] = c;
+          }
+          if (gc) dot[j] += static_cast<opmath_t>(gc[j]) * v;
+        }
+      }
+      opmath_t* mean_out = a.pooled + n * 2 * positions + p0;
+      opmath_t* max_out = mean_out + positions;
+      int64_t* argmax_out = a.argmax + n * positions + p0;
+      for (int64_t j = 0; j < width; ++j) {
+        mean_out[j] = sum[j] / static_cast<opmath_t>(channels);
+        max_out[j] = best[j];
+        argmax_out[j] = j < vector_width ? static_cast<int64_t>(where[j]) : where_index[j];
+      }
+      if (a.grad_dot) std::copy_n(dot, width, a.grad_dot + n * positions + p0);
+    }
+  });
+}
+
+template <typename scalar_t>
+void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t channels = a.channels, positions = a.positions;
+  const bool exact_channel_numbers = channels < (int64_t(1) << 24);
+  at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const int64_t n = pixel / positions, p = pixel % positions;
+      const scalar_t* xp = a.x + pixel * channels;
+      const scalar_t* gp = a.grad_y ? a.grad_y + pixel * channels : nullptr;
+      const opmath_t* w = a.weights + n * channels;
+      // Each lane keeps the first maximum of its channels and that channel's number (exact
+      // below 2^24 channels; beyond, the scalar loop takes every channel).
+      Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity()), vdot(opmath_t(0));
+      Vec vwhere(opmath_t(0));
+      alignas(64) opmath_t lane_numbers[Vec::size()];
+      for (int64_t lane = 0; lane < Vec::size(); ++lane) lane_numbers[lane] = opmath_t(lane);
+      const Vec lane_offset = Vec::loadu(lane_numbers);
+      const int64_t vector_channels =
+          exact_channel_numbers ? channels / V::size() * V::size() : 0;
+      int64_t c = 0;
+      for (; c < vector_channels; c += V::size()) {
+        const auto chunk = V::load(xp + c);
+        const auto weight = V::load_opmath(w + c);
+        typename V::Chunk grad;
+        if (gp) grad = V::load(gp + c);
+        for (int k = 0; k < V::kVecs; ++k) {
+          const Vec v = chunk[k] * weight[k];
+          vsum += v;
+          const Vec improved = replaces_max(v, vmax);
+          vmax = Vec::blendv(vmax, v, improved);
+          vwhere = Vec::blendv(
+              vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())), improved);
+          if (gp) vdot = at::vec::fmadd(grad[k], v, vdot);
+        }
+      }
+      opmath_t sum = 0, best = -std::numeric_limits<opmath_t>::infinity(), dot = 0;
+      int64_t where = 0;
+      if (c > 0) {
+        sum = lane_sum(vsum);
+        if (gp) dot = lane_sum(vdot);
+        // The lanes' maxima in channel order: the lowest channel among equal maxima wins.
+        alignas(64) opmath_t lane_best[Vec::size()], lane_where[Vec::size()];
+        vmax.store(lane_best);
+        vwhere.store(lane_where);
+        bool first = true;
+        for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+          const opmath_t v = lane_best[lane];
+          const int64_t at = static_cast<int64_t>(lane_where[lane]);
+          const bool tie = v == best || (std::isnan(v) && std::isnan(best));
+          if (first || replaces_max(v, best) || (tie && at < where)) {
+            best = v;
+            where = at;
+            first = false;
+          }
+        }
+      }
+      for (; c < channels; ++c) {
+        const opmath_t v = static_cast<opmath_t>(xp[c]) * w[c];
+        sum += v;
+        if (replaces_max(v, best)) {
+          best = v;
+          where = c;
+        }
+        if (gp) dot += static_cast<opmath_t>(gp[c]) * v;
+      }
+      a.pooled[n * 2 * positions + p] = sum / static_cast<opmath_t>(channels);
+      a.pooled[(n * 2 + 1) * positions + p] = best;
+      a.argmax[pixel] = where;
+      if (a.grad_dot) a.grad_dot[pixel] = dot;
+    }
+  });
+}
+
+WeightedChannelPool weighted_channel_pool_cpu(const at::Tensor& x, const at::Tensor& weights,
+                                              const at::Tensor& grad_y, Layout layout) {
+  const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
+  const auto options = weights.options();
+  WeightedChannelPool out{at::empty({batch, 2, positions}, options),
+                          at::empty({batch, positions}, options.dtype(at::kLong))};
+  if (grad_y.defined()) out.grad_dot = at::empty({batch, positions}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_weighted_channel_pool_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const WeightedPoolArgs<scalar_t> args{
+            x.const_data_ptr<scalar_t>(),
+            weights.const_data_ptr<opmath_t>(),
+            grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr,
+            out.pooled.data_ptr<opmath_t>(),
+            out.argmax.data_ptr<int64_t>(),
+            grad_y.defined() ? out.grad_dot.data_ptr<opmath_t>() : nullptr,
+            batch,
+            channels,
+            positions};
+        if (layout == Layout::ChannelsFirst) {
+          weighted_pool_channels_first(args);
+        } else {
+          weighted_pool_channels_last(args);
+        }
+      });
+  return out;
+}
+
+// PositionTerms as raw (N, P) arrays; a missing term is null.
+template <typename opmath_t>
+struct RawTerms {
+  const opmath_t* scale;
+  const opmath_t* shift;
+  const opmath_t* at_argmax;
+  const int64_t* argmax;
+
+  explicit RawTerms(const PositionTerms& t)
+      : scale(t.scale.defined() ? t.scale.const_data_ptr<opmath_t>() : nullptr),
+        shift(t.shift.defined() ? t.shift.const_data_ptr<opmath_t>() : nullptr),
+        at_argmax(t.at_argmax.defined() ? t.at_argmax.const_data_ptr<opmath_t>() : nullptr),
+        argmax(t.at_argmax.defined() ? t.argmax.const_data_ptr<int64_t>() : nullptr) {}
+
+  // The terms of one element of channel c at flat (n, p) index `i`.
+  opmath_t element(opmath_t in, int64_t c, int64_t i) const {
+    opmath_t t = in * (scale ? scale[i] : opmath_t(1)) + (shift ? shift[i] : opmath_t(0));
+    if (argmax && argmax[i] == c) t += at_argmax[i];
+    return t;
+  }
+};
+
+template <typename scalar_t>
+struct ApplyWithPositionsArgs {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* in;
+  scalar_t* out;
+  RawTerms<opmath_t> terms;
+  const opmath_t* scale;      // (N, C)
+  const opmath_t* shift;      // may be null
+  const opmath_t* at_argmax;  // may be null
+  const int64_t* argmax;      // may be null
+  int64_t batch, channels, positions;
+  Layout layout;
+
+  int64_t offset(int64_t n, int64_t c, int64_t p) const {
+    return layout == Layout::ChannelsFirst ? (n * channels + c) * positions + p
+                                           : (n * positions + p) * channels + c;
+  }
+  // One element with every term, rounded once: the elements that receive an argmax term.
+  void fix(int64_t n, int64_t c, int64_t p) const {
+    const int64_t i = offset(n, c, p), row = n * channels + c;
+    opmath_t value = terms.element(static_cast<opmath_t>(in[i]), c, n * positions + p) *
+                         scale[row] +
+                     (shift ? shift[row] : opmath_t(0));
+    if (argmax && argmax[row] == p) value += at_argmax[row];
+    out[i] = static_cast<scalar_t>(value);
+  }
+};
+
+template <typename scalar_t>
+void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t channels = a.channels, positions = a.positions;
+  const opmath_t* ps = a.terms.scale;
+  const opmath_t* pb = a.terms.shift;
+  if (a.layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, a.batch * channels, grain_for(positions), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / channels;
+        const scalar_t* in = a.in + row * positions;
+        scalar_t* out = a.out + row * positions;
+        const opmath_t* rs = ps ? ps + n * positions : nullptr;
+        const opmath_t* rb = pb ? pb + n * positions : nullptr;
+        const opmath_t s = a.scale[row], b = a.shift ? a.shift[row] : opmath_t(0);
+        const Vec vs(s), vb(b);
+        int64_t p = 0;
+        for (; p + V::size() <= positions; p += V::size()) {
+          auto chunk = V::load(in + p);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = p + k * Vec::size();
+            Vec t = chunk[k];
+            if (rs) t = t * Vec::loadu(rs + at);
+            if (rb) t = t + Vec::loadu(rb + at);
+            chunk[k] = at::vec::fmadd(t, vs, vb);
+          }
+          V::store(out + p, chunk);
+        }
+        for (; p < positions; ++p) {
+          const opmath_t t = static_cast<opmath_t>(in[p]) * (rs ? rs[p] : opmath_t(1)) +
+                             (rb ? rb[p] : opmath_t(0));
+          out[p] = static_cast<scalar_t>(t * s + b);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
+      for (int64_t pixel = begin; pixel < end; ++pixel) {
+        const int64_t n = pixel / positions;
+        const scalar_t* in = a.in + pixel * channels;
+        scalar_t* out = a.out + pixel * channels;
+        const opmath_t* scale = a.scale + n * channels;
+        const opmath_t* shift = a.shift ? a.shift + n * channels : nullptr;
+        const opmath_t ts = ps ? ps[pixel] : opmath_t(1), tb = pb ? pb[pixel] : opmath_t(0);
+        const Vec vts(ts), vtb(tb);
+        int64_t c = 0;
+        for (; c + V::size() <= channels; c += V::size()) {
+          auto chunk = V::load(in + c);
+          const auto s = V::load_opmath(scale + c);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const Vec t = at::vec::fmadd(chunk[k], vts, vtb);
+            chunk[k] = shift ? at::vec::fmadd(t, s[k], Vec::loadu(shift + c + k * Vec::size()))
+                             : t * s[k];
+          }
+          V::store(out + c, chunk);
+        }
+        for (; c < channels; ++c) {
+          const opmath_t t = static_cast<opmath_t>(in[c]) * ts + tb;
+          out[c] = static_cast<scalar_t>(t * scale[c] + (shift ? shift[c] : opmath_t(0)));
+        }
+      }
+    });
+  }
+  // After the sweep, so that no task overwrites a fixed element; each fix computes its
+  // element whole, so an element both fixes touch ends the same either way.
+  if (a.terms.argmax) {
+    at::parallel_for(0, a.batch * positions, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) a.fix(i / positions, a.terms.argmax[i], i % positions);
+    });
+  }
+  if (a.argmax) {
+    at::parallel_for(0, a.batch * channels, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) a.fix(row / channels, row % channels, a.argmax[row]);
+    });
+  }
+}
+
+void apply_with_positions_cpu(const at::Tensor& in, const PositionTerms& terms,
+                              const at::Tensor& scale, const at::Tensor& shift,
+                              const at::Tensor& at_argmax, const at::Tensor& argmax,
+                              at::Tensor& out, Layout layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.scalar_type(), "cbam_apply_with_positions_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const ApplyWithPositionsArgs<scalar_t> args{
+            in.const_data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(),
+            RawTerms<opmath_t>(terms),
+            scale.const_data_ptr<opmath_t>(),
+            shift.defined() ? shift.const_data_ptr<opmath_t>() : nullptr,
+            at_argmax.defined() ? at_argmax.const_data_ptr<opmath_t>() : nullptr,
+            at_argmax.defined() ? argmax.const_data_ptr<int64_t>() : nullptr,
+            in.size(0),
+            in.size(1),
+            num_positions(in),
+            layout};
+        apply_with_positions_typed(args);
+      });
+}
+
+// sum over positions of (grad * terms.scale + terms.shift) * x per (n, c), then the argmax
+// terms, position by position.
+template <typename scalar_t>
+void reduce_with_positions_typed(const scalar_t* x, const scalar_t* grad,
+                                 const RawTerms<at::opmath_type<scalar_t>>& terms,
+                                 at::opmath_type<scalar_t>* out, int64_t batch, int64_t channels,
+                                 int64_t positions, Layout layout) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const opmath_t* ps = terms.scale;
+  const opmath_t* pb = terms.shift;
+  if (layout == Layout::ChannelsFirst) {
+    at::parallel_for(0, batch * channels, grain_for(positions), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / channels;
+        const scalar_t* xr = x + row * positions;
+        const scalar_t* gr = grad + row * positions;
+        const opmath_t* rs = ps ? ps + n * positions : nullptr;
+        const opmath_t* rb = pb ? pb + n * positions : nullptr;
+        Vec total(opmath_t(0));
+        int64_t p = 0;
+        // Blocks of kSumBlock positions (see common.h), kChains accumulators in each.
+        while (p + kChains * V::size() <= positions) {
+          const int64_t block_end = std::min(positions, p + kSumBlock);
+          Vec acc[kChains];
+          std::fill_n(acc, kChains, Vec(opmath_t(0)));
+          for (; p + kChains * V::size() <= block_end; p += kChains * V::size()) {
+            for (int chain = 0; chain < kChains; ++chain) {
+              const int64_t q = p + chain * V::size();
+              const auto xs = V::load(xr + q);
+              const auto gs = V::load(gr + q);
+              for (int k = 0; k < V::kVecs; ++k) {
+                const int64_t at = q + k * Vec::size();
+                Vec t = gs[k];
+                if (rs) t = t * Vec::loadu(rs + at);
+                if (rb) t = t + Vec::loadu(rb + at);
+                acc[chain] = at::vec::fmadd(t, xs[k], acc[chain]);
+              }
+            }
+          }
+          for (int chain = 1; chain < kChains; ++chain) acc[0] += acc[chain];
+          total += acc[0];
+        }
+        for (; p + V::size() <= positions; p += V::size()) {
+          const auto xs = V::load(xr + p);
+          const auto gs = V::load(gr + p);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = p + k * Vec::size();
+            Vec t = gs[k];
+            if (rs) t = t * Vec::loadu(rs + at);
+            if (rb) t = t + Vec::loadu(rb + at);
+            total = at::vec::fmadd(t, xs[k], total);
+          }
+        }
+        opmath_t sum = p > 0 ? lane_sum(total) : opmath_t(0);
+        for (; p < positions; ++p) {
+          const opmath_t t = static_cast<opmath_t>(gr[p]) * (rs ? rs[p] : opmath_t(1)) +
+                             (rb ? rb[p] : opmath_t(0));
+          sum += t * static_cast<opmath_t>(xr[p]);
+        }
+        out[row] = sum;
+      }
+    });
+    if (terms.argmax) {
+      // One task per sample, its positions in order: the sums do not depend on the threads.
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t p = 0; p < positions; ++p) {
+            const int64_t i = n * positions + p, c = terms.argmax[i];
+            out[n * channels + c] +=
+                terms.at_argmax[i] * static_cast<opmath_t>(x[(n * channels + c) * positions + p]);
+          }
+        }
+      });
+    }
+    return;
+  }
+  // Channels last: partial sums per (n, run of kPositionChunk positions), combined in order.
+  const int64_t chunks = (positions + kPositionChunk - 1) / kPositionChunk;
+  const int64_t parts = batch * chunks;
+  std::vector<opmath_t> partial(parts * channels);
+  at::parallel_for(0, parts, grain_for(kPositionChunk * channels), [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t n = part / chunks;
+      const int64_t p0 = (part % chunks) * kPositionChunk;
+      const int64_t p1 = std::min(positions, p0 + kPositionChunk);
+      opmath_t* dot = partial.data() + part * channels;
+      std::fill_n(dot, channels, opmath_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t pixel = n * positions + p;
+        const scalar_t* xp = x + pixel * channels;
+        const scalar_t* gp = grad + pixel * channels;
+        const opmath_t ts = ps ? ps[pixel] : opmath_t(1), tb = pb ? pb[pixel] : opmath_t(0);
+        const Vec vts(ts), vtb(tb);
+        int64_t c = 0;
+        for (; c + V::size() <= channels; c += V::size()) {
+          const auto xs = V::load(xp + c);
+          const auto gs = V::load(gp + c);
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = c + k * Vec::size();
+            const Vec t = at::vec::fmadd(gs[k], vts, vtb);
+            at::vec::fmadd(t, xs[k], Vec::loadu(dot + at)).store(dot + at);
+          }
+        }
+        for (; c < channels; ++c) {
+          dot[c] += (static_cast<opmath_t>(gp[c]) * ts + tb) * static_cast<opmath_t>(xp[c]);
+        }
+        if (terms.argmax) {
+          const int64_t where = terms.argmax[pixel];
+          dot[where] += terms.at_argmax[pixel] * static_cast<opmath_t>(xp[where]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, batch * channels, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / channels, c = row % channels;
+      opmath_t sum = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        sum += partial[(n * chunks + chunk) * channels + c];
+      }
+      out[row] = sum;
+    }
+  });
+}
+
+at::Tensor reduce_with_positions_cpu(const at::Tensor& x, const at::Tensor& grad_y,
+                                     const PositionTerms& terms, Layout layout) {
+  const int64_t batch = x.size(0), channels = x.size(1);
+  at::Tensor out =
+      at::empty({batch, channels}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_reduce_with_positions_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        reduce_with_positions_typed(x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                                    RawTerms<opmath_t>(terms), out.data_ptr<opmath_t>(), batch,
+                                    channels, num_positions(x), layout);
+      });
+  return out;
+}
+
+// ---- cbam's score head: a 2 -> 1 channel convolution, k x ... x k, same padding ----
+//
+// Written out for the one shape it has, instead of a general convolution built for many
+// channels: every output row (n, d, h) is the bias plus k^dims x 2 shifted rows of the pooled
+// map, each element summed in the same order on any number of threads.
+
+// The spatial dims as (D, H, W) (leading sizes 1), the kernel as (KD, KH, KW).
+struct ScoreConvShape {
+  int64_t batch, d, h, w, kd, kh, kw;
+
+  ScoreConvShape(int64_t batch, at::IntArrayRef sizes, int64_t k) : batch(batch) {
+    const int64_t dims = static_cast<int64_t>(sizes.size());
+    d = dims == 3 ? sizes[0] : 1;
+    h = dims >= 2 ? sizes[dims - 2] : 1;
+    w = sizes[dims - 1];
+    kd = dims == 3 ? k : 1;
+    kh = dims >= 2 ? k : 1;
+    kw = k;
+  }
+  int64_t positions() const { return d * h * w; }
+  int64_t taps() const { return 2 * kd * kh * kw; }
+  // Sizes of the zero-padded map.
+  int64_t pd() const { return d + kd - 1; }
+  int64_t ph() const { return h + kh - 1; }
+  int64_t pw() const { return w + kw - 1; }
+};
+
+// The pooled map (N, 2, P) with kernel / 2 zeros on every side: (N, 2, D', H', W').
+template <typename T>
+std::vector<T> zero_padded(const T* pooled, const ScoreConvShape& g) {
+  std::vector<T> padded(g.batch * 2 * g.pd() * g.ph() * g.pw(), T(0));
+  for (int64_t plane = 0; plane < g.batch * 2; ++plane) {
+    for (int64_t z = 0; z < g.d; ++z) {
+      for (int64_t y = 0; y < g.h; ++y) {
+        const T* from = pooled + ((plane * g.d + z) * g.h + y) * g.w;
+        T* to = padded.data() + ((plane * g.pd() + z + g.kd / 2) * g.ph() + y + g.kh / 2) * g.pw() +
+                g.kw / 2;
+        std::copy_n(from, g.w, to);
+      }
+    }
+  }
+  return padded;
+}
+
+template <typename T>
+void score_conv_typed(const T* pooled, const T* weight, const T* bias, T* scores,
+                      const ScoreConvShape& g) {
+  const std::vector<T> padded = zero_padded(pooled, g);
+  const int64_t rows = g.batch * g.d * g.h;
+  at::parallel_for(0, rows, grain_for(g.w * g.taps()), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
+      T* out = scores + row * g.w;
+      std::fill_n(out, g.w, bias ? bias[0] : T(0));
+      const T* tap = weight;
+      for (int64_t channel = 0; channel < 2; ++channel) {
+        for (int64_t i = 0; i < g.kd; ++i) {
+          for (int64_t j = 0; j < g.kh; ++j) {
+            const T* in =
+                padded.data() + (((n * 2 + channel) * g.pd() + z + i) * g.ph() + y + j) * g.pw();
+            for (int64_t l = 0; l < g.kw; ++l, ++tap) {
+              const T wt = *tap;
+              for (int64_t x = 0; x < g.w; ++x) out[x] += wt * in[x + l];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor score_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef sizes) {
+  const ScoreConvShape g(pooled.size(0), sizes, weight.size(2));
+  at::Tensor scores = at::empty({g.batch, g.positions()}, pooled.options());
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "cbam_score_conv_cpu", [&] {
+    score_conv_typed(pooled.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                     bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                     scores.data_ptr<scalar_t>(), g);
+  });
+  return scores;
+}
+
+// sum of a[i] * b[i] over `size` elements, in a fixed order (vectors, then the tail).
+template <typename T>
+T fixed_order_dot(const T* a, const T* b, int64_t size) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec total(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= size; i += Vec::size()) {
+    total = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
+  }
+  T sum = i > 0 ? lane_sum(total) : T(0);
+  for (; i < size; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename T>
+void score_conv_backward_typed(const T* grad, const T* pooled, const T* weight, T* grad_pooled,
+                               T* grad_weight, T* grad_bias, const ScoreConvShape& g) {
+  // The weights' gradient, one task per tap: the dot of the score gradient with the padded
+  // map shifted by the tap (padding zeros included, as the convolution's own backward does).
+  const std::vector<T> padded = zero_padded(pooled, g);
+  const int64_t taps = g.taps(), rows = g.batch * g.d * g.h;
+  at::parallel_for(0, taps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t channel = t / (g.kd * g.kh * g.kw), i = t / (g.kh * g.kw) % g.kd;
+      const int64_t j = t / g.kw % g.kh, l = t % g.kw;
+      // Rows are summed in double: N x D x H of them must not stall a float sum.
+      double total = 0;
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t n = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
+        const T* in =
+            padded.data() + (((n * 2 + channel) * g.pd() + z + i) * g.ph() + y + j) * g.pw() + l;
+        total += static_cast<double>(fixed_order_dot(grad + row * g.w, in, g.w));
+      }
+      grad_weight[t] = static_cast<T>(total);
+    }
+  });
+  double bias_total = 0;
+  for (int64_t row = 0; row < rows; ++row) {
+    T row_sum = 0;
+    for (int64_t x = 0; x < g.w; ++x) row_sum += grad[row * g.w + x];
+    bias_total += static_cast<double>(row_sum);
+  }
+  grad_bias[0] = static_cast<T>(bias_total);
+
+  // The pooled map's gradient: each input row gathers the score gradient of the outputs its
+  // taps reach (outputs only: padding has no gradient).
+  const int64_t input_rows = g.batch * 2 * g.d * g.h;
+  at::parallel_for(0, input_rows, grain_for(g.w * taps / 2), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
+      const int64_t n = plane / 2, channel = plane % 2;
+      T* out = grad_pooled + row * g.w;
+      std::fill_n(out, g.w, T(0));
+      for (int64_t i = 0; i < g.kd; ++i) {
+        const int64_t oz = z - i + g.kd / 2;
+        if (oz < 0 || oz >= g.d) continue;
+        for (int64_t j = 0; j < g.kh; ++j) {
+          const int64_t oy = y - j + g.kh / 2;
+          if (oy < 0 || oy >= g.h) continue;
+          const T* from = grad + ((n * g.d + oz) * g.h + oy) * g.w;
+          const T* tap = weight + ((channel * g.kd + i) * g.kh + j) * g.kw;
+          for (int64_t l = 0; l < g.kw; ++l) {
+            // out[x] += tap[l] * from[x - l + kw / 2] where the output exists.
+            const int64_t shift = g.kw / 2 - l;
+            const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(g.w, g.w - shift);
+            const T wt = tap[l];
+            for (int64_t x = lo; x < hi; ++x) out[x] += wt * from[x + shift];
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
+    at::IntArrayRef sizes) {
+  const ScoreConvShape g(pooled.size(0), sizes, weight.size(2));
+  at::Tensor grad_pooled = at::empty({g.batch, 2, g.positions()}, pooled.options());
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+  at::Tensor grad_bias = at::empty({1}, weight.options());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor grad = grad_scores.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "cbam_score_conv_backward_cpu", [&] {
+    score_conv_backward_typed(grad.const_data_ptr<scalar_t>(), pooled.const_data_ptr<scalar_t>(),
+                              w.const_data_ptr<scalar_t>(), grad_pooled.data_ptr<scalar_t>(),
+                              grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), g);
+  });
+  return {grad_pooled, grad_weight, grad_bias};
+}
+
+// sigmoid of cbam's scores: one element at a time, so that no thread split changes a result.
+at::Tensor sigmoid_cpu(const at::Tensor& scores) {
+  at::Tensor out = at::empty_like(scores);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "cbam_sigmoid_cpu", [&] {
+    const scalar_t* s = scores.const_data_ptr<scalar_t>();
+    scalar_t* w = out.data_ptr<scalar_t>();
+    at::parallel_for(0, scores.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) w[i] = scalar_t(1) / (scalar_t(1) + std::exp(-s[i]));
+    });
+  });
+  return out;
+}
+
+constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu,
+                                              apply_cpu,
+                                              cpu::fixed_order_matmul,
+                                              weighted_channel_pool_cpu,
+                                              apply_with_positions_cpu,
+                                              reduce_with_positions_cpu,
+                                              score_conv_cpu,
+                                              score_conv_backward_cpu,
+                                              sigmoid_cpu};
 
 }  // namespace
 

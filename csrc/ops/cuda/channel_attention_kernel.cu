@@ -278,7 +278,19 @@ void apply_cuda(const at::Tensor& in, const at::Tensor& scale, const at::Tensor&
       });
 }
 
-constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda, apply_cuda, blas_matmul};
+// cbam's scores are few (N x P): ATen's sigmoid, which does not depend on a thread split here.
+at::Tensor sigmoid_cuda(const at::Tensor& scores) { return at::sigmoid(scores); }
+
+// cbam's passes are ATen's calls on CUDA for now (correct, not fused).
+constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda,
+                                               apply_cuda,
+                                               blas_matmul,
+                                               aten_weighted_channel_pool,
+                                               aten_apply_with_positions,
+                                               aten_reduce_with_positions,
+                                               aten_score_conv,
+                                               aten_score_conv_backward,
+                                               sigmoid_cuda};
 
 }  // namespace
 
