@@ -1,6 +1,9 @@
-"""CBAM blocks side by side, in one run, at the shapes of a ResNet's stages: our `CBAM` module,
-timm's `CbamModule` after `cnn_attention.convert`, timm's `CbamModule` eager (the baseline of
-the ratios) and torch.compile of it; forward and forward+backward, contiguous or channels_last.
+"""CBAM blocks side by side, in one run, at the shapes of a ResNet's stages: our `CBAM` module
+(one `cbam`), its two halves one after the other (`channel_attention`, then the score head and
+`soft_attention`: what `cbam` fuses), timm's `CbamModule` after `cnn_attention.convert` (in
+training mode, as here, its score head's BatchNorm keeps it on the two halves), timm's
+`CbamModule` eager (the baseline of the ratios) and torch.compile of it; forward and
+forward+backward, contiguous or channels_last.
 
 Each row also gives the forward+backward time in passes over x: one pass moves |x| bytes at
 the copy bandwidth measured in the same run (a copy moves 2|x|). A CBAM block cannot move
@@ -60,8 +63,10 @@ def main() -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         grad = torch.randn_like(x)
         eager = timm_cbam(shape[1]).to(device, dtype)
+        ours = cnn_attention.CBAM(shape[1]).to(device, dtype)
         candidates = {
-            "cnn_attention": cnn_attention.CBAM(shape[1]).to(device, dtype),
+            "cnn_attention": ours,
+            "cnn_attention, two halves": nn.Sequential(ours.channel, ours.spatial),
             # convert replaces submodules, never the model it is given.
             "converted timm": cnn_attention.convert(nn.Sequential(timm_cbam(shape[1]))).to(device, dtype),
             "eager timm CbamModule": eager,

@@ -8,17 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import ChannelAttention, HardAttention, SelfAttention, SoftAttention
+from .modules import CBAM, ChannelAttention, HardAttention, SelfAttention, SoftAttention
 
 __all__ = ["attention_maps"]
+
+
+_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
 
 
 def _channel_weights(module: ChannelAttention, x: Tensor) -> Tensor:
     """(N, C): the gate of channel_attention (docs/design.md section 1), from the module's input."""
     dims = list(range(2, x.dim()))
+    act = _ACTIVATIONS[module.activation]
 
     def mlp(p: Tensor) -> Tensor:
-        return F.linear(F.relu(F.linear(p, module.fc1_weight, module.fc1_bias)), module.fc2_weight, module.fc2_bias)
+        return F.linear(act(F.linear(p, module.fc1_weight, module.fc1_bias)), module.fc2_weight, module.fc2_bias)
 
     if module.pool == "avg":
         z = mlp(x.mean(dims))
@@ -26,7 +30,20 @@ def _channel_weights(module: ChannelAttention, x: Tensor) -> Tensor:
         z = mlp(x.amax(dims))
     else:
         z = mlp(x.mean(dims)) + mlp(x.amax(dims))
-    return torch.sigmoid(z) if module.gate == "sigmoid" else x.shape[1] * torch.softmax(z, dim=1)
+    if module.gate == "sigmoid":
+        return torch.sigmoid(z)
+    if module.gate == "hard_sigmoid":
+        return F.hardsigmoid(z)
+    return x.shape[1] * torch.softmax(z, dim=1)
+
+
+def _cbam_maps(module: CBAM, x: Tensor, name: str, maps: Dict[str, Tensor]) -> None:
+    """CBAM's two maps under its halves' names: the channel weights from x, the spatial weights
+    from the channel-weighted map (one operator computes both; neither half runs on its own)."""
+    prefix = name + "." if name else ""
+    channel = _channel_weights(module.channel, x)
+    maps[prefix + "channel"] = channel
+    maps[prefix + "spatial"] = _soft_weights(module.spatial, x * channel.view(channel.shape + (1,) * (x.dim() - 2)))
 
 
 def _soft_weights(module: SoftAttention, x: Tensor) -> Tensor:
@@ -73,8 +90,8 @@ def _self_attention_rows(module: SelfAttention, x: Tensor, queries: Optional[Seq
 def attention_maps(model: nn.Module, x: Tensor, queries: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
     """Every attention module's weights from one forward of `x`, by qualified module name:
 
-    - ``ChannelAttention`` (also CBAM's ``.channel``): channel weights ``(N, C)``;
-    - ``SoftAttention`` (also CBAM's ``.spatial``): spatial weights ``(N, 1, *S)``;
+    - ``ChannelAttention`` (also CBAM's, under ``<cbam>.channel``): channel weights ``(N, C)``;
+    - ``SoftAttention`` (also CBAM's, under ``<cbam>.spatial``): spatial weights ``(N, 1, *S)``;
     - ``HardAttention``: its 0/1 mask ``(N, 1, *S)``;
     - ``SelfAttention``: the attention of chosen query positions over the key positions,
       ``(N, heads, Q, *S')`` (``S'`` after ``kv_stride`` pooling), computed for those rows only.
@@ -88,7 +105,10 @@ def attention_maps(model: nn.Module, x: Tensor, queries: Optional[Sequence[int]]
     # HardAttention keeps its mask in eval mode only when asked to.
     keep_mask = {m: m.keep_mask for m in model.modules() if isinstance(m, HardAttention)}
     for name, module in model.named_modules():
-        if isinstance(module, ChannelAttention):
+        if isinstance(module, CBAM):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: _cbam_maps(m, inputs[0], name, maps)))
+        elif isinstance(module, ChannelAttention):
             handles.append(module.register_forward_hook(
                 lambda m, inputs, out, name=name: maps.__setitem__(name, _channel_weights(m, inputs[0]))))
         elif isinstance(module, SoftAttention):

@@ -157,6 +157,35 @@ TEST(ChannelGate, MatchesFloat64ReferenceAndTrainsFromCpp) {
             "ChannelGate: gate must be one of \"sigmoid\", \"softmax\", \"hard_sigmoid\", got \"relu\"");
 }
 
+// cbam against its steps one after the other (channel attention, the score convolution of the
+// channel pool, the sigmoid gate), in float64, from C++ with C++ autograd; both layouts.
+TEST(Cbam, MatchesItsStepsAndTrainsFromCpp) {
+  for (const bool channels_last : {false, true}) {
+    torch::manual_seed(5);
+    auto x = torch::randn({2, 12, 7, 9}, torch::kDouble);
+    if (channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+    x.requires_grad_();
+    const auto p = params(12, 4, torch::kDouble);
+    const auto conv_weight = torch::randn({1, 2, 3, 3}, torch::kDouble).requires_grad_();
+    const auto conv_bias = torch::randn({1}, torch::kDouble).requires_grad_();
+    const auto y = cnn_attention::ops::cbam(x, p[0], p[1], p[2], p[3], conv_weight, conv_bias);
+    const auto x1 = reference(x, p[0], p[1], p[2], p[3], "avgmax", "sigmoid");
+    const auto pooled = torch::cat({x1.mean(1, true), std::get<0>(x1.max(1, true))}, 1);
+    const auto expected =
+        x1 * torch::sigmoid(torch::conv2d(pooled, conv_weight, conv_bias, 1, 1));
+    EXPECT_TRUE(torch::allclose(y, expected, 1e-10, 1e-12));
+    EXPECT_EQ(y.strides(), x.strides());
+
+    const auto grad = torch::randn_like(y);
+    const std::vector<torch::Tensor> inputs{x, p[0], p[1], p[2], p[3], conv_weight, conv_bias};
+    const auto actual = torch::autograd::grad({y}, inputs, {grad});
+    const auto wanted = torch::autograd::grad({expected}, inputs, {grad});
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(actual[i], wanted[i], 1e-9, 1e-11)) << "gradient " << i;
+    }
+  }
+}
+
 TEST(BuildInfo, NamesVersionAndTorch) {
   const std::string info = cnn_attention::build_info();
   EXPECT_NE(info.find("version=0.1.0"), std::string::npos) << info;

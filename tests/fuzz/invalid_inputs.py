@@ -1021,7 +1021,7 @@ MODULES: dict[str, ModuleSpec] = {
         (("channels", "size", lambda r: r.randint(1, 8)), ("reduction", "int", lambda r: r.choice((1, 2, 16))),
          ("min_hidden", "size", lambda r: r.randint(1, 4)), ("kernel_size", "size", odd_kernel),
          ("spatial_dims", "int", lambda r: r.choice((1, 2, 3)))),
-        ("CBAM", "ChannelAttention", "SoftAttention", "channel_attention", "channel_pool", "soft_attention"),
+        ("CBAM", "ChannelAttention", "SoftAttention", "cbam", "channel_attention", "channel_pool", "soft_attention"),
         valid_cbam,
     ),
 }

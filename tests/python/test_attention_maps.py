@@ -43,15 +43,17 @@ def test_maps_of_every_family_match_what_the_modules_apply():
     maps = cnn_attention.attention_maps(model, x, queries=[0, 45, 89])
     assert set(maps) == {"se", "cbam.channel", "cbam.spatial", "soft", "hard", "self_attention"}
     io = _inputs_of(model, x)
-    for name in ("se", "cbam.channel"):
-        inp, out = io[name]
-        assert maps[name].shape == (2, 8)
-        torch.testing.assert_close(out, inp * maps[name][:, :, None, None])
+    inp, out = io["se"]
+    assert maps["se"].shape == (2, 8)
+    torch.testing.assert_close(out, inp * maps["se"][:, :, None, None])
     assert maps["se"].sum(1).allclose(torch.full((2,), 8.0))  # C * softmax
-    for name in ("cbam.spatial", "soft"):
-        inp, out = io[name]
-        assert maps[name].shape == (2, 1, 9, 10)
-        torch.testing.assert_close(out, inp * maps[name])
+    # CBAM is one operator: its output is its input times both maps.
+    inp, out = io["cbam"]
+    assert maps["cbam.channel"].shape == (2, 8) and maps["cbam.spatial"].shape == (2, 1, 9, 10)
+    torch.testing.assert_close(out, inp * maps["cbam.channel"][:, :, None, None] * maps["cbam.spatial"])
+    inp, out = io["soft"]
+    assert maps["soft"].shape == (2, 1, 9, 10)
+    torch.testing.assert_close(out, inp * maps["soft"])
     inp, out = io["hard"]
     assert maps["hard"].shape == (2, 1, 9, 10) and maps["hard"].sum() == 2 * math.ceil(0.25 * 90)
     assert torch.equal(out, inp * maps["hard"])

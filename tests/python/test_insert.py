@@ -303,7 +303,7 @@ def test_the_result_exports():
     model, x = _changed_model()
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    for op in ("channel_attention", "soft_attention", "hard_attention", "self_attention"):
+    for op in ("cbam", "channel_attention", "hard_attention", "self_attention"):
         assert f"cnn_attention.{op}.default" in targets, op
     torch.testing.assert_close(exported.module()(x), model(x))
 

@@ -20,13 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Each model and the operators it must show in an exported graph.
 MODELS = {
     "channel": (TinyAttentionCNN, {"channel_attention", "channel_pool"}),
-    "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool",
-                                          "channel_attention", "channel_pool"}),
+    "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool", "cbam",
+                                          "channel_pool"}),
     "self": (TinySelfAttentionCNN, {"self_attention"}),
-    "all": (TinyAllFamiliesCNN, {"channel_attention", "channel_pool", "soft_attention", "hard_attention",
-                                 "self_attention", "soft_attention_pool"}),
+    "all": (TinyAllFamiliesCNN, {"channel_attention", "cbam", "hard_attention", "self_attention",
+                                 "soft_attention_pool"}),
     # Attention put in by cnn_attention.insert, applied by forward hooks.
-    "inserted": (TinyInsertedCNN, {"channel_attention", "channel_pool", "soft_attention", "self_attention"}),
+    "inserted": (TinyInsertedCNN, {"cbam", "self_attention"}),
 }
 models = pytest.mark.parametrize("kind", sorted(MODELS))
 

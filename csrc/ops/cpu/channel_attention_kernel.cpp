@@ -418,7 +418,8 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
   const int64_t channels = a.channels, positions = a.positions;
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
-  at::parallel_for(0, a.batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(kPositionBlock * channels);
+  at::parallel_for(0, a.batch * blocks, grain, [&](int64_t begin, int64_t end) {
     alignas(64) opmath_t sum[kPositionBlock], best[kPositionBlock], where[kPositionBlock];
     alignas(64) opmath_t dot[kPositionBlock];
     int64_t where_index[kPositionBlock];  // the scalar path's best channels
