@@ -1,5 +1,6 @@
 #include "channel_attention.h"
 
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "channel_attention_impl.h"
@@ -77,6 +78,21 @@ std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
   return op.call(grad_y, x, logits, gate);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _cbam_forward(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  static auto op = find_op<decltype(_cbam_forward)>("cnn_attention::_cbam_forward");
+  return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+                 activation);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 _cbam_backward(
     const at::Tensor& grad_y,
@@ -87,11 +103,13 @@ _cbam_backward(
     const std::optional<at::Tensor>& fc2_bias,
     const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& channel_stats,
+    const at::Tensor& channel_argmax,
     c10::string_view gate,
     c10::string_view activation) {
   static auto op = find_op<decltype(_cbam_backward)>("cnn_attention::_cbam_backward");
   return op.call(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
-                 gate, activation);
+                 channel_stats, channel_argmax, gate, activation);
 }
 
 }  // namespace detail
@@ -249,13 +267,38 @@ ChannelAttentionModes check_cbam_backward_args(
     const std::optional<at::Tensor>& fc2_bias,
     const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& channel_stats,
+    const at::Tensor& channel_argmax,
     c10::string_view gate,
     c10::string_view activation) {
   const ChannelAttentionModes modes = check_cbam_args(
       x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation);
   check_like(kCbamOp, "x", x, "grad_y", grad_y);
   check_sizes(kCbamOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  // What _cbam_forward saved: (2, N, C) means and maxima in the accumulation dtype, (N, C)
+  // int64 positions of the maxima.
+  const auto check_saved = [&](const char* name, const at::Tensor& t, at::ScalarType dtype) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.device() == x.device(), kCbamOp, ": ", name,
+                " must be ", dtype, " on ", x.device(), ", got ", t.scalar_type(), " on ",
+                t.device());
+  };
+  check_saved("channel_stats", channel_stats, at::toOpMathType(x.scalar_type()));
+  check_saved("channel_argmax", channel_argmax, at::kLong);
+  check_sizes(kCbamOp, "channel_stats", channel_stats, {2, x.sym_size(0), x.sym_size(1)},
+              "(2, N, C)");
+  check_sizes(kCbamOp, "channel_argmax", channel_argmax, {x.sym_size(0), x.sym_size(1)},
+              "(N, C)");
   return modes;
+}
+
+void check_cbam_channel_argmax(const at::Tensor& x, const at::Tensor& channel_argmax) {
+  if (channel_argmax.numel() == 0) return;
+  const int64_t positions = num_positions(x);
+  const auto [smallest, largest] = at::aminmax(channel_argmax);
+  const int64_t low = smallest.item<int64_t>(), high = largest.item<int64_t>();
+  TORCH_CHECK(low >= 0 && high < positions, kCbamOp,
+              ": channel_argmax must hold positions in [0, ", positions, "), got values in [",
+              low, ", ", high, "]");
 }
 
 TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
@@ -280,9 +323,15 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       "-> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
+      "_cbam_forward(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, Tensor conv_weight, Tensor? conv_bias, str gate, str activation) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
       "_cbam_backward(Tensor grad_y, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, Tensor conv_weight, Tensor? conv_bias, str gate, "
-      "str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor channel_stats, Tensor channel_argmax, str gate, str activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

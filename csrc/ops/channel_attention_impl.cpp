@@ -331,11 +331,12 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
 //
 // Forward:  stats = reduce(x); w = gate(mlp(stats)); pooled = weighted_channel_pool(x, w);
 //           ws = sigmoid(conv(pooled)); y = x * w * ws                        (4|x| bytes)
-// Backward: the same statistics and pooling (the pooling also sums grad_y * x * w over the
+// Backward: the forward's channel statistics (mean, max and its position per channel, saved
+//           by _cbam_forward); the same pooling (which also sums grad_y * x * w over the
 //           channels: d loss / d ws); the convolution's backward gives the gradient of the
 //           pooled map, hence that of x1 (PositionTerms g1 = grad_y * ws + d mean / C + d max at
 //           the channel of the max); d loss / d w = sum over positions of g1 * x; the MLP's
-//           backward; grad_x = g1 * w + d avg / P + d max at the position of the max  (7|x|)
+//           backward; grad_x = g1 * w + d avg / P + d max at the position of the max  (6|x|)
 // where channel_attention, channel_pool and soft_attention in turn move 6|x| and 12|x|.
 
 namespace {
@@ -369,23 +370,30 @@ CbamWeights cbam_weights(const ChannelAttentionBackend& backend, const at::Tenso
   return out;
 }
 
-}  // namespace
-
-at::Tensor cbam_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
-                        const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
-                        c10::string_view gate, c10::string_view activation) {
+// (y, channel_stats, channel_argmax). With `for_backward` the statistics pass also finds each
+// channel's argmax, and both are returned for the backward (the public cbam leaves them out).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_pass(
+    const ChannelAttentionBackend& backend, const at::Tensor& x, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+    c10::string_view activation, bool for_backward) {
   const auto modes = check_cbam_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
                                      conv_bias, gate, activation);
   const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
   at::Tensor y = feature_map_like(x);
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) {
+    if (!for_backward) return {y, at::Tensor(), at::Tensor()};
+    // No position: statistics of nothing, which no backward reads.
+    const ChannelStats none = empty_channel_stats(x, false, true);
+    return {y, none.pooled.zero_(), none.argmax.zero_()};
+  }
 
   const at::Tensor input = to_layout(x, layout);
   ChannelStats stats =
-      backend.reduce(input, at::Tensor(), false, layout, at::Tensor(), at::Tensor());
+      backend.reduce(input, at::Tensor(), for_backward, layout, at::Tensor(), at::Tensor());
+  at::Tensor pooled = stats.pooled, argmax = stats.argmax;
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation,
                 stats.mean.scalar_type(), backend.matmul);
   const CbamWeights weights = cbam_weights(backend, input, at::Tensor(), mlp, std::move(stats),
@@ -393,7 +401,28 @@ at::Tensor cbam_forward(const ChannelAttentionBackend& backend, const at::Tensor
   backend.apply_with_positions(input, PositionTerms{weights.spatial_weights},
                                weights.channel_weights, at::Tensor(), at::Tensor(), at::Tensor(),
                                y, layout);
-  return y;
+  return {y, pooled, argmax};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_forward(
+    const ChannelAttentionBackend& backend, const at::Tensor& x, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+    c10::string_view activation) {
+  return cbam_pass(backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                   gate, activation, /*for_backward=*/true);
+}
+
+at::Tensor cbam_result(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                       const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                       const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                       const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                       c10::string_view gate, c10::string_view activation) {
+  return std::get<0>(cbam_pass(backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                               conv_weight, conv_bias, gate, activation, /*for_backward=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -401,10 +430,12 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
               const at::Tensor& x, const at::Tensor& fc1_weight,
               const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
               const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-              const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+              const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
+              const at::Tensor& channel_argmax, c10::string_view gate,
               c10::string_view activation) {
-  const auto modes = check_cbam_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight,
-                                              fc2_bias, conv_weight, conv_bias, gate, activation);
+  const auto modes =
+      check_cbam_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
+                               conv_bias, channel_stats, channel_argmax, gate, activation);
   const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_layout(x);
   at::Tensor grad_x = feature_map_like(x);
@@ -421,9 +452,14 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
 
   const at::Tensor input = to_layout(x, layout);
   const at::Tensor grad_out = to_layout(grad_y, layout);
-  ChannelStats stats =
-      backend.reduce(input, at::Tensor(), true, layout, at::Tensor(), at::Tensor());
-  const at::Tensor argmax = stats.argmax;
+  // The forward's channel statistics. The CPU kernels write at the saved positions, so those
+  // are checked there (other devices compare positions with them and never index).
+  if (x.is_cpu()) check_cbam_channel_argmax(x, channel_argmax);
+  ChannelStats stats;
+  stats.pooled = channel_stats.contiguous();
+  stats.mean = stats.pooled[0];
+  stats.max = stats.pooled[1];
+  const at::Tensor argmax = channel_argmax.contiguous();
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation,
                 stats.mean.scalar_type(), backend.matmul);
   const CbamWeights w = cbam_weights(backend, input, grad_out, mlp, std::move(stats), modes.gate,

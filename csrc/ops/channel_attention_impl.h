@@ -45,14 +45,25 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _channel_gate_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& logits,
     c10::string_view gate);
 
-// Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias); the bias
-// gradients are returned even when a bias is absent.
+// (y, channel_stats, channel_argmax): also what the backward needs besides the inputs, the
+// channel statistics of x, channel_stats (2, N, C) in the accumulation dtype (the means, then
+// the maxima over positions), and channel_argmax (N, C) int64 (the first position of each max).
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor> _cbam_forward(
+    const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate, c10::string_view activation);
+
+// Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias) from the
+// inputs and what _cbam_forward saved; the bias gradients are returned even when a bias is
+// absent.
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor>
 _cbam_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-               const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+               const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
+               const at::Tensor& channel_argmax, c10::string_view gate,
                c10::string_view activation);
 
 }  // namespace detail
@@ -90,8 +101,9 @@ ChannelGate check_channel_gate_args(const at::Tensor& x, const at::Tensor& logit
 ChannelGate check_channel_gate_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& logits, c10::string_view gate);
 
-// The checks of cbam and _cbam_backward: those of channel_attention (pool "avgmax") and the
-// score convolution's.
+// The checks of cbam (and _cbam_forward) and _cbam_backward: those of channel_attention (pool
+// "avgmax"), the score convolution's and, in the backward, the saved statistics' sizes, dtypes
+// and device.
 ChannelAttentionModes check_cbam_args(const at::Tensor& x, const at::Tensor& fc1_weight,
                                       const std::optional<at::Tensor>& fc1_bias,
                                       const at::Tensor& fc2_weight,
@@ -103,8 +115,10 @@ ChannelAttentionModes check_cbam_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& fc1_weight,
     const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
-    c10::string_view activation);
+    const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
+    const at::Tensor& channel_argmax, c10::string_view gate, c10::string_view activation);
+// That the saved positions of the maxima lie in [0, P) (reads their values: not on Meta).
+void check_cbam_channel_argmax(const at::Tensor& x, const at::Tensor& channel_argmax);
 
 // Per (n, c) statistics over the P positions, in the accumulation dtype
 // (float32 for half types, else the dtype of x); `argmax` is int64.
@@ -217,18 +231,27 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
                                                          const at::Tensor& logits,
                                                          c10::string_view gate);
 
-at::Tensor cbam_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
-                        const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
-                        c10::string_view gate, c10::string_view activation);
+// The kernels of _cbam_forward, cbam (its first result) and _cbam_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_forward(
+    const ChannelAttentionBackend& backend, const at::Tensor& x, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+    c10::string_view activation);
+
+at::Tensor cbam_result(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                       const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                       const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                       const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                       c10::string_view gate, c10::string_view activation);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
               const at::Tensor& x, const at::Tensor& fc1_weight,
               const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
               const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-              const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
+              const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
+              const at::Tensor& channel_argmax, c10::string_view gate,
               c10::string_view activation);
 
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
@@ -241,7 +264,8 @@ void register_channel_attention_kernels(torch::Library& m) {
   m.impl("channel_gate", TORCH_FN((OnBackend<channel_gate_forward, kBackend>::kernel)));
   m.impl("_channel_gate_backward",
          TORCH_FN((OnBackend<channel_gate_backward, kBackend>::kernel)));
-  m.impl("cbam", TORCH_FN((OnBackend<cbam_forward, kBackend>::kernel)));
+  m.impl("cbam", TORCH_FN((OnBackend<cbam_result, kBackend>::kernel)));
+  m.impl("_cbam_forward", TORCH_FN((OnBackend<cbam_forward, kBackend>::kernel)));
   m.impl("_cbam_backward", TORCH_FN((OnBackend<cbam_backward, kBackend>::kernel)));
 }
 

@@ -112,6 +112,19 @@ def cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, 
     return soft_attention(x1, scores)
 
 
+def _cbam_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate: str = "sigmoid",
+                  activation: str = "relu"):
+    """(y, channel_stats (2, N, C), channel_argmax (N, C)), as the private forward op returns them
+    (what the exporter sees of cbam after autograd is traced through)."""
+    op = _op()
+    y = cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation)
+    axes, first = _ints(_spatial_axes(x)), _ints([0])
+    stats = op.Concat(op.Unsqueeze(op.ReduceMean(x, axes, keepdims=0), first),
+                      op.Unsqueeze(op.ReduceMax(x, axes, keepdims=0), first), axis=0)
+    argmax = op.ArgMax(op.Reshape(x, _ints([0, 0, -1])), axis=2, keepdims=0)
+    return y, op.Cast(stats, to=1), argmax
+
+
 def _scaled(scores, temperature: float):
     op = _op()
     return scores if temperature == 1.0 else op.Div(scores, op.CastLike(temperature, scores))
@@ -203,6 +216,7 @@ def translation_table() -> Dict[object, object]:
         ops.channel_attention.default: channel_attention,
         ops.channel_gate.default: channel_gate,
         ops.cbam.default: cbam,
+        ops._cbam_forward.default: _cbam_forward,
         ops.channel_pool.default: channel_pool,
         ops.soft_attention.default: soft_attention,
         ops.soft_attention_pool.default: soft_attention_pool,

@@ -1152,7 +1152,10 @@ def op_call(rng: random.Random, target: str, op: str, functional: bool) -> Call:
             problem = layout_problem(fn, args, kwargs, out) or backward_problem(out, tensor_args(args, kwargs))
         return problem
 
-    names = (op,) if functional else tuple({op, kind.base})
+    # Under autograd, an operator whose backward needs saved statistics runs its private
+    # forward (`_cbam_forward`, `_self_attention_forward`): the dispatcher's refusal of a
+    # layout (sparse) names that one.
+    names = (op, f"_{op}_forward") if functional else tuple({op, kind.base})
     return Call(target, names, text, lambda: fn(*args, **kwargs), valid, check)
 
 

@@ -1,5 +1,7 @@
+import hashlib
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +15,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "shared"))
 
 import cnn_attention  # noqa: E402,F401
+
+
+# torch.compile's on-disk caches (inductor's FX graph and AOTAutograd caches) key a compiled
+# graph by the ops it was traced to, not by the code behind them: a cache written with another
+# build of the library would replay its calls of our private operators, whose schemas may
+# differ. The tests keep one cache per build of the library (set before anything compiles).
+def _library_digest() -> str:
+    library = os.path.join(os.path.dirname(cnn_attention.__file__), "libcnn_attention.so.0")
+    with open(library, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"torchinductor_cnn_attention_{_library_digest()}"))
 
 # Hypothesis profiles of test_properties.py. "default" (make test): a bounded number of examples
 # per property, derandomized so that CI runs the same examples every time. "fuzz"

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+import bad_calls
 from helpers import (
     DEVICES,
     assert_close,
@@ -204,6 +205,53 @@ def test_cbam_is_channel_attention_then_soft_attention(device, spatial_dims):
     grad = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
         torch.testing.assert_close(a, b)
+
+
+def _cbam_forward_call(x_dtype=torch.float32):
+    call = bad_calls.cbam_call()
+    call = {k: v.to(x_dtype) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    return list(call.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cbam_saves_the_channel_statistics_of_x(dtype):
+    args = _cbam_forward_call(dtype)
+    x = args[0]
+    x[1, 3, 2, 4] = 50.0  # a channel whose max is at a known position
+    x[0, 5] = 1.0  # a channel of equal values: the first position is the max's
+    y, stats, argmax = torch.ops.cnn_attention._cbam_forward(*args)
+    assert torch.equal(y, torch.ops.cnn_attention.cbam(*args))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.dtype == acc and stats.shape == (2, 2, 8) and argmax.dtype == torch.int64
+    flat = x.to(acc).flatten(2)
+    torch.testing.assert_close(stats[0], flat.mean(2))
+    assert torch.equal(stats[1], flat.amax(2))
+    assert argmax[1, 3] == 2 * 5 + 4 and argmax[0, 5] == 0
+    assert torch.equal(argmax, flat.argmax(2))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_cbam_backward_checks_what_the_forward_saved(device):
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in _cbam_forward_call()]
+    y, stats, argmax = torch.ops.cnn_attention._cbam_forward(*args)
+    tensors, options = args[:-2], args[-2:]
+
+    def backward(stats, argmax):
+        return torch.ops.cnn_attention._cbam_backward(y, *tensors, stats, argmax, *options)
+
+    bad = [
+        ((stats[:, :1], argmax), r"cbam: channel_stats must be \(2, N, C\) = \(2, 2, 8\), got \(2, 1, 8\)"),
+        ((stats.double(), argmax), r"cbam: channel_stats must be Float on .*, got Double on"),
+        ((stats, argmax[..., :7]), r"cbam: channel_argmax must be \(N, C\) = \(2, 8\), got \(2, 7\)"),
+        ((stats, argmax.int()), r"cbam: channel_argmax must be Long on .*, got Int on"),
+    ]
+    if device == "cpu":  # values are read where the kernels index with them
+        bad += [((stats, argmax.clone().fill_(25)), r"cbam: channel_argmax must hold positions in \[0, 25\), got values in \[25, 25\]"),
+                ((stats, argmax - 1), r"cbam: channel_argmax must hold positions in \[0, 25\), got values in \[-1, ")]
+    for (s, a), message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            backward(s, a)
+    backward(stats, argmax)
 
 
 def test_defaults_and_repr():

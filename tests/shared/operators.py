@@ -342,6 +342,14 @@ def _self_attention_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[
             ("_self_attention_backward", (grad, *_plain(sample, *names), attn, lse, *options))]
 
 
+def _cbam_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[str, tuple]]:
+    forward = (*_plain(sample, "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias"),
+               *_options(sample, "gate", "activation"))
+    _, channel_stats, channel_argmax = torch.ops.cnn_attention._cbam_forward(*forward)
+    return [("_cbam_forward", forward),
+            ("_cbam_backward", (grad, *forward[:-2], channel_stats, channel_argmax, *forward[-2:]))]
+
+
 class _StraightThrough(torch.autograd.Function):
     """y = x * mask with hard_attention's straight-through gradients (float64)."""
 
@@ -454,9 +462,7 @@ OPS: Tuple[OpInfo, ...] = (
         differentiable=("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias"),
         poison_targets=("x", "fc1_weight", "conv_weight"),
         resolve=lambda shape, variant: {"gate": variant["gate"], "activation": variant["activation"]},
-        private_calls=lambda sample, grad: [("_cbam_backward", (
-            grad, *_plain(sample, "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias"),
-            *_options(sample, "gate", "activation")))],
+        private_calls=_cbam_private_calls,
         aten_softmax_over_channels=True,
         parameter_scale=lambda name, shape, variant: _fan_in_scale(
             name, shape[1] if name == "fc1_weight" else 2 * variant["kernel_size"] ** (len(shape) - 2)

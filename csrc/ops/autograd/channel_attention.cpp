@@ -198,13 +198,18 @@ class CbamFunction : public torch::autograd::Function<CbamFunction> {
     ctx->saved_data["has_fc1_bias"] = fc1_bias.has_value();
     ctx->saved_data["has_fc2_bias"] = fc2_bias.has_value();
     ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
-    // Only inputs are saved: the backward recomputes the statistics and the scores.
+    at::Tensor y, channel_stats, channel_argmax;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, channel_stats, channel_argmax) = detail::_cbam_forward(
+          x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation);
+    }
+    // The inputs and the (N, C) channel statistics: the backward recomputes the spatial pooling
+    // and the scores, which take a pass over x that it makes anyway.
     ctx->save_for_backward({x, fc1_weight, fc1_bias.value_or(at::Tensor()), fc2_weight,
                             fc2_bias.value_or(at::Tensor()), conv_weight,
-                            conv_bias.value_or(at::Tensor())});
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
-                activation);
+                            conv_bias.value_or(at::Tensor()), channel_stats, channel_argmax});
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
@@ -219,7 +224,8 @@ class CbamFunction : public torch::autograd::Function<CbamFunction> {
     auto [grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias,
           grad_conv_weight, grad_conv_bias] =
         detail::_cbam_backward(grad_outputs[0], saved[0], saved[1], fc1_bias, saved[3], fc2_bias,
-                               saved[5], conv_bias, ctx->saved_data["gate"].toStringRef(),
+                               saved[5], conv_bias, saved[7], saved[8],
+                               ctx->saved_data["gate"].toStringRef(),
                                ctx->saved_data["activation"].toStringRef());
     return {grad_x,
             grad_fc1_weight,
@@ -245,12 +251,14 @@ class CbamBackwardFunction : public torch::autograd::Function<CbamBackwardFuncti
       const std::optional<at::Tensor>& fc2_bias,
       const at::Tensor& conv_weight,
       const std::optional<at::Tensor>& conv_bias,
+      const at::Tensor& channel_stats,
+      const at::Tensor& channel_argmax,
       c10::string_view gate,
       c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [a, b, c, d, e, f, g] = detail::_cbam_backward(
-        grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
-        activation);
+        grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+        channel_stats, channel_argmax, gate, activation);
     return {a, b, c, d, e, f, g};
   }
 
@@ -277,6 +285,23 @@ at::Tensor cbam_autograd(
                              conv_bias, gate, activation);
 }
 
+// _cbam_forward is what the Autograd kernel above calls below autograd; called directly it is
+// not differentiable.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_forward_autograd(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return detail::_cbam_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
+                               conv_bias, gate, activation);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cbam_backward_autograd(
     const at::Tensor& grad_y,
@@ -287,15 +312,20 @@ cbam_backward_autograd(
     const std::optional<at::Tensor>& fc2_bias,
     const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& channel_stats,
+    const at::Tensor& channel_argmax,
     c10::string_view gate,
     c10::string_view activation) {
   check_defined("cbam", {{"grad_y", grad_y},
                          {"x", x},
                          {"fc1_weight", fc1_weight},
                          {"fc2_weight", fc2_weight},
-                         {"conv_weight", conv_weight}});
+                         {"conv_weight", conv_weight},
+                         {"channel_stats", channel_stats},
+                         {"channel_argmax", channel_argmax}});
   auto grads = CbamBackwardFunction::apply(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                           conv_weight, conv_bias, gate, activation);
+                                           conv_weight, conv_bias, channel_stats, channel_argmax,
+                                           gate, activation);
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6]};
 }
 
@@ -307,6 +337,7 @@ TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
   m.impl("channel_gate", TORCH_FN(channel_gate_autograd));
   m.impl("_channel_gate_backward", TORCH_FN(channel_gate_backward_autograd));
   m.impl("cbam", TORCH_FN(cbam_autograd));
+  m.impl("_cbam_forward", TORCH_FN(cbam_forward_autograd));
   m.impl("_cbam_backward", TORCH_FN(cbam_backward_autograd));
 }
 

@@ -1,3 +1,4 @@
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "../channel_attention_impl.h"
@@ -74,6 +75,24 @@ at::Tensor cbam_forward_meta(
   return feature_map_like(x);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_forward_saving_meta(
+    const at::Tensor& x,
+    const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
+    c10::string_view gate,
+    c10::string_view activation) {
+  check_cbam_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+                  activation);
+  return {feature_map_like(x),
+          at::empty_symint({2, x.sym_size(0), x.sym_size(1)},
+                           x.options().dtype(at::toOpMathType(x.scalar_type()))),
+          at::empty_symint({x.sym_size(0), x.sym_size(1)}, x.options().dtype(at::kLong))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cbam_backward_meta(
     const at::Tensor& grad_y,
@@ -84,10 +103,12 @@ cbam_backward_meta(
     const std::optional<at::Tensor>& fc2_bias,
     const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& channel_stats,
+    const at::Tensor& channel_argmax,
     c10::string_view gate,
     c10::string_view activation) {
   check_cbam_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
-                           conv_bias, gate, activation);
+                           conv_bias, channel_stats, channel_argmax, gate, activation);
   return {feature_map_like(x),
           at::empty_symint(fc1_weight.sym_sizes(), fc1_weight.options()),
           at::empty_symint({fc1_weight.sym_size(0)}, fc1_weight.options()),
@@ -105,6 +126,7 @@ TORCH_LIBRARY_IMPL(cnn_attention, Meta, m) {
   m.impl("channel_gate", TORCH_FN(channel_gate_forward_meta));
   m.impl("_channel_gate_backward", TORCH_FN(channel_gate_backward_meta));
   m.impl("cbam", TORCH_FN(cbam_forward_meta));
+  m.impl("_cbam_forward", TORCH_FN(cbam_forward_saving_meta));
   m.impl("_cbam_backward", TORCH_FN(cbam_backward_meta));
 }
 
