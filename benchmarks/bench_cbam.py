@@ -7,10 +7,11 @@ forward+backward, contiguous or channels_last.
 
 Each row also gives the forward+backward time in passes over x: one pass moves |x| bytes at
 the copy bandwidth measured in the same run (a copy moves 2|x|). A CBAM block cannot move
-fewer than about 11: the forward reads x for the channel statistics, again for the spatial
+fewer than 10: the forward reads x for the channel statistics, again for the spatial
 statistics of the channel-scaled map, and reads x and writes y to apply both weights; the
-backward reads grad_y and x for the spatial weights' gradient, again for the channel
-weights' gradient (which needs the spatial one), and a third time to write grad_x.
+backward (given the channel statistics) reads grad_y and x for the spatial weights' gradient,
+again for the channel weights' gradient (which needs the spatial one), and reads grad_y a
+third time to write grad_x.
 
     python benchmarks/bench_cbam.py                        # CPU, float32, four stage shapes
     python benchmarks/bench_cbam.py --shapes 8,2048,4,4 --channels-last
@@ -85,7 +86,7 @@ def main() -> None:
     print()
     print_table(rows, "x")
     print()
-    print("Forward+backward (median) in passes over x (one pass: |x| bytes at the copy bandwidth); floor about 11:")
+    print("Forward+backward (median) in passes over x (one pass: |x| bytes at the copy bandwidth); floor 10:")
     print()
     print("| x | one pass ms | " + " | ".join(passes[0][2]) + " |")
     print("|---|---|" + "---|" * len(passes[0][2]))
