@@ -4,6 +4,7 @@
 #include <string>
 
 #include "build_info.h"
+#include "ops/cpu/vector_isa.h"
 
 #ifndef CNN_ATTENTION_VERSION
 #define CNN_ATTENTION_VERSION "unknown"
@@ -24,6 +25,12 @@ std::string build_info() {
 #else
   info += ";cuda=;cuda_archs=";
 #endif
+#if defined(CNN_ATTENTION_AVX512_KERNELS)
+  info += ";cpu_isas=AVX2,AVX512";
+#else
+  info += ";cpu_isas=DEFAULT";
+#endif
+  info += std::string(";cpu_isa=") + ops::cpu::vector_isa_name();
   return info;
 }
 

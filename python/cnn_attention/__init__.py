@@ -76,7 +76,10 @@ def build_info() -> Dict[str, object]:
 
     Returns a dict with ``version``, ``torch`` (the torch it was compiled against),
     ``cuda`` (the CUDA toolkit version, or ``None`` for a CPU-only build) and
-    ``cuda_archs`` (the list of architectures, empty for a CPU-only build).
+    ``cuda_archs`` (the list of architectures, empty for a CPU-only build), ``cpu_isas``
+    (the x86-64 vector instruction sets the per-element CPU kernels are built for, e.g.
+    ``["AVX2", "AVX512"]``) and ``cpu_isa`` (the one this process runs: the widest the CPU
+    has, lowered with ATen's own kernels by ``ATEN_CPU_CAPABILITY=avx2``).
     """
     fields = dict(item.split("=", 1) for item in torch.ops.cnn_attention._build_info().split(";"))
     return {
@@ -84,6 +87,8 @@ def build_info() -> Dict[str, object]:
         "torch": fields["torch"],
         "cuda": fields["cuda"] or None,
         "cuda_archs": [a for a in fields["cuda_archs"].replace(",", " ").replace(";", " ").split() if a],
+        "cpu_isas": fields["cpu_isas"].split(","),
+        "cpu_isa": fields["cpu_isa"],
     }
 
 

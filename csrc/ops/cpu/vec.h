@@ -6,6 +6,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -17,6 +18,10 @@
 namespace cnn_attention {
 namespace ops {
 namespace cpu {
+// The instruction set's own namespace, as ATen's vector types have (see vector_isa.h): this
+// header is compiled once per instruction set, and its inline functions must not be merged
+// across the builds.
+inline namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
 struct OpmathVec {
@@ -54,6 +59,29 @@ struct OpmathVec {
     }
   }
 };
+
+// The first `count` elements at `data` as a chunk (count <= size(); the rest of the chunk is
+// zero), and their store: the last elements of a row go through the same vector code as the
+// others, so each element gets the same arithmetic wherever a split puts it.
+template <typename scalar_t>
+typename OpmathVec<scalar_t>::Chunk load_partial(const scalar_t* data, int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  if (count == V::size()) return V::load(data);
+  alignas(64) scalar_t buffer[V::size()];
+  std::fill_n(buffer, V::size(), scalar_t(0));
+  std::copy_n(data, count, buffer);
+  return V::load(buffer);
+}
+
+template <typename scalar_t>
+void store_partial(scalar_t* data, const typename OpmathVec<scalar_t>::Chunk& chunk,
+                   int64_t count) {
+  using V = OpmathVec<scalar_t>;
+  if (count == V::size()) return V::store(data, chunk);
+  alignas(64) scalar_t buffer[V::size()];
+  V::store(buffer, chunk);
+  std::copy_n(buffer, count, data);
+}
 
 // max that propagates NaN, as torch.amax does.
 template <typename T>
@@ -135,6 +163,7 @@ inline at::vec::Vectorized<T> exp_u20_nonfinite(const at::vec::Vectorized<T>& v)
   return Vec::blendv(v.exp_u20(), v, passthrough);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace ops
 }  // namespace cnn_attention

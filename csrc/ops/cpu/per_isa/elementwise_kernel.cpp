@@ -1,0 +1,128 @@
+// Weights computed per element of x (score maps with a score channel per channel of x):
+// built once per vector instruction set (see ../vector_isa.h). Compute-bound at the sizes
+// that matter (an exponential and a division per element), so vector width is their speed.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "../vec.h"
+#include "../vector_isa.h"
+
+namespace cnn_attention {
+namespace ops {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+namespace {
+
+// fn(offset, count) over [0, numel) in vectors of OpmathVec<scalar_t>::size() elements
+// (count is smaller only for the last), in parallel. A partial vector goes through the
+// vector code too (load_partial / store_partial), so every element gets the same arithmetic
+// whatever the split: results do not depend on the number of threads.
+template <typename scalar_t, typename Fn>
+void for_each_vector(int64_t numel, const Fn& fn) {
+  constexpr int64_t kSize = OpmathVec<scalar_t>::size();
+  const int64_t vectors = (numel + kSize - 1) / kSize;
+  at::parallel_for(0, vectors, grain_for(kSize), [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) fn(v * kSize, std::min(kSize, numel - v * kSize));
+  });
+}
+
+template <typename T>
+at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
+  const at::vec::Vectorized<T> one(T(1));
+  // exp_u20 (see cpu/vec.h) is faster than exp and accurate enough for a weight in (0, 1);
+  // sigmoid(NaN) = NaN, sigmoid(-inf) = 0 exactly.
+  return one / (one + cpu::exp_u20_nonfinite(z.neg()));
+}
+
+template <typename scalar_t>
+void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, scalar_t* mask,
+                           int64_t numel, const ElementwiseWeights& how) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  const Vec temperature(static_cast<opmath_t>(how.temperature));
+  const Vec threshold(static_cast<opmath_t>(how.threshold)), one(1), zero(0);
+  const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
+  // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
+  const bool divide = how.temperature != 1.0;
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+    const auto xs = load_partial(x + at, count);
+    const auto ss = load_partial(s + at, count);
+    typename V::Chunk ys, weights;
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
+      weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
+      ys[k] = xs[k] * weights[k];
+    }
+    store_partial(y + at, ys, count);
+    if (mask != nullptr) store_partial(mask + at, weights, count);
+  });
+}
+
+template <typename scalar_t>
+void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* s,
+                                    const scalar_t* mask, scalar_t* grad_x, scalar_t* grad_scores,
+                                    int64_t numel, const ElementwiseWeights& how) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1);
+  const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
+  const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
+  const bool divide = how.temperature != 1.0;
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+    const auto gs = load_partial(grad + at, count);
+    const auto xs = load_partial(x + at, count);
+    const auto ss = load_partial(s + at, count);
+    typename V::Chunk masks;
+    if (given_mask) masks = load_partial(mask + at, count);
+    typename V::Chunk gx, gscores;
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
+      gx[k] = gs[k] * (given_mask ? masks[k] : soft);
+      Vec factor = one;
+      if (sigmoid_factor) {
+        factor = soft * (one - soft);
+        if (divide) factor = factor / temperature;
+      }
+      gscores[k] = gs[k] * xs[k] * factor;
+    }
+    store_partial(grad_x + at, gx, count);
+    store_partial(grad_scores + at, gscores, count);
+  });
+}
+
+}  // namespace
+
+void scale_by_scores(const at::Tensor& x, const at::Tensor& scores, const ElementwiseWeights& how,
+                     at::Tensor& y, at::Tensor& mask) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention per-element weights (cpu)", [&] {
+        scale_by_scores_typed(x.const_data_ptr<scalar_t>(), scores.const_data_ptr<scalar_t>(),
+                              y.data_ptr<scalar_t>(),
+                              mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, x.numel(), how);
+      });
+}
+
+void scale_by_scores_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scores,
+                              const at::Tensor& mask, const ElementwiseWeights& how,
+                              at::Tensor& grad_x, at::Tensor& grad_scores) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(),
+      "soft_attention per-element weights backward (cpu)", [&] {
+        scale_by_scores_backward_typed(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            scores.const_data_ptr<scalar_t>(),
+            mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
+            grad_scores.data_ptr<scalar_t>(), x.numel(), how);
+      });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace ops
+}  // namespace cnn_attention

@@ -1,0 +1,160 @@
+"""The CPU kernels built once per vector instruction set (csrc/ops/cpu/vector_isa.h).
+
+On an AVX-512 CPU the per-element kernels run their AVX-512 build; with
+ATEN_CPU_CAPABILITY=avx2 (or on a CPU without AVX-512) their AVX2 build. Both must give the
+same bits, so that results do not depend on the CPU; and no code outside the AVX-512 builds may
+use AVX-512 instructions, or the library would fault on an AVX2-only CPU.
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cnn_attention
+
+ops = torch.ops.cnn_attention
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+# Writes every result of the per-element kernels for fixed inputs to sys.argv[1]; run here and
+# in a process that ATEN_CPU_CAPABILITY=avx2 keeps on the AVX2 build.
+PER_ELEMENT_RESULTS = r"""
+import sys
+import torch
+import cnn_attention
+
+ops = torch.ops.cnn_attention
+
+
+def inputs(dtype, layout):
+    g = torch.Generator().manual_seed(7)
+    # 3 * 5 * 7 * 11 elements per sample: no vector width divides a row, so the last partial
+    # vector of each build is exercised; scores span sigmoid's saturation and its threshold.
+    x = torch.randn(3, 5, 7, 11, generator=g, dtype=torch.float64)
+    s = torch.randn(3, 5, 7, 11, generator=g, dtype=torch.float64) * 12
+    s.view(-1)[::97] = 0.0
+    s.view(-1)[5] = float("nan")
+    s.view(-1)[6] = float("inf")
+    s.view(-1)[7] = -float("inf")
+    s.view(-1)[8] = 90.0
+    s.view(-1)[9] = -90.0
+    x.view(-1)[10] = float("nan")
+    grad = torch.randn(3, 5, 7, 11, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return [t.to(dtype).contiguous(memory_format=fmt) for t in (x, s, grad)]
+
+
+results = {"cpu_isa": cnn_attention.build_info()["cpu_isa"]}
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for layout in ("contiguous", "channels_last"):
+        x, s, grad = inputs(dtype, layout)
+        for temperature in (1.0, 0.7):
+            name = f"{dtype}-{layout}-T{temperature}"
+            xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+            y = ops.soft_attention(xr, sr, "sigmoid", temperature)
+            y.backward(grad)
+            results[f"soft-{name}"] = (y.detach(), xr.grad, sr.grad)
+            for estimator in ("sigmoid", "identity"):
+                xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+                y, mask = ops.hard_attention(xr, sr, "threshold", 0.3, 1, estimator, temperature)
+                y.backward(grad)
+                results[f"hard-{estimator}-{name}"] = (y.detach(), mask, xr.grad, sr.grad)
+torch.save(results, sys.argv[1])
+"""
+
+
+def _per_element_results(tmp_path, name, env):
+    path = tmp_path / f"{name}.pt"
+    out = subprocess.run([sys.executable, "-c", PER_ELEMENT_RESULTS, str(path)], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return torch.load(path)
+
+
+@pytest.mark.skipif(not X86, reason="per-ISA builds exist on x86-64 only")
+def test_build_info_names_the_builds_and_the_one_in_use():
+    info = cnn_attention.build_info()
+    assert info["cpu_isas"] == ["AVX2", "AVX512"]
+    # The library follows ATen's choice for its own kernels.
+    expected = "AVX512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "AVX2"
+    assert info["cpu_isa"] == expected
+
+
+@pytest.mark.skipif(not X86 or torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="needs a CPU where the AVX-512 build runs")
+def test_the_avx512_build_gives_the_bits_of_the_avx2_build(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cnn_attention.__file__)))
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    wide = _per_element_results(tmp_path, "avx512", env)
+    narrow = _per_element_results(tmp_path, "avx2", dict(env, ATEN_CPU_CAPABILITY="avx2"))
+    assert wide.pop("cpu_isa") == "AVX512"
+    assert narrow.pop("cpu_isa") == "AVX2"
+    assert wide.keys() == narrow.keys() and len(wide) == 4 * 2 * 2 * 3
+    for key in wide:
+        for a, b in zip(wide[key], narrow[key]):
+            assert a.dtype == b.dtype and a.stride() == b.stride(), key
+            # Bit for bit, NaN included (a NaN's payload too).
+            bits = _same_width_int(a.dtype)
+            assert torch.equal(a.view(bits), b.view(bits)), key
+
+
+def _same_width_int(dtype):
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+def test_the_results_compared_do_cover_both_builds_paths():
+    # The comparison above is meaningful only if the inputs reach the per-element path (a score
+    # channel per channel of x), NaN and infinities included: check against float64 eager.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    s = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) * 12
+    s.view(-1)[4] = float("nan")
+    s.view(-1)[5] = float("inf")
+    y = ops.soft_attention(x.float(), s.float(), "sigmoid", 0.7)
+    expected = x * torch.sigmoid(s / 0.7)
+    torch.testing.assert_close(y, expected.float(), equal_nan=True)
+    y, mask = ops.hard_attention(x.float(), s.float(), "threshold", 0.3, 1, "sigmoid", 0.7)
+    torch.testing.assert_close(mask, (torch.sigmoid(s / 0.7) > 0.3).float())
+    torch.testing.assert_close(y, (x * (torch.sigmoid(s / 0.7) > 0.3)).float())
+
+
+# Instruction prefixes that may precede an instruction's opcode bytes; EVEX (AVX-512's
+# encoding, of zmm registers, mask registers and xmm/ymm 16-31) begins with 0x62 after them.
+_LEGACY_PREFIXES = {"66", "67", "f2", "f3", "2e", "3e", "26", "64", "65", "36", "f0"}
+
+
+def _functions_with_avx512_instructions(library):
+    listing = subprocess.run(["objdump", "-d", "-w", "-C", "--no-addresses", library],
+                             capture_output=True, text=True, check=True).stdout
+    found, function = {}, None
+    for line in listing.splitlines():
+        if line.startswith("<") and line.endswith(">:"):
+            function = line[1:-2]
+            continue
+        fields = line.split("\t")
+        if len(fields) < 3:
+            continue
+        code = fields[1].split()
+        i = 0
+        while i < len(code) and code[i] in _LEGACY_PREFIXES:
+            i += 1
+        if i < len(code) and code[i] == "62":
+            found[function] = found.get(function, 0) + 1
+    return found
+
+
+@pytest.mark.skipif(not X86, reason="per-ISA builds exist on x86-64 only")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_only_the_avx512_build_uses_avx512_instructions():
+    found = _functions_with_avx512_instructions(cnn_attention.library_path())
+    # The AVX-512 build is in the library (the test would pass vacuously otherwise) ...
+    assert any(name.startswith("cnn_attention::ops::cpu::AVX512::scale_by_scores") for name in found)
+    # ... and every function with an AVX-512 instruction belongs to it or to ATen's AVX-512
+    # vector types: nothing that an AVX2 CPU runs.
+    # (OpenMP's outlined regions keep their mangled names: "6AVX512" is the namespace there.)
+    outside = sorted(name for name in found if "AVX512::" not in name and "6AVX512" not in name)
+    assert not outside, outside[:10]
