@@ -157,7 +157,7 @@ int64_t first_index_of(const scalar_t* row, int64_t size, at::opmath_type<scalar
 // argument, turning NaN and +inf into 3.4e38: those pass through unchanged here (exp(NaN) =
 // NaN, exp(inf) = inf), so non-finite values propagate as in eager PyTorch.
 template <typename T>
-inline at::vec::Vectorized<T> exp_u20_nonfinite(const at::vec::Vectorized<T>& v) {
+C10_ALWAYS_INLINE at::vec::Vectorized<T> exp_u20_nonfinite(const at::vec::Vectorized<T>& v) {
   using Vec = at::vec::Vectorized<T>;
   const Vec passthrough = v.isnan() | (v == Vec(std::numeric_limits<T>::infinity()));
   return Vec::blendv(v.exp_u20(), v, passthrough);

@@ -31,7 +31,7 @@ void for_each_vector(int64_t numel, const Fn& fn) {
 }
 
 template <typename T>
-at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
+C10_ALWAYS_INLINE at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
   const at::vec::Vectorized<T> one(T(1));
   // exp_u20 (see cpu/vec.h) is faster than exp and accurate enough for a weight in (0, 1);
   // sigmoid(NaN) = NaN, sigmoid(-inf) = 0 exactly.
@@ -49,7 +49,7 @@ void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, sc
   const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
   // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
   const bool divide = how.temperature != 1.0;
-  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
     const auto xs = load_partial(x + at, count);
     const auto ss = load_partial(s + at, count);
     typename V::Chunk ys, weights;
@@ -74,7 +74,7 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
   const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
   const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
   const bool divide = how.temperature != 1.0;
-  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) {
+  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
     const auto gs = load_partial(grad + at, count);
     const auto xs = load_partial(x + at, count);
     const auto ss = load_partial(s + at, count);
