@@ -51,11 +51,11 @@ CNN_ATTENTION_PER_ISA_KERNELS
        ? &::cnn_attention::ops::cpu::AVX512::fn                                             \
        : &::cnn_attention::ops::cpu::AVX2::fn)
 #else
-// One build (a CPU other than x86-64): the namespace CPU_CAPABILITY is named after.
-namespace CPU_CAPABILITY {
+// One build (a CPU other than x86-64), compiled with CPU_CAPABILITY=DEFAULT.
+namespace DEFAULT {
 CNN_ATTENTION_PER_ISA_KERNELS
 }
-#define CNN_ATTENTION_PER_ISA(fn) (&::cnn_attention::ops::cpu::CPU_CAPABILITY::fn)
+#define CNN_ATTENTION_PER_ISA(fn) (&::cnn_attention::ops::cpu::DEFAULT::fn)
 #endif
 
 }  // namespace cpu

@@ -101,7 +101,7 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
 void scale_by_scores(const at::Tensor& x, const at::Tensor& scores, const ElementwiseWeights& how,
                      at::Tensor& y, at::Tensor& mask) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention per-element weights (cpu)", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "per-element score weights (cpu)", [&] {
         scale_by_scores_typed(x.const_data_ptr<scalar_t>(), scores.const_data_ptr<scalar_t>(),
                               y.data_ptr<scalar_t>(),
                               mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, x.numel(), how);
@@ -112,8 +112,7 @@ void scale_by_scores_backward(const at::Tensor& grad, const at::Tensor& x, const
                               const at::Tensor& mask, const ElementwiseWeights& how,
                               at::Tensor& grad_x, at::Tensor& grad_scores) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(),
-      "soft_attention per-element weights backward (cpu)", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "per-element score weights backward (cpu)", [&] {
         scale_by_scores_backward_typed(
             grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             scores.const_data_ptr<scalar_t>(),
