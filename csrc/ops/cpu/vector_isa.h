@@ -1,9 +1,10 @@
 #pragma once
 
 // CPU kernels built once per x86-64 vector instruction set. The library is compiled for AVX2;
-// the sources under cpu/per_isa/ are compiled again for AVX-512 (CMake's
-// cnn_attention_avx512 objects), each build in the namespace its CPU_CAPABILITY macro names
-// (cpu::AVX2, cpu::AVX512, as ATen's vector types are), and vector_isa() picks one at run time.
+// the sources under cpu/per_isa/ are compiled twice, for AVX2 and AVX-512 (CMake's
+// cnn_attention_avx2 and cnn_attention_avx512 archives), each build in the namespace its
+// CPU_CAPABILITY macro names (cpu::AVX2, cpu::AVX512, as ATen's vector types are), and
+// vector_isa() picks one at run time.
 //
 // Only kernels that reduce nothing across vector lanes are built per instruction set: every
 // element then gets the same operations in the same order at either width, so the AVX-512
