@@ -60,11 +60,12 @@ std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const std::optional<at::Tensor>& mask, c10::string_view mode, double threshold,
     c10::string_view estimator, double temperature) {
   static auto op =
       find_op<decltype(_hard_attention_backward)>("cnn_attention::_hard_attention_backward");
-  return op.call(grad_y, x, scores, mask, estimator, temperature);
+  return op.call(grad_y, x, scores, mask, mode, threshold, estimator, temperature);
 }
 
 }  // namespace detail
@@ -149,16 +150,30 @@ void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const a
   check_sizes(kSoftPool, "grad_out", grad_out, {x.sym_size(0), x.sym_size(1)}, "(N, C)");
 }
 
-HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
-                                             c10::string_view mode, double threshold, int64_t k,
-                                             c10::string_view estimator, double temperature) {
+namespace {
+
+// What the forward and the backward of hard_attention check alike.
+HardAttentionModes check_hard_attention_modes(const at::Tensor& x, const at::Tensor& scores,
+                                              c10::string_view mode, double threshold,
+                                              c10::string_view estimator, double temperature) {
   check_scores(kHard, x, scores);
   const HardAttentionModes modes{parse_mode(kHard, mode), parse_estimator(kHard, estimator)};
   check_temperature(kHard, temperature);
   if (modes.mode == HardMode::Threshold) {
     TORCH_CHECK(std::isfinite(threshold) && threshold >= 0 && threshold <= 1, kHard,
                 ": threshold must be finite and in [0, 1], got ", threshold);
-  } else {
+  }
+  return modes;
+}
+
+}  // namespace
+
+HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
+                                             c10::string_view mode, double threshold, int64_t k,
+                                             c10::string_view estimator, double temperature) {
+  const HardAttentionModes modes =
+      check_hard_attention_modes(x, scores, mode, threshold, estimator, temperature);
+  if (modes.mode == HardMode::TopK) {
     const c10::SymInt positions = sym_positions(x);
     // With no positions there is nothing to select and the result is empty.
     TORCH_CHECK(k >= 1 && (positions == 0 || positions >= k), kHard,
@@ -167,16 +182,26 @@ HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tens
   return modes;
 }
 
-HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores, const at::Tensor& mask,
-                                                 c10::string_view estimator, double temperature) {
-  check_scores(kHard, x, scores);
-  const HardEstimator mode = parse_estimator(kHard, estimator);
-  check_temperature(kHard, temperature);
+HardAttentionModes check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                      const at::Tensor& scores,
+                                                      const std::optional<at::Tensor>& mask,
+                                                      c10::string_view mode, double threshold,
+                                                      c10::string_view estimator,
+                                                      double temperature) {
+  const HardAttentionModes modes =
+      check_hard_attention_modes(x, scores, mode, threshold, estimator, temperature);
   check_grad_like_x(kHard, "grad_y", grad_y, x);
-  check_like(kHard, "x", x, "mask", mask);
-  check_sizes(kHard, "mask", mask, scores.sym_sizes().vec(), "the size of scores");
-  return mode;
+  const bool given_mask = mask.has_value() && mask->defined();
+  if (modes.mode == HardMode::Threshold) {
+    // A mask given here could disagree with the scores it would be recomputed from.
+    TORCH_CHECK(!given_mask, kHard,
+                ": mask must be None in threshold mode (the backward recomputes it from scores)");
+  } else {
+    TORCH_CHECK(given_mask, kHard, ": mask must be a tensor in top-k mode, got None");
+    check_like(kHard, "x", x, "mask", *mask);
+    check_sizes(kHard, "mask", *mask, scores.sym_sizes().vec(), "the size of scores");
+  }
+  return modes;
 }
 
 at::Tensor spatial_attention_output_like(const at::Tensor& x) {
@@ -211,8 +236,8 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       "int k=1, str estimator=\"sigmoid\", float temperature=1.0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "_hard_attention_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor mask, "
-      "str estimator, float temperature) -> (Tensor, Tensor)",
+      "_hard_attention_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor? mask, "
+      "str mode, float threshold, str estimator, float temperature) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -256,10 +256,10 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const SpatialAttention
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
     const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& scores, const at::Tensor& mask, c10::string_view estimator,
-    double temperature) {
-  const HardEstimator mode =
-      check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
+    const at::Tensor& scores, const std::optional<at::Tensor>& mask, c10::string_view mode,
+    double threshold, c10::string_view estimator, double temperature) {
+  const HardAttentionModes modes = check_hard_attention_backward_args(
+      grad_y, x, scores, mask, mode, threshold, estimator, temperature);
   const c10::DeviceGuard device_guard(x.device());
   const Layout layout = choose_row_layout(x);
   at::Tensor grad_x = spatial_attention_output_like(x);
@@ -267,25 +267,30 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
 
   // Straight through: the forward's 0/1 mask scales grad_x, the surrogate's derivative
-  // scales grad_scores.
+  // scales grad_scores. A threshold mask is recomputed from the scores exactly as the
+  // forward computed it (same code, same scores), so it is the forward's bit for bit.
+  const bool threshold_mode = modes.mode == HardMode::Threshold;
   if (elementwise(x, scores, backend)) {
-    const ElementwiseWeights how{ElementwiseWeights::Weight::Mask,
-                                 mode == HardEstimator::Sigmoid
-                                     ? ElementwiseWeights::ScoreFactor::Sigmoid
-                                     : ElementwiseWeights::ScoreFactor::Identity,
-                                 temperature, 0.0};
+    const ElementwiseWeights how{
+        threshold_mode ? ElementwiseWeights::Weight::Threshold : ElementwiseWeights::Weight::Mask,
+        modes.estimator == HardEstimator::Sigmoid ? ElementwiseWeights::ScoreFactor::Sigmoid
+                                                  : ElementwiseWeights::ScoreFactor::Identity,
+        temperature, threshold};
     backend.scale_by_scores_backward(to_layout(grad_y, layout), to_layout(x, layout),
-                                     to_layout(scores, layout), to_layout(mask, layout), how,
+                                     to_layout(scores, layout),
+                                     threshold_mode ? at::Tensor() : to_layout(*mask, layout), how,
                                      grad_x, grad_scores);
     return {grad_x, grad_scores};
   }
-  const at::Tensor weights = to_layout(mask, layout).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor s = scores_for_weights(scores, x, layout);
+  const at::Tensor weights =
+      threshold_mode ? threshold_mask(backend, s, threshold, temperature)
+                     : to_layout(*mask, layout).to(at::toOpMathType(x.scalar_type()));
   at::Tensor grad_weights = at::empty_like(weights);
   backend.scale_backward(sweep_input(grad_y, layout, backend), sweep_input(x, layout, backend),
                          weights, grad_x, grad_weights, layout);
-  if (mode == HardEstimator::Sigmoid) {
-    const at::Tensor soft =
-        backend.position_sigmoid(scores_for_weights(scores, x, layout), temperature);
+  if (modes.estimator == HardEstimator::Sigmoid) {
+    const at::Tensor soft = backend.position_sigmoid(s, temperature);
     grad_weights.mul_(soft * (1 - soft)).div_(temperature);
   }
   grad_scores.copy_(grad_weights);

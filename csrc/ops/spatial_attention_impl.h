@@ -39,8 +39,11 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_backward(
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _soft_attention_pool_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores, double temperature);
 
+// `mask` is the forward's in top-k mode; in threshold mode it is None and the backward
+// recomputes it from the scores (one read of x-sized data less with a score channel per channel).
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor> _hard_attention_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const std::optional<at::Tensor>& mask, c10::string_view mode, double threshold,
     c10::string_view estimator, double temperature);
 
 }  // namespace detail
@@ -68,9 +71,12 @@ void check_soft_attention_pool_backward_args(const at::Tensor& grad_out, const a
 HardAttentionModes check_hard_attention_args(const at::Tensor& x, const at::Tensor& scores,
                                              c10::string_view mode, double threshold, int64_t k,
                                              c10::string_view estimator, double temperature);
-HardEstimator check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores, const at::Tensor& mask,
-                                                 c10::string_view estimator, double temperature);
+HardAttentionModes check_hard_attention_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                      const at::Tensor& scores,
+                                                      const std::optional<at::Tensor>& mask,
+                                                      c10::string_view mode, double threshold,
+                                                      c10::string_view estimator,
+                                                      double temperature);
 
 // The checks of the options that the modules share with the operators: each names `op` (the
 // operator or the module whose option it is) and, for strings, the accepted values.
@@ -142,7 +148,8 @@ struct SpatialAttentionBackend {
   // and of the dtype of x. Forward: y = x * a(s), and mask = a(s) when mask is defined.
   void (*scale_by_scores)(const at::Tensor& x, const at::Tensor& scores,
                           const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask);
-  // Backward: grad_x = grad * a, grad_scores = grad * x * b(s); `mask` is a for Weight::Mask.
+  // Backward: grad_x = grad * a, grad_scores = grad * x * b(s); `mask` is a for Weight::Mask
+  // (undefined otherwise: a is recomputed from s).
   void (*scale_by_scores_backward)(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& scores, const at::Tensor& mask,
                                    const ElementwiseWeights& how, at::Tensor& grad_x,
@@ -196,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward(const SpatialAttention
                                                           double temperature);
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward(
     const SpatialAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& scores, const at::Tensor& mask, c10::string_view estimator,
-    double temperature);
+    const at::Tensor& scores, const std::optional<at::Tensor>& mask, c10::string_view mode,
+    double threshold, c10::string_view estimator, double temperature);
 
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_spatial_attention_kernels<kCpuBackend>(m).

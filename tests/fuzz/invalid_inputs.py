@@ -420,7 +420,8 @@ def build_hard_attention(rng: random.Random, g: Geometry, backward: bool) -> dic
     }
     if backward:
         v["grad_y"] = spec(rng, g, g.x_shape)
-        v["mask"] = spec(rng, g, s)
+        # A top-k mask is passed to the backward, a threshold mask is recomputed (None).
+        v["mask"] = spec(rng, g, s) if (v["mode"] == "topk") == (rng.random() < 0.9) else None
     return v
 
 
@@ -467,6 +468,10 @@ def ok_scores(x: Any, s: Any) -> bool:
 
 def ok_temperature(t: float) -> bool:
     return math.isfinite(t) and t > 0
+
+
+def ok_threshold(threshold: float) -> bool:
+    return math.isfinite(threshold) and 0 <= threshold <= 1
 
 
 def valid_channel_attention(a: dict[str, Any]) -> bool:
@@ -527,10 +532,14 @@ def valid_hard_attention(a: dict[str, Any]) -> bool:
     x, s = a["x"], a["scores"]
     if not (ok_scores(x, s) and a["estimator"] in ("sigmoid", "identity") and ok_temperature(a["temperature"])):
         return False
-    if "mask" in a:  # the backward: no mode, threshold or k
-        return shaped(a["grad_y"], x, tuple(x.shape)) and shaped(a["mask"], x, tuple(s.shape))
+    if "grad_y" in a:  # the backward: no k; a mask in top-k mode only
+        if not shaped(a["grad_y"], x, tuple(x.shape)):
+            return False
+        if a["mode"] == "topk":
+            return a["mask"] is not None and shaped(a["mask"], x, tuple(s.shape))
+        return a["mode"] == "threshold" and a["mask"] is None and ok_threshold(a["threshold"])
     if a["mode"] == "threshold":
-        return math.isfinite(a["threshold"]) and 0 <= a["threshold"] <= 1
+        return ok_threshold(a["threshold"])
     p = positions(x)
     return a["mode"] == "topk" and a["k"] >= 1 and (p == 0 or a["k"] <= p)
 
@@ -1153,9 +1162,9 @@ def op_call(rng: random.Random, target: str, op: str, functional: bool) -> Call:
         return problem
 
     # Under autograd, an operator whose backward needs saved statistics runs its private
-    # forward (`_cbam_forward`, `_self_attention_forward`): the dispatcher's refusal of a
-    # layout (sparse) names that one.
-    names = (op, f"_{op}_forward") if functional else tuple({op, kind.base})
+    # forward (`_cbam_forward`, `_self_attention_forward`), called as a function or through
+    # torch.ops: the dispatcher's refusal of a layout (sparse) names that one.
+    names = tuple({op, kind.base, f"_{op}_forward"})
     return Call(target, names, text, lambda: fn(*args, **kwargs), valid, check)
 
 

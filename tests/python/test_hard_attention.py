@@ -175,18 +175,56 @@ def test_k_is_ignored_in_threshold_mode(device):
 def test_bad_backward_arguments_are_rejected(device):
     x, s = _good(device)
     mask = torch.ones_like(s)
+
+    def top_k(grad_y, mask, estimator="sigmoid", temperature=1.0):
+        return backward_op(grad_y, x, s, mask, "topk", 0.5, estimator, temperature)
+
     with pytest.raises(RuntimeError, match=r"hard_attention: mask must be the size of scores = \(2, 1, 4, 5\), got \(2, 3, 4, 5\)"):
-        backward_op(x, x, s, torch.ones_like(x), "sigmoid", 1.0)
+        top_k(x, torch.ones_like(x))
     with pytest.raises(RuntimeError, match=r"hard_attention: mask must be the size of scores = \(2, 1, 4, 5\), got \(2, 1, 4\)"):
-        backward_op(x, x, s, mask[..., 0], "sigmoid", 1.0)
+        top_k(x, mask[..., 0])
     with pytest.raises(RuntimeError, match=r"hard_attention: mask must have the dtype of x \(Float\), got Bool"):
-        backward_op(x, x, s, mask > 0, "sigmoid", 1.0)
+        top_k(x, mask > 0)
     with pytest.raises(RuntimeError, match=r"hard_attention: grad_y must be the size of x = \(2, 3, 4, 5\), got \(2, 1, 4, 5\)"):
-        backward_op(s, x, s, mask, "sigmoid", 1.0)
+        top_k(s, mask)
     with pytest.raises(RuntimeError, match=r'hard_attention: estimator must be one of "sigmoid", "identity", got "x"'):
-        backward_op(x, x, s, mask, "x", 1.0)
+        top_k(x, mask, estimator="x")
     with pytest.raises(RuntimeError, match=r"hard_attention: temperature must be finite and positive, got 0"):
-        backward_op(x, x, s, mask, "sigmoid", 0.0)
+        top_k(x, mask, temperature=0.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: mask must be a tensor in top-k mode, got None"):
+        top_k(x, None)
+    with pytest.raises(RuntimeError, match=r"hard_attention: mask must be None in threshold mode"):
+        backward_op(x, x, s, mask, "threshold", 0.5, "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r"hard_attention: threshold must be finite and in \[0, 1\], got nan"):
+        backward_op(x, x, s, None, "threshold", float("nan"), "sigmoid", 1.0)
+    with pytest.raises(RuntimeError, match=r'hard_attention: mode must be one of "threshold", "topk", got "top"'):
+        backward_op(x, x, s, mask, "top", 0.5, "sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("score_channels", [1, 24])
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_threshold_backward_recomputes_the_forward_mask(dtype, layout, score_channels, temperature):
+    """In threshold mode the backward finds the mask again from the scores instead of keeping
+    the forward's: the gradient of x is grad_y times exactly the forward's mask, scores on the
+    threshold included, and the mask returned stays the caller's to change."""
+    x, scores = feature_map_and_scores((2, 24, 7, 9), "one" if score_channels == 1 else "all", dtype, "cpu", layout)
+    threshold = 0.6
+    # A third of the scores put their sigmoid on or next to the threshold, where a
+    # recomputation that differed from the forward's in the last bit would flip the mask.
+    on_threshold = temperature * torch.logit(torch.tensor(threshold, dtype=torch.float64))
+    near = (on_threshold + 1e-7 * torch.randn(scores.shape, dtype=torch.float64)).to(dtype)
+    scores = in_layout(torch.where(torch.rand(scores.shape) < 1 / 3, near, scores), layout)
+    x.requires_grad_(True)
+    scores.requires_grad_(True)
+    y, mask = op(x, scores, "threshold", threshold, 1, "sigmoid", temperature)
+    expected_mask = mask.clone()
+    assert 0 < expected_mask.sum() < expected_mask.numel()
+    mask.zero_()  # not saved for the backward: no version-counter error, no effect
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert torch.equal(x.grad, grad_y * expected_mask)
 
 
 def test_double_backward_is_refused():

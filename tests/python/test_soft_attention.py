@@ -276,7 +276,7 @@ def test_strided_inputs_are_read_in_place(score_channels):
             "_soft_attention_pool_backward": lambda: torch.ops.cnn_attention._soft_attention_pool_backward(
                 grad_out, x, scores, 1.0),
             "_hard_attention_backward": lambda: torch.ops.cnn_attention._hard_attention_backward(
-                grad_y, x, scores, (scores > 0).float(), "sigmoid", 1.0),
+                grad_y, x, scores, None, "threshold", 0.5, "sigmoid", 1.0),
         }
         # With one score channel no other operand is shaped like x, so any copy of that shape
         # would be a copy of x or grad_y.

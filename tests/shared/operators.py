@@ -559,8 +559,10 @@ OPS: Tuple[OpInfo, ...] = (
         poison_count=6,
         resolve=_hard_attention_options,
         gradcheck=False,
+        # A threshold mask is recomputed in the backward (None); a top-k mask is passed on.
         private_calls=lambda sample, grad: [("_hard_attention_backward", (
-            grad, *_plain(sample, "x", "scores"), sample.call()[1], *_options(sample, "estimator", "temperature")))],
+            grad, *_plain(sample, "x", "scores"), sample.call()[1] if sample.options["mode"] == "topk" else None,
+            *_options(sample, "mode", "threshold", "estimator", "temperature")))],
         applies=lambda shape, variant: variant["mode"] != "topk" or _positions(shape) > 0,
         reference_options=lambda sample: {"dtype": sample.dtype},
         # y is x times 0 or 1, and so is the gradient of x; the score gradient sums over channels.

@@ -12,7 +12,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Only inputs (and hard_attention's mask) are saved: the backward recomputes the weights
+// Only inputs (and hard_attention's top-k mask) are saved: the backward recomputes the weights
 // from the score map, which is small next to x.
 class SoftAttentionFunction : public torch::autograd::Function<SoftAttentionFunction> {
  public:
@@ -62,17 +62,25 @@ class HardAttentionFunction : public torch::autograd::Function<HardAttentionFunc
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(y, mask) = hard_attention(x, scores, mode, threshold, k, estimator, temperature);
     }
+    const bool top_k = parse_mode("hard_attention", mode) == HardMode::TopK;
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["estimator"] = std::string(estimator);
     ctx->saved_data["temperature"] = temperature;
-    ctx->save_for_backward({x, scores, mask});
+    // A threshold mask is recomputed from the scores in the backward; a top-k mask is not
+    // (finding it again would be a selection per row).
+    ctx->save_for_backward({x, scores, top_k ? mask : at::Tensor()});
     ctx->mark_non_differentiable({mask});
     return {y, mask};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
     const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> mask =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     auto [grad_x, grad_scores] = detail::_hard_attention_backward(
-        grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["estimator"].toStringRef(),
+        grad_outputs[0], saved[0], saved[1], mask, ctx->saved_data["mode"].toStringRef(),
+        ctx->saved_data["threshold"].toDouble(), ctx->saved_data["estimator"].toStringRef(),
         ctx->saved_data["temperature"].toDouble());
     return {grad_x,       grad_scores,  at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
@@ -117,9 +125,12 @@ struct SoftAttentionPoolBackward {
 struct HardAttentionBackward {
   static constexpr const char* kOp = "hard_attention";
   static std::tuple<at::Tensor, at::Tensor> call(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores, const at::Tensor& mask,
+                                                 const at::Tensor& scores,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 c10::string_view mode, double threshold,
                                                  c10::string_view estimator, double temperature) {
-    return detail::_hard_attention_backward(grad_y, x, scores, mask, estimator, temperature);
+    return detail::_hard_attention_backward(grad_y, x, scores, mask, mode, threshold, estimator,
+                                            temperature);
   }
 };
 
@@ -169,12 +180,12 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_autograd(const at::Tensor& x,
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_autograd(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const std::optional<at::Tensor>& mask, c10::string_view mode, double threshold,
     c10::string_view estimator, double temperature) {
-  check_defined("hard_attention",
-                {{"grad_y", grad_y}, {"x", x}, {"scores", scores}, {"mask", mask}});
-  return pair_of(NotTwiceDifferentiable<HardAttentionBackward>::apply(grad_y, x, scores, mask,
-                                                                      estimator, temperature));
+  check_defined("hard_attention", {{"grad_y", grad_y}, {"x", x}, {"scores", scores}});
+  return pair_of(NotTwiceDifferentiable<HardAttentionBackward>::apply(
+      grad_y, x, scores, mask, mode, threshold, estimator, temperature));
 }
 
 }  // namespace

@@ -45,9 +45,11 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_forward_meta(
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_attention_backward_meta(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores, const at::Tensor& mask,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+    const std::optional<at::Tensor>& mask, c10::string_view mode, double threshold,
     c10::string_view estimator, double temperature) {
-  check_hard_attention_backward_args(grad_y, x, scores, mask, estimator, temperature);
+  check_hard_attention_backward_args(grad_y, x, scores, mask, mode, threshold, estimator,
+                                     temperature);
   return {spatial_attention_output_like(x), spatial_attention_scores_like(scores, x)};
 }
 

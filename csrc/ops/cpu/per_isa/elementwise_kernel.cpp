@@ -70,8 +70,10 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   using opmath_t = typename V::opmath_t;
-  const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1);
+  const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1), zero(0);
+  const Vec threshold(static_cast<opmath_t>(how.threshold));
   const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
+  const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
   const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
   const bool divide = how.temperature != 1.0;
   for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
@@ -83,7 +85,10 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
     typename V::Chunk gx, gscores;
     for (int k = 0; k < V::kVecs; ++k) {
       const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
-      gx[k] = gs[k] * (given_mask ? masks[k] : soft);
+      // The forward's weight from the same instructions on the same score, so the same bits.
+      const Vec weight =
+          given_mask ? masks[k] : (hard ? Vec::blendv(zero, one, soft > threshold) : soft);
+      gx[k] = gs[k] * weight;
       Vec factor = one;
       if (sigmoid_factor) {
         factor = soft * (one - soft);
