@@ -737,16 +737,23 @@ class Style:
 
 def bind(params: tuple[Param, ...], values: dict[str, Any], style: Style) -> Optional[dict[str, Any]]:
     """The arguments the callee sees, or None when the call cannot bind (arity, names)."""
-    if style.extra_positional or style.extra_keywords:
+    args, kwargs = call_arguments(params, values, style)
+    if len(args) > len(params):
         return None
+    # An extra positional argument binds to the next parameter when that one was omitted.
+    passed = dict(zip([p.name for p in params], args))
+    for name, value in kwargs.items():
+        if name in passed or name not in {p.name for p in params}:
+            return None
+        passed[name] = value
     bound = {}
     for p in params:
-        if p.name in style.omit:
+        if p.name not in passed:
             if p.default is REQUIRED:
                 return None
             bound[p.name] = p.default
         else:
-            bound[p.name] = values[p.name]
+            bound[p.name] = passed[p.name]
         if p.kind == "str" and isinstance(bound[p.name], bytes):
             # torch's argument parser takes bytes for a str.
             try:
