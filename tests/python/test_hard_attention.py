@@ -227,6 +227,24 @@ def test_threshold_backward_recomputes_the_forward_mask(dtype, layout, score_cha
     assert torch.equal(x.grad, grad_y * expected_mask)
 
 
+def test_backward_makes_no_gradient_for_the_mask():
+    """The mask is not differentiable: the backward must not build a zero-filled gradient for
+    it (as large as x with a score channel per channel, a pass over memory per backward)."""
+    x, scores = feature_map_and_scores((2, 6, 5, 7), "all", torch.float32, "cpu", "contiguous")
+    x.requires_grad_(True)
+    for mode in ("threshold", "topk"):
+        y, mask = op(x, scores, mode, 0.5, 3, "sigmoid", 1.0)
+        grad_y = torch.ones_like(y)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            y.backward(grad_y)
+        fills = [e.name for e in prof.events()
+                 if e.name in ("aten::zeros", "aten::zero_", "aten::fill_", "aten::zeros_like")
+                 and list(mask.shape) in [list(s) for s in e.input_shapes]]
+        assert fills == [], f"{mode}: {fills}"
+        assert torch.equal(x.grad, mask)
+        x.grad = None
+
+
 def test_double_backward_is_refused():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     s = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)

@@ -71,10 +71,14 @@ class HardAttentionFunction : public torch::autograd::Function<HardAttentionFunc
     // (finding it again would be a selection per row).
     ctx->save_for_backward({x, scores, top_k ? mask : at::Tensor()});
     ctx->mark_non_differentiable({mask});
+    // The mask has no gradient; materialized, it would be a zero-filled tensor of its size
+    // (as large as x with a score channel per channel) made for every backward.
+    ctx->set_materialize_grads(false);
     return {y, mask};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    if (!grad_outputs[0].defined()) return variable_list(7);
     const auto saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> mask =
         saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
