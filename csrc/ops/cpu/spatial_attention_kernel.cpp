@@ -658,10 +658,19 @@ struct SoftmaxTerms {
   }
 };
 
-// Maximum and sum of exp(z - maximum) of one contiguous row.
+// Rows of at most this many positions keep the exponentials exp(z - maximum) of their whole
+// vector chunks, computed for the sum, in a buffer of the task (128 KB of float, in cache) for
+// the sweeps that use the weights: one exponential per element instead of two or three. The
+// sweeps compute the same values either way, so the results do not change with it.
+constexpr int64_t kStoredExpPositions = 32768;
+static_assert(kStoredExpPositions <= kSumBlock, "a stored row is one block of the sum");
+
+// Maximum and sum of exp(z - maximum) of one contiguous row; `exps` (positions long, or null)
+// receives the exponentials of the whole vector chunks.
 template <typename scalar_t>
 std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(const scalar_t* s, int64_t positions,
-                                                               const SoftmaxTerms<scalar_t>& t) {
+                                                               const SoftmaxTerms<scalar_t>& t,
+                                                               at::opmath_type<scalar_t>* exps) {
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   using opmath_t = typename V::opmath_t;
@@ -682,7 +691,11 @@ std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(const scalar_t* s
     opmath_t tail = 0;
     for (p = block; p + V::size() <= block_end; p += V::size()) {
       const auto chunk = V::load(s + p);
-      for (int k = 0; k < V::kVecs; ++k) sum = sum + t.shifted_exp(chunk[k], best_broadcast);
+      for (int k = 0; k < V::kVecs; ++k) {
+        const Vec e = t.shifted_exp(chunk[k], best_broadcast);
+        if (exps != nullptr) e.store(exps + p + k * Vec::size());
+        sum = sum + e;
+      }
     }
     for (; p < block_end; ++p) tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
     total += static_cast<double>(lane_sum(sum)) + static_cast<double>(tail);
@@ -717,17 +730,25 @@ void store_opmath_partial(at::opmath_type<scalar_t>* data,
 
 // fn(p, count, w) over a contiguous row: the weights w of positions p .. p + count - 1, V::size()
 // at a time, the last ones in a partial chunk (load_partial), so that every position's weight is
-// the same arithmetic.
+// the same arithmetic. `exps` (or null) holds row_softmax_stats' exponentials of the whole chunks.
 template <typename scalar_t, typename Fn>
 void for_row_weights(const scalar_t* s, int64_t positions, const SoftmaxTerms<scalar_t>& t,
                      at::opmath_type<scalar_t> best, at::opmath_type<scalar_t> scale,
-                     const Fn& fn) {
+                     const at::opmath_type<scalar_t>* exps, const Fn& fn) {
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   const Vec best_broadcast(best), scale_broadcast(scale);
   for (int64_t p = 0; p < positions; p += V::size()) {
     const int64_t count = std::min(V::size(), positions - p);
-    auto w = load_partial(s + p, count);
+    typename V::Chunk w;
+    if (exps != nullptr && count == V::size()) {
+      for (int k = 0; k < V::kVecs; ++k) {
+        w[k] = Vec::loadu(exps + p + k * Vec::size()) * scale_broadcast;
+      }
+      fn(p, count, w);
+      continue;
+    }
+    w = load_partial(s + p, count);
     for (int k = 0; k < V::kVecs; ++k) {
       w[k] = t.shifted_exp(w[k], best_broadcast) * scale_broadcast;
     }
@@ -840,17 +861,21 @@ void channels_last_softmax(const scalar_t* s, int64_t batch, int64_t positions, 
   });
 }
 
-// Channels first: fn(offset of the row, best, scale) for every row of s, in parallel, with the
-// row's statistics, so that its weights are w = exp(z - best) * scale.
+// Channels first: fn(offset of the row, best, scale, exps) for every row of s, in parallel, with
+// the row's statistics, so that its weights are w = exp(z - best) * scale, and its stored
+// exponentials (for for_row_weights; null for rows too long to keep them).
 template <typename scalar_t, typename Fn>
 void for_softmax_rows(const scalar_t* s, int64_t rows, int64_t positions,
                       const SoftmaxTerms<scalar_t>& t, const Fn& fn) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, grain_for(positions), [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> stored(positions <= kStoredExpPositions ? positions : 0);
+    opmath_t* exps = stored.empty() ? nullptr : stored.data();
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * positions;
-      const auto [best, total] = row_softmax_stats(s + offset, positions, t);
-      fn(offset, best, static_cast<opmath_t>(static_cast<double>(positions) / total));
+      const auto [best, total] = row_softmax_stats(s + offset, positions, t, exps);
+      fn(offset, best, static_cast<opmath_t>(static_cast<double>(positions) / total),
+         static_cast<const opmath_t*>(exps));
     }
   });
 }
@@ -879,14 +904,15 @@ void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_
   const SoftmaxTerms<scalar_t> t(temperature);
   const int64_t P = e.positions, C = e.channels;
   if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t, [&](int64_t offset, opmath_t best, opmath_t scale) {
-      auto scale_row = [&](int64_t p, int64_t count, const auto& w) {
-        auto values = load_partial(x + offset + p, count);
-        for (int k = 0; k < V::kVecs; ++k) values[k] = values[k] * w[k];
-        store_partial(y + offset + p, values, count);
-      };
-      for_row_weights(s + offset, P, t, best, scale, scale_row);
-    });
+    for_softmax_rows(s, e.batch * C, P, t,
+                     [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
+                       auto scale_row = [&](int64_t p, int64_t count, const auto& w) {
+                         auto values = load_partial(x + offset + p, count);
+                         for (int k = 0; k < V::kVecs; ++k) values[k] = values[k] * w[k];
+                         store_partial(y + offset + p, values, count);
+                       };
+                       for_row_weights(s + offset, P, t, best, scale, exps, scale_row);
+                     });
     return;
   }
   std::vector<opmath_t> best, scale;
@@ -929,7 +955,8 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
     store_partial(grad_s + offset, gs, count);
   };
   if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t, [&](int64_t offset, opmath_t best, opmath_t scale) {
+    for_softmax_rows(s, e.batch * C, P, t, [&](int64_t offset, opmath_t best, opmath_t scale,
+                                               const opmath_t* exps) {
       double dot = 0;
       Vec sum(opmath_t(0));
       auto add_products = [&](int64_t p, int64_t count, const auto& w) {
@@ -941,14 +968,14 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
           sum = Vec(opmath_t(0));
         }
       };
-      for_row_weights(s + offset, P, t, best, scale, add_products);
+      for_row_weights(s + offset, P, t, best, scale, exps, add_products);
       dot += static_cast<double>(lane_sum(sum));
       typename V::Chunk d;
       d.fill(Vec(static_cast<opmath_t>(dot / static_cast<double>(P))));
       auto write_row = [&](int64_t p, int64_t count, const auto& w) {
         write(offset + p, count, w, d);
       };
-      for_row_weights(s + offset, P, t, best, scale, write_row);
+      for_row_weights(s + offset, P, t, best, scale, exps, write_row);
     });
     return;
   }
