@@ -634,7 +634,8 @@ at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Ten
 //
 // The weights w = P * exp(z - max) / sum, z = s / T, of each (sample, channel) row are never
 // stored: sweeps find the rows' maxima and their sums of exponentials, and the last sweeps
-// compute w where they use it (so each exponential is computed twice). Channels first a task
+// compute w where they use it (each exponential computed again, except in rows short enough to
+// keep them in a buffer, kStoredExpPositions). Channels first a task
 // is a row, vectorized along its positions, whose sweeps reread it from cache; its sums are
 // vector sums within blocks of kSumBlock positions added up in double, as the stored softmax
 // sums. Channels last a task is a run of positions of one sample, vectorized along the
