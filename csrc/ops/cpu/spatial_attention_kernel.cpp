@@ -666,12 +666,19 @@ struct SoftmaxTerms {
 constexpr int64_t kStoredExpPositions = 32768;
 static_assert(kStoredExpPositions <= kSumBlock, "a stored row is one block of the sum");
 
-// Maximum and sum of exp(z - maximum) of one contiguous row; `exps` (positions long, or null)
-// receives the exponentials of the whole vector chunks.
+// Rows (positions long) that a task reads next, prefetched while the sum of a row computes its
+// exponentials: that sweep is bound by arithmetic, the sweeps that read these rows first would
+// otherwise wait on memory.
 template <typename scalar_t>
-std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(const scalar_t* s, int64_t positions,
-                                                               const SoftmaxTerms<scalar_t>& t,
-                                                               at::opmath_type<scalar_t>* exps) {
+using PrefetchRows = std::array<const scalar_t*, 3>;
+
+// Maximum and sum of exp(z - maximum) of one contiguous row; `exps` (positions long, or null)
+// receives the exponentials of the whole vector chunks; the non-null rows of `prefetch` are
+// prefetched.
+template <typename scalar_t>
+std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(
+    const scalar_t* s, int64_t positions, const SoftmaxTerms<scalar_t>& t,
+    at::opmath_type<scalar_t>* exps, const PrefetchRows<scalar_t>& prefetch) {
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   using opmath_t = typename V::opmath_t;
@@ -692,6 +699,9 @@ std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(const scalar_t* s
     opmath_t tail = 0;
     for (p = block; p + V::size() <= block_end; p += V::size()) {
       const auto chunk = V::load(s + p);
+      for (const scalar_t* row : prefetch) {
+        if (row != nullptr) __builtin_prefetch(row + p, 0, 2);
+      }
       for (int k = 0; k < V::kVecs; ++k) {
         const Vec e = t.shifted_exp(chunk[k], best_broadcast);
         if (exps != nullptr) e.store(exps + p + k * Vec::size());
@@ -864,17 +874,29 @@ void channels_last_softmax(const scalar_t* s, int64_t batch, int64_t positions, 
 
 // Channels first: fn(offset of the row, best, scale, exps) for every row of s, in parallel, with
 // the row's statistics, so that its weights are w = exp(z - best) * scale, and its stored
-// exponentials (for for_row_weights; null for rows too long to keep them).
+// exponentials (for for_row_weights; null for rows too long to keep them). `inputs` (null or
+// laid out like s) are the other maps fn reads.
 template <typename scalar_t, typename Fn>
 void for_softmax_rows(const scalar_t* s, int64_t rows, int64_t positions,
-                      const SoftmaxTerms<scalar_t>& t, const Fn& fn) {
+                      const SoftmaxTerms<scalar_t>& t,
+                      const std::array<const scalar_t*, 2>& inputs, const Fn& fn) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, grain_for(positions), [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> stored(positions <= kStoredExpPositions ? positions : 0);
-    opmath_t* exps = stored.empty() ? nullptr : stored.data();
+    // A row that stays in cache: its exponentials stored, and while they are computed, fn's
+    // rows of this row and the next row's scores prefetched.
+    const bool short_rows = positions <= kStoredExpPositions;
+    std::vector<opmath_t> stored(short_rows ? positions : 0);
+    opmath_t* exps = short_rows ? stored.data() : nullptr;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * positions;
-      const auto [best, total] = row_softmax_stats(s + offset, positions, t, exps);
+      PrefetchRows<scalar_t> prefetch{};
+      if (short_rows) {
+        if (row + 1 < end) prefetch[0] = s + offset + positions;
+        for (size_t i = 0; i < inputs.size(); ++i) {
+          if (inputs[i] != nullptr) prefetch[i + 1] = inputs[i] + offset;
+        }
+      }
+      const auto [best, total] = row_softmax_stats(s + offset, positions, t, exps, prefetch);
       fn(offset, best, static_cast<opmath_t>(static_cast<double>(positions) / total),
          static_cast<const opmath_t*>(exps));
     }
@@ -905,7 +927,7 @@ void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_
   const SoftmaxTerms<scalar_t> t(temperature);
   const int64_t P = e.positions, C = e.channels;
   if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t,
+    for_softmax_rows(s, e.batch * C, P, t, {x, nullptr},
                      [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
                        auto scale_row = [&](int64_t p, int64_t count, const auto& w) {
                          auto values = load_partial(x + offset + p, count);
@@ -956,8 +978,8 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
     store_partial(grad_s + offset, gs, count);
   };
   if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t, [&](int64_t offset, opmath_t best, opmath_t scale,
-                                               const opmath_t* exps) {
+    for_softmax_rows(s, e.batch * C, P, t, {grad, x}, [&](int64_t offset, opmath_t best,
+                                                          opmath_t scale, const opmath_t* exps) {
       double dot = 0;
       Vec sum(opmath_t(0));
       auto add_products = [&](int64_t p, int64_t count, const auto& w) {
