@@ -17,16 +17,22 @@ namespace CPU_CAPABILITY {
 
 namespace {
 
-// fn(offset, count) over [0, numel) in vectors of OpmathVec<scalar_t>::size() elements
+// body(offset, count) over [0, numel) in vectors of OpmathVec<scalar_t>::size() elements
 // (count is smaller only for the last), in parallel. A partial vector goes through the
 // vector code too (load_partial / store_partial), so every element gets the same arithmetic
 // whatever the split: results do not depend on the number of threads.
-template <typename scalar_t, typename Fn>
-void for_each_vector(int64_t numel, const Fn& fn) {
+//
+// Each task makes its own body (make_body() returns it, capturing by value): the body's
+// pointers and constants are then locals of the task that nothing else can reach. Captured by
+// reference they would be loaded again after every vector store, which the compiler must assume
+// may write anywhere (the intrinsics' vector types may alias any object).
+template <typename scalar_t, typename MakeBody>
+void for_each_vector(int64_t numel, const MakeBody& make_body) {
   constexpr int64_t kSize = OpmathVec<scalar_t>::size();
   const int64_t vectors = (numel + kSize - 1) / kSize;
   at::parallel_for(0, vectors, grain_for(kSize), [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) fn(v * kSize, std::min(kSize, numel - v * kSize));
+    const auto body = make_body();
+    for (int64_t v = begin; v < end; ++v) body(v * kSize, std::min(kSize, numel - v * kSize));
   });
 }
 
@@ -49,17 +55,19 @@ void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, sc
   const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
   // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
   const bool divide = how.temperature != 1.0;
-  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const auto xs = load_partial(x + at, count);
-    const auto ss = load_partial(s + at, count);
-    typename V::Chunk ys, weights;
-    for (int k = 0; k < V::kVecs; ++k) {
-      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
-      weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
-      ys[k] = xs[k] * weights[k];
-    }
-    store_partial(y + at, ys, count);
-    if (mask != nullptr) store_partial(mask + at, weights, count);
+  for_each_vector<scalar_t>(numel, [&] {
+    return [=](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto xs = load_partial(x + at, count);
+      const auto ss = load_partial(s + at, count);
+      typename V::Chunk ys, weights;
+      for (int k = 0; k < V::kVecs; ++k) {
+        const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
+        weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
+        ys[k] = xs[k] * weights[k];
+      }
+      store_partial(y + at, ys, count);
+      if (mask != nullptr) store_partial(mask + at, weights, count);
+    };
   });
 }
 
@@ -76,28 +84,30 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
   const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
   const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
   const bool divide = how.temperature != 1.0;
-  for_each_vector<scalar_t>(numel, [&](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const auto gs = load_partial(grad + at, count);
-    const auto xs = load_partial(x + at, count);
-    const auto ss = load_partial(s + at, count);
-    typename V::Chunk masks;
-    if (given_mask) masks = load_partial(mask + at, count);
-    typename V::Chunk gx, gscores;
-    for (int k = 0; k < V::kVecs; ++k) {
-      const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
-      // The forward's weight from the same instructions on the same score, so the same bits.
-      const Vec weight =
-          given_mask ? masks[k] : (hard ? Vec::blendv(zero, one, soft > threshold) : soft);
-      gx[k] = gs[k] * weight;
-      Vec factor = one;
-      if (sigmoid_factor) {
-        factor = soft * (one - soft);
-        if (divide) factor = factor / temperature;
+  for_each_vector<scalar_t>(numel, [&] {
+    return [=](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto gs = load_partial(grad + at, count);
+      const auto xs = load_partial(x + at, count);
+      const auto ss = load_partial(s + at, count);
+      typename V::Chunk masks;
+      if (given_mask) masks = load_partial(mask + at, count);
+      typename V::Chunk gx, gscores;
+      for (int k = 0; k < V::kVecs; ++k) {
+        const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
+        // The forward's weight from the same instructions on the same score, so the same bits.
+        const Vec weight =
+            given_mask ? masks[k] : (hard ? Vec::blendv(zero, one, soft > threshold) : soft);
+        gx[k] = gs[k] * weight;
+        Vec factor = one;
+        if (sigmoid_factor) {
+          factor = soft * (one - soft);
+          if (divide) factor = factor / temperature;
+        }
+        gscores[k] = gs[k] * xs[k] * factor;
       }
-      gscores[k] = gs[k] * xs[k] * factor;
-    }
-    store_partial(grad_x + at, gx, count);
-    store_partial(grad_scores + at, gscores, count);
+      store_partial(grad_x + at, gx, count);
+      store_partial(grad_scores + at, gscores, count);
+    };
   });
 }
 
