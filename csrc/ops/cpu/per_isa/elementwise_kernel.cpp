@@ -44,25 +44,43 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T
   return one / (one + cpu::exp_u20_nonfinite(z.neg()));
 }
 
+// The per-element weight a(s) of ElementwiseWeights, one definition for the forward and the
+// backward, so that the backward's recomputed threshold mask is the forward's bit for bit.
+template <typename T>
+struct ScoreWeight {
+  using Vec = at::vec::Vectorized<T>;
+  Vec temperature, threshold;
+  bool divide, hard;
+
+  explicit ScoreWeight(const ElementwiseWeights& how)
+      : temperature(static_cast<T>(how.temperature)),
+        threshold(static_cast<T>(how.threshold)),
+        // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
+        divide(how.temperature != 1.0),
+        hard(how.weight == ElementwiseWeights::Weight::Threshold) {}
+
+  // sigmoid(s / T).
+  C10_ALWAYS_INLINE Vec soft(const Vec& s) const {
+    return vec_sigmoid(divide ? s / temperature : s);
+  }
+  // From soft = sigmoid(s / T): the 0/1 step soft > t for Weight::Threshold, else soft.
+  C10_ALWAYS_INLINE Vec weight(const Vec& soft) const {
+    return hard ? Vec::blendv(Vec(T(0)), Vec(T(1)), soft > threshold) : soft;
+  }
+};
+
 template <typename scalar_t>
 void scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y, scalar_t* mask,
                            int64_t numel, const ElementwiseWeights& how) {
   using V = OpmathVec<scalar_t>;
-  using Vec = typename V::Vec;
-  using opmath_t = typename V::opmath_t;
-  const Vec temperature(static_cast<opmath_t>(how.temperature));
-  const Vec threshold(static_cast<opmath_t>(how.threshold)), one(1), zero(0);
-  const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
-  // s / 1 is s: the division, the costliest instruction here, only where it changes a value.
-  const bool divide = how.temperature != 1.0;
+  const ScoreWeight<typename V::opmath_t> a(how);
   for_each_vector<scalar_t>(numel, [&] {
     return [=](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
       const auto xs = load_partial(x + at, count);
       const auto ss = load_partial(s + at, count);
       typename V::Chunk ys, weights;
       for (int k = 0; k < V::kVecs; ++k) {
-        const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
-        weights[k] = hard ? Vec::blendv(zero, one, soft > threshold) : soft;
+        weights[k] = a.weight(a.soft(ss[k]));
         ys[k] = xs[k] * weights[k];
       }
       store_partial(y + at, ys, count);
@@ -77,13 +95,10 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
                                     int64_t numel, const ElementwiseWeights& how) {
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
-  using opmath_t = typename V::opmath_t;
-  const Vec temperature(static_cast<opmath_t>(how.temperature)), one(1), zero(0);
-  const Vec threshold(static_cast<opmath_t>(how.threshold));
+  const ScoreWeight<typename V::opmath_t> a(how);
+  const Vec one(1);
   const bool given_mask = how.weight == ElementwiseWeights::Weight::Mask;
-  const bool hard = how.weight == ElementwiseWeights::Weight::Threshold;
   const bool sigmoid_factor = how.score_factor == ElementwiseWeights::ScoreFactor::Sigmoid;
-  const bool divide = how.temperature != 1.0;
   for_each_vector<scalar_t>(numel, [&] {
     return [=](int64_t at, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
       const auto gs = load_partial(grad + at, count);
@@ -93,15 +108,12 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
       if (given_mask) masks = load_partial(mask + at, count);
       typename V::Chunk gx, gscores;
       for (int k = 0; k < V::kVecs; ++k) {
-        const Vec soft = vec_sigmoid(divide ? ss[k] / temperature : ss[k]);
-        // The forward's weight from the same instructions on the same score, so the same bits.
-        const Vec weight =
-            given_mask ? masks[k] : (hard ? Vec::blendv(zero, one, soft > threshold) : soft);
-        gx[k] = gs[k] * weight;
+        const Vec soft = a.soft(ss[k]);
+        gx[k] = gs[k] * (given_mask ? masks[k] : a.weight(soft));
         Vec factor = one;
         if (sigmoid_factor) {
           factor = soft * (one - soft);
-          if (divide) factor = factor / temperature;
+          if (a.divide) factor = factor / a.temperature;
         }
         gscores[k] = gs[k] * xs[k] * factor;
       }
