@@ -118,10 +118,11 @@ MlpResult mlp_forward(const Mlp& mlp, const at::Tensor& branches) {
   return {count == 1 ? logits : logits.view({count, batch, -1}).sum(0), z, hidden};
 }
 
-at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate) {
+at::Tensor apply_gate(const ChannelAttentionBackend& backend, const at::Tensor& logits,
+                      ChannelGate gate) {
   switch (gate) {
     case ChannelGate::Sigmoid:
-      return at::sigmoid(logits);
+      return backend.sigmoid(logits.contiguous());
     case ChannelGate::HardSigmoid:
       // relu6(z + 3) / 6, as torch.nn.Hardsigmoid.
       return at::hardsigmoid(logits);
@@ -177,8 +178,8 @@ MlpGradients mlp_backward(const Mlp& mlp, const at::Tensor& branches,
                                          .unsqueeze(0)
                                          .expand({count, batch, hidden_size});
   const at::Tensor grad_hidden =
-      mlp.activation_backward(grad_activation,
-                              preactivation.view({count, batch, hidden_size}), hidden_by_branch)
+      mlp.activation_backward(grad_activation, preactivation.view({count, batch, hidden_size}),
+                              hidden_by_branch)
           .reshape({count * batch, hidden_size});
   const at::Tensor grad_fc1_weight =
       product(mlp.matmul, grad_hidden.t(), branches.reshape({count * batch, channels}));
@@ -223,8 +224,8 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
                 stats.mean.scalar_type(), backend.matmul);
   const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).logits;
-  backend.apply(input, apply_gate(logits, gate_mode), at::Tensor(), at::Tensor(), at::Tensor(), y,
-                layout);
+  backend.apply(input, apply_gate(backend, logits, gate_mode), at::Tensor(), at::Tensor(),
+                at::Tensor(), y, layout);
   return y;
 }
 
@@ -260,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   const at::Tensor branches = pooled_branches(stats, pool_mode);  // (B, N, C)
   const int64_t count = branches.size(0);
   const auto [logits, preactivation, hidden] = mlp_forward(mlp, branches);
-  const at::Tensor weights = apply_gate(logits, gate_mode);
+  const at::Tensor weights = apply_gate(backend, logits, gate_mode);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
   const at::Tensor grad_logits =
@@ -288,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
 namespace {
 
 // The gate's weights in the accumulation dtype of x, (N, C) contiguous as the sweeps read them.
-at::Tensor gate_weights(const at::Tensor& x, const at::Tensor& logits, ChannelGate gate) {
-  return apply_gate(logits.to(at::toOpMathType(x.scalar_type())), gate).contiguous();
+at::Tensor gate_weights(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                        const at::Tensor& logits, ChannelGate gate) {
+  return apply_gate(backend, logits.to(at::toOpMathType(x.scalar_type())), gate).contiguous();
 }
 
 }  // namespace
@@ -301,7 +303,7 @@ at::Tensor channel_gate_forward(const ChannelAttentionBackend& backend, const at
   const Layout layout = choose_layout(x);
   at::Tensor y = feature_map_like(x);
   if (y.numel() == 0) return y;
-  backend.apply(to_layout(x, layout), gate_weights(x, logits, gate_mode), at::Tensor(),
+  backend.apply(to_layout(x, layout), gate_weights(backend, x, logits, gate_mode), at::Tensor(),
                 at::Tensor(), at::Tensor(), y, layout);
   return y;
 }
@@ -318,12 +320,11 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
   // No position contributes: the logits get exactly zero gradient.
   if (x.numel() == 0) return {grad_x, at::zeros(logits.sizes(), logits.options())};
 
-  const at::Tensor weights = gate_weights(x, logits, gate_mode);
-  const ChannelStats stats = backend.reduce(to_layout(x, layout), to_layout(grad_y, layout),
-                                            false, layout, weights, grad_x);
-  const at::Tensor grad_logits =
-      gate_backward(stats.grad_dot, logits.to(weights.scalar_type()), weights, gate_mode,
-                    backend.matmul);
+  const at::Tensor weights = gate_weights(backend, x, logits, gate_mode);
+  const ChannelStats stats = backend.reduce(to_layout(x, layout), to_layout(grad_y, layout), false,
+                                            layout, weights, grad_x);
+  const at::Tensor grad_logits = gate_backward(stats.grad_dot, logits.to(weights.scalar_type()),
+                                               weights, gate_mode, backend.matmul);
   return {grad_x, grad_logits.to(logits.scalar_type())};
 }
 
@@ -347,7 +348,7 @@ struct CbamWeights {
   MlpResult mlp;
   at::Tensor channel_weights;  // (N, C), the accumulation dtype
   WeightedChannelPool pool;
-  at::Tensor conv_weight;      // in the accumulation dtype
+  at::Tensor conv_weight;  // in the accumulation dtype
   std::optional<at::Tensor> conv_bias;
   at::Tensor spatial_weights;  // (N, P)
 };
@@ -358,14 +359,14 @@ CbamWeights cbam_weights(const ChannelAttentionBackend& backend, const at::Tenso
                          const std::optional<at::Tensor>& conv_bias, Layout layout) {
   CbamWeights out{std::move(stats)};
   out.mlp = mlp_forward(mlp, out.stats.pooled);
-  out.channel_weights = apply_gate(out.mlp.logits, gate).contiguous();
+  out.channel_weights = apply_gate(backend, out.mlp.logits, gate).contiguous();
   out.pool = backend.weighted_channel_pool(input, out.channel_weights, grad_out, layout);
 
   const at::ScalarType acc = out.channel_weights.scalar_type();
   out.conv_weight = conv_weight.to(acc);
   if (conv_bias.has_value()) out.conv_bias = conv_bias->to(acc);
-  const at::Tensor scores = backend.score_conv(out.pool.pooled, out.conv_weight, out.conv_bias,
-                                               input.sizes().slice(2));
+  const at::Tensor scores =
+      backend.score_conv(out.pool.pooled, out.conv_weight, out.conv_bias, input.sizes().slice(2));
   out.spatial_weights = backend.sigmoid(scores);
   return out;
 }
@@ -376,8 +377,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_pass(
     const ChannelAttentionBackend& backend, const at::Tensor& x, const at::Tensor& fc1_weight,
     const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-    const std::optional<at::Tensor>& conv_bias, c10::string_view gate,
-    c10::string_view activation, bool for_backward) {
+    const std::optional<at::Tensor>& conv_bias, c10::string_view gate, c10::string_view activation,
+    bool for_backward) {
   const auto modes = check_cbam_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
                                      conv_bias, gate, activation);
   const c10::DeviceGuard device_guard(x.device());
@@ -399,8 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_pass(
   const CbamWeights weights = cbam_weights(backend, input, at::Tensor(), mlp, std::move(stats),
                                            modes.gate, conv_weight, conv_bias, layout);
   backend.apply_with_positions(input, PositionTerms{weights.spatial_weights},
-                               weights.channel_weights, at::Tensor(), at::Tensor(), at::Tensor(),
-                               y, layout);
+                               weights.channel_weights, at::Tensor(), at::Tensor(), at::Tensor(), y,
+                               layout);
   return {y, pooled, argmax};
 }
 
@@ -421,18 +422,17 @@ at::Tensor cbam_result(const ChannelAttentionBackend& backend, const at::Tensor&
                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                        c10::string_view gate, c10::string_view activation) {
-  return std::get<0>(cbam_pass(backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                               conv_weight, conv_bias, gate, activation, /*for_backward=*/false));
+  return std::get<0>(cbam_pass(backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
+                               conv_bias, gate, activation, /*for_backward=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
-              const at::Tensor& x, const at::Tensor& fc1_weight,
-              const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-              const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
-              const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
-              const at::Tensor& channel_argmax, c10::string_view gate,
-              c10::string_view activation) {
+cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+              const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+              const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+              const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+              const at::Tensor& channel_stats, const at::Tensor& channel_argmax,
+              c10::string_view gate, c10::string_view activation) {
   const auto modes =
       check_cbam_backward_args(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
                                conv_bias, channel_stats, channel_argmax, gate, activation);
@@ -481,8 +481,8 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
 
   const at::Tensor grad_logits = gate_backward(grad_channel_weights, w.mlp.logits,
                                                w.channel_weights, modes.gate, backend.matmul);
-  const MlpGradients grads = mlp_backward(mlp, w.stats.pooled, w.mlp.preactivation,
-                                          w.mlp.hidden, grad_logits, x.size(1));
+  const MlpGradients grads =
+      mlp_backward(mlp, w.stats.pooled, w.mlp.preactivation, w.mlp.hidden, grad_logits, x.size(1));
   backend.apply_with_positions(
       grad_out, grad_x1, w.channel_weights,
       (grads.pooled[0] / static_cast<double>(num_positions(x))).contiguous(),
@@ -581,9 +581,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_score_conv_backward(
   const int64_t batch = pooled.size(0);
   const std::vector<int64_t> bias_sizes{1};
   auto [grad_map, grad_weight, grad_bias] = at::convolution_backward(
-      grad_scores.view(map_sizes(batch, 1, sizes)), pooled.view(map_sizes(batch, 2, sizes)),
-      weight, bias_sizes, conv.ones, conv.padding, conv.ones, false, conv.zeros, 1,
-      {true, true, true});
+      grad_scores.view(map_sizes(batch, 1, sizes)), pooled.view(map_sizes(batch, 2, sizes)), weight,
+      bias_sizes, conv.ones, conv.padding, conv.ones, false, conv.zeros, 1, {true, true, true});
   return {grad_map.reshape({batch, 2, -1}), grad_weight, grad_bias};
 }
 

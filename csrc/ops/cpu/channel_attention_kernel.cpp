@@ -16,9 +16,9 @@ namespace ops {
 
 namespace {
 
+using cpu::grain_for;
 using cpu::lane_max;
 using cpu::lane_sum;
-using cpu::grain_for;
 using cpu::nan_max;
 using cpu::OpmathVec;
 using cpu::replaces_max;
@@ -497,8 +497,7 @@ void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
       alignas(64) opmath_t lane_numbers[Vec::size()];
       for (int64_t lane = 0; lane < Vec::size(); ++lane) lane_numbers[lane] = opmath_t(lane);
       const Vec lane_offset = Vec::loadu(lane_numbers);
-      const int64_t vector_channels =
-          exact_channel_numbers ? channels / V::size() * V::size() : 0;
+      const int64_t vector_channels = exact_channel_numbers ? channels / V::size() * V::size() : 0;
       int64_t c = 0;
       for (; c < vector_channels; c += V::size()) {
         const auto chunk = V::load(xp + c);
@@ -624,9 +623,9 @@ struct ApplyWithPositionsArgs {
   // One element with every term, rounded once: the elements that receive an argmax term.
   void fix(int64_t n, int64_t c, int64_t p) const {
     const int64_t i = offset(n, c, p), row = n * channels + c;
-    opmath_t value = terms.element(static_cast<opmath_t>(in[i]), c, n * positions + p) *
-                         scale[row] +
-                     (shift ? shift[row] : opmath_t(0));
+    opmath_t value =
+        terms.element(static_cast<opmath_t>(in[i]), c, n * positions + p) * scale[row] +
+        (shift ? shift[row] : opmath_t(0));
     if (argmax && argmax[row] == p) value += at_argmax[row];
     out[i] = static_cast<scalar_t>(value);
   }
@@ -685,8 +684,8 @@ void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
           const auto s = V::load_opmath(scale + c);
           for (int k = 0; k < V::kVecs; ++k) {
             const Vec t = at::vec::fmadd(chunk[k], vts, vtb);
-            chunk[k] = shift ? at::vec::fmadd(t, s[k], Vec::loadu(shift + c + k * Vec::size()))
-                             : t * s[k];
+            chunk[k] =
+                shift ? at::vec::fmadd(t, s[k], Vec::loadu(shift + c + k * Vec::size())) : t * s[k];
           }
           V::store(out + c, chunk);
         }
@@ -1051,7 +1050,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
   return {grad_pooled, grad_weight, grad_bias};
 }
 
-// sigmoid of cbam's scores: one element at a time, so that no thread split changes a result.
+// sigmoid of the channel gate's logits and of cbam's scores: one element at a time, so that no
+// thread split changes a result, with the same instructions on every CPU (ATen's vectorized
+// sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
 at::Tensor sigmoid_cpu(const at::Tensor& scores) {
   at::Tensor out = at::empty_like(scores);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "cbam_sigmoid_cpu", [&] {

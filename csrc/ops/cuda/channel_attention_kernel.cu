@@ -278,7 +278,8 @@ void apply_cuda(const at::Tensor& in, const at::Tensor& scale, const at::Tensor&
       });
 }
 
-// cbam's scores are few (N x P): ATen's sigmoid, which does not depend on a thread split here.
+// cbam's scores (N x P) and the gate's logits (N x C) are few: ATen's sigmoid, which does not
+// depend on a thread split here.
 at::Tensor sigmoid_cuda(const at::Tensor& scores) { return at::sigmoid(scores); }
 
 // cbam's passes are ATen's calls on CUDA for now (correct, not fused).
