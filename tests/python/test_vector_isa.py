@@ -1,6 +1,7 @@
 """The CPU kernels built once per vector instruction set (csrc/ops/cpu/vector_isa.h).
 
-On an AVX-512 CPU the per-element kernels run their AVX-512 build; with
+On an AVX-512 CPU the per-element kernels and the fixed-order matrix products (channel
+attention's MLP, self attention's projections and blocks) run their AVX-512 build; with
 ATEN_CPU_CAPABILITY=avx2 (or on a CPU without AVX-512) their AVX2 build. Both must give the
 same bits, so that results do not depend on the CPU; and no code outside the AVX-512 builds may
 use AVX-512 instructions, or the library would fault on an AVX2-only CPU.
@@ -20,9 +21,10 @@ import cnn_attention
 ops = torch.ops.cnn_attention
 X86 = platform.machine() in ("x86_64", "AMD64")
 
-# Writes every result of the per-element kernels for fixed inputs to sys.argv[1]; run here and
-# in a process that ATEN_CPU_CAPABILITY=avx2 keeps on the AVX2 build.
-PER_ELEMENT_RESULTS = r"""
+# Writes every result of the per-element kernels and of operators built on the fixed-order
+# products, for fixed inputs, to sys.argv[1]; run here and in a process that
+# ATEN_CPU_CAPABILITY=avx2 keeps on the AVX2 builds.
+PER_ISA_RESULTS = r"""
 import sys
 import torch
 import cnn_attention
@@ -64,13 +66,35 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                 y, mask = ops.hard_attention(xr, sr, "threshold", 0.3, 1, estimator, temperature)
                 y.backward(grad)
                 results[f"hard-{estimator}-{name}"] = (y.detach(), mask, xr.grad, sr.grad)
+
+
+def trained(name, module, x):
+    # Forward and backward of a module whose products are the fixed-order ones; widths below,
+    # between and at multiples of both vector widths.
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype))
+    results[name] = (y.detach(), x.grad, *[p.grad for p in module.parameters()])
+
+
+for dtype in (torch.float32, torch.float64):
+    # P = 19 * 23 positions: no block size divides it. Head widths 14 and 8, values 56 and 64.
+    for channels, qk_reduction in ((56, 4), (64, 8)):
+        torch.manual_seed(3)
+        module = cnn_attention.SelfAttention(channels, qk_reduction=qk_reduction, gamma_init=0.5)
+        x = torch.randn(2, channels, 19, 23, generator=torch.Generator().manual_seed(4))
+        trained(f"self-{dtype}-{channels}", module.to(dtype), x.to(dtype))
+    torch.manual_seed(3)
+    module = cnn_attention.ChannelAttention(72, reduction=4, pool="avgmax")
+    x = torch.randn(5, 72, 9, 7, generator=torch.Generator().manual_seed(4))
+    trained(f"channel-{dtype}", module.to(dtype), x.to(dtype))
 torch.save(results, sys.argv[1])
 """
 
 
-def _per_element_results(tmp_path, name, env):
+def _per_isa_results(tmp_path, name, env):
     path = tmp_path / f"{name}.pt"
-    out = subprocess.run([sys.executable, "-c", PER_ELEMENT_RESULTS, str(path)], env=env,
+    out = subprocess.run([sys.executable, "-c", PER_ISA_RESULTS, str(path)], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return torch.load(path)
@@ -87,14 +111,14 @@ def test_build_info_names_the_builds_and_the_one_in_use():
 
 @pytest.mark.skipif(not X86 or torch.backends.cpu.get_cpu_capability() != "AVX512",
                     reason="needs a CPU where the AVX-512 build runs")
-def test_the_avx512_build_gives_the_bits_of_the_avx2_build(tmp_path):
+def test_the_avx512_builds_give_the_bits_of_the_avx2_builds(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cnn_attention.__file__)))
     env.pop("ATEN_CPU_CAPABILITY", None)
-    wide = _per_element_results(tmp_path, "avx512", env)
-    narrow = _per_element_results(tmp_path, "avx2", dict(env, ATEN_CPU_CAPABILITY="avx2"))
+    wide = _per_isa_results(tmp_path, "avx512", env)
+    narrow = _per_isa_results(tmp_path, "avx2", dict(env, ATEN_CPU_CAPABILITY="avx2"))
     assert wide.pop("cpu_isa") == "AVX512"
     assert narrow.pop("cpu_isa") == "AVX2"
-    assert wide.keys() == narrow.keys() and len(wide) == 4 * 2 * 2 * 3
+    assert wide.keys() == narrow.keys() and len(wide) == 4 * 2 * 2 * 3 + 2 * 3
     for key in wide:
         for a, b in zip(wide[key], narrow[key]):
             assert a.dtype == b.dtype and a.stride() == b.stride(), key

@@ -12,8 +12,8 @@ namespace cpu {
 
 namespace {
 
-// Output tiles per task: rows a multiple of the 4-row tiles, columns a multiple of the widest
-// column tile (3 vectors) for float and double. A product as short as a batch of channel
+// Output tiles per task: rows a multiple of the row tiles (8 or 4), columns a multiple of the
+// widest column tile (3 vectors) for float and double. A product as short as a batch of channel
 // statistics (32 rows) and as wide as 2048 channels is split along its columns too.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColumnBlock = 96;

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../self_attention_impl.h"
@@ -18,6 +20,7 @@ namespace ops {
 namespace {
 
 using cpu::block_product;
+using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
 
@@ -35,10 +38,18 @@ constexpr int64_t kMinBackwardTasks = 16;
 
 // out (width x rows, leading dim ld_out) = the transpose of `rows` rows of `width` values
 // (leading dim ld): a key or value block as b operand of a product with its transpose.
+// In tiles of kTile x kTile values, so that the lines a tile reads and writes stay in L1.
 template <typename T>
 void transpose_rows(const T* in, int64_t ld, int64_t rows, int64_t width, T* out, int64_t ld_out) {
-  for (int64_t j = 0; j < rows; ++j) {
-    for (int64_t c = 0; c < width; ++c) out[c * ld_out + j] = in[j * ld + c];
+  constexpr int64_t kTile = 16;
+  for (int64_t j0 = 0; j0 < rows; j0 += kTile) {
+    const int64_t j_end = std::min(rows, j0 + kTile);
+    for (int64_t c0 = 0; c0 < width; c0 += kTile) {
+      const int64_t c_end = std::min(width, c0 + kTile);
+      for (int64_t c = c0; c < c_end; ++c) {
+        for (int64_t j = j0; j < j_end; ++j) out[c * ld_out + j] = in[j * ld + c];
+      }
+    }
   }
 }
 
@@ -76,6 +87,24 @@ void recompute_probs(int64_t rows, int64_t cols, int64_t dq, T scale, const T* q
   }
 }
 
+// The largest of `cols` values, NaN if any is NaN: a maximum is exact, so the vector lanes
+// give the value a scan in order gives.
+template <typename T>
+T row_max_of(const T* s, int64_t cols) {
+  using Vec = at::vec::Vectorized<T>;
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (cols >= Vec::size()) {
+    Vec best_vec = Vec::loadu(s);
+    for (j = Vec::size(); j + Vec::size() <= cols; j += Vec::size()) {
+      best_vec = at::vec::maximum(best_vec, Vec::loadu(s + j));
+    }
+    best = lane_max(best_vec);
+  }
+  for (; j < cols; ++j) best = nan_max(s[j], best);
+  return best;
+}
+
 template <typename T>
 void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, T scale,
                              const at::Tensor& out, const at::Tensor& lse) {
@@ -88,7 +117,8 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dv), key_columns(dq * kKeyBlock);
+    std::vector<T> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dv),
+        key_columns(dq * kKeyBlock);
     std::vector<T> row_max(kQueryBlock), row_sum(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / query_blocks, n = nh / heads, h = nh % heads;
@@ -106,8 +136,7 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
                          kKeyBlock, false, scores.data(), kKeyBlock);
         for (int64_t i = 0; i < rows; ++i) {
           T* s = scores.data() + i * kKeyBlock;
-          T block_max = kNegInf;
-          for (int64_t j = 0; j < cols; ++j) block_max = nan_max(s[j], block_max);
+          T block_max = row_max_of(s, cols);
           const T new_max = nan_max(block_max, row_max[i]);
           // A row of -inf scores so far has nothing to shift by (exp(-inf) is 0 anyway).
           const T shift = new_max == kNegInf ? T(0) : new_max;
@@ -176,8 +205,9 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
     std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
-      T* grad_query = group == 0 ? grad_queries.rows(n, h, 0)
-                                 : partial_data + ((group - 1) * batch * heads + nh) * positions * dq;
+      T* grad_query = group == 0
+                          ? grad_queries.rows(n, h, 0)
+                          : partial_data + ((group - 1) * batch * heads + nh) * positions * dq;
       const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
       const T* row_lse = lse_data + nh * positions;
       const double* row_delta = delta_data + nh * positions;
@@ -226,6 +256,57 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   for (int64_t group = 1; group < groups; ++group) grad_q.add_(partials[group - 1]);
 }
 
+// (sum_j p_j dp_j, sum_j p_j) over `cols` values, in double: element j goes to partial sum
+// j % kLanes (a fused multiply-add for the first), and the partial sums are added in a fixed
+// tree, so the order is the same on every CPU while the partial sums sit in vector registers.
+template <typename T>
+std::pair<double, double> weighted_sum(const T* p, const T* dp, int64_t cols) {
+  constexpr int kLanes = 8;
+  double weighted[kLanes] = {}, total[kLanes] = {};
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    // Lanes 0-3 and 4-7 of the partial sums in two vectors each.
+    __m256d weighted_low = _mm256_setzero_pd(), weighted_high = _mm256_setzero_pd();
+    __m256d total_low = _mm256_setzero_pd(), total_high = _mm256_setzero_pd();
+    for (; j + kLanes <= cols; j += kLanes) {
+      const __m256 p8 = _mm256_loadu_ps(p + j), dp8 = _mm256_loadu_ps(dp + j);
+      const __m256d p_low = _mm256_cvtps_pd(_mm256_castps256_ps128(p8));
+      const __m256d p_high = _mm256_cvtps_pd(_mm256_extractf128_ps(p8, 1));
+      weighted_low =
+          _mm256_fmadd_pd(p_low, _mm256_cvtps_pd(_mm256_castps256_ps128(dp8)), weighted_low);
+      weighted_high =
+          _mm256_fmadd_pd(p_high, _mm256_cvtps_pd(_mm256_extractf128_ps(dp8, 1)), weighted_high);
+      total_low = _mm256_add_pd(total_low, p_low);
+      total_high = _mm256_add_pd(total_high, p_high);
+    }
+    _mm256_storeu_pd(weighted, weighted_low);
+    _mm256_storeu_pd(weighted + 4, weighted_high);
+    _mm256_storeu_pd(total, total_low);
+    _mm256_storeu_pd(total + 4, total_high);
+  }
+#endif
+  for (; j + kLanes <= cols; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double probability = static_cast<double>(p[j + l]);
+      weighted[l] = std::fma(probability, static_cast<double>(dp[j + l]), weighted[l]);
+      total[l] += probability;
+    }
+  }
+  for (int l = 0; j < cols; ++j, ++l) {
+    const double probability = static_cast<double>(p[j]);
+    weighted[l] = std::fma(probability, static_cast<double>(dp[j]), weighted[l]);
+    total[l] += probability;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      weighted[l] += weighted[l + width];
+      total[l] += total[l + width];
+    }
+  }
+  return {weighted[0], total[0]};
+}
+
 // delta (N, H, P), the softmax backward's correction: for each query row, the mean of
 // dp = grad_out v^T under its probabilities p, sum_j p_j dp_j / sum_j p_j over every key, with
 // p and dp recomputed block by block exactly as the backward recomputes them and summed in
@@ -240,17 +321,24 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
+  // A task takes a group of query blocks, so that each key and value block is transposed once
+  // per group rather than once per query block; the group count depends on the shape only.
+  const int64_t groups =
+      std::min(query_blocks, (kMinBackwardTasks + batch * heads - 1) / (batch * heads));
+  const int64_t blocks_per_group = (query_blocks + groups - 1) / groups;
+  const int64_t group_rows = blocks_per_group * kQueryBlock;
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
   const T* lse_data = lse.const_data_ptr<T>();
   double* delta_data = delta.data_ptr<double>();
-  at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kQueryBlock * kKeyBlock), grad_probs(kQueryBlock * kKeyBlock);
     std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
-    std::vector<double> weighted(kQueryBlock), total(kQueryBlock);
+    std::vector<double> weighted(group_rows), total(group_rows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nh = task / query_blocks, n = nh / heads, h = nh % heads;
-      const int64_t first = (task % query_blocks) * kQueryBlock;
-      const int64_t rows = std::min(kQueryBlock, positions - first);
+      const int64_t nh = task / groups, n = nh / heads, h = nh % heads;
+      const int64_t group_first = (task % groups) * group_rows;
+      const int64_t group_end = std::min(positions, group_first + group_rows);
+      if (group_first >= group_end) continue;
       std::fill(weighted.begin(), weighted.end(), 0.0);
       std::fill(total.begin(), total.end(), 0.0);
       for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
@@ -259,32 +347,30 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
                        kKeyBlock);
         transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
                        value_columns.data(), kKeyBlock);
-        recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
-                           key_columns.data(), lse_data + nh * positions + first, probs.data());
-        block_product<T>(rows, cols, dv, T(1), grads.rows(n, h, first), grads.row_stride, 1,
-                         value_columns.data(), kKeyBlock, false, grad_probs.data(), kKeyBlock);
-        for (int64_t i = 0; i < rows; ++i) {
-          const T* p = probs.data() + i * kKeyBlock;
-          const T* dp = grad_probs.data() + i * kKeyBlock;
-          double row_weighted = 0, row_total = 0;
-          for (int64_t j = 0; j < cols; ++j) {
-            row_weighted += static_cast<double>(p[j]) * static_cast<double>(dp[j]);
-            row_total += static_cast<double>(p[j]);
+        for (int64_t first = group_first; first < group_end; first += kQueryBlock) {
+          const int64_t rows = std::min(kQueryBlock, positions - first);
+          recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
+                             key_columns.data(), lse_data + nh * positions + first, probs.data());
+          block_product<T>(rows, cols, dv, T(1), grads.rows(n, h, first), grads.row_stride, 1,
+                           value_columns.data(), kKeyBlock, false, grad_probs.data(), kKeyBlock);
+          for (int64_t i = 0; i < rows; ++i) {
+            const auto [row_weighted, row_total] =
+                weighted_sum(probs.data() + i * kKeyBlock, grad_probs.data() + i * kKeyBlock, cols);
+            weighted[first - group_first + i] += row_weighted;
+            total[first - group_first + i] += row_total;
           }
-          weighted[i] += row_weighted;
-          total[i] += row_total;
         }
       }
-      double* out = delta_data + nh * positions + first;
+      double* out = delta_data + nh * positions + group_first;
       // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
-      for (int64_t i = 0; i < rows; ++i) out[i] = total[i] == 0 ? 0.0 : weighted[i] / total[i];
+      for (int64_t i = 0; i < group_end - group_first; ++i) {
+        out[i] = total[i] == 0 ? 0.0 : weighted[i] / total[i];
+      }
     }
   });
 }
 
-at::ScalarType accumulation_type(const at::Tensor& t) {
-  return at::toOpMathType(t.scalar_type());
-}
+at::ScalarType accumulation_type(const at::Tensor& t) { return at::toOpMathType(t.scalar_type()); }
 
 // Half inputs are converted to float32 once (O(P) memory), so every block product runs in
 // the accumulation dtype.
@@ -302,10 +388,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   return {out.to(q.scalar_type()), lse};
 }
 
-void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
-                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                            const at::Tensor& lse, double scale, const at::Tensor& grad_q,
-                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
+void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                            double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                            const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
   const at::Tensor delta =

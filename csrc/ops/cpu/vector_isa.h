@@ -20,6 +20,10 @@ namespace cnn_attention {
 namespace ops {
 namespace cpu {
 
+// This build's own namespace is inline, as in vec.h (ATen's vector types do the same), and
+// must be declared so before the declarations below reopen it.
+inline namespace CPU_CAPABILITY {}
+
 enum class VectorIsa { kAvx2, kAvx512 };
 
 // AVX-512 where this library has an AVX-512 build and ATen runs its own AVX-512 kernels (the
@@ -30,14 +34,19 @@ VectorIsa vector_isa();
 const char* vector_isa_name();
 
 // The kernels of cpu/per_isa/, declared once for each build.
-#define CNN_ATTENTION_PER_ISA_KERNELS                                                          \
-  /* y = x * w with w = sigmoid(s / T), or (threshold) its 0/1 step, also stored in `mask`. */ \
-  void scale_by_scores(const at::Tensor& x, const at::Tensor& scores,                          \
-                       const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask);        \
-  void scale_by_scores_backward(const at::Tensor& grad, const at::Tensor& x,                   \
-                                const at::Tensor& scores, const at::Tensor& mask,              \
-                                const ElementwiseWeights& how, at::Tensor& grad_x,             \
-                                at::Tensor& grad_scores);
+#define CNN_ATTENTION_PER_ISA_KERNELS                                                            \
+  /* y = x * w with w = sigmoid(s / T), or (threshold) its 0/1 step, also stored in `mask`. */   \
+  void scale_by_scores(const at::Tensor& x, const at::Tensor& scores,                            \
+                       const ElementwiseWeights& how, at::Tensor& y, at::Tensor& mask);          \
+  void scale_by_scores_backward(const at::Tensor& grad, const at::Tensor& x,                     \
+                                const at::Tensor& scores, const at::Tensor& mask,                \
+                                const ElementwiseWeights& how, at::Tensor& grad_x,               \
+                                at::Tensor& grad_scores);                                        \
+  /* One thread's fixed-order matrix product (../gemm.h), for float and double. */               \
+  template <typename T>                                                                          \
+  void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row, \
+                            int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,       \
+                            int64_t ldc);
 
 #if defined(CNN_ATTENTION_AVX512_KERNELS)
 namespace AVX2 {
