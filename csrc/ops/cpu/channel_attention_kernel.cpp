@@ -1050,16 +1050,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
   return {grad_pooled, grad_weight, grad_bias};
 }
 
-// sigmoid of the channel gate's logits and of cbam's scores: one element at a time, so that no
-// thread split changes a result, with the same instructions on every CPU (ATen's vectorized
-// sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
+// sigmoid of the channel gate's logits and of cbam's scores, 1 / (1 + exp(-s)), in vectors
+// with the last one partial, so that every element gets the same instructions whatever the
+// thread split; this code is built for AVX2 only, so every CPU runs the same instructions
+// (ATen's vectorized sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
 at::Tensor sigmoid_cpu(const at::Tensor& scores) {
   at::Tensor out = at::empty_like(scores);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "cbam_sigmoid_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "sigmoid_cpu", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t kSize = Vec::size();
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
     scalar_t* w = out.data_ptr<scalar_t>();
-    at::parallel_for(0, scores.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) w[i] = scalar_t(1) / (scalar_t(1) + std::exp(-s[i]));
+    const int64_t numel = scores.numel(), vectors = (numel + kSize - 1) / kSize;
+    at::parallel_for(0, vectors, grain_for(kSize), [&](int64_t begin, int64_t end) {
+      const Vec one(scalar_t(1));
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t count = std::min(kSize, numel - v * kSize);
+        const Vec z = Vec::loadu(s + v * kSize, count);
+        (one / (one + z.neg().exp())).store(w + v * kSize, count);
+      }
     });
   });
   return out;
