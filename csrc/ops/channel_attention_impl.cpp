@@ -118,11 +118,19 @@ MlpResult mlp_forward(const Mlp& mlp, const at::Tensor& branches) {
   return {count == 1 ? logits : logits.view({count, batch, -1}).sum(0), z, hidden};
 }
 
-at::Tensor apply_gate(const ChannelAttentionBackend& backend, const at::Tensor& logits,
-                      ChannelGate gate) {
+using SigmoidFn = at::Tensor (*)(const at::Tensor& logits);
+
+at::Tensor aten_sigmoid(const at::Tensor& logits) { return at::sigmoid(logits); }
+
+// The gate's weights from its logits. The fused operators (channel_attention, cbam) take the
+// backend's sigmoid, which gives the same bits on every CPU as their MLP does; channel_gate,
+// whose logits come from the caller's PyTorch layers, takes ATen's, so that a converted
+// block's weights are the eager block's bit for bit (a BatchNorm over two samples in the
+// caller's MLP amplifies a last-bit difference into a different gradient).
+at::Tensor apply_gate(const at::Tensor& logits, ChannelGate gate, SigmoidFn sigmoid) {
   switch (gate) {
     case ChannelGate::Sigmoid:
-      return backend.sigmoid(logits.contiguous());
+      return sigmoid(logits.contiguous());
     case ChannelGate::HardSigmoid:
       // relu6(z + 3) / 6, as torch.nn.Hardsigmoid.
       return at::hardsigmoid(logits);
@@ -224,7 +232,7 @@ at::Tensor channel_attention_forward(const ChannelAttentionBackend& backend, con
   const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation_mode,
                 stats.mean.scalar_type(), backend.matmul);
   const at::Tensor logits = mlp_forward(mlp, pooled_branches(stats, pool_mode)).logits;
-  backend.apply(input, apply_gate(backend, logits, gate_mode), at::Tensor(), at::Tensor(),
+  backend.apply(input, apply_gate(logits, gate_mode, backend.sigmoid), at::Tensor(), at::Tensor(),
                 at::Tensor(), y, layout);
   return y;
 }
@@ -261,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   const at::Tensor branches = pooled_branches(stats, pool_mode);  // (B, N, C)
   const int64_t count = branches.size(0);
   const auto [logits, preactivation, hidden] = mlp_forward(mlp, branches);
-  const at::Tensor weights = apply_gate(backend, logits, gate_mode);
+  const at::Tensor weights = apply_gate(logits, gate_mode, backend.sigmoid);
 
   // d loss / d weights[n, c] = sum over positions of grad_y * x.
   const at::Tensor grad_logits =
@@ -289,9 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
 namespace {
 
 // The gate's weights in the accumulation dtype of x, (N, C) contiguous as the sweeps read them.
-at::Tensor gate_weights(const ChannelAttentionBackend& backend, const at::Tensor& x,
-                        const at::Tensor& logits, ChannelGate gate) {
-  return apply_gate(backend, logits.to(at::toOpMathType(x.scalar_type())), gate).contiguous();
+at::Tensor gate_weights(const at::Tensor& x, const at::Tensor& logits, ChannelGate gate) {
+  return apply_gate(logits.to(at::toOpMathType(x.scalar_type())), gate, aten_sigmoid).contiguous();
 }
 
 }  // namespace
@@ -303,7 +310,7 @@ at::Tensor channel_gate_forward(const ChannelAttentionBackend& backend, const at
   const Layout layout = choose_layout(x);
   at::Tensor y = feature_map_like(x);
   if (y.numel() == 0) return y;
-  backend.apply(to_layout(x, layout), gate_weights(backend, x, logits, gate_mode), at::Tensor(),
+  backend.apply(to_layout(x, layout), gate_weights(x, logits, gate_mode), at::Tensor(),
                 at::Tensor(), at::Tensor(), y, layout);
   return y;
 }
@@ -320,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
   // No position contributes: the logits get exactly zero gradient.
   if (x.numel() == 0) return {grad_x, at::zeros(logits.sizes(), logits.options())};
 
-  const at::Tensor weights = gate_weights(backend, x, logits, gate_mode);
+  const at::Tensor weights = gate_weights(x, logits, gate_mode);
   const ChannelStats stats = backend.reduce(to_layout(x, layout), to_layout(grad_y, layout), false,
                                             layout, weights, grad_x);
   const at::Tensor grad_logits = gate_backward(stats.grad_dot, logits.to(weights.scalar_type()),
@@ -359,7 +366,7 @@ CbamWeights cbam_weights(const ChannelAttentionBackend& backend, const at::Tenso
                          const std::optional<at::Tensor>& conv_bias, Layout layout) {
   CbamWeights out{std::move(stats)};
   out.mlp = mlp_forward(mlp, out.stats.pooled);
-  out.channel_weights = apply_gate(backend, out.mlp.logits, gate).contiguous();
+  out.channel_weights = apply_gate(out.mlp.logits, gate, backend.sigmoid).contiguous();
   out.pool = backend.weighted_channel_pool(input, out.channel_weights, grad_out, layout);
 
   const at::ScalarType acc = out.channel_weights.scalar_type();

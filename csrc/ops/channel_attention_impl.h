@@ -189,8 +189,8 @@ struct ChannelAttentionBackend {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*score_conv_backward)(
       const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
       at::IntArrayRef sizes);
-  // sigmoid of cbam's (N, P) scores and of the channel gate's (N, C) logits, contiguous,
-  // elementwise, the same at every thread count.
+  // sigmoid of cbam's (N, P) scores and of channel_attention's and cbam's (N, C) gate logits,
+  // contiguous, elementwise, the same at every thread count.
   at::Tensor (*sigmoid)(const at::Tensor& scores);
 };
 

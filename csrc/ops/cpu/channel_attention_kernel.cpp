@@ -1050,8 +1050,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
   return {grad_pooled, grad_weight, grad_bias};
 }
 
-// sigmoid of the channel gate's logits and of cbam's scores, 1 / (1 + exp(-s)), in vectors
-// with the last one partial, so that every element gets the same instructions whatever the
+// sigmoid of channel_attention's and cbam's gate logits and of cbam's scores, 1 / (1 + exp(-s)), in
+// vectors with the last one partial, so that every element gets the same instructions whatever the
 // thread split; this code is built for AVX2 only, so every CPU runs the same instructions
 // (ATen's vectorized sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
 at::Tensor sigmoid_cpu(const at::Tensor& scores) {
