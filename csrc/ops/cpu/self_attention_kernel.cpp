@@ -29,12 +29,22 @@ using cpu::nan_max;
 // float32, within L2) and the P x P matrix never exists.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kKeyBlock = 256;
-// The backward owns the key and value gradients of its key blocks and adds to the query
-// gradient of every query block. For enough parallel tasks the key blocks of each (sample,
-// head) are split into groups, each with a partial query gradient that is summed at the end
-// in group order. The group count depends on the shape only, so results are the same for
-// every thread count.
+// The backward's passes split the blocks of each (sample, head) into groups of whole blocks,
+// one task each, for at least this many tasks where there are enough blocks.
 constexpr int64_t kMinBackwardTasks = 16;
+
+struct BlockGroups {
+  int64_t count, blocks_per_group;
+};
+
+// `blocks` blocks of each of `batch_heads` (sample, head) pairs in groups: the split depends on
+// the shape only, so results are the same for every thread count.
+BlockGroups group_blocks(int64_t blocks, int64_t batch_heads) {
+  const int64_t wanted =
+      std::max<int64_t>(1, std::min(blocks, (kMinBackwardTasks + batch_heads - 1) / batch_heads));
+  const int64_t per_group = std::max<int64_t>(1, (blocks + wanted - 1) / wanted);
+  return {(blocks + per_group - 1) / per_group, per_group};
+}
 
 // out (width x rows, leading dim ld_out) = the transpose of `rows` rows of `width` values
 // (leading dim ld): a key or value block as b operand of a product with its transpose.
@@ -136,7 +146,7 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
                          kKeyBlock, false, scores.data(), kKeyBlock);
         for (int64_t i = 0; i < rows; ++i) {
           T* s = scores.data() + i * kKeyBlock;
-          T block_max = row_max_of(s, cols);
+          const T block_max = row_max_of(s, cols);
           const T new_max = nan_max(block_max, row_max[i]);
           // A row of -inf scores so far has nothing to shift by (exp(-inf) is 0 anyway).
           const T shift = new_max == kNegInf ? T(0) : new_max;
@@ -187,10 +197,11 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
-  const int64_t wanted_groups =
-      std::min(key_blocks, (kMinBackwardTasks + batch * heads - 1) / (batch * heads));
-  const int64_t blocks_per_group = (key_blocks + wanted_groups - 1) / wanted_groups;
-  const int64_t groups = (key_blocks + blocks_per_group - 1) / blocks_per_group;
+  // The backward owns the key and value gradients of its key blocks and adds to the query gradient
+  // of every query block: each group of key blocks has a partial query gradient, summed at the end
+  // in group order.
+  const BlockGroups key_groups = group_blocks(key_blocks, batch * heads);
+  const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
   // Group 0 adds straight into grad_q, the others into their dense partial.
   const at::Tensor partials =
       at::zeros({std::max<int64_t>(groups - 1, 0), batch, heads, positions, dq}, q.options());
@@ -322,11 +333,10 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
   // A task takes a group of query blocks, so that each key and value block is transposed once
-  // per group rather than once per query block; the group count depends on the shape only.
-  const int64_t groups =
-      std::min(query_blocks, (kMinBackwardTasks + batch * heads - 1) / (batch * heads));
-  const int64_t blocks_per_group = (query_blocks + groups - 1) / groups;
-  const int64_t group_rows = blocks_per_group * kQueryBlock;
+  // per group rather than once per query block.
+  const BlockGroups query_groups = group_blocks(query_blocks, batch * heads);
+  const int64_t groups = query_groups.count;
+  const int64_t group_rows = query_groups.blocks_per_group * kQueryBlock;
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
   const T* lse_data = lse.const_data_ptr<T>();
   double* delta_data = delta.data_ptr<double>();
@@ -338,7 +348,6 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
       const int64_t nh = task / groups, n = nh / heads, h = nh % heads;
       const int64_t group_first = (task % groups) * group_rows;
       const int64_t group_end = std::min(positions, group_first + group_rows);
-      if (group_first >= group_end) continue;
       std::fill(weighted.begin(), weighted.end(), 0.0);
       std::fill(total.begin(), total.end(), 0.0);
       for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
