@@ -198,73 +198,86 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const int64_t key_positions = k.size(2), dv = v.size(3);
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
   // The backward owns the key and value gradients of its key blocks and adds to the query gradient
-  // of every query block: each group of key blocks has a partial query gradient, summed at the end
-  // in group order.
+  // of every query block: each group of key blocks has a partial query gradient, added to grad_q
+  // in group order (group 0 adds straight into it).
   const BlockGroups key_groups = group_blocks(key_blocks, batch * heads);
   const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
-  // Group 0 adds straight into grad_q, the others into their dense partial.
-  const at::Tensor partials =
-      at::zeros({std::max<int64_t>(groups - 1, 0), batch, heads, positions, dq}, q.options());
+  // The groups run in waves of enough tasks for every thread, each wave's partials added before
+  // the next wave starts: a partial buffer per group of a wave, not per group (16 partial query
+  // gradients of a sample would take more memory than its key and value gradients). The order
+  // of the additions is the group order whatever the wave, so the thread count sets the memory
+  // only, never the result.
+  const int64_t wave =
+      std::clamp<int64_t>((at::get_num_threads() + batch * heads - 1) / (batch * heads), 1, groups);
+  const at::Tensor partials = at::empty({wave, batch, heads, positions, dq}, q.options());
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
   const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
   const T* lse_data = lse.data_ptr<T>();
   const double* delta_data = delta.const_data_ptr<double>();
   T* partial_data = partials.data_ptr<T>();
 
-  at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
-    std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
-      T* grad_query = group == 0
-                          ? grad_queries.rows(n, h, 0)
-                          : partial_data + ((group - 1) * batch * heads + nh) * positions * dq;
-      const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
-      const T* row_lse = lse_data + nh * positions;
-      const double* row_delta = delta_data + nh * positions;
-      const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
-      for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
-        const int64_t key_first = block * kKeyBlock;
-        const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
-        const T* key = keys.rows(n, h, key_first);
-        const T* value = values.rows(n, h, key_first);
-        T* grad_key = grad_keys.rows(n, h, key_first);
-        T* grad_value = grad_values.rows(n, h, key_first);
-        transpose_rows(key, keys.row_stride, cols, dq, key_columns.data(), kKeyBlock);
-        transpose_rows(value, values.row_stride, cols, dv, value_columns.data(), kKeyBlock);
-        for (int64_t first = 0; first < positions; first += kQueryBlock) {
-          const int64_t rows = std::min(kQueryBlock, positions - first);
-          const T* query = queries.rows(n, h, first);
-          const T* grad = grads.rows(n, h, first);
-          recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.data(),
-                             row_lse + first, probs.data());
-          // grad_v += probs^T grad_out
-          block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad, grads.row_stride,
-                           true, grad_value, grad_values.row_stride);
-          // grad_scores = probs * (grad_out v^T - delta)
-          block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.data(),
-                           kKeyBlock, false, grad_scores.data(), kKeyBlock);
-          // In double: where one key takes almost all of a row, grad_out v^T and delta nearly
-          // cancel, and their difference must keep the bits the two share.
-          for (int64_t i = 0; i < rows; ++i) {
-            T* ds = grad_scores.data() + i * kKeyBlock;
-            const T* p = probs.data() + i * kKeyBlock;
-            const double row_delta_value = row_delta[first + i];
-            for (int64_t j = 0; j < cols; ++j) {
-              ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - row_delta_value));
+  for (int64_t wave_first = 0; wave_first < groups; wave_first += wave) {
+    const int64_t wave_groups = std::min(wave, groups - wave_first);
+    partials.zero_();
+    at::parallel_for(0, batch * heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
+      std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nh = task / wave_groups, group = wave_first + task % wave_groups;
+        const int64_t n = nh / heads, h = nh % heads;
+        T* grad_query = group == 0 ? grad_queries.rows(n, h, 0)
+                                   : partial_data + ((group - wave_first) * batch * heads + nh) *
+                                                        positions * dq;
+        const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
+        const T* row_lse = lse_data + nh * positions;
+        const double* row_delta = delta_data + nh * positions;
+        const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
+        for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
+          const int64_t key_first = block * kKeyBlock;
+          const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
+          const T* key = keys.rows(n, h, key_first);
+          const T* value = values.rows(n, h, key_first);
+          T* grad_key = grad_keys.rows(n, h, key_first);
+          T* grad_value = grad_values.rows(n, h, key_first);
+          transpose_rows(key, keys.row_stride, cols, dq, key_columns.data(), kKeyBlock);
+          transpose_rows(value, values.row_stride, cols, dv, value_columns.data(), kKeyBlock);
+          for (int64_t first = 0; first < positions; first += kQueryBlock) {
+            const int64_t rows = std::min(kQueryBlock, positions - first);
+            const T* query = queries.rows(n, h, first);
+            const T* grad = grads.rows(n, h, first);
+            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.data(),
+                               row_lse + first, probs.data());
+            // grad_v += probs^T grad_out
+            block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
+                             grads.row_stride, true, grad_value, grad_values.row_stride);
+            // grad_scores = probs * (grad_out v^T - delta)
+            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.data(),
+                             kKeyBlock, false, grad_scores.data(), kKeyBlock);
+            // In double: where one key takes almost all of a row, grad_out v^T and delta nearly
+            // cancel, and their difference must keep the bits the two share.
+            for (int64_t i = 0; i < rows; ++i) {
+              T* ds = grad_scores.data() + i * kKeyBlock;
+              const T* p = probs.data() + i * kKeyBlock;
+              const double row_delta_value = row_delta[first + i];
+              for (int64_t j = 0; j < cols; ++j) {
+                ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - row_delta_value));
+              }
             }
+            // grad_k += scale * grad_scores^T q;  grad_q += scale * grad_scores k
+            block_product<T>(cols, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
+                             queries.row_stride, true, grad_key, grad_keys.row_stride);
+            block_product<T>(rows, dq, cols, scale, grad_scores.data(), kKeyBlock, 1, key,
+                             keys.row_stride, true, grad_query + first * grad_query_stride,
+                             grad_query_stride);
           }
-          // grad_k += scale * grad_scores^T q;  grad_q += scale * grad_scores k
-          block_product<T>(cols, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
-                           queries.row_stride, true, grad_key, grad_keys.row_stride);
-          block_product<T>(rows, dq, cols, scale, grad_scores.data(), kKeyBlock, 1, key,
-                           keys.row_stride, true, grad_query + first * grad_query_stride,
-                           grad_query_stride);
         }
       }
+    });
+    for (int64_t group = std::max<int64_t>(wave_first, 1); group < wave_first + wave_groups;
+         ++group) {
+      grad_q.add_(partials[group - wave_first]);
     }
-  });
-  for (int64_t group = 1; group < groups; ++group) grad_q.add_(partials[group - 1]);
+  }
 }
 
 // (sum_j p_j dp_j, sum_j p_j) over `cols` values, in double: element j goes to partial sum
@@ -412,8 +425,8 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   };
   const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
                    grad_v_acc = accumulator(grad_v);
-  // The saved output is not needed: the correction term is recomputed (see
-  // softmax_correction_typed).
+  // out is not read: the correction term is recomputed from the very p and dp it corrects
+  // (see softmax_correction_typed).
   (void)out;
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), v_acc = v.to(acc);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
