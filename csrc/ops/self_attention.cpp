@@ -39,11 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                          const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
                          const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-                         const at::Tensor& gamma, const at::Tensor& attn, const at::Tensor& lse,
-                         int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+                         const at::Tensor& gamma, const at::Tensor& lse, int64_t qk_dim,
+                         int64_t num_heads, int64_t kv_stride) {
   static auto op =
       find_op<decltype(_self_attention_backward)>("cnn_attention::_self_attention_backward");
-  return op.call(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, attn, lse, qk_dim,
+  return op.call(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, lse, qk_dim,
                  num_heads, kv_stride);
 }
 
@@ -92,23 +92,22 @@ SelfAttentionSizes check_self_attention_args(const at::Tensor& x, const at::Tens
   }
   // With no positions at all there is nothing to pool and the result is empty.
   TORCH_CHECK(kv_stride >= 1 && (smallest == 0 || kv_stride <= smallest), kOp,
-              ": kv_stride must be in [1, ", smallest,
-              "] (the smallest spatial size of x), got ", kv_stride);
+              ": kv_stride must be in [1, ", smallest, "] (the smallest spatial size of x), got ",
+              kv_stride);
   return {qk_dim, v_dim, num_heads, kv_stride};
 }
 
 SelfAttentionSizes check_self_attention_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
-    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& attn,
-    const at::Tensor& lse, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& lse,
+    int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
   check_matrix(x, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
-  // The sizes of the saved tensors, compared without allocating them (an invalid x may be a
-  // huge expanded view).
+  // The size of the saved lse, compared without allocating it (an invalid x may be a huge
+  // expanded view).
   const c10::SymInt positions = sym_positions(x);
-  check_matrix(x, "attn", attn, {x.sym_size(0), positions, sizes.v_dim}, "(N, P, v_dim)");
   const at::ScalarType lse_dtype = at::toOpMathType(x.scalar_type());
   TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.device() == x.device(), kOp, ": lse must be ",
               lse_dtype, " on ", x.device(), ", got ", lse.scalar_type(), " on ", lse.device());
@@ -137,8 +136,8 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "_self_attention_backward(Tensor grad_y, Tensor x, Tensor qkv_weight, Tensor? qkv_bias, "
-      "Tensor out_weight, Tensor? out_bias, Tensor gamma, Tensor attn, Tensor lse, int qk_dim, "
-      "int num_heads, int kv_stride) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "Tensor out_weight, Tensor? out_bias, Tensor gamma, Tensor lse, int qk_dim, int num_heads, "
+      "int kv_stride) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

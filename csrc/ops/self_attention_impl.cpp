@@ -191,11 +191,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                         const at::Tensor& x, const at::Tensor& qkv_weight,
                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
                         const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                        const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                        int64_t num_heads, int64_t kv_stride) {
+                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
+                        int64_t kv_stride) {
   const SelfAttentionSizes sizes =
       check_self_attention_backward_args(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                         gamma, attn, lse, qk_dim, num_heads, kv_stride);
+                                         gamma, lse, qk_dim, num_heads, kv_stride);
   const c10::DeviceGuard device_guard(x.device());
   const Geometry g = geometry_of(x, sizes);
   const int64_t rows = qkv_weight.size(0);
@@ -207,32 +207,20 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   const at::Tensor x_tokens = tokens_of(to_layout(x, g.layout), g.layout);
   const at::Tensor grad_dense = to_layout(grad_y, g.layout);
   const at::Tensor grad_tokens = tokens_of(grad_dense, g.layout);
-  const at::Tensor attn_dense = attn.contiguous();
-
-  // Output projection and residual. With G = sum over positions of grad^T attn (C, v), the
-  // weight gradient is gamma * G, and gamma's, sum(grad * out), is sum(G * out_weight) +
-  // sum(grad) . out_bias: nothing as large as the feature map is needed for either.
   const at::Tensor gamma_value = gamma.reshape({});
   const at::Tensor grad_sum = position_sums(backend, grad_tokens);  // (C,)
-  const at::Tensor grad_out_product = backend.position_sum_product(grad_tokens, attn_dense);
-  at::Tensor grad_gamma = ordered_sum(backend.matmul, at::mul(grad_out_product, out_weight));
-  if (out_bias.has_value()) {
-    grad_gamma =
-        grad_gamma + ordered_sum(backend.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
-  }
-  const at::Tensor grad_out_weight = grad_out_product * gamma_value;
-  const at::Tensor grad_out_bias = grad_sum * gamma_value;
   // The attention's backward runs on chunks of samples: its temporaries (the gradient of the
-  // heads, the recomputed projection and its gradient: v + 2 R values per position) then take
-  // a chunk's share of memory on top of what the backward must hold (y, the saved heads,
-  // grad_x), and a chunk of at least kChunkPositions positions keeps each call's work large
+  // heads, the recomputed projection, heads and the projection's gradient: 2 (v + R) values
+  // per position) then take a chunk's share of memory on top of what the backward must hold
+  // (grad_x), and a chunk of at least kChunkPositions positions keeps each call's work large
   // next to its fixed costs.
   constexpr int64_t kChunkPositions = 1024;
   const int64_t chunk = std::min(g.batch, std::max<int64_t>(1, kChunkPositions / g.positions));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_x = feature_map_like(x);
-  at::Tensor grad_qkv_weight, grad_qkv_bias;
+  // G = the sum over positions of grad^T attn (C, v), over the chunks' recomputed heads.
+  at::Tensor grad_out_product, grad_qkv_weight, grad_qkv_bias;
   for (int64_t first = 0; first < g.batch; first += chunk) {
     const int64_t count = std::min(chunk, g.batch - first);
     Geometry part = g;
@@ -242,23 +230,28 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     at::Tensor grad_attn =
         tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
 
+    // The projection and the heads again: the same products on the same rows as the forward's,
+    // so the same bits (and the lse they give is the saved one).
+    Projection p = project(backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part);
+    const at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
+                     v = heads_of(p.kv, sizes.qk_dim, heads, dv);
+    at::Tensor heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
     // Attention, its gradients written straight into that of the projection, grad_qkv
     // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
     // positions that won their windows (the windows do not overlap, so every position gets at
     // most one value: a deterministic scatter).
-    Projection p = project(backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part);
     at::Tensor grad_qkv = at::empty({count, g.positions, rows}, x.options());
-    const at::Tensor grad_kv =
-        sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
-                             : at::empty({count, g.key_positions, kv_columns}, x.options());
-    backend.attention_backward(
-        heads_of(grad_attn, 0, heads, dv), heads_of(p.qkv, 0, heads, dq),
-        heads_of(p.kv, 0, heads, dq), heads_of(p.kv, sizes.qk_dim, heads, dv),
-        heads_of(attn_dense.narrow(0, first, count), 0, heads, dv),
-        lse.narrow(0, first, count).contiguous(), softmax_scale(sizes),
-        heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
-        heads_of(grad_kv, sizes.qk_dim, heads, dv));
+    const at::Tensor grad_kv = sizes.kv_stride == 1
+                                   ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                                   : at::empty({count, g.key_positions, kv_columns}, x.options());
+    backend.attention_backward(heads_of(grad_attn, 0, heads, dv), q, k, v, heads_out,
+                               lse.narrow(0, first, count).contiguous(), softmax_scale(sizes),
+                               heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
+                               heads_of(grad_kv, sizes.qk_dim, heads, dv));
     grad_attn.reset();  // memory: free what is no longer needed before the last products
+    const at::Tensor out_part = backend.position_sum_product(
+        chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
+    heads_out.reset();
     if (sizes.kv_stride > 1) {
       const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
                                    .reshape({count, g.key_positions, kv_columns});
@@ -268,6 +261,7 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     // Sums over the chunks in chunk order: the result depends on the shape alone.
     const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
     const at::Tensor bias_part = position_sums(backend, grad_qkv);
+    grad_out_product = first == 0 ? out_part : grad_out_product.add_(out_part);
     grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
     grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
 
@@ -288,6 +282,16 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
       }
     }
   }
+  // Output projection and residual: the weight gradient is gamma * G, and gamma's,
+  // sum(grad * out), is sum(G * out_weight) + sum(grad) . out_bias: nothing as large as the
+  // feature map is needed for either.
+  at::Tensor grad_gamma = ordered_sum(backend.matmul, at::mul(grad_out_product, out_weight));
+  if (out_bias.has_value()) {
+    grad_gamma =
+        grad_gamma + ordered_sum(backend.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
+  }
+  const at::Tensor grad_out_weight = grad_out_product * gamma_value;
+  const at::Tensor grad_out_bias = grad_sum * gamma_value;
   // The weight and bias gradients come from position_sum_product in the accumulation dtype.
   const at::ScalarType dtype = x.scalar_type();
   return {grad_x,

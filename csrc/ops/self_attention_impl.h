@@ -11,9 +11,10 @@
 //   attn (N, P, v)         = per head softmax(q k^T * scale) v     the backend
 //   y                      = x + gamma * (attn @ out_weight^T + out_bias), laid out like x
 //
-// The backward recomputes qkv from x (one product) instead of saving it, and gets the
-// gamma gradient from the out-projection's input gradient, so that only attn and the
-// softmax statistics lse are saved.
+// The backward recomputes qkv from x (one product) and attn (the backend's attention forward,
+// bit for bit the forward's), a chunk of samples at a time, so that only the softmax statistics
+// lse ((N, H, P), one value per position and head) are saved besides the inputs: nothing as
+// large as the feature map lives from forward to backward.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -32,9 +33,9 @@ namespace ops {
 
 namespace detail {
 
-// (y, attn, lse): also the concatenated head outputs attn (N, P, v_dim), dtype of x, and
-// the log-sum-exp of every softmax row, lse (N, num_heads, P) in the accumulation dtype:
-// what the backward needs besides the inputs.
+// (y, attn, lse): also the concatenated head outputs attn (N, P, v_dim), dtype of x (for
+// inspection: the backward recomputes them), and the log-sum-exp of every softmax row, lse
+// (N, num_heads, P) in the accumulation dtype: what the backward takes besides the inputs.
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor> _self_attention_forward(
     const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
@@ -46,8 +47,8 @@ CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                          const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
                          const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-                         const at::Tensor& gamma, const at::Tensor& attn, const at::Tensor& lse,
-                         int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
+                         const at::Tensor& gamma, const at::Tensor& lse, int64_t qk_dim,
+                         int64_t num_heads, int64_t kv_stride);
 
 }  // namespace detail
 
@@ -68,8 +69,8 @@ SelfAttentionSizes check_self_attention_args(const at::Tensor& x, const at::Tens
 SelfAttentionSizes check_self_attention_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
-    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& attn,
-    const at::Tensor& lse, int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
+    const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& lse,
+    int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
 
 // Results of every backend, with the same sizes and strides: y laid out like x, attn
 // (N, P, v_dim) and lse (N, num_heads, P) dense.
@@ -86,7 +87,8 @@ struct SelfAttentionBackend {
                                                           const at::Tensor& v, double scale);
   // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
   // in the dtype of q, whose contents on entry are undefined (they are slices of the
-  // projection's gradient, so nothing is copied afterwards).
+  // projection's gradient, so nothing is copied afterwards). out and lse are attention_forward's
+  // results for the same q, k and v.
   void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
@@ -119,8 +121,8 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                         const at::Tensor& x, const at::Tensor& qkv_weight,
                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
                         const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                        const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                        int64_t num_heads, int64_t kv_stride);
+                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
+                        int64_t kv_stride);
 
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_self_attention_kernels<kCpuBackend>(m).

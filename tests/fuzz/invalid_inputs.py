@@ -446,7 +446,6 @@ def build_self_attention(rng: random.Random, g: Geometry, backward: bool, forwar
         p = g.positions
         lse_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         v["grad_y"] = spec(rng, g, g.x_shape)
-        v["attn"] = spec(rng, g, (g.n, p, vd))
         v["lse"] = spec(rng, g, (g.n, heads, p), dtype=lse_dtype)
     return v
 
@@ -567,13 +566,12 @@ def valid_self_attention(a: dict[str, Any]) -> bool:
         and (smallest == 0 or stride <= smallest)
     ):
         return False
-    if "attn" not in a:
+    if "lse" not in a:
         return True
     n, p = x.shape[0], positions(x)
     lse, lse_dtype = a["lse"], torch.float64 if x.dtype == torch.float64 else torch.float32
     return (
         shaped(a["grad_y"], x, tuple(x.shape))
-        and shaped(a["attn"], x, (n, p, vd))
         and isinstance(lse, Tensor)
         and lse.dtype == lse_dtype
         and lse.device == x.device
@@ -877,14 +875,12 @@ def mutate_op(rng: random.Random, params: tuple[Param, ...], values: dict[str, A
     else:
         values[p.name] = int_value(rng, p.name, g)
         if p.name == "qk_dim" and isinstance(values["qk_dim"], int) and rng.random() < 0.7:
-            # Size out_weight (and attn) for v_dim as int64 arithmetic computes it from a
+            # Size out_weight for v_dim as int64 arithmetic computes it from a
             # huge qk_dim, so that only the qk_dim check stands between the call and the kernel.
             rows = values["qkv_weight"].shape[0] if isinstance(values["qkv_weight"], TSpec) else 0
             vd = wrap64(rows - wrap64(2 * values["qk_dim"]))
             if 1 <= vd <= 64 and isinstance(values["out_weight"], TSpec):
                 values["out_weight"].shape = (values["out_weight"].shape[0], vd)
-                if isinstance(values.get("attn"), TSpec):
-                    values["attn"].shape = values["attn"].shape[:2] + (vd,)
 
 
 def force_invalid(rng: random.Random, params: tuple[Param, ...], values: dict[str, Any], style: Style) -> None:

@@ -438,8 +438,9 @@ def test_self_attention(case: Case) -> None:
     sizes = (o["qk_dim"], o["num_heads"], o["kv_stride"])
     pool_dtype = dtype if dtype in HALF else None
     y, actual, grad = run(lambda *a: ops.self_attention(*a, *sizes), leaves, dtype, o["centred_grad"])
-    # The head outputs the operator saved, (N, P, v_dim) in the dtype (the forward is
-    # deterministic): for the check of the weight gradients' sums below.
+    # The head outputs of the forward, (N, P, v_dim) in the dtype, for the check of the weight
+    # gradients' sums below: the backward recomputes them bit for bit (the forward is
+    # deterministic and its rows do not depend on the other samples).
     with torch.no_grad():
         attn = ops._self_attention_forward(*leaves, *sizes)[1]
     if case.empty:
@@ -518,7 +519,7 @@ def test_self_attention(case: Case) -> None:
             assert_matches(a, w, dtype, f"grad {name}", 4.0, norm, extra + term_slack.get(name, 0.0))
     # The weight gradients sum over all N * P positions (tokens_outer): in a half dtype they
     # must accumulate in float32 (a half running sum loses its small terms where the sum
-    # cancels). Those of out_weight and gamma are exact sums of the operator's own saved head
+    # cancels). Those of out_weight and gamma are exact sums of the operator's own head
     # outputs: they must match those sums, in float64, within the dtype's tolerance plus 8
     # float32 (float64 for float64) ulps of the sum of the terms' sizes (what an accumulation in
     # that dtype may lose where the sum cancels; a half accumulation loses thousands of times

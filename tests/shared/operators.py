@@ -337,9 +337,9 @@ def _self_attention_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[
     names = ("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "gamma")
     options = _options(sample, "qk_dim", "num_heads", "kv_stride")
     forward = (*_plain(sample, *names), *options)
-    _, attn, lse = torch.ops.cnn_attention._self_attention_forward(*forward)
+    lse = torch.ops.cnn_attention._self_attention_forward(*forward)[2]
     return [("_self_attention_forward", forward),
-            ("_self_attention_backward", (grad, *_plain(sample, *names), attn, lse, *options))]
+            ("_self_attention_backward", (grad, *_plain(sample, *names), lse, *options))]
 
 
 def _cbam_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[str, tuple]]:

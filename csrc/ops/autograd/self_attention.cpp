@@ -12,18 +12,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Saves the inputs, the concatenated head outputs and the softmax statistics: the backward
-// recomputes the projection (one matrix product) rather than keeping q, k and v alive.
+// Saves the inputs and the softmax statistics: the backward recomputes the projection (one
+// matrix product) and the head outputs rather than keeping q, k, v or attn alive.
 class SelfAttentionFunction : public torch::autograd::Function<SelfAttentionFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qkv_weight,
                             const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
                             const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
                             int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-    at::Tensor y, attn, lse;
+    at::Tensor y, lse;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, attn, lse) = detail::_self_attention_forward(
+      std::tie(y, std::ignore, lse) = detail::_self_attention_forward(
           x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
     }
     ctx->saved_data["qk_dim"] = qk_dim;
@@ -32,7 +32,7 @@ class SelfAttentionFunction : public torch::autograd::Function<SelfAttentionFunc
     ctx->saved_data["has_qkv_bias"] = qkv_bias.has_value();
     ctx->saved_data["has_out_bias"] = out_bias.has_value();
     ctx->save_for_backward({x, qkv_weight, qkv_bias.value_or(at::Tensor()), out_weight,
-                            out_bias.value_or(at::Tensor()), gamma, attn, lse});
+                            out_bias.value_or(at::Tensor()), gamma, lse});
     return y;
   }
 
@@ -46,7 +46,7 @@ class SelfAttentionFunction : public torch::autograd::Function<SelfAttentionFunc
     auto [grad_x, grad_qkv_weight, grad_qkv_bias, grad_out_weight, grad_out_bias, grad_gamma] =
         detail::_self_attention_backward(
             grad_outputs[0], saved[0], saved[1], qkv_bias, saved[3], out_bias, saved[5], saved[6],
-            saved[7], ctx->saved_data["qk_dim"].toInt(), ctx->saved_data["num_heads"].toInt(),
+            ctx->saved_data["qk_dim"].toInt(), ctx->saved_data["num_heads"].toInt(),
             ctx->saved_data["kv_stride"].toInt());
     return {grad_x,
             grad_qkv_weight,
@@ -69,12 +69,12 @@ class SelfAttentionBackwardFunction
                                const std::optional<at::Tensor>& qkv_bias,
                                const at::Tensor& out_weight,
                                const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                               const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                               int64_t num_heads, int64_t kv_stride) {
+                               const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
+                               int64_t kv_stride) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [a, b, c, d, e, f] =
         detail::_self_attention_backward(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                         gamma, attn, lse, qk_dim, num_heads, kv_stride);
+                                         gamma, lse, qk_dim, num_heads, kv_stride);
     return {a, b, c, d, e, f};
   }
 
@@ -113,18 +113,17 @@ self_attention_backward_autograd(const at::Tensor& grad_y, const at::Tensor& x,
                                  const std::optional<at::Tensor>& qkv_bias,
                                  const at::Tensor& out_weight,
                                  const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                                 const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                                 int64_t num_heads, int64_t kv_stride) {
+                                 const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
+                                 int64_t kv_stride) {
   check_defined("self_attention", {{"grad_y", grad_y},
                                    {"x", x},
                                    {"qkv_weight", qkv_weight},
                                    {"out_weight", out_weight},
                                    {"gamma", gamma},
-                                   {"attn", attn},
                                    {"lse", lse}});
-  const auto grads = SelfAttentionBackwardFunction::apply(grad_y, x, qkv_weight, qkv_bias,
-                                                          out_weight, out_bias, gamma, attn, lse,
-                                                          qk_dim, num_heads, kv_stride);
+  const auto grads =
+      SelfAttentionBackwardFunction::apply(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
+                                           gamma, lse, qk_dim, num_heads, kv_stride);
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 

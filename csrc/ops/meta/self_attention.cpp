@@ -13,8 +13,8 @@ at::Tensor self_attention_meta(const at::Tensor& x, const at::Tensor& qkv_weight
                                const at::Tensor& out_weight,
                                const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
                                int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
-  check_self_attention_args(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
-                            num_heads, kv_stride);
+  check_self_attention_args(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads,
+                            kv_stride);
   return feature_map_like(x);
 }
 
@@ -34,10 +34,10 @@ self_attention_backward_meta(const at::Tensor& grad_y, const at::Tensor& x,
                              const std::optional<at::Tensor>& qkv_bias,
                              const at::Tensor& out_weight,
                              const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                             const at::Tensor& attn, const at::Tensor& lse, int64_t qk_dim,
-                             int64_t num_heads, int64_t kv_stride) {
+                             const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
+                             int64_t kv_stride) {
   check_self_attention_backward_args(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma,
-                                     attn, lse, qk_dim, num_heads, kv_stride);
+                                     lse, qk_dim, num_heads, kv_stride);
   const auto options = x.options();
   return {feature_map_like(x),
           at::empty_symint(qkv_weight.sym_sizes(), options),
