@@ -199,19 +199,19 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
   // The backward owns the key and value gradients of its key blocks and adds to the query gradient
   // of every query block: each group of key blocks has a partial query gradient, added to grad_q
-  // in group order (group 0 adds straight into it).
+  // (zero on entry) in group order.
   const BlockGroups key_groups = group_blocks(key_blocks, batch * heads);
   const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
   // The groups run in waves of enough tasks for every thread, each wave's partials added before
-  // the next wave starts: a partial buffer per group of a wave, not per group (16 partial query
-  // gradients of a sample would take more memory than its key and value gradients). The order
-  // of the additions is the group order whatever the wave, so the thread count sets the memory
-  // only, never the result.
+  // the next wave starts: a partial buffer per group of a wave, not one for every group (16
+  // partial query gradients of a sample would take more memory than its key and value
+  // gradients). The additions are in group order whatever the wave, so the thread count sets
+  // the memory only, never the result.
   const int64_t wave =
       std::clamp<int64_t>((at::get_num_threads() + batch * heads - 1) / (batch * heads), 1, groups);
   const at::Tensor partials = at::empty({wave, batch, heads, positions, dq}, q.options());
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
-  const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
+  const HeadRows<T> grad_keys(grad_k), grad_values(grad_v);
   const T* lse_data = lse.data_ptr<T>();
   const double* delta_data = delta.const_data_ptr<double>();
   T* partial_data = partials.data_ptr<T>();
@@ -225,10 +225,7 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_groups, group = wave_first + task % wave_groups;
         const int64_t n = nh / heads, h = nh % heads;
-        T* grad_query = group == 0 ? grad_queries.rows(n, h, 0)
-                                   : partial_data + ((group - wave_first) * batch * heads + nh) *
-                                                        positions * dq;
-        const int64_t grad_query_stride = group == 0 ? grad_queries.row_stride : dq;
+        T* grad_query = partial_data + ((group - wave_first) * batch * heads + nh) * positions * dq;
         const T* row_lse = lse_data + nh * positions;
         const double* row_delta = delta_data + nh * positions;
         const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
@@ -267,16 +264,12 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
             block_product<T>(cols, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
                              queries.row_stride, true, grad_key, grad_keys.row_stride);
             block_product<T>(rows, dq, cols, scale, grad_scores.data(), kKeyBlock, 1, key,
-                             keys.row_stride, true, grad_query + first * grad_query_stride,
-                             grad_query_stride);
+                             keys.row_stride, true, grad_query + first * dq, dq);
           }
         }
       }
     });
-    for (int64_t group = std::max<int64_t>(wave_first, 1); group < wave_first + wave_groups;
-         ++group) {
-      grad_q.add_(partials[group - wave_first]);
-    }
+    for (int64_t slot = 0; slot < wave_groups; ++slot) grad_q.add_(partials[slot]);
   }
 }
 
