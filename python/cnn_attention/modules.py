@@ -83,11 +83,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _autocast_enabled(device_type: str) -> bool:
     if torch.jit.is_scripting():
-        # TorchScript has only the CUDA query (its torch.is_autocast_cpu_enabled() crashes the
-        # process under CPU autocast in torch 2.15); elsewhere assume autocast may be on, which
-        # leaves a dtype mismatch to torch's convolution.
-        if device_type == "cuda":
-            return torch.is_autocast_enabled()
+        # TorchScript's autocast queries have crashed the process while autocast was on
+        # (torch.is_autocast_cpu_enabled() under CPU autocast in torch 2.15; a scripted module
+        # asking torch.is_autocast_enabled() under CUDA autocast in torch 2.11, which runs
+        # without the query): assume autocast may be on, which leaves a dtype mismatch to the
+        # operator's or torch's convolution's own check.
         return True
     else:
         return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

@@ -25,14 +25,23 @@ def poison(t: torch.Tensor, value: float, count: int, generator: torch.Generator
     return t
 
 
+def assert_finite_values_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Where the reference is finite: within 1e-4 relative, and 1e-5 of the largest finite
+    value absolute (a value near zero is a cancellation of terms that size: on CUDA a float32
+    weight gradient of terms near 50 came out 1.2e-5 where the reference has 4e-14)."""
+    finite = expected.isfinite()
+    scale = max(1.0, float(expected[finite].abs().max())) if finite.any() else 1.0
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Equal NaN, +inf and -inf positions, and close finite values."""
     actual, expected = actual.double(), expected.double()
     assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
     assert torch.equal(actual == math.inf, expected == math.inf), f"{what}: +inf positions differ"
     assert torch.equal(actual == -math.inf, expected == -math.inf), f"{what}: -inf positions differ"
-    finite = expected.isfinite()
-    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5, msg=what)
+    assert_finite_values_close(actual, expected, what)
 
 
 def assert_nonfinite_where_reference_is(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -40,8 +49,7 @@ def assert_nonfinite_where_reference_is(actual: torch.Tensor, expected: torch.Te
     the reference's NaN (a sum of +inf and -inf terms that the operator never forms)."""
     actual, expected = actual.double(), expected.double()
     assert torch.equal(actual.isfinite(), expected.isfinite()), f"{what}: non-finite positions differ"
-    finite = expected.isfinite()
-    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5, msg=what)
+    assert_finite_values_close(actual, expected, what)
 
 
 def check_forward_and_backward(sample: Sample, tensors, what: str, factored=()) -> None:

@@ -45,10 +45,21 @@ def _case_id(op, variant, dtype, layout, where):
     return f"{op.name}-{variant['id']}-{str(dtype)[6:]}-{layout}-{where}"
 
 
+@pytest.fixture
+def torch_default_tf32():
+    """torch's default float32 precision on CUDA, as users run: cuDNN convolutions in TF32
+    (conftest.py turns that off for the eager compositions). The operators' float32 results
+    must not depend on it; the float64 references are not touched by it."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,variant,dtype,layout,shape", REFERENCE_CASES,
                          ids=[_case_id(*case[:4], "x".join(map(str, case[4]))) for case in REFERENCE_CASES])
-def test_matches_float64_reference(device, op, variant, dtype, layout, shape):
+def test_matches_float64_reference(device, op, variant, dtype, layout, shape, torch_default_tf32):
     generator = torch.Generator().manual_seed(sum(shape) + len(variant["id"]))
     sample = op.sample(shape, variant, dtype, device, layout, generator)
     result, grads = check_against_reference(sample, generator)

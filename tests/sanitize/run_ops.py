@@ -25,10 +25,13 @@ SHAPES = [(2, 5, 7, 9), (1, 3, 1, 1), (3, 16, 12, 10), (2, 4, 33)]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float64",
+                        help="comma-separated; fewer dtypes for a shorter run")
     args = parser.parse_args()
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     generator = torch.Generator().manual_seed(0)
     calls = 0
-    for dtype in [torch.float32, torch.bfloat16, torch.float64]:
+    for dtype in dtypes:
         for layout in ["contiguous", "channels_last"]:
             for shape in SHAPES:
                 for sample in all_samples(shape, dtype, args.device, layout, generator):

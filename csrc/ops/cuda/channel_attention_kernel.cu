@@ -282,6 +282,29 @@ void apply_cuda(const at::Tensor& in, const at::Tensor& scale, const at::Tensor&
 // depend on a thread split here.
 at::Tensor sigmoid_cuda(const at::Tensor& scores) { return at::sigmoid(scores); }
 
+// cbam's score head in float64: cuDNN computes float32 convolutions in TF32 by default
+// (torch.backends.cudnn.allow_tf32), which rounds the pooled map and the weight to 10-bit
+// mantissas (errors of 1e-3 in the weight's gradient). Two input channels and one output
+// channel make the float64 convolution a small cost next to the passes over x.
+std::optional<at::Tensor> to_double(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kDouble)) : std::nullopt;
+}
+
+at::Tensor score_conv_cuda(const at::Tensor& pooled, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef sizes) {
+  return aten_score_conv(pooled.to(at::kDouble), weight.to(at::kDouble), to_double(bias), sizes)
+      .to(pooled.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cuda(
+    const at::Tensor& grad_scores, const at::Tensor& pooled, const at::Tensor& weight,
+    at::IntArrayRef sizes) {
+  auto [grad_pooled, grad_weight, grad_bias] = aten_score_conv_backward(
+      grad_scores.to(at::kDouble), pooled.to(at::kDouble), weight.to(at::kDouble), sizes);
+  return {grad_pooled.to(pooled.scalar_type()), grad_weight.to(weight.scalar_type()),
+          grad_bias.to(weight.scalar_type())};
+}
+
 // cbam's passes are ATen's calls on CUDA for now (correct, not fused).
 constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda,
                                                apply_cuda,
@@ -289,8 +312,8 @@ constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda,
                                                aten_weighted_channel_pool,
                                                aten_apply_with_positions,
                                                aten_reduce_with_positions,
-                                               aten_score_conv,
-                                               aten_score_conv_backward,
+                                               score_conv_cuda,
+                                               score_conv_backward_cuda,
                                                sigmoid_cuda};
 
 }  // namespace

@@ -100,18 +100,56 @@ __global__ void attention_forward_kernel(const scalar_t* __restrict__ q, HeadStr
   lse[row] = running_max + log(running_sum);
 }
 
-// The softmax probability of (query i, key j) and the gradient of its score.
+// The softmax probability of (query i, key j), recomputed from the row's lse, and the
+// gradient of its score, p * (dp - delta) with dp = grad_out . v, subtracted in double: where
+// one key takes almost all of a row, dp and delta nearly cancel.
 template <typename acc_t>
 struct ScoreGradient {
   acc_t prob, grad_score;
 };
 
 template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t recomputed_prob(const scalar_t* query, const scalar_t* key,
+                                                 acc_t lse, const Extent& e, acc_t scale) {
+  return exp(dot<scalar_t, acc_t>(query, key, e.dq) * scale - lse);
+}
+
+template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ ScoreGradient<acc_t> score_gradient(
     const scalar_t* query, const scalar_t* key, const scalar_t* grad, const scalar_t* value,
-    acc_t lse, acc_t delta, const Extent& e, acc_t scale) {
-  const acc_t p = exp(dot<scalar_t, acc_t>(query, key, e.dq) * scale - lse);
-  return {p, p * (dot<scalar_t, acc_t>(grad, value, e.dv) - delta)};
+    acc_t lse, double delta, const Extent& e, acc_t scale) {
+  const acc_t p = recomputed_prob<scalar_t, acc_t>(query, key, lse, e, scale);
+  const double grad_prob = static_cast<double>(dot<scalar_t, acc_t>(grad, value, e.dv));
+  return {p, static_cast<acc_t>(static_cast<double>(p) * (grad_prob - delta))};
+}
+
+// delta (N, H, P), the softmax backward's correction, as the CPU backend defines it: for each
+// query row the mean of dp = grad_out . v under the recomputed probabilities p,
+// sum_j p_j dp_j / sum_j p_j, in double. rowsum(grad_out * out) is the same quantity but
+// from the rounded output, and the difference dp - delta it feeds is small where one key
+// dominates; dividing by sum_j p_j also cancels the rounding of lse.
+template <typename scalar_t, typename acc_t>
+__global__ void attention_softmax_correction_kernel(
+    const scalar_t* __restrict__ grad_out, HeadStrides gs, const scalar_t* __restrict__ q,
+    HeadStrides qs, const scalar_t* __restrict__ k, HeadStrides ks, const scalar_t* __restrict__ v,
+    HeadStrides vs, const acc_t* __restrict__ lse, double* __restrict__ delta, Extent e,
+    acc_t scale) {
+  const int64_t rows = e.batch * e.heads * e.positions;
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const int64_t i = row % e.positions, h = row / e.positions % e.heads;
+  const int64_t n = row / (e.positions * e.heads);
+  const scalar_t* query = row_of(q, qs, n, h, i);
+  const scalar_t* grad = row_of(grad_out, gs, n, h, i);
+  double weighted = 0, total = 0;
+  for (int64_t j = 0; j < e.key_positions; ++j) {
+    const double p = recomputed_prob<scalar_t, acc_t>(query, row_of(k, ks, n, h, j), lse[row], e,
+                                                      scale);
+    weighted += p * static_cast<double>(dot<scalar_t, acc_t>(grad, row_of(v, vs, n, h, j), e.dv));
+    total += p;
+  }
+  // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
+  delta[row] = total == 0 ? 0.0 : weighted / total;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -120,7 +158,7 @@ __global__ void attention_grad_query_kernel(const scalar_t* __restrict__ grad_ou
                                             const scalar_t* __restrict__ k, HeadStrides ks,
                                             const scalar_t* __restrict__ v, HeadStrides vs,
                                             const acc_t* __restrict__ lse,
-                                            const acc_t* __restrict__ delta,
+                                            const double* __restrict__ delta,
                                             acc_t* __restrict__ grad_q, Extent e, acc_t scale) {
   const int64_t rows = e.batch * e.heads * e.positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -144,7 +182,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void attention_grad_key_value_kernel(
     const scalar_t* __restrict__ grad_out, HeadStrides gs, const scalar_t* __restrict__ q,
     HeadStrides qs, const scalar_t* __restrict__ k, HeadStrides ks, const scalar_t* __restrict__ v,
-    HeadStrides vs, const acc_t* __restrict__ lse, const acc_t* __restrict__ delta,
+    HeadStrides vs, const acc_t* __restrict__ lse, const double* __restrict__ delta,
     acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v, Extent e, acc_t scale) {
   const int64_t rows = e.batch * e.heads * e.key_positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -232,8 +270,9 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
     return;
   }
   const auto acc = at::toOpMathType(q.scalar_type());
-  const at::Tensor delta = at::mul(grad_out.to(acc), out.to(acc)).sum(-1).contiguous();
   const at::Tensor lse_rows = lse.to(acc).contiguous();
+  const at::Tensor delta =
+      at::empty({e.batch, e.heads, e.positions}, lse_rows.options().dtype(at::kDouble));
   at::Tensor scratch_q = at::empty({e.dq, e.batch, e.heads, e.positions}, lse_rows.options());
   at::Tensor scratch_k = at::empty({e.dq, e.batch, e.heads, e.key_positions}, lse_rows.options());
   at::Tensor scratch_v = at::empty({e.dv, e.batch, e.heads, e.key_positions}, lse_rows.options());
@@ -242,18 +281,24 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
                                   "self_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto s = static_cast<acc_t>(scale);
+    attention_softmax_correction_kernel<scalar_t, acc_t>
+        <<<blocks_for(e.batch * e.heads * e.positions), kThreads, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), strides_of(grad_out), q.data_ptr<scalar_t>(),
+            strides_of(q), k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(),
+            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<double>(), e, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     attention_grad_query_kernel<scalar_t, acc_t>
         <<<blocks_for(e.batch * e.heads * e.positions), kThreads, 0, stream>>>(
             grad_out.data_ptr<scalar_t>(), strides_of(grad_out), q.data_ptr<scalar_t>(),
             strides_of(q), k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(),
-            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<double>(),
             scratch_q.data_ptr<acc_t>(), e, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     attention_grad_key_value_kernel<scalar_t, acc_t>
         <<<blocks_for(e.batch * e.heads * e.key_positions), kThreads, 0, stream>>>(
             grad_out.data_ptr<scalar_t>(), strides_of(grad_out), q.data_ptr<scalar_t>(),
             strides_of(q), k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(),
-            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<double>(),
             scratch_k.data_ptr<acc_t>(), scratch_v.data_ptr<acc_t>(), e, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
