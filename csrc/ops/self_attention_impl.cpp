@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -69,6 +70,21 @@ struct Projection {
   at::Tensor qkv, kv, kv_indices;
 };
 
+// (*S') the flat spatial index of each pooling window's first element, S' = g.pooled.
+at::Tensor window_first_positions(const Geometry& g, const at::TensorOptions& options) {
+  at::Tensor first = at::zeros({}, options.dtype(at::kLong));
+  int64_t spatial_stride = 1;
+  for (int64_t d = static_cast<int64_t>(g.spatial.size()) - 1; d >= 0; --d) {
+    std::vector<int64_t> shape(g.spatial.size(), 1);
+    shape[d] = g.pooled[d];
+    first = first + at::arange(g.pooled[d], options.dtype(at::kLong))
+                            .mul_(g.sizes.kv_stride * spatial_stride)
+                            .view(shape);
+    spatial_stride *= g.spatial[d];
+  }
+  return first;
+}
+
 Projection project(MatmulFn matmul, const at::Tensor& x_tokens, const at::Tensor& qkv_weight,
                    const std::optional<at::Tensor>& qkv_bias, const Geometry& g) {
   Projection p;
@@ -98,6 +114,13 @@ Projection project(MatmulFn matmul, const at::Tensor& x_tokens, const at::Tensor
     default:
       std::tie(pooled, p.kv_indices) = at::max_pool3d_with_indices(maps, {s, s, s}, {s, s, s});
   }
+  // ATen's CUDA pooling of channels-last maps starts every window's index at 0, so a window
+  // whose elements are all -inf (none exceeds the starting -inf) names position 0, outside
+  // the window, and several such windows would scatter their gradients to one place. The CPU
+  // kernels and ATen's contiguous CUDA kernel name the window's first element: so do we, on
+  // every device, wherever the maximum is -inf.
+  p.kv_indices = at::where(pooled == -std::numeric_limits<double>::infinity(),
+                           window_first_positions(g, pooled.options()), p.kv_indices);
   p.kv = pooled.permute(channels_last_order(pooled.dim()))
              .reshape({g.batch, g.key_positions, kv_columns});
   return p;

@@ -94,6 +94,30 @@ def test_operator(device, dtype, value, op, variant, target):
     check_forward_and_backward(sample, tensors, what, factored)
 
 
+POOLED_SHAPES = [(2, 6, 9), (2, 6, 5, 4, 5)]
+POOLED_CASES = [(variant, shape) for variant in BY_NAME["self_attention"].variants
+                for shape in POOLED_SHAPES
+                if variant["kv_stride"] > 1 and BY_NAME["self_attention"].applies(shape, variant)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+@pytest.mark.parametrize("variant,shape", POOLED_CASES,
+                         ids=[f"{v['id']}-{len(s) - 2}d" for v, s in POOLED_CASES])
+def test_self_attention_pooling_windows_of_infinities(device, value, variant, shape):
+    """An infinity in qkv_weight makes whole pooling windows of keys or values -inf in 1 and 3
+    spatial dims (test_operator has 2): their gradients go to each window's first position,
+    as in the reference. ATen's CUDA pooling of channels-last maps names position 0 for such
+    a window; on an H200 that sent qkv_weight's gradient astray by up to 17.7."""
+    op = BY_NAME["self_attention"]
+    what = f"self_attention {variant['id']} {value} in qkv_weight, {len(shape) - 2}-d"
+    g = torch.Generator().manual_seed(zlib.crc32(what.encode()))
+    sample = op.sample(shape, variant, torch.float64, device, "contiguous", g)
+    tensors = dict(sample.tensors)
+    tensors["qkv_weight"] = poison(tensors["qkv_weight"], value, op.poison_count, g)
+    check_forward_and_backward(sample, tensors, what, op.factored_gradients.get("qkv_weight", ()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
