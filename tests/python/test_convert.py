@@ -117,13 +117,21 @@ def test_zoo_model_converts_with_the_same_state_and_function(name, builder):
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     # Through a whole network the rounding of each block grows: float32 rounding, amplified.
-    for mode in ("train", "eval"):
-        original.train(mode == "train")
-        converted.train(mode == "train")
-        _assert_same_function(original, converted, x, rtol=1e-3, atol=1e-4)
+    original.train()
+    converted.train()
+    _assert_same_function(original, converted, x, rtol=1e-3, atol=1e-4)
     # The running statistics were updated alike in train mode.
     for key, value in original.state_dict().items():
         torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # Eval mode on the same running statistics: batch statistics over 2 samples of a 2x2 map
+    # make the train step ill-conditioned (on an AMD EPYC, eager's own gradient of x moved by
+    # 0.2 at a maximum of 25 between contiguous and channels-last inputs), and the rounding
+    # differences it leaves in the running statistics, within the tolerance above, moved the
+    # eval gradient of seresnet50 by 3.5e-3 of its maximum where the same buffers give 1e-6.
+    converted.load_state_dict(original.state_dict())
+    original.eval()
+    converted.eval()
+    _assert_same_function(original, converted, x, rtol=1e-3, atol=1e-4)
 
     # A checkpoint of the eager architecture (another seed) loads into the converted model.
     other = _build(builder, seed=1).eval()
