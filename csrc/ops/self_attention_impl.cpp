@@ -235,10 +235,14 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   // The attention's backward runs on chunks of samples: its temporaries (the gradient of the
   // heads, the recomputed projection, heads and the projection's gradient: 2 (v + R) values
   // per position) then take a chunk's share of memory on top of what the backward must hold
-  // (grad_x), and a chunk of at least kChunkPositions positions keeps each call's work large
-  // next to its fixed costs.
+  // (grad_x). A chunk of kChunkPositions positions keeps each call's work large next to its
+  // fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
+  // twice |Q| + |K| + |V| + |out| per position) at half of the call's |Q| + |K| + |V| + |out|
+  // or less. Where the two disagree (small maps) memory wins: from 4 samples on, the peak
+  // stays within 1.5 times |Q| + |K| + |V| + |out| at every P.
   constexpr int64_t kChunkPositions = 1024;
-  const int64_t chunk = std::min(g.batch, std::max<int64_t>(1, kChunkPositions / g.positions));
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_x = feature_map_like(x);

@@ -374,13 +374,14 @@ def test_forward_keeps_only_the_softmax_statistics(layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, size):
-    """Forward+backward of the default module on (4, 64, S, S), P >= 1024, at 2 threads: the
-    backward recomputes the projection and the heads a sample at a time and keeps one wave of
-    partial query gradients (a buffer per thread, not per key-block group), so its peak is at
-    most 1.5x |Q| + |K| + |V| + |out| (1.80x and 1.95x when the heads were saved and every
-    group had a buffer). Counted: y and grad_x for the batch (64 + 64 values per position), one sample's
+    """Forward+backward of the default module on (4, 64, S, S), P >= 256, at 2 threads: the
+    backward recomputes the projection and the heads a sample at a time (also where a sample
+    has fewer than 1024 positions: 2.97x at P = 256 when a chunk took 1024 positions) and keeps
+    one wave of partial query gradients (a buffer per thread, not per key-block group), so its
+    peak is at most 1.5x |Q| + |K| + |V| + |out| (1.80x and 1.95x when the heads were saved and
+    every group had a buffer). Counted: y and grad_x for the batch (64 + 64 values per position), one sample's
     temporaries (the heads' gradient, the recomputed projection and heads, the projection's
     gradient: 288 values per position of the sample), two partial query gradients, per-thread
     buffers."""

@@ -33,6 +33,18 @@ constexpr int64_t kKeyBlock = 256;
 // one task each, for at least this many tasks where there are enough blocks.
 constexpr int64_t kMinBackwardTasks = 16;
 
+// The backward's key blocks: kKeyBlock keys, or narrower (at least kMinKeyBlock) where the
+// (sample, head) pairs would have fewer than kMinKeyBlocks blocks between them: a small map
+// (the backward runs a sample at a time) would otherwise give one thread all the work.
+constexpr int64_t kMinKeyBlock = 64;
+constexpr int64_t kMinKeyBlocks = 4;
+
+int64_t backward_key_block(int64_t key_positions, int64_t batch_heads) {
+  const int64_t blocks_per_pair = (kMinKeyBlocks + batch_heads - 1) / batch_heads;
+  const int64_t width = (key_positions + blocks_per_pair - 1) / blocks_per_pair;
+  return std::clamp<int64_t>((width + 15) / 16 * 16, kMinKeyBlock, kKeyBlock);
+}
+
 struct BlockGroups {
   int64_t count, blocks_per_group;
 };
@@ -196,7 +208,8 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
                               const at::Tensor& grad_v) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3);
-  const int64_t key_blocks = (key_positions + kKeyBlock - 1) / kKeyBlock;
+  const int64_t key_block = backward_key_block(key_positions, batch * heads);
+  const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
   // The backward owns the key and value gradients of its key blocks and adds to the query gradient
   // of every query block: each group of key blocks has a partial query gradient, added to grad_q
   // (zero on entry) in group order.
@@ -230,8 +243,8 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
         const double* row_delta = delta_data + nh * positions;
         const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
         for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
-          const int64_t key_first = block * kKeyBlock;
-          const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
+          const int64_t key_first = block * key_block;
+          const int64_t cols = std::min(key_block, key_positions - key_first);
           const T* key = keys.rows(n, h, key_first);
           const T* value = values.rows(n, h, key_first);
           T* grad_key = grad_keys.rows(n, h, key_first);
@@ -461,6 +474,8 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a, const at::Tensor& b) {
                               b.select(0, n).narrow(0, first, length), false);
     }
   });
+  // One partial is the sum itself (a copy would be one more weight-sized tensor at the peak).
+  if (batch * chunks_per_sample == 1) return partials.select(0, 0);
   at::Tensor out = partials.select(0, 0).clone();
   for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
     out.add_(partials.select(0, chunk));
