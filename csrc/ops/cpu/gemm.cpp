@@ -27,6 +27,18 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
   const at::ScalarType acc = at::toOpMathType(a.scalar_type());
+  // b stored column by column (a transposed weight) would be packed into rows below: a copy of
+  // all of b, on one thread. With fewer rows than columns in out (a few tokens times a wide
+  // weight), out^T = b^T a^T reads b^T in place as the `a` operand (any strides) and packs the
+  // smaller a^T instead. Every element is the same chain of fused multiply-adds over l either
+  // way (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
+  if (b.stride(0) == 1 && n > 1 && m < n) {
+    at::Tensor transposed = at::empty({n, m}, out.options().dtype(acc));
+    if (accumulate) transposed.copy_(out.t());
+    fixed_order_matmul(transposed, b.t(), a.t(), accumulate);
+    out.copy_(transposed.t());
+    return;
+  }
   // b is read a row at a time by every tile: packed dense; a is read in place when it is
   // already in the accumulation dtype.
   const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
