@@ -239,10 +239,17 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   // fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
   // twice |Q| + |K| + |V| + |out| per position) at half of the call's |Q| + |K| + |V| + |out|
   // or less. Where the two disagree (small maps) memory wins: from 4 samples on, the peak
-  // stays within 1.5 times |Q| + |K| + |V| + |out| at every P.
+  // stays within 1.5 times |Q| + |K| + |V| + |out| at every P. But every chunk after the
+  // first adds weight-sized partial sums of the weights' gradients (and holds one while it is
+  // added): where the whole batch's temporaries are no larger than the weights (deep stages:
+  // few positions, many channels), the batch is one chunk.
   constexpr int64_t kChunkPositions = 1024;
+  const int64_t batch_temporaries = 2 * (sizes.v_dim + rows) * g.batch * g.positions;
+  const int64_t weights = (rows + sizes.v_dim) * g.channels;
   const int64_t chunk =
-      std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
+      batch_temporaries <= weights
+          ? g.batch
+          : std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_x = feature_map_like(x);

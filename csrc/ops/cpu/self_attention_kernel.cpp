@@ -449,14 +449,22 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   }
 }
 
-// Positions per partial sum of position_sum_product_cpu.
+// Rows (positions of all samples) per partial sum of position_sum_product_cpu.
 constexpr int64_t kPositionChunk = 1024;
 
-// The sum over positions is cut into chunks of positions whose size depends on the shape
-// alone; each chunk's product is a task, and the partials are added in chunk order, so the
-// result is the same for every thread count. The worker threads get the caller's
+// The sum over samples and positions is cut into chunks of rows whose size depends on the
+// shape alone; each chunk's product is a task, and the partials are added in chunk order, so
+// the result is the same for every thread count. Samples of fewer than kPositionChunk
+// positions have their rows stacked (a copy where they do not follow each other in memory,
+// positions-sized), so that a few positions of many samples make one product and one partial
+// rather than a weight-sized partial per sample. The worker threads get the caller's
 // thread-local state (below autograd, grad mode), as at::launch does.
-at::Tensor position_sum_product_cpu(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor position_sum_product_cpu(const at::Tensor& a_samples, const at::Tensor& b_samples) {
+  const bool stack = a_samples.size(1) < kPositionChunk;
+  const auto rows_of = [&](const at::Tensor& t) {
+    return stack ? t.reshape({1, t.size(0) * t.size(1), t.size(2)}) : t;
+  };
+  const at::Tensor a = rows_of(a_samples), b = rows_of(b_samples);
   const int64_t batch = a.size(0), positions = a.size(1);
   const at::ScalarType acc = accumulation_type(a);
   const int64_t chunks_per_sample = (positions + kPositionChunk - 1) / kPositionChunk;
