@@ -404,6 +404,21 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, size):
     assert peak <= 1.5 * qkv_out, f"peak {peak / qkv_out:.2f}x |Q| + |K| + |V| + |out|"
 
 
+def test_deep_stage_backward_holds_little_beyond_the_weight_gradients():
+    """A non-local block at ResNet-50's last stage, (8, 2048, 4, 4): 128 tokens against 9.4 M
+    weights, so the weights' gradients (36 MiB) are most of what forward+backward must hold.
+    The weight-gradient sums stack the samples' rows into one product and the batch is one
+    chunk, so the peak stays within 1.6x the weights (1.5x measured: the two gradients and
+    grad_out's product with the heads, 16 MiB); it was 3.2x with a weight-sized partial per
+    sample and a chunk of two samples, 5.6x with a chunk of the whole batch."""
+    m = SelfAttention(2048)
+    x = torch.randn(8, 2048, 4, 4, requires_grad=True)
+    grad = torch.randn(x.shape)
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    peak = _peak_cpu_bytes(lambda: m(x).backward(grad))
+    assert peak <= 1.6 * weight_bytes, f"peak {peak / weight_bytes:.2f}x the weights"
+
+
 @pytest.mark.slow
 def test_memory_is_linear_in_positions():
     ours, eager, matrix = _memory_case("cpu")
