@@ -64,6 +64,16 @@ struct Extent {
   int64_t batch, heads, positions, key_positions, dq, dv;
 };
 
+// The sample n, head h and row i of thread `row` of a grid with one thread per row of
+// `positions` rows per (sample, head).
+struct RowIndex {
+  int64_t n, h, i;
+};
+
+__device__ __forceinline__ RowIndex row_index(int64_t row, int64_t positions, int64_t heads) {
+  return {row / (positions * heads), row / positions % heads, row % positions};
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void attention_forward_kernel(const scalar_t* __restrict__ q, HeadStrides qs,
                                          const scalar_t* __restrict__ k, HeadStrides ks,
@@ -73,8 +83,7 @@ __global__ void attention_forward_kernel(const scalar_t* __restrict__ q, HeadStr
   const int64_t rows = e.batch * e.heads * e.positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const int64_t i = row % e.positions, h = row / e.positions % e.heads;
-  const int64_t n = row / (e.positions * e.heads);
+  const auto [n, h, i] = row_index(row, e.positions, e.heads);
   const scalar_t* query = row_of(q, qs, n, h, i);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t running_max = kNegInf, running_sum = 0;
@@ -137,8 +146,7 @@ __global__ void attention_softmax_correction_kernel(
   const int64_t rows = e.batch * e.heads * e.positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const int64_t i = row % e.positions, h = row / e.positions % e.heads;
-  const int64_t n = row / (e.positions * e.heads);
+  const auto [n, h, i] = row_index(row, e.positions, e.heads);
   const scalar_t* query = row_of(q, qs, n, h, i);
   const scalar_t* grad = row_of(grad_out, gs, n, h, i);
   double weighted = 0, total = 0;
@@ -163,8 +171,7 @@ __global__ void attention_grad_query_kernel(const scalar_t* __restrict__ grad_ou
   const int64_t rows = e.batch * e.heads * e.positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const int64_t i = row % e.positions, h = row / e.positions % e.heads;
-  const int64_t n = row / (e.positions * e.heads);
+  const auto [n, h, i] = row_index(row, e.positions, e.heads);
   const scalar_t* query = row_of(q, qs, n, h, i);
   const scalar_t* grad = row_of(grad_out, gs, n, h, i);
   for (int64_t c = 0; c < e.dq; ++c) grad_q[c * rows + row] = 0;
@@ -187,8 +194,7 @@ __global__ void attention_grad_key_value_kernel(
   const int64_t rows = e.batch * e.heads * e.key_positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const int64_t j = row % e.key_positions, h = row / e.key_positions % e.heads;
-  const int64_t n = row / (e.key_positions * e.heads);
+  const auto [n, h, j] = row_index(row, e.key_positions, e.heads);
   const scalar_t* key = row_of(k, ks, n, h, j);
   const scalar_t* value = row_of(v, vs, n, h, j);
   for (int64_t c = 0; c < e.dq; ++c) grad_k[c * rows + row] = 0;
