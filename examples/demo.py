@@ -136,11 +136,19 @@ def convert_zoo_model(batch: int = 8, size: int = 128, rounds: int = 5) -> dict:
 
     out_eager, grads_eager = step(eager)
     out_converted, grads_converted = step(converted)
+    # The eager model against itself on one thread: its convolutions' sums split by thread
+    # count (on an AMD EPYC its gradients moved by 1.8e-3 of the largest), the noise floor of
+    # the comparison.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _, grads_one_thread = step(eager)
+    torch.set_num_threads(threads)
     output_diff = (out_converted - out_eager).abs().max().item() / out_eager.abs().max().item()
     # Relative to the largest gradient: a gradient that is a sum with much cancellation (a
     # BatchNorm bias) is small, and its rounding is that of its terms.
     largest = max(b.abs().max().item() for b in grads_eager)
     grad_diff = max((a - b).abs().max().item() for a, b in zip(grads_converted, grads_eager)) / largest
+    eager_spread = max((a - b).abs().max().item() for a, b in zip(grads_one_thread, grads_eager)) / largest
     times = {"eager": [], "converted": []}
     for _ in range(rounds):
         for name, model in (("eager", eager), ("converted", converted)):
@@ -150,6 +158,7 @@ def convert_zoo_model(batch: int = 8, size: int = 128, rounds: int = 5) -> dict:
     eager_ms, converted_ms = (1e3 * statistics.median(times[n]) for n in ("eager", "converted"))
     return {"model": "timm resnet26, attn_layer=cbam", "batch": batch, "size": size,
             "max_relative_output_diff": output_diff, "max_relative_gradient_diff": grad_diff,
+            "eager_relative_gradient_spread": eager_spread,
             "training_step_ms_eager": round(eager_ms, 1), "training_step_ms_converted": round(converted_ms, 1)}
 
 
@@ -300,10 +309,12 @@ def main() -> None:
     zoo = convert_zoo_model()
     print(f"cnn_attention.convert on {zoo['model']} (batch {zoo['batch']}, {zoo['size']}x{zoo['size']}): outputs "
           f"match to {zoo['max_relative_output_diff']:.1e}, gradients to {zoo['max_relative_gradient_diff']:.1e} "
-          f"(relative to the largest output and gradient); training step {zoo['training_step_ms_eager']:.0f} ms eager, "
+          f"(relative to the largest output and gradient; the eager model's own gradients on 1 thread and "
+          f"{torch.get_num_threads()}: {zoo['eager_relative_gradient_spread']:.1e}); training step {zoo['training_step_ms_eager']:.0f} ms eager, "
           f"{zoo['training_step_ms_converted']:.0f} ms converted "
           f"({zoo['training_step_ms_eager'] / zoo['training_step_ms_converted']:.2f}x)")
-    zoo_ok = zoo["max_relative_output_diff"] <= 1e-4 and zoo["max_relative_gradient_diff"] <= 1e-3
+    zoo_ok = zoo["max_relative_output_diff"] <= 1e-4 and zoo["max_relative_gradient_diff"] <= max(
+        1e-3, 2 * zoo["eager_relative_gradient_spread"])
 
     summary = {
         "epochs": args.epochs,
