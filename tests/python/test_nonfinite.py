@@ -30,7 +30,7 @@ def assert_finite_values_close(actual: torch.Tensor, expected: torch.Tensor, wha
     value absolute (a value near zero is a cancellation of terms that size: on CUDA a float32
     weight gradient of terms near 50 came out 1.2e-5 where the reference has 4e-14)."""
     finite = expected.isfinite()
-    scale = max(1.0, float(expected[finite].abs().max())) if finite.any() else 1.0
+    scale = max(1.0, float(expected[finite].detach().abs().max())) if finite.any() else 1.0
     torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5 * scale,
                                msg=lambda m: f"{what}: {m}")
 

@@ -132,17 +132,20 @@ __device__ __forceinline__ ScoreGradient<acc_t> score_gradient(
   return {p, static_cast<acc_t>(static_cast<double>(p) * (grad_prob - delta))};
 }
 
-// delta (N, H, P), the softmax backward's correction, as the CPU backend defines it: for each
-// query row the mean of dp = grad_out . v under the recomputed probabilities p,
-// sum_j p_j dp_j / sum_j p_j, in double. rowsum(grad_out * out) is the same quantity but
-// from the rounded output, and the difference dp - delta it feeds is small where one key
-// dominates; dividing by sum_j p_j also cancels the rounding of lse.
+// One thread per query row: first the row's softmax correction delta, as the CPU backend
+// defines it (the mean of dp = grad_out . v under the recomputed probabilities p,
+// sum_j p_j dp_j / sum_j p_j, in double; rowsum(grad_out * out) is the same quantity but from
+// the rounded output, and the difference dp - delta it feeds is small where one key
+// dominates; dividing by sum_j p_j also cancels the rounding of lse), stored (N, H, P) for the
+// key and value gradients; then the row's query gradient.
 template <typename scalar_t, typename acc_t>
-__global__ void attention_softmax_correction_kernel(
-    const scalar_t* __restrict__ grad_out, HeadStrides gs, const scalar_t* __restrict__ q,
-    HeadStrides qs, const scalar_t* __restrict__ k, HeadStrides ks, const scalar_t* __restrict__ v,
-    HeadStrides vs, const acc_t* __restrict__ lse, double* __restrict__ delta, Extent e,
-    acc_t scale) {
+__global__ void attention_grad_query_kernel(const scalar_t* __restrict__ grad_out, HeadStrides gs,
+                                            const scalar_t* __restrict__ q, HeadStrides qs,
+                                            const scalar_t* __restrict__ k, HeadStrides ks,
+                                            const scalar_t* __restrict__ v, HeadStrides vs,
+                                            const acc_t* __restrict__ lse,
+                                            double* __restrict__ delta,
+                                            acc_t* __restrict__ grad_q, Extent e, acc_t scale) {
   const int64_t rows = e.batch * e.heads * e.positions;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
@@ -157,28 +160,13 @@ __global__ void attention_softmax_correction_kernel(
     total += p;
   }
   // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
-  delta[row] = total == 0 ? 0.0 : weighted / total;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void attention_grad_query_kernel(const scalar_t* __restrict__ grad_out, HeadStrides gs,
-                                            const scalar_t* __restrict__ q, HeadStrides qs,
-                                            const scalar_t* __restrict__ k, HeadStrides ks,
-                                            const scalar_t* __restrict__ v, HeadStrides vs,
-                                            const acc_t* __restrict__ lse,
-                                            const double* __restrict__ delta,
-                                            acc_t* __restrict__ grad_q, Extent e, acc_t scale) {
-  const int64_t rows = e.batch * e.heads * e.positions;
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  const auto [n, h, i] = row_index(row, e.positions, e.heads);
-  const scalar_t* query = row_of(q, qs, n, h, i);
-  const scalar_t* grad = row_of(grad_out, gs, n, h, i);
+  const double row_delta = total == 0 ? 0.0 : weighted / total;
+  delta[row] = row_delta;
   for (int64_t c = 0; c < e.dq; ++c) grad_q[c * rows + row] = 0;
   for (int64_t j = 0; j < e.key_positions; ++j) {
     const scalar_t* key = row_of(k, ks, n, h, j);
     const auto sg = score_gradient<scalar_t, acc_t>(query, key, grad, row_of(v, vs, n, h, j),
-                                                    lse[row], delta[row], e, scale);
+                                                    lse[row], row_delta, e, scale);
     for (int64_t c = 0; c < e.dq; ++c) {
       grad_q[c * rows + row] += scale * sg.grad_score * static_cast<acc_t>(key[c]);
     }
@@ -287,12 +275,6 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
                                   "self_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto s = static_cast<acc_t>(scale);
-    attention_softmax_correction_kernel<scalar_t, acc_t>
-        <<<blocks_for(e.batch * e.heads * e.positions), kThreads, 0, stream>>>(
-            grad_out.data_ptr<scalar_t>(), strides_of(grad_out), q.data_ptr<scalar_t>(),
-            strides_of(q), k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(),
-            strides_of(v), lse_rows.data_ptr<acc_t>(), delta.data_ptr<double>(), e, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     attention_grad_query_kernel<scalar_t, acc_t>
         <<<blocks_for(e.batch * e.heads * e.positions), kThreads, 0, stream>>>(
             grad_out.data_ptr<scalar_t>(), strides_of(grad_out), q.data_ptr<scalar_t>(),
