@@ -30,20 +30,49 @@ bool rows_stack(const at::Tensor& a) {
   return a.stride(2) == 1 && (a.size(0) == 1 || a.stride(0) == a.size(1) * a.stride(1));
 }
 
+// Whether a product per sample with a weight `b` would cost more than stacking the samples'
+// `tokens` into one matrix: each product reads all of b, so where the tokens of the whole
+// batch are no larger than b (deep stages: few positions, many channels) one copy of the
+// tokens is cheaper than reading b once per sample. Every element is the same sum either way.
+bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& b) {
+  return tokens.size(0) > 1 && tokens.numel() <= b.numel();
+}
+
 // out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)): one product when the samples of `a`
-// stack into a matrix, else one per sample, each reading `a` in place.
+// stack into a matrix (copied into one where stack_by_copy), else one per sample, each reading
+// `a` in place.
 at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
   at::Tensor out = at::empty({batch, rows, cols}, a.options());
   if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
-  if (rows_stack(a)) {
+  if (rows_stack(a) || stack_by_copy(a, b)) {
     matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,
            bias.has_value());
     return out;
   }
   for (int64_t n = 0; n < batch; ++n) matmul(out.select(0, n), a.select(0, n), b, bias.has_value());
   return out;
+}
+
+// out (N, L, M) = w (L, K) @ tokens (N, M, K)^T per sample, or out += it with `accumulate`:
+// the token-major products written into a feature map of channels-first layout. Where
+// stack_by_copy, out's samples are copied side by side into one (L, N * M) matrix and back,
+// around one product.
+void columns_mm(MatmulFn matmul, const at::Tensor& out, const at::Tensor& w,
+                const at::Tensor& tokens, bool accumulate) {
+  const int64_t batch = out.size(0), rows = out.size(1), positions = out.size(2);
+  if (stack_by_copy(tokens, w)) {
+    const at::Tensor stacked = at::empty({rows, batch * positions}, out.options());
+    const at::Tensor samples = stacked.view({rows, batch, positions}).permute({1, 0, 2});
+    if (accumulate) samples.copy_(out);
+    matmul(stacked, w, tokens.reshape({batch * positions, tokens.size(2)}).t(), accumulate);
+    out.copy_(samples);
+    return;
+  }
+  for (int64_t n = 0; n < batch; ++n) {
+    matmul(out.select(0, n), w, tokens.select(0, n).t(), accumulate);
+  }
 }
 
 struct Geometry {
@@ -191,9 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
   } else {
     const at::Tensor columns = y.view({g.batch, g.channels, g.positions});
     if (with_bias) columns.copy_(out_bias->view({1, g.channels, 1}).expand_as(columns));
-    for (int64_t n = 0; n < g.batch; ++n) {
-      backend.matmul(columns.select(0, n), out_weight, attn.select(0, n).t(), with_bias);
-    }
+    columns_mm(backend.matmul, columns, out_weight, attn, with_bias);
   }
   at::addcmul_out(y, x_dense, gamma.reshape({}), y);
   return {y, attn, lse};
@@ -310,10 +337,7 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
       const at::Tensor grad_x_columns = chunk_grad_x.view({count, g.channels, g.positions});
       grad_x_columns.copy_(
           grad_dense.narrow(0, first, count).view({count, g.channels, g.positions}));
-      for (int64_t n = 0; n < count; ++n) {
-        backend.matmul(grad_x_columns.select(0, n), qkv_weight.t(), grad_qkv.select(0, n).t(),
-                       true);
-      }
+      columns_mm(backend.matmul, grad_x_columns, qkv_weight.t(), grad_qkv, true);
     }
   }
   // Output projection and residual: the weight gradient is gamma * G, and gamma's,

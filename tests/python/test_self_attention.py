@@ -292,6 +292,29 @@ def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, k
     assert_bitwise_identical_across_thread_counts(run)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,spatial", [(256, (2, 2)), (64, (1, 1)), (32, (12, 12))])
+def test_a_sample_gets_the_same_bits_alone_or_in_a_batch(layout, channels, spatial):
+    """y and grad_x of each sample, bit for bit, whether it comes alone or in a batch of 4. With
+    256 or 64 channels and 4 or 1 positions the batch's tokens are fewer than the weights, so
+    the products stack the samples into one matrix (copying a channels-first map's tokens, and
+    writing its outputs back); alone, and with 32 channels at 12 x 12, each sample is its own
+    product. Every element is the same sum either way."""
+    x = in_layout(torch.randn((4, channels) + spatial), layout)
+    params = make_params(channels, channels // 8, channels, torch.float32, "cpu")
+    grad = in_layout(torch.randn(x.shape), layout)
+
+    def run(first, count):
+        leaves = [x[first:first + count].clone().requires_grad_(True), *params]
+        y = op(*leaves, channels // 8, 1, 1)
+        return y.detach(), torch.autograd.grad(y, leaves[0], grad[first:first + count])[0]
+
+    y, grad_x = run(0, 4)
+    alone = [run(n, 1) for n in range(4)]
+    assert torch.equal(y, torch.cat([a[0] for a in alone]))
+    assert torch.equal(grad_x, torch.cat([a[1] for a in alone]))
+
+
 def _feature_map_copies(x, fn):
     """The copies (ATen copy_/clone/contiguous/_to_copy) `fn` makes of a feature map shaped
     like x (as many elements, as many dims): layout conversions. (A product that adds grad_y

@@ -4,9 +4,12 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../vector_isa.h"
 
@@ -28,19 +31,63 @@ constexpr int kTileRows = 4;
 constexpr bool kMaskedLastColumns = false;
 #endif
 
-// c (kRows x kVecs vectors) = alpha * sum over l of a(i, l) * b(l, :), stored into c or added
-// to it, with a(i, l) = a[i * a_row + l * a_col] (any strides: a row-major block, or with
-// a_row = 1 a transposed one) and b, c row-major with contiguous rows. The sums stay in
-// registers; b's vectors are loaded once per l for all kRows rows. With `columns` below a
-// vector (kVecs = 1), only that many columns are read and written.
-template <typename T, int kRows, int kVecs>
-C10_ALWAYS_INLINE void product_tile(int64_t k, T alpha, const T* a, int64_t a_row, int64_t a_col,
-                                    const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
+// Sums along k longer than kDepthBlock run block by block: the b rows of one block and one
+// column tile (kDepthBlock x 3 vectors of floats, 24 KiB) stay in the L1 cache while every
+// row group of the product uses them, instead of streaming all of k x 3 vectors for each row
+// group. Between blocks each element's running sum is stored as it is and loaded again, so its
+// chain of fused multiply-adds is that of one pass over k.
+constexpr int64_t kDepthBlock = 256;
+
+// Where a tile's sums begin and end, for a product in one pass over k (kWhole) or a depth block
+// of it (the first, a middle one, the last): they begin at zero or at the running sums of the
+// previous block, and end as running sums (stored as they are) or as alpha * sum, stored into
+// c or, with `accumulate`, added to it.
+enum class DepthStage { kWhole, kFirst, kMiddle, kLast };
+
+constexpr bool continues(DepthStage stage) {
+  return stage == DepthStage::kMiddle || stage == DepthStage::kLast;
+}
+constexpr bool ends_running(DepthStage stage) {
+  return stage == DepthStage::kFirst || stage == DepthStage::kMiddle;
+}
+
+// A tile's running sums (m x n, row-major, rows `ld` apart), c, and how c is written.
+template <typename T>
+struct Sums {
+  T* running;
+  int64_t running_ld;
+  T* c;
+  int64_t ldc;
+  T alpha;
+  bool accumulate;
+
+  // The same for the tile whose first element is (i, j). (A product in one pass has no
+  // running sums: null, not offset.)
+  Sums at(int64_t i, int64_t j) const {
+    T* tile_running = running == nullptr ? nullptr : running + i * running_ld + j;
+    return {tile_running, running_ld, c + i * ldc + j, ldc, alpha, accumulate};
+  }
+};
+
+// The sums of a (kRows x kVecs vectors) tile over l < k of a(i, l) * b(l, :), with
+// a(i, l) = a[i * a_row + l * a_col] (any strides: a row-major block, or with a_row = 1 a
+// transposed one) and b row-major with contiguous rows. The sums stay in registers; b's vectors
+// are loaded once per l for all kRows rows. With `columns` below a vector (kVecs = 1), only that
+// many columns are read and written.
+template <DepthStage kStage, typename T, int kRows, int kVecs>
+C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b,
+                                    int64_t ldb, const Sums<T>& ends,
                                     int64_t columns = at::vec::Vectorized<T>::size()) {
   using Vec = at::vec::Vectorized<T>;
   Vec sums[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) sums[r][v] = Vec(T(0));
+    for (int v = 0; v < kVecs; ++v) {
+      if constexpr (continues(kStage)) {
+        sums[r][v] = Vec::loadu(ends.running + r * ends.running_ld + v * Vec::size(), columns);
+      } else {
+        sums[r][v] = Vec(T(0));
+      }
+    }
   }
   const T* a_rows[kRows];
   for (int r = 0; r < kRows; ++r) a_rows[r] = a + r * a_row;
@@ -53,29 +100,128 @@ C10_ALWAYS_INLINE void product_tile(int64_t k, T alpha, const T* a, int64_t a_ro
       for (int v = 0; v < kVecs; ++v) sums[r][v] = at::vec::fmadd(weight, b_columns[v], sums[r][v]);
     }
   }
-  const Vec alpha_vec(alpha);
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
-      T* out = c + r * ldc + v * Vec::size();
-      const Vec result = sums[r][v] * alpha_vec;
-      (accumulate ? result + Vec::loadu(out, columns) : result).store(out, columns);
+      if constexpr (ends_running(kStage)) {
+        sums[r][v].store(ends.running + r * ends.running_ld + v * Vec::size(), columns);
+      } else {
+        T* out = ends.c + r * ends.ldc + v * Vec::size();
+        const Vec result = sums[r][v] * Vec(ends.alpha);
+        (ends.accumulate ? result + Vec::loadu(out, columns) : result).store(out, columns);
+      }
     }
   }
 }
 
 // The last columns, fewer than a vector, one at a time: the same fused multiply-adds in the
 // same order as a vector lane, so a column's values do not depend on where the vectors end.
-template <typename T, int kRows>
-void product_tail(int64_t k, int64_t columns, T alpha, const T* a, int64_t a_row, int64_t a_col,
-                  const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+template <DepthStage kStage, typename T, int kRows>
+void product_tail(int64_t k, int64_t columns, const T* a, int64_t a_row, int64_t a_col, const T* b,
+                  int64_t ldb, const Sums<T>& ends) {
   for (int r = 0; r < kRows; ++r) {
     for (int64_t j = 0; j < columns; ++j) {
-      T sum = 0;
+      T sum = continues(kStage) ? ends.running[r * ends.running_ld + j] : T(0);
       for (int64_t l = 0; l < k; ++l) sum = std::fma(a[r * a_row + l * a_col], b[l * ldb + j], sum);
-      const T result = alpha * sum;
-      c[r * ldc + j] = accumulate ? result + c[r * ldc + j] : result;
+      if constexpr (ends_running(kStage)) {
+        ends.running[r * ends.running_ld + j] = sum;
+      } else {
+        T& out = ends.c[r * ends.ldc + j];
+        const T result = ends.alpha * sum;
+        out = ends.accumulate ? result + out : result;
+      }
     }
   }
+}
+
+// The column tiles of a row of n: 3 vectors wide while they fit, then 2, then 1, then the last
+// columns, fewer than a vector: visit(j, vectors tag) for each, or visit(j, columns) for the last.
+template <typename T, typename Visit>
+C10_ALWAYS_INLINE void for_each_column_tile(int64_t n, const Visit& visit) {
+  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + 3 * kWidth <= n; j += 3 * kWidth) visit(j, std::integral_constant<int, 3>{});
+  for (; j + 2 * kWidth <= n; j += 2 * kWidth) visit(j, std::integral_constant<int, 2>{});
+  for (; j + kWidth <= n; j += kWidth) visit(j, std::integral_constant<int, 1>{});
+  if (j < n) visit(j, n - j);
+}
+
+// Rows in groups of kTileRows, then 4, then 1: visit(i, rows tag) for each group.
+template <typename Visit>
+C10_ALWAYS_INLINE void for_each_row_group(int64_t m, const Visit& visit) {
+  int64_t i = 0;
+  for (; i + kTileRows <= m; i += kTileRows) visit(i, std::integral_constant<int, kTileRows>{});
+  if constexpr (kTileRows > 4) {
+    for (; i + 4 <= m; i += 4) visit(i, std::integral_constant<int, 4>{});
+  }
+  for (; i < m; ++i) visit(i, std::integral_constant<int, 1>{});
+}
+
+// The a operand of one depth block: a(i, l) = data[i * row + l * col], read in place, or
+// packed: each row group of R rows stored l-major from element i * depth on, so that a tile's
+// loads of a(i + r, l) follow each other in memory (a(i + r, l) = data[i * depth + l * R + r]).
+template <typename T>
+struct AOperand {
+  const T* data;
+  int64_t row, col, depth;
+  bool packed;
+
+  // Rows [i, i + rows) as the tile functions read them: first element, row and column strides.
+  std::tuple<const T*, int64_t, int64_t> group(int64_t i, int64_t rows) const {
+    if (packed) return {data + i * depth, 1, rows};
+    return {data + i * row, row, col};
+  }
+};
+
+// Copies a depth block of a, (m x depth) from column `first` on, into `packed` (AOperand).
+template <typename T>
+void pack_a(int64_t m, int64_t first, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+            T* packed) {
+  for_each_row_group(m, [&](int64_t i, auto rows_tag) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    T* group = packed + i * depth;
+    for (int64_t l = 0; l < depth; ++l) {
+      for (int r = 0; r < kRows; ++r) {
+        group[l * kRows + r] = a[(i + r) * a_row + (first + l) * a_col];
+      }
+    }
+  });
+}
+
+// The tile of the row group of kRows rows from i (rows_tag) and the column tile from j
+// (vectors tag, or a count of columns fewer than a vector).
+template <DepthStage kStage, typename T, typename RowsTag, typename Width>
+C10_ALWAYS_INLINE void tile(int64_t i, RowsTag, int64_t j, Width width, const AOperand<T>& a,
+                            const T* b, int64_t ldb, const Sums<T>& sums) {
+  constexpr int kRows = RowsTag::value;
+  const auto [a_rows, a_row, a_col] = a.group(i, kRows);
+  const Sums<T> ends = sums.at(i, j);
+  if constexpr (!std::is_integral_v<Width>) {
+    product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends);
+  } else if constexpr (kMaskedLastColumns) {
+    product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends, width);
+  } else {
+    product_tail<kStage, T, kRows>(a.depth, width, a_rows, a_row, a_col, b + j, ldb, ends);
+  }
+}
+
+// Every tile of one pass over (a depth block of) k: row group by row group, each along all
+// column tiles, or column tile by column tile, each down all row groups.
+template <DepthStage kStage, typename T>
+void tiles_by_rows(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
+                   const Sums<T>& sums) {
+  for_each_row_group(m, [&](int64_t i, auto rows_tag) {
+    for_each_column_tile<T>(
+        n, [&](int64_t j, auto width) { tile<kStage>(i, rows_tag, j, width, a, b, ldb, sums); });
+  });
+}
+
+template <DepthStage kStage, typename T>
+void tiles_by_columns(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
+                      const Sums<T>& sums) {
+  for_each_column_tile<T>(n, [&](int64_t j, auto width) {
+    for_each_row_group(
+        m, [&](int64_t i, auto rows_tag) { tile<kStage>(i, rows_tag, j, width, a, b, ldb, sums); });
+  });
 }
 
 }  // namespace
@@ -85,38 +231,34 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
                           int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
                           int64_t ldc) {
   constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
-  auto rows = [&](auto rows_tag, int64_t i) {
-    constexpr int kRows = decltype(rows_tag)::value;
-    const T* a_rows = a + i * a_row;
-    T* c_rows = c + i * ldc;
-    int64_t j = 0;
-    for (; j + 3 * kWidth <= n; j += 3 * kWidth) {
-      product_tile<T, kRows, 3>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    for (; j + 2 * kWidth <= n; j += 2 * kWidth) {
-      product_tile<T, kRows, 2>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    for (; j + kWidth <= n; j += kWidth) {
-      product_tile<T, kRows, 1>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc);
-    }
-    if (j == n) return;
-    if constexpr (kMaskedLastColumns) {
-      product_tile<T, kRows, 1>(k, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate, c_rows + j,
-                                ldc, n - j);
-    } else {
-      product_tail<T, kRows>(k, n - j, alpha, a_rows, a_row, a_col, b + j, ldb, accumulate,
-                             c_rows + j, ldc);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kTileRows <= m; i += kTileRows) rows(std::integral_constant<int, kTileRows>{}, i);
-  if constexpr (kTileRows > 4) {
-    for (; i + 4 <= m; i += 4) rows(std::integral_constant<int, 4>{}, i);
+  if (k <= kDepthBlock) {
+    // One pass, row group by row group (b, at most kDepthBlock rows, stays in the cache),
+    // reading a in place.
+    tiles_by_rows<DepthStage::kWhole, T>(m, n, AOperand<T>{a, a_row, a_col, k, false}, b, ldb,
+                                         Sums<T>{nullptr, 0, c, ldc, alpha, accumulate});
+    return;
   }
-  for (; i < m; ++i) rows(std::integral_constant<int, 1>{}, i);
+  // Depth blocks, each column tile by column tile (the tile's b rows of the block stay in the
+  // L1 cache for all row groups). A transposed a (a cache line per element of a row group)
+  // read by several column tiles is packed first.
+  const bool pack = a_col != 1 && n > 3 * kWidth;
+  std::vector<T> packed(pack ? m * kDepthBlock : 0);
+  std::vector<T> running(m * n);
+  const Sums<T> sums{running.data(), n, c, ldc, alpha, accumulate};
+  for (int64_t first = 0; first < k; first += kDepthBlock) {
+    const int64_t depth = std::min(kDepthBlock, k - first);
+    if (pack) pack_a(m, first, depth, a, a_row, a_col, packed.data());
+    const AOperand<T> block = pack ? AOperand<T>{packed.data(), 0, 0, depth, true}
+                                   : AOperand<T>{a + first * a_col, a_row, a_col, depth, false};
+    const T* b_block = b + first * ldb;
+    if (first == 0) {
+      tiles_by_columns<DepthStage::kFirst>(m, n, block, b_block, ldb, sums);
+    } else if (first + depth < k) {
+      tiles_by_columns<DepthStage::kMiddle>(m, n, block, b_block, ldb, sums);
+    } else {
+      tiles_by_columns<DepthStage::kLast>(m, n, block, b_block, ldb, sums);
+    }
+  }
 }
 
 template void block_product_kernel<float>(int64_t, int64_t, int64_t, float, const float*, int64_t,
