@@ -170,12 +170,14 @@ at::Tensor position_sums(const SelfAttentionBackend& backend, const at::Tensor& 
   return backend.position_sum_product(ones, b).view({b.size(2)});
 }
 
-// The sum of every element of a 2-D (R, L) tensor, row sums first, in the backend's order.
+// The sum of every element of a 2-D (R, L) tensor, column sums first (each a sum down a
+// column: vector lanes side by side, where a row's sum would be one dependent chain), in the
+// backend's order.
 at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
-  at::Tensor rows = at::empty({t.size(0), 1}, t.options());
-  matmul(rows, t, at::ones({t.size(1), 1}, t.options()), false);
+  at::Tensor columns = at::empty({1, t.size(1)}, t.options());
+  matmul(columns, at::ones({1, t.size(0)}, t.options()), t, false);
   at::Tensor total = at::empty({1, 1}, t.options());
-  matmul(total, at::ones({1, t.size(0)}, t.options()), rows, false);
+  matmul(total, columns, at::ones({t.size(1), 1}, t.options()), false);
   return total.view(at::IntArrayRef{});
 }
 
