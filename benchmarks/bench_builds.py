@@ -33,6 +33,8 @@ CASES = {
     "self_attention qk 8 v 64 (4,64,64,64) fwd+bwd": ("self", (4, 64, 64, 64), 8),
     "self_attention qk 64 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 64),
     "self_attention qk 64 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 64),
+    "self_attention qk 256 v 2048 (8,2048,4,4) fwd": ("self_fwd", (8, 2048, 4, 4), 256),
+    "self_attention qk 256 v 2048 (8,2048,4,4) fwd+bwd": ("self", (8, 2048, 4, 4), 256),
 }
 
 CHILD = r"""

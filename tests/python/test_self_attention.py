@@ -137,6 +137,17 @@ def test_many_positions_match_reference(device, dtype, shape, layout, num_heads,
     check_against_reference(x, make_params(8, 4, 8, dtype, device), 4, num_heads, kv_stride, scale=scale)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,num_heads", [(torch.float32, 1), (torch.float64, 2)])
+def test_deep_stage_shapes_match_reference(dtype, num_heads, layout):
+    # Many channels at few positions, as after a ResNet's last stage: the products run over
+    # sums deeper than 256 (1040 channels, 1040 value rows) on operands larger than the L2
+    # cache, in depth blocks with the running sums stored between them, and the samples'
+    # tokens are stacked into one matrix (fewer than the weights).
+    x = in_layout(torch.randn(8, 1040, 4, 4), layout).to(dtype)
+    check_against_reference(x, make_params(1040, 130, 1040, dtype, "cpu"), 130, num_heads, 1)
+
+
 def test_private_forward_returns_the_saved_tensors():
     x = torch.randn(2, 6, 5, 7)
     params = make_params(6, 4, 6, torch.float32, "cpu")

@@ -31,12 +31,16 @@ constexpr int kTileRows = 4;
 constexpr bool kMaskedLastColumns = false;
 #endif
 
-// Sums along k longer than kDepthBlock run block by block: the b rows of one block and one
-// column tile (kDepthBlock x 3 vectors of floats, 24 KiB) stay in the L1 cache while every
-// row group of the product uses them, instead of streaming all of k x 3 vectors for each row
-// group. Between blocks each element's running sum is stored as it is and loaded again, so its
-// chain of fused multiply-adds is that of one pass over k.
+// Sums along k longer than kDepthBlock, over a b too large for the L2 cache, run block by
+// block: the b rows of one block and one column tile (kDepthBlock x 3 vectors of floats,
+// 24 KiB) stay in the L1 cache while every row group of the product uses them, instead of
+// streaming all of k x 3 vectors from memory for each row group. Between blocks each element's
+// running sum is stored as it is and loaded again, so its chain of fused multiply-adds is that
+// of one pass over k.
 constexpr int64_t kDepthBlock = 256;
+// A b of at most this many bytes stays in the L2 cache (half of a core's, on the CPUs this
+// library meets) while each row group streams all of it: one pass over k is then as fast.
+constexpr int64_t kOnePassBytes = 256 * 1024;
 
 // Where a tile's sums begin and end, for a product in one pass over k (kWhole) or a depth block
 // of it (the first, a middle one, the last): they begin at zero or at the running sums of the
@@ -231,9 +235,8 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
                           int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
                           int64_t ldc) {
   constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
-  if (k <= kDepthBlock) {
-    // One pass, row group by row group (b, at most kDepthBlock rows, stays in the cache),
-    // reading a in place.
+  if (k <= kDepthBlock || k * n * static_cast<int64_t>(sizeof(T)) <= kOnePassBytes) {
+    // One pass, row group by row group (all of b stays in the cache), reading a in place.
     tiles_by_rows<DepthStage::kWhole, T>(m, n, AOperand<T>{a, a_row, a_col, k, false}, b, ldb,
                                          Sums<T>{nullptr, 0, c, ldc, alpha, accumulate});
     return;
