@@ -30,12 +30,16 @@ bool rows_stack(const at::Tensor& a) {
   return a.stride(2) == 1 && (a.size(0) == 1 || a.stride(0) == a.size(1) * a.stride(1));
 }
 
-// Whether a product per sample with a weight `b` would cost more than stacking the samples'
-// `tokens` into one matrix: each product reads all of b, so where the tokens of the whole
-// batch are no larger than b (deep stages: few positions, many channels) one copy of the
-// tokens is cheaper than reading b once per sample. Every element is the same sum either way.
-bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& b) {
-  return tokens.size(0) > 1 && tokens.numel() <= b.numel();
+// Whether the samples' `tokens` are copied into one matrix for one product with `weight`
+// instead of a product per sample. Each product per sample reads all of the weight. That costs
+// little where the weight's rows are read in place as the row operand of the fixed-order
+// product's tiles (`weight_rows_in_place`: out^T = weight tokens^T, the few tokens packed as the
+// other operand). Elsewhere (the weight the wide operand of a few rows of tokens, or read
+// column by column) each sample's product streams the whole weight from memory, and where the
+// batch's tokens are no larger than the weight (deep stages: few positions, many channels) one
+// copy of them is cheaper. Every element is the same sum either way.
+bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& weight, bool weight_rows_in_place) {
+  return !weight_rows_in_place && tokens.size(0) > 1 && tokens.numel() <= weight.numel();
 }
 
 // out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)): one product when the samples of `a`
@@ -46,7 +50,8 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
   at::Tensor out = at::empty({batch, rows, cols}, a.options());
   if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
-  if (rows_stack(a) || stack_by_copy(a, b)) {
+  // A column-major b (a transposed weight) is read by rows: see fixed_order_matmul.
+  if (rows_stack(a) || stack_by_copy(a, b, b.stride(0) == 1)) {
     matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,
            bias.has_value());
     return out;
@@ -62,7 +67,7 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
 void columns_mm(MatmulFn matmul, const at::Tensor& out, const at::Tensor& w,
                 const at::Tensor& tokens, bool accumulate) {
   const int64_t batch = out.size(0), rows = out.size(1), positions = out.size(2);
-  if (stack_by_copy(tokens, w)) {
+  if (stack_by_copy(tokens, w, w.stride(1) == 1)) {
     const at::Tensor stacked = at::empty({rows, batch * positions}, out.options());
     const at::Tensor samples = stacked.view({rows, batch, positions}).permute({1, 0, 2});
     if (accumulate) samples.copy_(out);

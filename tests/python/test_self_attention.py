@@ -308,9 +308,9 @@ def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, k
 def test_a_sample_gets_the_same_bits_alone_or_in_a_batch(layout, channels, spatial):
     """y and grad_x of each sample, bit for bit, whether it comes alone or in a batch of 4. With
     256 or 64 channels and 4 or 1 positions the batch's tokens are fewer than the weights, so
-    the products stack the samples into one matrix (copying a channels-first map's tokens, and
-    writing its outputs back); alone, and with 32 channels at 12 x 12, each sample is its own
-    product. Every element is the same sum either way."""
+    the backward's products stack the samples into one matrix (copying a channels-first map's
+    tokens, and writing grad_x back); alone, and with 32 channels at 12 x 12, each sample is its
+    own product. Every element is the same sum either way."""
     x = in_layout(torch.randn((4, channels) + spatial), layout)
     params = make_params(channels, channels // 8, channels, torch.float32, "cpu")
     grad = in_layout(torch.randn(x.shape), layout)
