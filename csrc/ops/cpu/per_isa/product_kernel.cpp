@@ -32,8 +32,8 @@ constexpr bool kMaskedLastColumns = false;
 #endif
 
 // Sums along k longer than kDepthBlock, over a b too large for the L2 cache, run block by
-// block: the b rows of one block and one column tile (kDepthBlock x 3 vectors of floats,
-// 24 KiB) stay in the L1 cache while every row group of the product uses them, instead of
+// block: the b rows of one block and one column tile (kDepthBlock rows of 3 vectors, 24 KiB of
+// floats) stay in the cache while every row group of the product uses them, instead of
 // streaming all of k x 3 vectors from memory for each row group. Between blocks each element's
 // running sum is stored as it is and loaded again, so its chain of fused multiply-adds is that
 // of one pass over k.
@@ -242,7 +242,7 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
     return;
   }
   // Depth blocks, each column tile by column tile (the tile's b rows of the block stay in the
-  // L1 cache for all row groups). A transposed a (a cache line per element of a row group)
+  // cache for all row groups). A transposed a (a cache line per element of a row group)
   // read by several column tiles is packed first.
   const bool pack = a_col != 1 && n > 3 * kWidth;
   std::vector<T> packed(pack ? m * kDepthBlock : 0);
