@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../vector_isa.h"
 
@@ -245,13 +245,16 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
   // cache for all row groups). A transposed a (a cache line per element of a row group)
   // read by several column tiles is packed first.
   const bool pack = a_col != 1 && n > 3 * kWidth;
-  std::vector<T> packed(pack ? m * kDepthBlock : 0);
-  std::vector<T> running(m * n);
-  const Sums<T> sums{running.data(), n, c, ldc, alpha, accumulate};
+  // Scratch left uninitialized (each element is written before it is read) and not a
+  // std::vector: its constructor, a std:: function compiled into both builds, could be kept
+  // from this build with AVX-512 instructions (tests/python/test_vector_isa.py).
+  const std::unique_ptr<T[]> packed(pack ? new T[m * kDepthBlock] : nullptr);
+  const std::unique_ptr<T[]> running(new T[m * n]);
+  const Sums<T> sums{running.get(), n, c, ldc, alpha, accumulate};
   for (int64_t first = 0; first < k; first += kDepthBlock) {
     const int64_t depth = std::min(kDepthBlock, k - first);
-    if (pack) pack_a(m, first, depth, a, a_row, a_col, packed.data());
-    const AOperand<T> block = pack ? AOperand<T>{packed.data(), 0, 0, depth, true}
+    if (pack) pack_a(m, first, depth, a, a_row, a_col, packed.get());
+    const AOperand<T> block = pack ? AOperand<T>{packed.get(), 0, 0, depth, true}
                                    : AOperand<T>{a + first * a_col, a_row, a_col, depth, false};
     const T* b_block = b + first * ldb;
     if (first == 0) {
