@@ -33,13 +33,13 @@ constexpr bool kMaskedLastColumns = false;
 
 // Sums along k longer than kDepthBlock, over a b too large for the L2 cache, run block by
 // block: the b rows of one block and one column tile (kDepthBlock rows of 3 vectors, 24 KiB of
-// floats) stay in the cache while every row group of the product uses them, instead of
+// floats in AVX2) stay in the cache while every row group of the product uses them, instead of
 // streaming all of k x 3 vectors from memory for each row group. Between blocks each element's
 // running sum is stored as it is and loaded again, so its chain of fused multiply-adds is that
 // of one pass over k.
 constexpr int64_t kDepthBlock = 256;
-// A b of at most this many bytes stays in the L2 cache (half of a core's, on the CPUs this
-// library meets) while each row group streams all of it: one pass over k is then as fast.
+// A b of at most this many bytes stays in a core's L2 cache (512 KiB on the AMD EPYC measured,
+// more on Intel's) while each row group streams all of it: one pass over k is then as fast.
 constexpr int64_t kOnePassBytes = 256 * 1024;
 
 // Where a tile's sums begin and end, for a product in one pass over k (kWhole) or a depth block
@@ -242,8 +242,8 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
     return;
   }
   // Depth blocks, each column tile by column tile (the tile's b rows of the block stay in the
-  // cache for all row groups). A transposed a (a cache line per element of a row group)
-  // read by several column tiles is packed first.
+  // cache for all row groups). A transposed a (each step along k a new cache line for a row
+  // group) read by several column tiles is packed first.
   const bool pack = a_col != 1 && n > 3 * kWidth;
   // Scratch left uninitialized (each element is written before it is read) and not a
   // std::vector: its constructor, a std:: function compiled into both builds, could be kept
