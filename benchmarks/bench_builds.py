@@ -4,7 +4,7 @@ measured under the same conditions. Each round runs every case of one build in a
 process and keeps the minimum over its calls; the table gives, per case, the median over the
 rounds of those minimums and the ratio new / old (> 1: the new build is slower).
 
-    python benchmarks/bench_builds.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 3] [--repeat 10]
+    python benchmarks/bench_builds.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 3] [--repeat 10] [--only TEXT]
 
 A checkout is a source tree whose extension is built in place (`make build`, or
 `python setup.py build_ext --inplace`); git worktree gives one for an older commit.
@@ -28,6 +28,9 @@ CASES = {
     "soft_attention sigmoid (8,64,112,112) fwd+bwd": ("sigmoid", (8, 64, 112, 112)),
     "soft_attention softmax (8,64,112,112) fwd+bwd": ("softmax", (8, 64, 112, 112)),
     "soft_attention_pool (8,64,112,112) fwd+bwd": ("pool", (8, 64, 112, 112)),
+    "self_attention qk 8 v 64 (4,64,8,8) fwd+bwd": ("self", (4, 64, 8, 8), 8),
+    "self_attention qk 8 v 64 (4,64,16,16) fwd": ("self_fwd", (4, 64, 16, 16), 8),
+    "self_attention qk 8 v 64 (4,64,16,16) fwd+bwd": ("self", (4, 64, 16, 16), 8),
     "self_attention qk 8 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,64,64) fwd+bwd": ("self", (4, 64, 64, 64), 8),
@@ -92,8 +95,8 @@ print(json.dumps({name: call(*spec) for name, spec in cases.items()}))
 """
 
 
-def run_build(root: str, repeat: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(root, "python"), json.dumps(CASES), str(repeat)],
+def run_build(root: str, cases: dict, repeat: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(root, "python"), json.dumps(cases), str(repeat)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,14 +107,16 @@ def main() -> None:
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--only", default="", help="the cases whose name contains this text")
     args = parser.parse_args()
+    cases = {name: spec for name, spec in CASES.items() if args.only in name}
     results = {"old": [], "new": []}
     for _ in range(args.rounds):
         for which in ("old", "new"):
-            results[which].append(run_build(getattr(args, which), args.repeat))
+            results[which].append(run_build(getattr(args, which), cases, args.repeat))
     print("| case | old ms | new ms | new / old |")
     print("|---|---|---|---|")
-    for name in CASES:
+    for name in cases:
         old = statistics.median(r[name] for r in results["old"])
         new = statistics.median(r[name] for r in results["new"])
         print(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f}x |")

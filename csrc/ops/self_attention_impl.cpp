@@ -112,8 +112,8 @@ at::Tensor window_first_positions(const Geometry& g, const at::TensorOptions& op
     std::vector<int64_t> shape(g.spatial.size(), 1);
     shape[d] = g.pooled[d];
     first = first + at::arange(g.pooled[d], options.dtype(at::kLong))
-                            .mul_(g.sizes.kv_stride * spatial_stride)
-                            .view(shape);
+                        .mul_(g.sizes.kv_stride * spatial_stride)
+                        .view(shape);
     spatial_stride *= g.spatial[d];
   }
   return first;
@@ -304,6 +304,13 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     const at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                      v = heads_of(p.kv, sizes.qk_dim, heads, dv);
     at::Tensor heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
+    // Sums over the chunks in chunk order: the result depends on the shape alone. This one is
+    // added at once, so that the chunk's part is not held through the attention's backward.
+    at::Tensor out_part = backend.position_sum_product(
+        chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
+    grad_out_product = first == 0 ? out_part : grad_out_product.add_(out_part);
+    out_part.reset();
+    if (!backend.attention_backward_reads_out) heads_out.reset();
     // Attention, its gradients written straight into that of the projection, grad_qkv
     // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
     // positions that won their windows (the windows do not overlap, so every position gets at
@@ -317,8 +324,6 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                                heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
                                heads_of(grad_kv, sizes.qk_dim, heads, dv));
     grad_attn.reset();  // memory: free what is no longer needed before the last products
-    const at::Tensor out_part = backend.position_sum_product(
-        chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
     heads_out.reset();
     if (sizes.kv_stride > 1) {
       const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
@@ -326,10 +331,8 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
       grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
     }
     p = Projection();
-    // Sums over the chunks in chunk order: the result depends on the shape alone.
     const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
     const at::Tensor bias_part = position_sums(backend, grad_qkv);
-    grad_out_product = first == 0 ? out_part : grad_out_product.add_(out_part);
     grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
     grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
 

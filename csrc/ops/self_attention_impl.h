@@ -88,7 +88,7 @@ struct SelfAttentionBackend {
   // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
   // in the dtype of q, whose contents on entry are undefined (they are slices of the
   // projection's gradient, so nothing is copied afterwards). out and lse are attention_forward's
-  // results for the same q, k and v.
+  // results for the same q, k and v (out undefined unless attention_backward_reads_out).
   void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
@@ -99,6 +99,9 @@ struct SelfAttentionBackend {
   // sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L) for a (N, M, K) and
   // b (N, M, L): a weight gradient, (K, L) in the accumulation dtype.
   at::Tensor (*position_sum_product)(const at::Tensor& a, const at::Tensor& b);
+  // Whether attention_backward reads `out`: where it does not, the backward frees the
+  // recomputed heads before calling it (memory).
+  bool attention_backward_reads_out;
 };
 
 // The kernels of _self_attention_forward, self_attention (its first result) and

@@ -286,11 +286,16 @@ def test_autocast_module_trains_float32_parameters(device):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("num_heads,kv_stride", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("channels,qk_dim", [(16, 4), (16, 16), (40, 10), (72, 18)])
-def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, kv_stride, channels, qk_dim):
-    # P = 1600 positions: several blocks of queries and keys for the threads to share.
+@pytest.mark.parametrize("size", [40, 20, 16, 6])
+def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, kv_stride, channels, qk_dim, size):
+    # P = 1600 positions: several blocks of queries and keys for the threads to share. At most
+    # 256 keys (P = 256 and 36, and P = 400 with keys pooled by 2), the backward takes blocks of
+    # query rows against all keys, and their key and value gradients are summed over the blocks
+    # in waves of one block per thread: one wave at 2 threads at P = 256 with one head, several
+    # at P = 400, a block a wave at 1 thread.
     # Channel and head widths that are not multiples of 16 (40, 72; heads of 5 and 9) are
     # where a BLAS changes kernels between thread counts.
-    x = in_layout(torch.randn(2, channels, 40, 40), layout)
+    x = in_layout(torch.randn(2, channels, size, size), layout)
     params = make_params(channels, qk_dim, channels, torch.float32, "cpu")
     grad = in_layout(torch.randn(x.shape), layout)
 

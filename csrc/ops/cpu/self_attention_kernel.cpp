@@ -398,6 +398,116 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   });
 }
 
+// The query rows of one task of single_block_backward_typed: kQueryBlock, or fewer where the
+// (sample, head) pairs would have fewer than kMinSingleBlockTasks tasks between them (the
+// backward runs a sample at a time). Depends on the shape only: the rows of a task set the
+// order in which the key and value gradients are summed.
+constexpr int64_t kMinSingleBlockTasks = 2;
+
+int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
+  const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
+  if (batch_heads * query_blocks >= kMinSingleBlockTasks) return kQueryBlock;
+  const int64_t blocks_per_pair = (kMinSingleBlockTasks + batch_heads - 1) / batch_heads;
+  const int64_t rows = (positions + blocks_per_pair - 1) / blocks_per_pair;
+  return std::max<int64_t>(8, (rows + 7) / 8 * 8);
+}
+
+// The backward where every key fits one block (at most kKeyBlock keys): a task takes a block of
+// query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
+// correction term (as softmax_correction_typed does: the same p, dp and sums, in double) and
+// grad_scores from one recomputation, where the general backward recomputes them twice (once for
+// the correction term, once per key block). Its query gradient rows are complete; its key and
+// value gradients are partial sums over its rows, added in query-block order. The blocks run in
+// waves of enough tasks for every thread: the first block of each (sample, head) writes the
+// gradients themselves when it shares its wave with all the others, and the rest have a
+// partial buffer per block of a wave.
+template <typename T>
+void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
+                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                                 T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                 const at::Tensor& grad_v) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
+  const int64_t key_positions = k.size(2), dv = v.size(3), batch_heads = batch * heads;
+  TORCH_INTERNAL_ASSERT(key_positions <= kKeyBlock);
+  const int64_t query_rows = single_block_query_rows(positions, batch_heads);
+  const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
+  const int64_t wave =
+      std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, query_blocks);
+  const bool one_wave = wave == query_blocks;
+  // (slots, N, H, Pk, dq + dv): a block's key and value gradients side by side.
+  const int64_t widths = dq + dv;
+  const int64_t slots = one_wave ? wave - 1 : wave;
+  const at::Tensor partials = at::empty({slots, batch, heads, key_positions, widths}, q.options());
+  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
+  const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
+  const T* lse_data = lse.const_data_ptr<T>();
+  T* partial_data = partials.data_ptr<T>();
+
+  for (int64_t wave_first = 0; wave_first < query_blocks; wave_first += wave) {
+    const int64_t wave_blocks = std::min(wave, query_blocks - wave_first);
+    at::parallel_for(0, batch_heads * wave_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
+      std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nh = task / wave_blocks, block = wave_first + task % wave_blocks;
+        const int64_t n = nh / heads, h = nh % heads;
+        const int64_t first = block * query_rows, rows = std::min(query_rows, positions - first);
+        const T* key = keys.rows(n, h, 0);
+        const T* query = queries.rows(n, h, first);
+        const T* grad = grads.rows(n, h, first);
+        transpose_rows(key, keys.row_stride, key_positions, dq, key_columns.data(), kKeyBlock);
+        transpose_rows(values.rows(n, h, 0), values.row_stride, key_positions, dv,
+                       value_columns.data(), kKeyBlock);
+        recompute_probs<T>(rows, key_positions, dq, scale, query, queries.row_stride,
+                           key_columns.data(), lse_data + nh * positions + first, probs.data());
+        // dp = grad_out v^T, then grad_scores = p * (dp - delta) in place, row by row.
+        block_product<T>(rows, key_positions, dv, T(1), grad, grads.row_stride, 1,
+                         value_columns.data(), kKeyBlock, false, grad_scores.data(), kKeyBlock);
+        for (int64_t i = 0; i < rows; ++i) {
+          T* ds = grad_scores.data() + i * kKeyBlock;
+          const T* p = probs.data() + i * kKeyBlock;
+          const auto [weighted, total] = weighted_sum(p, ds, key_positions);
+          // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
+          const double delta = total == 0 ? 0.0 : weighted / total;
+          for (int64_t j = 0; j < key_positions; ++j) {
+            ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - delta));
+          }
+        }
+        // grad_q = scale * grad_scores k, whole rows.
+        block_product<T>(rows, dq, key_positions, scale, grad_scores.data(), kKeyBlock, 1, key,
+                         keys.row_stride, false, grad_queries.rows(n, h, first),
+                         grad_queries.row_stride);
+        // grad_k (+)= scale * grad_scores^T q and grad_v (+)= p^T grad_out over these rows.
+        T* grad_key = grad_keys.rows(n, h, 0);
+        T* grad_value = grad_values.rows(n, h, 0);
+        int64_t ld_key = grad_keys.row_stride, ld_value = grad_values.row_stride;
+        if (block != 0 || !one_wave) {
+          const int64_t slot = block - wave_first - (one_wave ? 1 : 0);
+          grad_key = partial_data + (slot * batch_heads + nh) * key_positions * widths;
+          grad_value = grad_key + dq;
+          ld_key = ld_value = widths;
+        }
+        block_product<T>(key_positions, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
+                         queries.row_stride, false, grad_key, ld_key);
+        block_product<T>(key_positions, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
+                         grads.row_stride, false, grad_value, ld_value);
+      }
+    });
+    // The partial sums in block order.
+    const int64_t first_slot_block = wave_first + (one_wave ? 1 : 0);
+    for (int64_t block = first_slot_block; block < wave_first + wave_blocks; ++block) {
+      const at::Tensor part = partials[block - first_slot_block];
+      if (block == 0) {
+        grad_k.copy_(part.narrow(3, 0, dq));
+        grad_v.copy_(part.narrow(3, dq, dv));
+      } else {
+        grad_k.add_(part.narrow(3, 0, dq));
+        grad_v.add_(part.narrow(3, dq, dv));
+      }
+    }
+  }
+}
+
 at::ScalarType accumulation_type(const at::Tensor& t) { return at::toOpMathType(t.scalar_type()); }
 
 // Half inputs are converted to float32 once (O(P) memory), so every block product runs in
@@ -422,8 +532,6 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
                             const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
-  const at::Tensor delta =
-      at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
   // float32 and float64 gradients accumulate in place; half ones in float32 first.
   const bool in_place = acc == q.scalar_type();
   auto accumulator = [&](const at::Tensor& grad) {
@@ -438,6 +546,13 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
     const auto scale_value = static_cast<scalar_t>(scale);
+    if (k.size(2) <= kKeyBlock) {
+      single_block_backward_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value,
+                                            grad_q_acc, grad_k_acc, grad_v_acc);
+      return;
+    }
+    const at::Tensor delta =
+        at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
     softmax_correction_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, delta);
     attention_backward_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, delta, scale_value,
                                        grad_q_acc, grad_k_acc, grad_v_acc);
@@ -470,20 +585,23 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a_samples, const at::Tenso
   const int64_t chunks_per_sample = (positions + kPositionChunk - 1) / kPositionChunk;
   const at::Tensor partials =
       at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options().dtype(acc));
+  const auto chunk_product = [&](int64_t chunk) {
+    const int64_t n = chunk / chunks_per_sample, first = chunk % chunks_per_sample * kPositionChunk;
+    const int64_t length = std::min(kPositionChunk, positions - first);
+    cpu::fixed_order_matmul(partials.select(0, chunk), a.select(0, n).narrow(0, first, length).t(),
+                            b.select(0, n).narrow(0, first, length), false);
+  };
+  // One partial is the sum itself (a copy would be one more weight-sized tensor at the peak),
+  // and its product shares its tiles among the threads (inside a task it would run on one).
+  if (batch * chunks_per_sample == 1) {
+    chunk_product(0);
+    return partials.select(0, 0);
+  }
   const at::ThreadLocalState caller;
   at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t n = chunk / chunks_per_sample,
-                    first = chunk % chunks_per_sample * kPositionChunk;
-      const int64_t length = std::min(kPositionChunk, positions - first);
-      cpu::fixed_order_matmul(partials.select(0, chunk),
-                              a.select(0, n).narrow(0, first, length).t(),
-                              b.select(0, n).narrow(0, first, length), false);
-    }
+    for (int64_t chunk = begin; chunk < end; ++chunk) chunk_product(chunk);
   });
-  // One partial is the sum itself (a copy would be one more weight-sized tensor at the peak).
-  if (batch * chunks_per_sample == 1) return partials.select(0, 0);
   at::Tensor out = partials.select(0, 0).clone();
   for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
     out.add_(partials.select(0, chunk));
@@ -492,7 +610,8 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a_samples, const at::Tenso
 }
 
 constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu, attention_backward_cpu,
-                                           cpu::fixed_order_matmul, position_sum_product_cpu};
+                                           cpu::fixed_order_matmul, position_sum_product_cpu,
+                                           /*attention_backward_reads_out=*/false};
 
 }  // namespace
 

@@ -308,7 +308,8 @@ at::Tensor position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b) {
 }
 
 constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda, attention_backward_cuda,
-                                            blas_matmul, position_sum_product_cuda};
+                                            blas_matmul, position_sum_product_cuda,
+                                            /*attention_backward_reads_out=*/true};
 
 }  // namespace
 
