@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -90,6 +91,13 @@ struct HeadRows {
   }
 };
 
+// A task's scratch buffer, left uninitialized: each task writes every element it reads
+// (std::vector would zero a few hundred KiB per task and call).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t size) {
+  return std::unique_ptr<T[]>(new T[size]);
+}
+
 // probs (rows x cols, leading dim kKeyBlock) = exp(q k^T * scale - lse): the forward's
 // softmax of one block, recomputed by the backward and by its correction term in the same way.
 template <typename T>
@@ -139,25 +147,25 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   at::parallel_for(0, batch * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dv),
-        key_columns(dq * kKeyBlock);
-    std::vector<T> row_max(kQueryBlock), row_sum(kQueryBlock);
+    const auto scores = scratch<T>(kQueryBlock * kKeyBlock), acc = scratch<T>(kQueryBlock * dv),
+               key_columns = scratch<T>(dq * kKeyBlock);
+    const auto row_max = scratch<T>(kQueryBlock), row_sum = scratch<T>(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / query_blocks, n = nh / heads, h = nh % heads;
       const int64_t first = (task % query_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, positions - first);
       const T* query = queries.rows(n, h, first);
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
-      std::fill(row_sum.begin(), row_sum.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill_n(row_max.get(), kQueryBlock, kNegInf);
+      std::fill_n(row_sum.get(), kQueryBlock, T(0));
+      std::fill_n(acc.get(), kQueryBlock * dv, T(0));
       for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
-        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.data(),
+        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
                        kKeyBlock);
-        block_product<T>(rows, cols, dq, scale, query, queries.row_stride, 1, key_columns.data(),
-                         kKeyBlock, false, scores.data(), kKeyBlock);
+        block_product<T>(rows, cols, dq, scale, query, queries.row_stride, 1, key_columns.get(),
+                         kKeyBlock, false, scores.get(), kKeyBlock);
         for (int64_t i = 0; i < rows; ++i) {
-          T* s = scores.data() + i * kKeyBlock;
+          T* s = scores.get() + i * kKeyBlock;
           const T block_max = row_max_of(s, cols);
           const T new_max = nan_max(block_max, row_max[i]);
           // A row of -inf scores so far has nothing to shift by (exp(-inf) is 0 anyway).
@@ -179,18 +187,18 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
           row_sum[i] = row_sum[i] * correction + sum;
           row_max[i] = new_max;
           if (correction != T(1)) {
-            T* a = acc.data() + i * dv;
+            T* a = acc.get() + i * dv;
             for (int64_t c = 0; c < dv; ++c) a[c] *= correction;
           }
         }
-        block_product<T>(rows, dv, cols, T(1), scores.data(), kKeyBlock, 1,
-                         values.rows(n, h, key_first), values.row_stride, true, acc.data(), dv);
+        block_product<T>(rows, dv, cols, T(1), scores.get(), kKeyBlock, 1,
+                         values.rows(n, h, key_first), values.row_stride, true, acc.get(), dv);
       }
       T* out_rows = outputs.rows(n, h, first);
       T* lse_rows = lse_data + nh * positions + first;
       for (int64_t i = 0; i < rows; ++i) {
         const T inverse = T(1) / row_sum[i];
-        const T* a = acc.data() + i * dv;
+        const T* a = acc.get() + i * dv;
         T* o = out_rows + i * outputs.row_stride;
         for (int64_t c = 0; c < dv; ++c) o[c] = a[c] * inverse;
         lse_rows[i] = row_max[i] + std::log(row_sum[i]);
@@ -233,8 +241,10 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
     const int64_t wave_groups = std::min(wave, groups - wave_first);
     partials.zero_();
     at::parallel_for(0, batch * heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
-      std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
+      const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
+                 grad_scores = scratch<T>(kQueryBlock * kKeyBlock);
+      const auto key_columns = scratch<T>(dq * kKeyBlock),
+                 value_columns = scratch<T>(dv * kKeyBlock);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_groups, group = wave_first + task % wave_groups;
         const int64_t n = nh / heads, h = nh % heads;
@@ -249,34 +259,34 @@ void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, c
           const T* value = values.rows(n, h, key_first);
           T* grad_key = grad_keys.rows(n, h, key_first);
           T* grad_value = grad_values.rows(n, h, key_first);
-          transpose_rows(key, keys.row_stride, cols, dq, key_columns.data(), kKeyBlock);
-          transpose_rows(value, values.row_stride, cols, dv, value_columns.data(), kKeyBlock);
+          transpose_rows(key, keys.row_stride, cols, dq, key_columns.get(), kKeyBlock);
+          transpose_rows(value, values.row_stride, cols, dv, value_columns.get(), kKeyBlock);
           for (int64_t first = 0; first < positions; first += kQueryBlock) {
             const int64_t rows = std::min(kQueryBlock, positions - first);
             const T* query = queries.rows(n, h, first);
             const T* grad = grads.rows(n, h, first);
-            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.data(),
-                               row_lse + first, probs.data());
+            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.get(),
+                               row_lse + first, probs.get());
             // grad_v += probs^T grad_out
-            block_product<T>(cols, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
+            block_product<T>(cols, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
                              grads.row_stride, true, grad_value, grad_values.row_stride);
             // grad_scores = probs * (grad_out v^T - delta)
-            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.data(),
-                             kKeyBlock, false, grad_scores.data(), kKeyBlock);
+            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.get(),
+                             kKeyBlock, false, grad_scores.get(), kKeyBlock);
             // In double: where one key takes almost all of a row, grad_out v^T and delta nearly
             // cancel, and their difference must keep the bits the two share.
             for (int64_t i = 0; i < rows; ++i) {
-              T* ds = grad_scores.data() + i * kKeyBlock;
-              const T* p = probs.data() + i * kKeyBlock;
+              T* ds = grad_scores.get() + i * kKeyBlock;
+              const T* p = probs.get() + i * kKeyBlock;
               const double row_delta_value = row_delta[first + i];
               for (int64_t j = 0; j < cols; ++j) {
                 ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - row_delta_value));
               }
             }
             // grad_k += scale * grad_scores^T q;  grad_q += scale * grad_scores k
-            block_product<T>(cols, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
+            block_product<T>(cols, dq, rows, scale, grad_scores.get(), 1, kKeyBlock, query,
                              queries.row_stride, true, grad_key, grad_keys.row_stride);
-            block_product<T>(rows, dq, cols, scale, grad_scores.data(), kKeyBlock, 1, key,
+            block_product<T>(rows, dq, cols, scale, grad_scores.get(), kKeyBlock, 1, key,
                              keys.row_stride, true, grad_query + first * dq, dq);
           }
         }
@@ -360,30 +370,31 @@ void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, c
   const T* lse_data = lse.const_data_ptr<T>();
   double* delta_data = delta.data_ptr<double>();
   at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> probs(kQueryBlock * kKeyBlock), grad_probs(kQueryBlock * kKeyBlock);
-    std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
-    std::vector<double> weighted(group_rows), total(group_rows);
+    const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
+               grad_probs = scratch<T>(kQueryBlock * kKeyBlock);
+    const auto key_columns = scratch<T>(dq * kKeyBlock), value_columns = scratch<T>(dv * kKeyBlock);
+    const auto weighted = scratch<double>(group_rows), total = scratch<double>(group_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, n = nh / heads, h = nh % heads;
       const int64_t group_first = (task % groups) * group_rows;
       const int64_t group_end = std::min(positions, group_first + group_rows);
-      std::fill(weighted.begin(), weighted.end(), 0.0);
-      std::fill(total.begin(), total.end(), 0.0);
+      std::fill_n(weighted.get(), group_rows, 0.0);
+      std::fill_n(total.get(), group_rows, 0.0);
       for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
-        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.data(),
+        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
                        kKeyBlock);
         transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
-                       value_columns.data(), kKeyBlock);
+                       value_columns.get(), kKeyBlock);
         for (int64_t first = group_first; first < group_end; first += kQueryBlock) {
           const int64_t rows = std::min(kQueryBlock, positions - first);
           recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
-                             key_columns.data(), lse_data + nh * positions + first, probs.data());
+                             key_columns.get(), lse_data + nh * positions + first, probs.get());
           block_product<T>(rows, cols, dv, T(1), grads.rows(n, h, first), grads.row_stride, 1,
-                           value_columns.data(), kKeyBlock, false, grad_probs.data(), kKeyBlock);
+                           value_columns.get(), kKeyBlock, false, grad_probs.get(), kKeyBlock);
           for (int64_t i = 0; i < rows; ++i) {
             const auto [row_weighted, row_total] =
-                weighted_sum(probs.data() + i * kKeyBlock, grad_probs.data() + i * kKeyBlock, cols);
+                weighted_sum(probs.get() + i * kKeyBlock, grad_probs.get() + i * kKeyBlock, cols);
             weighted[first - group_first + i] += row_weighted;
             total[first - group_first + i] += row_total;
           }
@@ -446,8 +457,10 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
   for (int64_t wave_first = 0; wave_first < query_blocks; wave_first += wave) {
     const int64_t wave_blocks = std::min(wave, query_blocks - wave_first);
     at::parallel_for(0, batch_heads * wave_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> probs(kQueryBlock * kKeyBlock), grad_scores(kQueryBlock * kKeyBlock);
-      std::vector<T> key_columns(dq * kKeyBlock), value_columns(dv * kKeyBlock);
+      const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
+                 grad_scores = scratch<T>(kQueryBlock * kKeyBlock);
+      const auto key_columns = scratch<T>(dq * kKeyBlock),
+                 value_columns = scratch<T>(dv * kKeyBlock);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_blocks, block = wave_first + task % wave_blocks;
         const int64_t n = nh / heads, h = nh % heads;
@@ -455,17 +468,17 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
         const T* key = keys.rows(n, h, 0);
         const T* query = queries.rows(n, h, first);
         const T* grad = grads.rows(n, h, first);
-        transpose_rows(key, keys.row_stride, key_positions, dq, key_columns.data(), kKeyBlock);
+        transpose_rows(key, keys.row_stride, key_positions, dq, key_columns.get(), kKeyBlock);
         transpose_rows(values.rows(n, h, 0), values.row_stride, key_positions, dv,
-                       value_columns.data(), kKeyBlock);
+                       value_columns.get(), kKeyBlock);
         recompute_probs<T>(rows, key_positions, dq, scale, query, queries.row_stride,
-                           key_columns.data(), lse_data + nh * positions + first, probs.data());
+                           key_columns.get(), lse_data + nh * positions + first, probs.get());
         // dp = grad_out v^T, then grad_scores = p * (dp - delta) in place, row by row.
         block_product<T>(rows, key_positions, dv, T(1), grad, grads.row_stride, 1,
-                         value_columns.data(), kKeyBlock, false, grad_scores.data(), kKeyBlock);
+                         value_columns.get(), kKeyBlock, false, grad_scores.get(), kKeyBlock);
         for (int64_t i = 0; i < rows; ++i) {
-          T* ds = grad_scores.data() + i * kKeyBlock;
-          const T* p = probs.data() + i * kKeyBlock;
+          T* ds = grad_scores.get() + i * kKeyBlock;
+          const T* p = probs.get() + i * kKeyBlock;
           const auto [weighted, total] = weighted_sum(p, ds, key_positions);
           // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
           const double delta = total == 0 ? 0.0 : weighted / total;
@@ -474,7 +487,7 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
           }
         }
         // grad_q = scale * grad_scores k, whole rows.
-        block_product<T>(rows, dq, key_positions, scale, grad_scores.data(), kKeyBlock, 1, key,
+        block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), kKeyBlock, 1, key,
                          keys.row_stride, false, grad_queries.rows(n, h, first),
                          grad_queries.row_stride);
         // grad_k (+)= scale * grad_scores^T q and grad_v (+)= p^T grad_out over these rows.
@@ -487,9 +500,9 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
           grad_value = grad_key + dq;
           ld_key = ld_value = widths;
         }
-        block_product<T>(key_positions, dq, rows, scale, grad_scores.data(), 1, kKeyBlock, query,
+        block_product<T>(key_positions, dq, rows, scale, grad_scores.get(), 1, kKeyBlock, query,
                          queries.row_stride, false, grad_key, ld_key);
-        block_product<T>(key_positions, dv, rows, T(1), probs.data(), 1, kKeyBlock, grad,
+        block_product<T>(key_positions, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
                          grads.row_stride, false, grad_value, ld_value);
       }
     });
