@@ -28,15 +28,11 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   if (m == 0 || n == 0) return;
   const at::ScalarType acc = at::toOpMathType(a.scalar_type());
   // b stored column by column (a transposed weight) would be packed into rows below: a copy of
-  // all of b, on one thread. out^T = b^T a^T reads b^T in place as the `a` operand (any
-  // strides) instead, at the cost of copying out through a transposed buffer (twice when
-  // accumulating) and packing a^T where a is row-major: the cheaper of the two copies wins (a
-  // few tokens times a wide weight are transposed; a small weight times a sample's tokens, b
-  // the tokens, packs b). Every element is the same chain of fused multiply-adds over l either
+  // all of b, on one thread. With fewer rows than columns in out (a few tokens times a wide
+  // weight), out^T = b^T a^T reads b^T in place as the `a` operand (any strides) and packs the
+  // smaller a^T instead. Every element is the same chain of fused multiply-adds over l either
   // way (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
-  const int64_t transposed_copies =
-      m * n * (accumulate ? 2 : 1) + (a.stride(1) == 1 && m > 1 ? m * k : 0);
-  if (b.stride(0) == 1 && n > 1 && transposed_copies < k * n) {
+  if (b.stride(0) == 1 && n > 1 && m < n) {
     at::Tensor transposed = at::empty({n, m}, out.options().dtype(acc));
     if (accumulate) transposed.copy_(out.t());
     fixed_order_matmul(transposed, b.t(), a.t(), accumulate);
