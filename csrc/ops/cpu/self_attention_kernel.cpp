@@ -98,16 +98,18 @@ std::unique_ptr<T[]> scratch(int64_t size) {
   return std::unique_ptr<T[]>(new T[size]);
 }
 
-// probs (rows x cols, leading dim kKeyBlock) = exp(q k^T * scale - lse): the forward's
-// softmax of one block, recomputed by the backward and by its correction term in the same way.
+// probs (rows x cols, leading dim ld) = exp(q k^T * scale - lse): the forward's softmax of one
+// block of keys (key_columns: dq x cols, leading dim kKeyBlock), recomputed by every pass of the
+// backward in the same way.
 template <typename T>
 void recompute_probs(int64_t rows, int64_t cols, int64_t dq, T scale, const T* query,
-                     int64_t query_stride, const T* key_columns, const T* row_lse, T* probs) {
+                     int64_t query_stride, const T* key_columns, const T* row_lse, T* probs,
+                     int64_t ld = kKeyBlock) {
   using Vec = at::vec::Vectorized<T>;
   block_product<T>(rows, cols, dq, scale, query, query_stride, 1, key_columns, kKeyBlock, false,
-                   probs, kKeyBlock);
+                   probs, ld);
   for (int64_t i = 0; i < rows; ++i) {
-    T* p = probs + i * kKeyBlock;
+    T* p = probs + i * ld;
     const Vec row_shift(row_lse[i]);
     int64_t j = 0;
     for (; j + Vec::size() <= cols; j += Vec::size()) {
@@ -207,95 +209,14 @@ void attention_forward_typed(const at::Tensor& q, const at::Tensor& k, const at:
   });
 }
 
-// grad_q, grad_k, grad_v: (N, H, rows, d) with a unit last stride, zero on entry; delta
-// (N, H, P) from softmax_correction_typed.
-template <typename T>
-void attention_backward_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
-                              T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
-                              const at::Tensor& grad_v) {
-  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
-  const int64_t key_positions = k.size(2), dv = v.size(3);
-  const int64_t key_block = backward_key_block(key_positions, batch * heads);
-  const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
-  // The backward owns the key and value gradients of its key blocks and adds to the query gradient
-  // of every query block: each group of key blocks has a partial query gradient, added to grad_q
-  // (zero on entry) in group order.
-  const BlockGroups key_groups = group_blocks(key_blocks, batch * heads);
-  const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
-  // The groups run in waves of enough tasks for every thread, each wave's partials added before
-  // the next wave starts: a partial buffer per group of a wave, not one for every group (16
-  // partial query gradients of a sample would take more memory than its key and value
-  // gradients). The additions are in group order whatever the wave, so the thread count sets
-  // the memory only, never the result.
-  const int64_t wave =
-      std::clamp<int64_t>((at::get_num_threads() + batch * heads - 1) / (batch * heads), 1, groups);
-  const at::Tensor partials = at::empty({wave, batch, heads, positions, dq}, q.options());
-  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
-  const HeadRows<T> grad_keys(grad_k), grad_values(grad_v);
-  const T* lse_data = lse.data_ptr<T>();
-  const double* delta_data = delta.const_data_ptr<double>();
-  T* partial_data = partials.data_ptr<T>();
-
-  for (int64_t wave_first = 0; wave_first < groups; wave_first += wave) {
-    const int64_t wave_groups = std::min(wave, groups - wave_first);
-    partials.zero_();
-    at::parallel_for(0, batch * heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
-      const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
-                 grad_scores = scratch<T>(kQueryBlock * kKeyBlock);
-      const auto key_columns = scratch<T>(dq * kKeyBlock),
-                 value_columns = scratch<T>(dv * kKeyBlock);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t nh = task / wave_groups, group = wave_first + task % wave_groups;
-        const int64_t n = nh / heads, h = nh % heads;
-        T* grad_query = partial_data + ((group - wave_first) * batch * heads + nh) * positions * dq;
-        const T* row_lse = lse_data + nh * positions;
-        const double* row_delta = delta_data + nh * positions;
-        const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
-        for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
-          const int64_t key_first = block * key_block;
-          const int64_t cols = std::min(key_block, key_positions - key_first);
-          const T* key = keys.rows(n, h, key_first);
-          const T* value = values.rows(n, h, key_first);
-          T* grad_key = grad_keys.rows(n, h, key_first);
-          T* grad_value = grad_values.rows(n, h, key_first);
-          transpose_rows(key, keys.row_stride, cols, dq, key_columns.get(), kKeyBlock);
-          transpose_rows(value, values.row_stride, cols, dv, value_columns.get(), kKeyBlock);
-          for (int64_t first = 0; first < positions; first += kQueryBlock) {
-            const int64_t rows = std::min(kQueryBlock, positions - first);
-            const T* query = queries.rows(n, h, first);
-            const T* grad = grads.rows(n, h, first);
-            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.get(),
-                               row_lse + first, probs.get());
-            // grad_v += probs^T grad_out
-            block_product<T>(cols, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
-                             grads.row_stride, true, grad_value, grad_values.row_stride);
-            // grad_scores = probs * (grad_out v^T - delta)
-            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.get(),
-                             kKeyBlock, false, grad_scores.get(), kKeyBlock);
-            // In double: where one key takes almost all of a row, grad_out v^T and delta nearly
-            // cancel, and their difference must keep the bits the two share.
-            for (int64_t i = 0; i < rows; ++i) {
-              T* ds = grad_scores.get() + i * kKeyBlock;
-              const T* p = probs.get() + i * kKeyBlock;
-              const double row_delta_value = row_delta[first + i];
-              for (int64_t j = 0; j < cols; ++j) {
-                ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - row_delta_value));
-              }
-            }
-            // grad_k += scale * grad_scores^T q;  grad_q += scale * grad_scores k
-            block_product<T>(cols, dq, rows, scale, grad_scores.get(), 1, kKeyBlock, query,
-                             queries.row_stride, true, grad_key, grad_keys.row_stride);
-            block_product<T>(rows, dq, cols, scale, grad_scores.get(), kKeyBlock, 1, key,
-                             keys.row_stride, true, grad_query + first * dq, dq);
-          }
-        }
-      }
-    });
-    for (int64_t slot = 0; slot < wave_groups; ++slot) grad_q.add_(partials[slot]);
-  }
-}
-
+// The backward's correction term delta of a query row (grad_scores = p * (dp - delta)): the
+// mean of dp = grad_out v^T under the row's probabilities p, sum_j p_j dp_j / sum_j p_j over
+// every key, from the very p and dp it is subtracted from, summed in double. Flash attention's
+// rowsum(grad_out * out) is the same quantity, but from the rounded output: where one key takes
+// almost all of a row, dp_j - delta is a small difference of two nearly equal values, and only a
+// delta made of the p and dp it corrects keeps that difference accurate (dividing by sum_j p_j
+// also cancels the rounding of lse). Both backward paths below hold whole rows of p and dp.
+//
 // (sum_j p_j dp_j, sum_j p_j) over `cols` values, in double: element j goes to partial sum
 // j % kLanes (a fused multiply-add for the first), and the partial sums are added in a fixed
 // tree, so the order is the same on every CPU while the partial sums sit in vector registers.
@@ -347,68 +268,6 @@ std::pair<double, double> weighted_sum(const T* p, const T* dp, int64_t cols) {
   return {weighted[0], total[0]};
 }
 
-// delta (N, H, P), the softmax backward's correction: for each query row, the mean of
-// dp = grad_out v^T under its probabilities p, sum_j p_j dp_j / sum_j p_j over every key, with
-// p and dp recomputed block by block exactly as the backward recomputes them and summed in
-// double. Flash attention's rowsum(grad_out * out) is the same quantity, but from the
-// rounded output: where one key takes almost all of a row, dp_j - delta is a small difference
-// of two nearly equal values, and only a delta made of the very p and dp it is subtracted from
-// keeps that difference accurate (dividing by sum_j p_j also cancels the rounding of lse).
-template <typename T>
-void softmax_correction_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& lse, T scale,
-                              const at::Tensor& delta) {
-  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
-  const int64_t key_positions = k.size(2), dv = v.size(3);
-  const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
-  // A task takes a group of query blocks, so that each key and value block is transposed once
-  // per group rather than once per query block.
-  const BlockGroups query_groups = group_blocks(query_blocks, batch * heads);
-  const int64_t groups = query_groups.count;
-  const int64_t group_rows = query_groups.blocks_per_group * kQueryBlock;
-  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
-  const T* lse_data = lse.const_data_ptr<T>();
-  double* delta_data = delta.data_ptr<double>();
-  at::parallel_for(0, batch * heads * groups, 1, [&](int64_t begin, int64_t end) {
-    const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
-               grad_probs = scratch<T>(kQueryBlock * kKeyBlock);
-    const auto key_columns = scratch<T>(dq * kKeyBlock), value_columns = scratch<T>(dv * kKeyBlock);
-    const auto weighted = scratch<double>(group_rows), total = scratch<double>(group_rows);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nh = task / groups, n = nh / heads, h = nh % heads;
-      const int64_t group_first = (task % groups) * group_rows;
-      const int64_t group_end = std::min(positions, group_first + group_rows);
-      std::fill_n(weighted.get(), group_rows, 0.0);
-      std::fill_n(total.get(), group_rows, 0.0);
-      for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
-        const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
-        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
-                       kKeyBlock);
-        transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
-                       value_columns.get(), kKeyBlock);
-        for (int64_t first = group_first; first < group_end; first += kQueryBlock) {
-          const int64_t rows = std::min(kQueryBlock, positions - first);
-          recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
-                             key_columns.get(), lse_data + nh * positions + first, probs.get());
-          block_product<T>(rows, cols, dv, T(1), grads.rows(n, h, first), grads.row_stride, 1,
-                           value_columns.get(), kKeyBlock, false, grad_probs.get(), kKeyBlock);
-          for (int64_t i = 0; i < rows; ++i) {
-            const auto [row_weighted, row_total] =
-                weighted_sum(probs.get() + i * kKeyBlock, grad_probs.get() + i * kKeyBlock, cols);
-            weighted[first - group_first + i] += row_weighted;
-            total[first - group_first + i] += row_total;
-          }
-        }
-      }
-      double* out = delta_data + nh * positions + group_first;
-      // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
-      for (int64_t i = 0; i < group_end - group_first; ++i) {
-        out[i] = total[i] == 0 ? 0.0 : weighted[i] / total[i];
-      }
-    }
-  });
-}
-
 // The query rows of one task of single_block_backward_typed: kQueryBlock, or fewer where the
 // (sample, head) pairs would have fewer than kMinSingleBlockTasks tasks between them (the
 // backward runs a sample at a time). Depends on the shape only: the rows of a task set the
@@ -425,10 +284,9 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
 
 // The backward where every key fits one block (at most kKeyBlock keys): a task takes a block of
 // query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
-// correction term (as softmax_correction_typed does: the same p, dp and sums, in double) and
-// grad_scores from one recomputation, where the general backward recomputes them twice (once for
-// the correction term, once per key block). Its query gradient rows are complete; its key and
-// value gradients are partial sums over its rows, added in query-block order. The blocks run in
+// correction term (see weighted_sum) and grad_scores from one recomputation. Its query gradient
+// rows are complete; its key and value gradients are partial sums over its rows, added in
+// query-block order. The blocks run in
 // waves of enough tasks for every thread: the first block of each (sample, head) writes the
 // gradients themselves when it shares its wave with all the others, and the rest have a
 // partial buffer per block of a wave.
@@ -521,6 +379,140 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
   }
 }
 
+// The query rows of one block of rows_pass_typed: as many as keep a block's rows of p and of
+// grad_scores over every key within kRowBufferValues values each (512 KiB in float32; at least
+// 8 rows, at most kQueryBlock). Every block transposes all keys and values again and sums its
+// own key-gradient partial, so taller blocks cost less: at 1024 keys, 32, 64 and 128 rows
+// measured 480, 423 and 400 ms for the same 40 backwards.
+constexpr int64_t kRowBufferValues = 4 * kQueryBlock * kKeyBlock;
+
+int64_t rows_pass_rows(int64_t key_positions) {
+  return std::clamp<int64_t>(kRowBufferValues / key_positions / 8 * 8, 8, kQueryBlock);
+}
+
+// The backward's first pass where the keys do not fit one block: a task takes a group of blocks
+// of query rows of a (sample, head), each block against every key, so that it has whole rows of
+// p and dp = grad_out v^T (computed a key block at a time into row buffers) and computes the
+// correction term from them (see weighted_sum), then grad_scores, its rows
+// of the query gradient, whole, and the key gradient summed over its rows, accumulated over the
+// group's blocks in order. The groups run in waves of one group per thread, each group's key
+// gradient in a partial buffer, added to grad_k in group order. The value gradient, which needs
+// p alone, is value_pass_typed's.
+template <typename T>
+void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& lse, T scale, const at::Tensor& grad_q,
+                     const at::Tensor& grad_k) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
+  const int64_t key_positions = k.size(2), dv = v.size(3), batch_heads = batch * heads;
+  const int64_t query_rows = rows_pass_rows(key_positions);
+  const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
+  const BlockGroups query_groups = group_blocks(query_blocks, batch_heads);
+  const int64_t groups = query_groups.count, blocks_per_group = query_groups.blocks_per_group;
+  const int64_t wave =
+      std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, groups);
+  const at::Tensor partials = at::empty({wave, batch, heads, key_positions, dq}, q.options());
+  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out), grad_queries(grad_q);
+  const T* lse_data = lse.const_data_ptr<T>();
+  T* partial_data = partials.data_ptr<T>();
+  const int64_t ld = key_positions;
+
+  for (int64_t wave_first = 0; wave_first < groups; wave_first += wave) {
+    const int64_t wave_groups = std::min(wave, groups - wave_first);
+    at::parallel_for(0, batch_heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
+      const auto probs = scratch<T>(query_rows * ld), grad_scores = scratch<T>(query_rows * ld);
+      const auto key_columns = scratch<T>(dq * kKeyBlock),
+                 value_columns = scratch<T>(dv * kKeyBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nh = task / wave_groups, slot = task % wave_groups;
+        const int64_t group = wave_first + slot, n = nh / heads, h = nh % heads;
+        T* grad_key = partial_data + (slot * batch_heads + nh) * key_positions * dq;
+        const int64_t block_end = std::min(query_blocks, (group + 1) * blocks_per_group);
+        for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
+          const int64_t first = block * query_rows;
+          const int64_t rows = std::min(query_rows, positions - first);
+          const T* query = queries.rows(n, h, first);
+          const T* grad = grads.rows(n, h, first);
+          for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
+            const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
+            transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
+                           kKeyBlock);
+            transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
+                           value_columns.get(), kKeyBlock);
+            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.get(),
+                               lse_data + nh * positions + first, probs.get() + key_first, ld);
+            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.get(),
+                             kKeyBlock, false, grad_scores.get() + key_first, ld);
+          }
+          // grad_scores = p * (dp - delta) in place, row by row.
+          for (int64_t i = 0; i < rows; ++i) {
+            T* ds = grad_scores.get() + i * ld;
+            const T* p = probs.get() + i * ld;
+            const auto [weighted, total] = weighted_sum(p, ds, key_positions);
+            // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
+            const double delta = total == 0 ? 0.0 : weighted / total;
+            for (int64_t j = 0; j < key_positions; ++j) {
+              ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - delta));
+            }
+          }
+          // grad_q = scale * grad_scores k, whole rows; grad_k (+)= scale * grad_scores^T q.
+          block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), ld, 1,
+                           keys.rows(n, h, 0), keys.row_stride, false,
+                           grad_queries.rows(n, h, first), grad_queries.row_stride);
+          block_product<T>(key_positions, dq, rows, scale, grad_scores.get(), 1, ld, query,
+                           queries.row_stride, block != group * blocks_per_group, grad_key, dq);
+        }
+      }
+    });
+    for (int64_t slot = 0; slot < wave_groups; ++slot) {
+      if (wave_first + slot == 0) {
+        grad_k.copy_(partials[slot]);
+      } else {
+        grad_k.add_(partials[slot]);
+      }
+    }
+  }
+}
+
+// The backward's second pass where the keys do not fit one block: grad_v = p^T grad_out, a task
+// per group of key blocks of a (sample, head), each summing over every query block in order
+// into its own rows of grad_v (p recomputed once more: its 2 + dq operations per pair against
+// the dv of dp that a value gradient summed by the rows pass in partial buffers would save,
+// but such buffers would hold dv values per key for every group of a wave).
+template <typename T>
+void value_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& lse, T scale, const at::Tensor& grad_v) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
+  const int64_t key_positions = k.size(2), dv = grad_v.size(3), batch_heads = batch * heads;
+  const int64_t key_block = backward_key_block(key_positions, batch_heads);
+  const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
+  const BlockGroups key_groups = group_blocks(key_blocks, batch_heads);
+  const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
+  const HeadRows<T> queries(q), keys(k), grads(grad_out), grad_values(grad_v);
+  const T* lse_data = lse.const_data_ptr<T>();
+  at::parallel_for(0, batch_heads * groups, 1, [&](int64_t begin, int64_t end) {
+    const auto probs = scratch<T>(kQueryBlock * kKeyBlock);
+    const auto key_columns = scratch<T>(dq * kKeyBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
+      const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
+      for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
+        const int64_t key_first = block * key_block;
+        const int64_t cols = std::min(key_block, key_positions - key_first);
+        transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
+                       kKeyBlock);
+        for (int64_t first = 0; first < positions; first += kQueryBlock) {
+          const int64_t rows = std::min(kQueryBlock, positions - first);
+          recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
+                             key_columns.get(), lse_data + nh * positions + first, probs.get());
+          block_product<T>(cols, dv, rows, T(1), probs.get(), 1, kKeyBlock, grads.rows(n, h, first),
+                           grads.row_stride, first != 0, grad_values.rows(n, h, key_first),
+                           grad_values.row_stride);
+        }
+      }
+    }
+  });
+}
+
 at::ScalarType accumulation_type(const at::Tensor& t) { return at::toOpMathType(t.scalar_type()); }
 
 // Half inputs are converted to float32 once (O(P) memory), so every block product runs in
@@ -553,7 +545,7 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
                    grad_v_acc = accumulator(grad_v);
   // out is not read: the correction term is recomputed from the very p and dp it corrects
-  // (see softmax_correction_typed).
+  // (see weighted_sum).
   (void)out;
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), v_acc = v.to(acc);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
@@ -564,11 +556,9 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
                                             grad_q_acc, grad_k_acc, grad_v_acc);
       return;
     }
-    const at::Tensor delta =
-        at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
-    softmax_correction_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, delta);
-    attention_backward_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, delta, scale_value,
-                                       grad_q_acc, grad_k_acc, grad_v_acc);
+    rows_pass_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, grad_q_acc,
+                              grad_k_acc);
+    value_pass_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
   });
   if (!in_place) {
     grad_q.copy_(grad_q_acc);
