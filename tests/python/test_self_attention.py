@@ -148,6 +148,15 @@ def test_deep_stage_shapes_match_reference(dtype, num_heads, layout):
     check_against_reference(x, make_params(1040, 130, 1040, dtype, "cpu"), 130, num_heads, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_values_at_many_keys_match_reference(dtype):
+    # 2048 keys of 520 query-key and value columns: more than the CPU backward's first pass
+    # transposes once per task (2^20 values), so it transposes them a key block at a time for
+    # every block of query rows.
+    x = torch.randn(1, 512, 2048).to(dtype)
+    check_against_reference(x, make_params(512, 8, 512, dtype, "cpu"), 8, 1, 1)
+
+
 def test_private_forward_returns_the_saved_tensors():
     x = torch.randn(2, 6, 5, 7)
     params = make_params(6, 4, 6, torch.float32, "cpu")

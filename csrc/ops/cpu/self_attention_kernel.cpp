@@ -99,15 +99,15 @@ std::unique_ptr<T[]> scratch(int64_t size) {
 }
 
 // probs (rows x cols, leading dim ld) = exp(q k^T * scale - lse): the forward's softmax of one
-// block of keys (key_columns: dq x cols, leading dim kKeyBlock), recomputed by every pass of the
+// block of keys (key_columns: dq x cols, leading dim key_ld), recomputed by every pass of the
 // backward in the same way.
 template <typename T>
 void recompute_probs(int64_t rows, int64_t cols, int64_t dq, T scale, const T* query,
                      int64_t query_stride, const T* key_columns, const T* row_lse, T* probs,
-                     int64_t ld = kKeyBlock) {
+                     int64_t ld = kKeyBlock, int64_t key_ld = kKeyBlock) {
   using Vec = at::vec::Vectorized<T>;
-  block_product<T>(rows, cols, dq, scale, query, query_stride, 1, key_columns, kKeyBlock, false,
-                   probs, ld);
+  block_product<T>(rows, cols, dq, scale, query, query_stride, 1, key_columns, key_ld, false, probs,
+                   ld);
   for (int64_t i = 0; i < rows; ++i) {
     T* p = probs + i * ld;
     const Vec row_shift(row_lse[i]);
@@ -385,6 +385,8 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
 // own key-gradient partial, so taller blocks cost less: at 1024 keys, 32, 64 and 128 rows
 // measured 480, 423 and 400 ms for the same 40 backwards.
 constexpr int64_t kRowBufferValues = 4 * kQueryBlock * kKeyBlock;
+// The most keys and values rows_pass_typed transposes once per task (4 MiB in float32).
+constexpr int64_t kTransposedValues = int64_t{1} << 20;
 
 int64_t rows_pass_rows(int64_t key_positions) {
   return std::clamp<int64_t>(kRowBufferValues / key_positions / 8 * 8, 8, kQueryBlock);
@@ -415,17 +417,27 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const T* lse_data = lse.const_data_ptr<T>();
   T* partial_data = partials.data_ptr<T>();
   const int64_t ld = key_positions;
+  // The keys and values are transposed once per task for all its blocks where they fit
+  // kTransposedValues, else a key block at a time for every block of rows.
+  const bool transpose_once = (dq + dv) * key_positions <= kTransposedValues;
+  const int64_t columns_ld = transpose_once ? key_positions : kKeyBlock;
 
   for (int64_t wave_first = 0; wave_first < groups; wave_first += wave) {
     const int64_t wave_groups = std::min(wave, groups - wave_first);
     at::parallel_for(0, batch_heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
       const auto probs = scratch<T>(query_rows * ld), grad_scores = scratch<T>(query_rows * ld);
-      const auto key_columns = scratch<T>(dq * kKeyBlock),
-                 value_columns = scratch<T>(dv * kKeyBlock);
+      const auto key_columns = scratch<T>(dq * columns_ld),
+                 value_columns = scratch<T>(dv * columns_ld);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_groups, slot = task % wave_groups;
         const int64_t group = wave_first + slot, n = nh / heads, h = nh % heads;
         T* grad_key = partial_data + (slot * batch_heads + nh) * key_positions * dq;
+        if (transpose_once) {
+          transpose_rows(keys.rows(n, h, 0), keys.row_stride, key_positions, dq, key_columns.get(),
+                         columns_ld);
+          transpose_rows(values.rows(n, h, 0), values.row_stride, key_positions, dv,
+                         value_columns.get(), columns_ld);
+        }
         const int64_t block_end = std::min(query_blocks, (group + 1) * blocks_per_group);
         for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
           const int64_t first = block * query_rows;
@@ -434,14 +446,19 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const T* grad = grads.rows(n, h, first);
           for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
             const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
-            transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
-                           kKeyBlock);
-            transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
-                           value_columns.get(), kKeyBlock);
-            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride, key_columns.get(),
-                               lse_data + nh * positions + first, probs.get() + key_first, ld);
-            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1, value_columns.get(),
-                             kKeyBlock, false, grad_scores.get() + key_first, ld);
+            const int64_t column = transpose_once ? key_first : 0;
+            if (!transpose_once) {
+              transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq,
+                             key_columns.get(), columns_ld);
+              transpose_rows(values.rows(n, h, key_first), values.row_stride, cols, dv,
+                             value_columns.get(), columns_ld);
+            }
+            recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride,
+                               key_columns.get() + column, lse_data + nh * positions + first,
+                               probs.get() + key_first, ld, columns_ld);
+            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1,
+                             value_columns.get() + column, columns_ld, false,
+                             grad_scores.get() + key_first, ld);
           }
           // grad_scores = p * (dp - delta) in place, row by row.
           for (int64_t i = 0; i < rows; ++i) {
