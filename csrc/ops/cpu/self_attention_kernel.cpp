@@ -268,6 +268,22 @@ std::pair<double, double> weighted_sum(const T* p, const T* dp, int64_t cols) {
   return {weighted[0], total[0]};
 }
 
+// grad_scores = p * (dp - delta) in place, for `rows` whole rows of `cols` keys (leading dim
+// ld) of p and of dp (in grad_scores on entry), delta each row's correction term.
+template <typename T>
+void score_gradients(int64_t rows, int64_t cols, const T* probs, T* grad_scores, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* ds = grad_scores + i * ld;
+    const T* p = probs + i * ld;
+    const auto [weighted, total] = weighted_sum(p, ds, cols);
+    // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
+    const double delta = total == 0 ? 0.0 : weighted / total;
+    for (int64_t j = 0; j < cols; ++j) {
+      ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - delta));
+    }
+  }
+}
+
 // The query rows of one task of single_block_backward_typed: kQueryBlock, or fewer where the
 // (sample, head) pairs would have fewer than kMinSingleBlockTasks tasks between them (the
 // backward runs a sample at a time). Depends on the shape only: the rows of a task set the
@@ -286,10 +302,9 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
 // query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
 // correction term (see weighted_sum) and grad_scores from one recomputation. Its query gradient
 // rows are complete; its key and value gradients are partial sums over its rows, added in
-// query-block order. The blocks run in
-// waves of enough tasks for every thread: the first block of each (sample, head) writes the
-// gradients themselves when it shares its wave with all the others, and the rest have a
-// partial buffer per block of a wave.
+// query-block order. The blocks run in waves of enough tasks for every thread: the first block
+// of each (sample, head) writes the gradients themselves when it shares its wave with all the
+// others, and the rest have a partial buffer per block of a wave.
 template <typename T>
 void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -331,19 +346,10 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
                        value_columns.get(), kKeyBlock);
         recompute_probs<T>(rows, key_positions, dq, scale, query, queries.row_stride,
                            key_columns.get(), lse_data + nh * positions + first, probs.get());
-        // dp = grad_out v^T, then grad_scores = p * (dp - delta) in place, row by row.
+        // dp = grad_out v^T into grad_scores, then the score gradients in place.
         block_product<T>(rows, key_positions, dv, T(1), grad, grads.row_stride, 1,
                          value_columns.get(), kKeyBlock, false, grad_scores.get(), kKeyBlock);
-        for (int64_t i = 0; i < rows; ++i) {
-          T* ds = grad_scores.get() + i * kKeyBlock;
-          const T* p = probs.get() + i * kKeyBlock;
-          const auto [weighted, total] = weighted_sum(p, ds, key_positions);
-          // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
-          const double delta = total == 0 ? 0.0 : weighted / total;
-          for (int64_t j = 0; j < key_positions; ++j) {
-            ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - delta));
-          }
-        }
+        score_gradients(rows, key_positions, probs.get(), grad_scores.get(), kKeyBlock);
         // grad_q = scale * grad_scores k, whole rows.
         block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), kKeyBlock, 1, key,
                          keys.row_stride, false, grad_queries.rows(n, h, first),
@@ -381,9 +387,10 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
 
 // The query rows of one block of rows_pass_typed: as many as keep a block's rows of p and of
 // grad_scores over every key within kRowBufferValues values each (512 KiB in float32; at least
-// 8 rows, at most kQueryBlock). Every block transposes all keys and values again and sums its
-// own key-gradient partial, so taller blocks cost less: at 1024 keys, 32, 64 and 128 rows
-// measured 480, 423 and 400 ms for the same 40 backwards.
+// 8 rows, at most kQueryBlock). Every block sums its own key-gradient partial (and transposes
+// the keys and values again where they do not fit kTransposedValues), so taller blocks cost
+// less: at 1024 keys, with those transposes, 32, 64 and 128 rows took 480, 423 and 400 ms in
+// the rows passes of the same 40 backwards.
 constexpr int64_t kRowBufferValues = 4 * kQueryBlock * kKeyBlock;
 // The most keys and values rows_pass_typed transposes once per task (4 MiB in float32).
 constexpr int64_t kTransposedValues = int64_t{1} << 20;
@@ -460,17 +467,7 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
                              value_columns.get() + column, columns_ld, false,
                              grad_scores.get() + key_first, ld);
           }
-          // grad_scores = p * (dp - delta) in place, row by row.
-          for (int64_t i = 0; i < rows; ++i) {
-            T* ds = grad_scores.get() + i * ld;
-            const T* p = probs.get() + i * ld;
-            const auto [weighted, total] = weighted_sum(p, ds, key_positions);
-            // A row whose probabilities all vanish (scores of -inf) gets no gradient either way.
-            const double delta = total == 0 ? 0.0 : weighted / total;
-            for (int64_t j = 0; j < key_positions; ++j) {
-              ds[j] = static_cast<T>(p[j] * (static_cast<double>(ds[j]) - delta));
-            }
-          }
+          score_gradients(rows, key_positions, probs.get(), grad_scores.get(), ld);
           // grad_q = scale * grad_scores k, whole rows; grad_k (+)= scale * grad_scores^T q.
           block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), ld, 1,
                            keys.rows(n, h, 0), keys.row_stride, false,
