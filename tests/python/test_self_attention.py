@@ -427,7 +427,7 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, size):
     """Forward+backward of the default module on (4, 64, S, S), P >= 256, at 2 threads: the
     backward recomputes the projection and the heads a sample at a time (also where a sample
     has fewer than 1024 positions: 2.97x at P = 256 when a chunk took 1024 positions) and keeps
-    one wave of partial query gradients (a buffer per thread, not per key-block group), so its
+    one wave of partial key gradients (a buffer per thread, not per group of blocks), so its
     peak is at most 1.5x |Q| + |K| + |V| + |out| (1.80x and 1.95x when the heads were saved and
     every group had a buffer). Counted: y and grad_x for the batch (64 + 64 values per
     position), one sample's temporaries (the heads' gradient, the recomputed projection, the

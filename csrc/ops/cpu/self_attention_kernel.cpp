@@ -284,6 +284,23 @@ void score_gradients(int64_t rows, int64_t cols, const T* probs, T* grad_scores,
   }
 }
 
+// The blocks (or groups of blocks) of each of `batch_heads` (sample, head) pairs that one wave
+// of a backward pass runs side by side, each with its own partial sum: enough tasks for every
+// thread, at most `blocks`. The partials are added in block order whatever the wave, so the
+// thread count sets the memory, not the result.
+int64_t wave_size(int64_t batch_heads, int64_t blocks) {
+  return std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, blocks);
+}
+
+// sum = part for the first of the partial sums, sum += part for the others.
+void add_partial(const at::Tensor& sum, const at::Tensor& part, bool first) {
+  if (first) {
+    sum.copy_(part);
+  } else {
+    sum.add_(part);
+  }
+}
+
 // The query rows of one task of single_block_backward_typed: kQueryBlock, or fewer where the
 // (sample, head) pairs would have fewer than kMinSingleBlockTasks tasks between them (the
 // backward runs a sample at a time). Depends on the shape only: the rows of a task set the
@@ -302,9 +319,9 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
 // query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
 // correction term (see weighted_sum) and grad_scores from one recomputation. Its query gradient
 // rows are complete; its key and value gradients are partial sums over its rows, added in
-// query-block order. The blocks run in waves of enough tasks for every thread: the first block
-// of each (sample, head) writes the gradients themselves when it shares its wave with all the
-// others, and the rest have a partial buffer per block of a wave.
+// query-block order. The blocks run in waves (wave_size): the first block of each (sample, head)
+// writes the gradients themselves when it shares its wave with all the others, and the rest
+// have a partial buffer per block of a wave.
 template <typename T>
 void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -315,8 +332,7 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_INTERNAL_ASSERT(key_positions <= kKeyBlock);
   const int64_t query_rows = single_block_query_rows(positions, batch_heads);
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
-  const int64_t wave =
-      std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, query_blocks);
+  const int64_t wave = wave_size(batch_heads, query_blocks);
   const bool one_wave = wave == query_blocks;
   // (slots, N, H, Pk, dq + dv): a block's key and value gradients side by side.
   const int64_t widths = dq + dv;
@@ -374,13 +390,8 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
     const int64_t first_slot_block = wave_first + (one_wave ? 1 : 0);
     for (int64_t block = first_slot_block; block < wave_first + wave_blocks; ++block) {
       const at::Tensor part = partials[block - first_slot_block];
-      if (block == 0) {
-        grad_k.copy_(part.narrow(3, 0, dq));
-        grad_v.copy_(part.narrow(3, dq, dv));
-      } else {
-        grad_k.add_(part.narrow(3, 0, dq));
-        grad_v.add_(part.narrow(3, dq, dv));
-      }
+      add_partial(grad_k, part.narrow(3, 0, dq), block == 0);
+      add_partial(grad_v, part.narrow(3, dq, dv), block == 0);
     }
   }
 }
@@ -402,11 +413,11 @@ int64_t rows_pass_rows(int64_t key_positions) {
 // The backward's first pass where the keys do not fit one block: a task takes a group of blocks
 // of query rows of a (sample, head), each block against every key, so that it has whole rows of
 // p and dp = grad_out v^T (computed a key block at a time into row buffers) and computes the
-// correction term from them (see weighted_sum), then grad_scores, its rows
-// of the query gradient, whole, and the key gradient summed over its rows, accumulated over the
-// group's blocks in order. The groups run in waves of one group per thread, each group's key
-// gradient in a partial buffer, added to grad_k in group order. The value gradient, which needs
-// p alone, is value_pass_typed's.
+// correction term from them (see weighted_sum), then grad_scores, its rows of the query
+// gradient, whole, and the key gradient summed over its rows, accumulated over the group's
+// blocks in order. The groups run in waves (wave_size), each group's key gradient in a partial
+// buffer, added to grad_k in group order. The value gradient, which needs p alone, is
+// value_pass_typed's.
 template <typename T>
 void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& lse, T scale, const at::Tensor& grad_q,
@@ -417,8 +428,7 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
   const BlockGroups query_groups = group_blocks(query_blocks, batch_heads);
   const int64_t groups = query_groups.count, blocks_per_group = query_groups.blocks_per_group;
-  const int64_t wave =
-      std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, groups);
+  const int64_t wave = wave_size(batch_heads, groups);
   const at::Tensor partials = at::empty({wave, batch, heads, key_positions, dq}, q.options());
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out), grad_queries(grad_q);
   const T* lse_data = lse.const_data_ptr<T>();
@@ -478,20 +488,16 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
       }
     });
     for (int64_t slot = 0; slot < wave_groups; ++slot) {
-      if (wave_first + slot == 0) {
-        grad_k.copy_(partials[slot]);
-      } else {
-        grad_k.add_(partials[slot]);
-      }
+      add_partial(grad_k, partials[slot], wave_first + slot == 0);
     }
   }
 }
 
 // The backward's second pass where the keys do not fit one block: grad_v = p^T grad_out, a task
 // per group of key blocks of a (sample, head), each summing over every query block in order
-// into its own rows of grad_v (p recomputed once more: its 2 + dq operations per pair against
-// the dv of dp that a value gradient summed by the rows pass in partial buffers would save,
-// but such buffers would hold dv values per key for every group of a wave).
+// into its own rows of grad_v. p is recomputed once more (dq multiply-adds and an exponential
+// per pair): summing grad_v in the rows pass instead would take a partial buffer of dv values
+// per key for every group of a wave.
 template <typename T>
 void value_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& lse, T scale, const at::Tensor& grad_v) {
