@@ -38,6 +38,8 @@ CASES = {
     "self_attention qk 64 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 64),
     "self_attention qk 256 v 2048 (8,2048,4,4) fwd": ("self_fwd", (8, 2048, 4, 4), 256),
     "self_attention qk 256 v 2048 (8,2048,4,4) fwd+bwd": ("self", (8, 2048, 4, 4), 256),
+    "self_attention qk 256 v 2048 (8,2048,7,7) fwd": ("self_fwd", (8, 2048, 7, 7), 256),
+    "self_attention qk 256 v 2048 (8,2048,7,7) fwd+bwd": ("self", (8, 2048, 7, 7), 256),
 }
 
 CHILD = r"""

@@ -31,15 +31,13 @@ bool rows_stack(const at::Tensor& a) {
 }
 
 // Whether the samples' `tokens` are copied into one matrix for one product with `weight`
-// instead of a product per sample. Each product per sample reads all of the weight. That costs
-// little where the weight's rows are read in place as the row operand of the fixed-order
-// product's tiles (`weight_rows_in_place`: out^T = weight tokens^T, the few tokens packed as the
-// other operand). Elsewhere (the weight the wide operand of a few rows of tokens, or read
-// column by column) each sample's product streams the whole weight from memory, and where the
+// instead of a product per sample. Each product per sample reads all of the weight, and its
+// width (a sample's positions: 49 at 7 x 7) leaves partly filled vectors at the edge; where the
 // batch's tokens are no larger than the weight (deep stages: few positions, many channels) one
-// copy of them is cheaper. Every element is the same sum either way.
-bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& weight, bool weight_rows_in_place) {
-  return !weight_rows_in_place && tokens.size(0) > 1 && tokens.numel() <= weight.numel();
+// copy of them costs less than reading the weight once per sample. Every element is the same sum
+// either way.
+bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& weight) {
+  return tokens.size(0) > 1 && tokens.numel() <= weight.numel();
 }
 
 // out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)): one product when the samples of `a`
@@ -51,7 +49,7 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
   at::Tensor out = at::empty({batch, rows, cols}, a.options());
   if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
   // A column-major b (a transposed weight) is read by rows: see fixed_order_matmul.
-  if (rows_stack(a) || stack_by_copy(a, b, b.stride(0) == 1)) {
+  if (rows_stack(a) || stack_by_copy(a, b)) {
     matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,
            bias.has_value());
     return out;
@@ -67,7 +65,7 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
 void columns_mm(MatmulFn matmul, const at::Tensor& out, const at::Tensor& w,
                 const at::Tensor& tokens, bool accumulate) {
   const int64_t batch = out.size(0), rows = out.size(1), positions = out.size(2);
-  if (stack_by_copy(tokens, w, w.stride(1) == 1)) {
+  if (stack_by_copy(tokens, w)) {
     const at::Tensor stacked = at::empty({rows, batch * positions}, out.options());
     const at::Tensor samples = stacked.view({rows, batch, positions}).permute({1, 0, 2});
     if (accumulate) samples.copy_(out);

@@ -141,9 +141,10 @@ def test_many_positions_match_reference(device, dtype, shape, layout, num_heads,
 @pytest.mark.parametrize("dtype,num_heads", [(torch.float32, 1), (torch.float64, 2)])
 def test_deep_stage_shapes_match_reference(dtype, num_heads, layout):
     # Many channels at few positions, as after a ResNet's last stage: the products run over
-    # sums deeper than 256 (1040 channels, 1040 value rows) on operands larger than the L2
-    # cache, in depth blocks with the running sums stored between them, and the samples'
-    # tokens are stacked into one matrix (fewer than the weights).
+    # sums deeper than 512 (1040 channels, 1040 value rows) on operands larger than the L2
+    # cache, in depth blocks (a first, a middle and a last) with the running sums stored between
+    # them and b's panels copied tile by tile, and the samples' tokens are stacked into one
+    # matrix (fewer than the weights).
     x = in_layout(torch.randn(8, 1040, 4, 4), layout).to(dtype)
     check_against_reference(x, make_params(1040, 130, 1040, dtype, "cpu"), 130, num_heads, 1)
 
@@ -318,20 +319,42 @@ def test_results_are_bitwise_identical_across_thread_counts(layout, num_heads, k
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("channels,spatial", [(256, (2, 2)), (64, (1, 1)), (32, (12, 12))])
-def test_a_sample_gets_the_same_bits_alone_or_in_a_batch(layout, channels, spatial):
+def test_deep_stage_results_are_bitwise_identical_across_thread_counts(layout):
+    # 1040 channels at 5 x 5: blocked products, whose tasks grow with fewer threads (up to
+    # 256 rows by 384 columns while there are 4 tasks a thread), so each thread count splits
+    # them differently.
+    x = in_layout(torch.randn(2, 1040, 5, 5), layout)
+    params = make_params(1040, 130, 1040, torch.float32, "cpu")
+    grad = in_layout(torch.randn(x.shape), layout)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x, *params]]
+        y = op(*leaves, 130, 1, 1)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,spatial,num_heads",
+                         [(256, (2, 2), 1), (64, (1, 1), 1), (32, (12, 12), 1), (1040, (5, 5), 2)])
+def test_a_sample_gets_the_same_bits_alone_or_in_a_batch(layout, channels, spatial, num_heads):
     """y and grad_x of each sample, bit for bit, whether it comes alone or in a batch of 4. With
-    256 or 64 channels and 4 or 1 positions the batch's tokens are fewer than the weights, so
-    the backward's products stack the samples into one matrix (copying a channels-first map's
-    tokens, and writing grad_x back); alone, and with 32 channels at 12 x 12, each sample is its
-    own product. Every element is the same sum either way."""
+    256, 64 or 1040 channels and 4, 1 or 25 positions the batch's tokens are fewer than the
+    weights, so the products stack the samples into one matrix (copying a channels-first map's
+    tokens, and writing the results back); alone, and with 32 channels at 12 x 12, each sample
+    is its own product. At 1040 channels the batch's products are blocked (depth blocks of 512,
+    b packed panel by panel) where a sample's alone run in one pass, 25 columns wide (a masked
+    last vector); two heads give a sample alone the attention backward's blocks of a batch
+    (one block of query rows per head and sample from 2 blocks a call on). Every element is the
+    same sum either way."""
     x = in_layout(torch.randn((4, channels) + spatial), layout)
     params = make_params(channels, channels // 8, channels, torch.float32, "cpu")
     grad = in_layout(torch.randn(x.shape), layout)
 
     def run(first, count):
         leaves = [x[first:first + count].clone().requires_grad_(True), *params]
-        y = op(*leaves, channels // 8, 1, 1)
+        y = op(*leaves, channels // 8, num_heads, 1)
         return y.detach(), torch.autograd.grad(y, leaves[0], grad[first:first + count])[0]
 
     y, grad_x = run(0, 4)

@@ -12,11 +12,19 @@ namespace cpu {
 
 namespace {
 
-// Output tiles per task: rows a multiple of the row tiles (8 or 4), columns a multiple of the
-// widest column tile (3 vectors) for float and double. A product as short as a batch of channel
-// statistics (32 rows) and as wide as 2048 channels is split along its columns too.
+// Output blocks per task: at most kMaxRowBlock x kMaxColumnBlock, halved (columns first) down
+// to kRowBlock x kColumnBlock while the product has fewer than kTasksPerThread tasks per thread.
+// Larger blocks read a and b fewer times (a once per column block, b once per row block, each
+// time packed by the task), smaller ones share a small product among the threads. Rows are
+// multiples of the row tiles (8 or 4), columns of the widest column tile (3 vectors) for float
+// and double.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColumnBlock = 96;
+constexpr int64_t kMaxRowBlock = 4 * kRowBlock;
+constexpr int64_t kMaxColumnBlock = 4 * kColumnBlock;
+constexpr int64_t kTasksPerThread = 4;
+
+int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
 
 }  // namespace
 
@@ -52,17 +60,26 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
     scalar_t* c_data = result.data_ptr<scalar_t>();
     const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
-    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
-    const int64_t column_blocks = (n + kColumnBlock - 1) / kColumnBlock;
-    const int64_t task_work = kRowBlock * kColumnBlock * std::max<int64_t>(k, 1);
+    int64_t row_block = kMaxRowBlock, column_block = kMaxColumnBlock;
+    const int64_t enough_tasks = kTasksPerThread * at::get_num_threads();
+    while (blocks(m, row_block) * blocks(n, column_block) < enough_tasks &&
+           (row_block > kRowBlock || column_block > kColumnBlock)) {
+      if (column_block > kColumnBlock) {
+        column_block /= 2;
+      } else {
+        row_block /= 2;
+      }
+    }
+    const int64_t row_blocks = blocks(m, row_block), column_blocks = blocks(n, column_block);
+    const int64_t task_work = row_block * column_block * std::max<int64_t>(k, 1);
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / task_work);
     // Every element is computed the same way whichever task holds it (see gemm.h).
     at::parallel_for(0, row_blocks * column_blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t first_row = task / column_blocks * kRowBlock;
-        const int64_t first_column = task % column_blocks * kColumnBlock;
-        const int64_t rows = std::min(kRowBlock, m - first_row);
-        const int64_t columns = std::min(kColumnBlock, n - first_column);
+        const int64_t first_row = task / column_blocks * row_block;
+        const int64_t first_column = task % column_blocks * column_block;
+        const int64_t rows = std::min(row_block, m - first_row);
+        const int64_t columns = std::min(column_block, n - first_column);
         block_product<scalar_t>(rows, columns, k, scalar_t(1), a_data + first_row * a_row, a_row,
                                 a_col, b_data + first_column, n, accumulate,
                                 c_data + first_row * ldc + first_column, ldc);

@@ -35,8 +35,9 @@ inline void block_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
 
 // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`, for 2-D CPU tensors of
 // one floating dtype with any strides. Sums run in the accumulation dtype (float32 for half
-// types, whose inputs are widened first) and are rounded once into `out`. Rows are shared
-// among threads in fixed blocks; a call inside a parallel region runs on its thread.
+// types, whose inputs are widened first) and are rounded once into `out`. Blocks of rows and
+// columns are shared among threads (fewer, larger blocks with fewer threads: the result is the
+// same); a call inside a parallel region runs on its thread.
 void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool accumulate);
 

@@ -4,9 +4,14 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -22,25 +27,78 @@ namespace {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // 8 rows by 3 vectors: 24 of the 32 vector registers hold sums, and each load of b serves 8
-// rows. The last columns, fewer than a vector, use masked loads and stores.
+// rows.
 constexpr int kTileRows = 8;
-constexpr bool kMaskedLastColumns = true;
 #else
 // 4 rows by 3 vectors: 12 of the 16 vector registers hold sums.
 constexpr int kTileRows = 4;
+#endif
+// The last columns, fewer than a vector, run as tiles of one vector with masked loads and
+// stores where the instruction set has them. A column computed one at a time is a chain of
+// dependent multiply-adds, bound by their latency: products 49 columns wide (a 7 x 7 map's
+// positions) took the forward of a 2048-channel block 30% longer that way.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kMaskedLastColumns = true;
+#else
 constexpr bool kMaskedLastColumns = false;
 #endif
 
-// Sums along k longer than kDepthBlock, over a b too large for the L2 cache, run block by
-// block: the b rows of one block and one column tile (kDepthBlock rows of 3 vectors, 24 KiB of
-// floats in AVX2) stay in the cache while every row group of the product uses them, instead of
-// streaming all of k x 3 vectors from memory for each row group. Between blocks each element's
-// running sum is stored as it is and loaded again, so its chain of fused multiply-adds is that
-// of one pass over k.
-constexpr int64_t kDepthBlock = 256;
+// How a tile reads and writes the columns of its vectors: all of a vector's lanes
+// (WholeVectors), or only the first `count`, fewer than a vector (FirstLanes: the others load
+// as zero, are never stored, and no memory beyond the first `count` elements is touched).
+template <typename T>
+struct WholeVectors {
+  using Vec = at::vec::Vectorized<T>;
+  Vec load(const T* p) const { return Vec::loadu(p); }
+  void store(const Vec& v, T* p) const { v.store(p); }
+};
+
+template <typename T>
+struct FirstLanes {
+  using Vec = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX2)
+  // AVX2's masked loads and stores, written out: at::vec's loadu(p, count) copies through a
+  // stack buffer in some torch releases.
+  __m256i mask;
+  explicit FirstLanes(int64_t count)
+      : mask(std::is_same_v<T, float>
+                 ? _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+                 : _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3))) {}
+  Vec load(const T* p) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_maskload_ps(p, mask);
+    } else {
+      return _mm256_maskload_pd(p, mask);
+    }
+  }
+  void store(const Vec& v, T* p) const {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_maskstore_ps(p, mask, v);
+    } else {
+      _mm256_maskstore_pd(p, mask, v);
+    }
+  }
+#else
+  int64_t count;
+  explicit FirstLanes(int64_t count) : count(count) {}
+  Vec load(const T* p) const { return Vec::loadu(p, count); }
+  void store(const Vec& v, T* p) const { v.store(p, count); }
+#endif
+};
+
 // A b of at most this many bytes stays in a core's L2 cache (512 KiB on the AMD EPYC measured,
-// more on Intel's) while each row group streams all of it: one pass over k is then as fast.
+// more on Intel's) while each row group streams all of it: one pass over k, nothing copied.
 constexpr int64_t kOnePassBytes = 256 * 1024;
+// A larger b runs in blocks: depth blocks of kDepthBlock steps along k, each in panels of b's
+// columns (kPanelBytes of b rows), each panel copied into a buffer tile by tile (pack_b) where
+// several row groups read it. A tile then reads its b rows one after another, instead of a few
+// vectors from each of `depth` rows in place (rows that, in a wide b, lie a multiple of 4 KiB
+// apart and compete for the same L1 cache sets). a is read once per panel; between depth
+// blocks each element's running sum is stored as it is and loaded again, so its chain of fused
+// multiply-adds is that of one pass over k.
+constexpr int64_t kDepthBlock = 512;
+constexpr int64_t kPanelBytes = 128 * 1024;
 
 // Where a tile's sums begin and end, for a product in one pass over k (kWhole) or a depth block
 // of it (the first, a middle one, the last): they begin at zero or at the running sums of the
@@ -76,18 +134,17 @@ struct Sums {
 // The sums of a (kRows x kVecs vectors) tile over l < k of a(i, l) * b(l, :), with
 // a(i, l) = a[i * a_row + l * a_col] (any strides: a row-major block, or with a_row = 1 a
 // transposed one) and b row-major with contiguous rows. The sums stay in registers; b's vectors
-// are loaded once per l for all kRows rows. With `columns` below a vector (kVecs = 1), only that
-// many columns are read and written.
-template <DepthStage kStage, typename T, int kRows, int kVecs>
+// are loaded once per l for all kRows rows. `lanes` reads and writes the vectors' columns (all,
+// or the first few with kVecs = 1).
+template <DepthStage kStage, typename T, int kRows, int kVecs, typename Lanes>
 C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                                    int64_t ldb, const Sums<T>& ends,
-                                    int64_t columns = at::vec::Vectorized<T>::size()) {
+                                    int64_t ldb, const Sums<T>& ends, const Lanes& lanes) {
   using Vec = at::vec::Vectorized<T>;
   Vec sums[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
       if constexpr (continues(kStage)) {
-        sums[r][v] = Vec::loadu(ends.running + r * ends.running_ld + v * Vec::size(), columns);
+        sums[r][v] = lanes.load(ends.running + r * ends.running_ld + v * Vec::size());
       } else {
         sums[r][v] = Vec(T(0));
       }
@@ -97,7 +154,7 @@ C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_
   for (int r = 0; r < kRows; ++r) a_rows[r] = a + r * a_row;
   for (int64_t l = 0; l < k; ++l, b += ldb) {
     Vec b_columns[kVecs];
-    for (int v = 0; v < kVecs; ++v) b_columns[v] = Vec::loadu(b + v * Vec::size(), columns);
+    for (int v = 0; v < kVecs; ++v) b_columns[v] = lanes.load(b + v * Vec::size());
     for (int r = 0; r < kRows; ++r) {
       const Vec weight(*a_rows[r]);
       a_rows[r] += a_col;
@@ -107,11 +164,11 @@ C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
       if constexpr (ends_running(kStage)) {
-        sums[r][v].store(ends.running + r * ends.running_ld + v * Vec::size(), columns);
+        lanes.store(sums[r][v], ends.running + r * ends.running_ld + v * Vec::size());
       } else {
         T* out = ends.c + r * ends.ldc + v * Vec::size();
         const Vec result = sums[r][v] * Vec(ends.alpha);
-        (ends.accumulate ? result + Vec::loadu(out, columns) : result).store(out, columns);
+        lanes.store(ends.accumulate ? result + lanes.load(out) : result, out);
       }
     }
   }
@@ -200,32 +257,80 @@ C10_ALWAYS_INLINE void tile(int64_t i, RowsTag, int64_t j, Width width, const AO
   const auto [a_rows, a_row, a_col] = a.group(i, kRows);
   const Sums<T> ends = sums.at(i, j);
   if constexpr (!std::is_integral_v<Width>) {
-    product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends);
+    product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends,
+                                                 WholeVectors<T>{});
   } else if constexpr (kMaskedLastColumns) {
-    product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends, width);
+    product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends,
+                                      FirstLanes<T>(width));
   } else {
     product_tail<kStage, T, kRows>(a.depth, width, a_rows, a_row, a_col, b + j, ldb, ends);
   }
 }
 
-// Every tile of one pass over (a depth block of) k: row group by row group, each along all
-// column tiles, or column tile by column tile, each down all row groups.
+// Every tile of one pass over (a depth block of) k, row group by row group, each along all
+// column tiles. This and tiles_of_packed_panel are kept out of their callers: inlined into
+// block_product_kernel, GCC kept a tile's sums on the stack instead of in registers (a third of
+// the speed).
 template <DepthStage kStage, typename T>
-void tiles_by_rows(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
-                   const Sums<T>& sums) {
+C10_NOINLINE void tiles_by_rows(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
+                                const Sums<T>& sums) {
   for_each_row_group(m, [&](int64_t i, auto rows_tag) {
     for_each_column_tile<T>(
         n, [&](int64_t j, auto width) { tile<kStage>(i, rows_tag, j, width, a, b, ldb, sums); });
   });
 }
 
+// The width of the column chunks that pack_b stores b's panels in: a tile of 3 vectors.
+template <typename T>
+constexpr int64_t kChunkColumns = 3 * at::vec::Vectorized<T>::size();
+
+// Copies the first `depth` rows of b's columns [0, width) into `packed`, in chunks of
+// kChunkColumns columns: chunk c is the `depth` rows of its columns (fewer in the last chunk),
+// one after another.
+template <typename T>
+void pack_b(int64_t depth, int64_t width, const T* b, int64_t ldb, T* packed) {
+  for (int64_t j = 0; j < width; j += kChunkColumns<T>) {
+    const int64_t columns = std::min(kChunkColumns<T>, width - j);
+    for (int64_t l = 0; l < depth; ++l) {
+      std::memcpy(packed + l * columns, b + l * ldb + j, columns * sizeof(T));
+    }
+    packed += depth * columns;
+  }
+}
+
+// Every tile of a panel of `width` columns packed by pack_b: row group by row group, each along
+// the chunks (a chunk is one tile of 3 vectors, or the tiles of the last columns).
 template <DepthStage kStage, typename T>
-void tiles_by_columns(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
-                      const Sums<T>& sums) {
-  for_each_column_tile<T>(n, [&](int64_t j, auto width) {
-    for_each_row_group(
-        m, [&](int64_t i, auto rows_tag) { tile<kStage>(i, rows_tag, j, width, a, b, ldb, sums); });
+C10_NOINLINE void tiles_of_packed_panel(int64_t m, int64_t width, const AOperand<T>& a,
+                                        const T* packed, const Sums<T>& sums) {
+  for_each_row_group(m, [&](int64_t i, auto rows_tag) {
+    const T* chunk = packed;
+    for (int64_t j = 0; j < width; j += kChunkColumns<T>) {
+      const int64_t columns = std::min(kChunkColumns<T>, width - j);
+      const Sums<T> chunk_sums = sums.at(0, j);
+      for_each_column_tile<T>(columns, [&](int64_t jj, auto tile_width) {
+        tile<kStage>(i, rows_tag, jj, tile_width, a, chunk, columns, chunk_sums);
+      });
+      chunk += a.depth * columns;
+    }
   });
+}
+
+// The tiles of one depth block of the blocked product, panel by panel of `panel` columns: the
+// panel's b rows (packed into `packed_b` where given) stay in the cache while every row group
+// runs along the panel, and each row group's a stays in the L1 cache along it.
+template <DepthStage kStage, typename T>
+void tiles_by_panels(int64_t m, int64_t n, int64_t panel, const AOperand<T>& a, const T* b,
+                     int64_t ldb, T* packed_b, const Sums<T>& sums) {
+  for (int64_t j = 0; j < n; j += panel) {
+    const int64_t width = std::min(panel, n - j);
+    if (packed_b != nullptr) {
+      pack_b(a.depth, width, b + j, ldb, packed_b);
+      tiles_of_packed_panel<kStage>(m, width, a, packed_b, sums.at(0, j));
+    } else {
+      tiles_by_rows<kStage>(m, width, a, b + j, ldb, sums.at(0, j));
+    }
+  }
 }
 
 }  // namespace
@@ -234,35 +339,44 @@ template <typename T>
 void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row,
                           int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
                           int64_t ldc) {
-  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
-  if (k <= kDepthBlock || k * n * static_cast<int64_t>(sizeof(T)) <= kOnePassBytes) {
+  const Sums<T> into_c{nullptr, 0, c, ldc, alpha, accumulate};
+  if (k * n * static_cast<int64_t>(sizeof(T)) <= kOnePassBytes) {
     // One pass, row group by row group (all of b stays in the cache), reading a in place.
     tiles_by_rows<DepthStage::kWhole, T>(m, n, AOperand<T>{a, a_row, a_col, k, false}, b, ldb,
-                                         Sums<T>{nullptr, 0, c, ldc, alpha, accumulate});
+                                         into_c);
     return;
   }
-  // Depth blocks, each column tile by column tile (the tile's b rows of the block stay in the
-  // cache for all row groups). A transposed a (each step along k a new cache line for a row
-  // group) read by several column tiles is packed first.
-  const bool pack = a_col != 1 && n > 3 * kWidth;
+  // The blocked product. A transposed a (each step along k a new cache line for a row group)
+  // read by several chunks is packed block by block; b is packed where more than two row
+  // groups read it.
+  const int64_t depth_block = std::min(k, kDepthBlock);
+  const int64_t panel =
+      std::max<int64_t>(kChunkColumns<T>, kPanelBytes / (depth_block * sizeof(T)) /
+                                              kChunkColumns<T> * kChunkColumns<T>);
+  const bool pack_a_blocks = a_col != 1 && n > kChunkColumns<T>;
+  const bool pack_b_panels = m > 2 * kTileRows;
   // Scratch left uninitialized (each element is written before it is read) and not a
   // std::vector: its constructor, a std:: function compiled into both builds, could be kept
   // from this build with AVX-512 instructions (tests/python/test_vector_isa.py).
-  const std::unique_ptr<T[]> packed(pack ? new T[m * kDepthBlock] : nullptr);
-  const std::unique_ptr<T[]> running(new T[m * n]);
+  const std::unique_ptr<T[]> packed_a(pack_a_blocks ? new T[m * depth_block] : nullptr);
+  const std::unique_ptr<T[]> packed_b(pack_b_panels ? new T[depth_block * panel] : nullptr);
+  const std::unique_ptr<T[]> running(k > depth_block ? new T[m * n] : nullptr);
   const Sums<T> sums{running.get(), n, c, ldc, alpha, accumulate};
-  for (int64_t first = 0; first < k; first += kDepthBlock) {
-    const int64_t depth = std::min(kDepthBlock, k - first);
-    if (pack) pack_a(m, first, depth, a, a_row, a_col, packed.get());
-    const AOperand<T> block = pack ? AOperand<T>{packed.get(), 0, 0, depth, true}
-                                   : AOperand<T>{a + first * a_col, a_row, a_col, depth, false};
+  for (int64_t first = 0; first < k; first += depth_block) {
+    const int64_t depth = std::min(depth_block, k - first);
+    if (pack_a_blocks) pack_a(m, first, depth, a, a_row, a_col, packed_a.get());
+    const AOperand<T> block = pack_a_blocks
+                                  ? AOperand<T>{packed_a.get(), 0, 0, depth, true}
+                                  : AOperand<T>{a + first * a_col, a_row, a_col, depth, false};
     const T* b_block = b + first * ldb;
-    if (first == 0) {
-      tiles_by_columns<DepthStage::kFirst>(m, n, block, b_block, ldb, sums);
+    if (depth == k) {
+      tiles_by_panels<DepthStage::kWhole>(m, n, panel, block, b_block, ldb, packed_b.get(), into_c);
+    } else if (first == 0) {
+      tiles_by_panels<DepthStage::kFirst>(m, n, panel, block, b_block, ldb, packed_b.get(), sums);
     } else if (first + depth < k) {
-      tiles_by_columns<DepthStage::kMiddle>(m, n, block, b_block, ldb, sums);
+      tiles_by_panels<DepthStage::kMiddle>(m, n, panel, block, b_block, ldb, packed_b.get(), sums);
     } else {
-      tiles_by_columns<DepthStage::kLast>(m, n, block, b_block, ldb, sums);
+      tiles_by_panels<DepthStage::kLast>(m, n, panel, block, b_block, ldb, packed_b.get(), sums);
     }
   }
 }
