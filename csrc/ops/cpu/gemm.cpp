@@ -14,10 +14,10 @@ namespace {
 
 // Output blocks per task: at most kMaxRowBlock x kMaxColumnBlock, halved (columns first) down
 // to kRowBlock x kColumnBlock while the product has fewer than kTasksPerThread tasks per thread.
-// Larger blocks read a and b fewer times (a once per column block, b once per row block, each
-// time packed by the task), smaller ones share a small product among the threads. Rows are
-// multiples of the row tiles (8 or 4), columns of the widest column tile (3 vectors) for float
-// and double.
+// Larger blocks read a and b fewer times (a once per column block, b once per row block, and
+// copied by each task that packs it), smaller ones share a small product among the threads.
+// Rows are multiples of the row tiles (8 or 4), columns of the widest column tile (3 vectors)
+// for float and double.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColumnBlock = 96;
 constexpr int64_t kMaxRowBlock = 4 * kRowBlock;

@@ -58,7 +58,7 @@ struct FirstLanes {
   using Vec = at::vec::Vectorized<T>;
 #if defined(CPU_CAPABILITY_AVX2)
   // AVX2's masked loads and stores, written out: at::vec's loadu(p, count) copies through a
-  // stack buffer in some torch releases.
+  // stack buffer in older torch releases.
   __m256i mask;
   explicit FirstLanes(int64_t count)
       : mask(std::is_same_v<T, float>
