@@ -1,8 +1,9 @@
 """Two builds of cnn_attention side by side: the same operator calls timed in one process per
-build, the builds alternating round after round, so that what a change costs (or saves) is
-measured under the same conditions. Each round runs every case of one build in a fresh child
-process and keeps the minimum over its calls; the table gives, per case, the median over the
-rounds of those minimums and the ratio new / old (> 1: the new build is slower).
+build, the builds alternating round after round (each first in every other round), so that
+what a change costs (or saves) is measured under the same conditions. Each round runs every
+case of one build in a fresh child process and keeps the minimum over its calls; the table
+gives, per case, the median over the rounds of those minimums and the ratio new / old (> 1:
+the new build is slower).
 
     python benchmarks/bench_builds.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 3] [--repeat 10] [--only TEXT]
 
@@ -113,8 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     cases = {name: spec for name, spec in CASES.items() if args.only in name}
     results = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for which in ("old", "new"):
+    for round_index in range(args.rounds):
+        # Which build runs first alternates, so that neither always runs in the same position
+        # (a build against itself gave up to 1.24x with a fixed order on a noisy 2-core host).
+        order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
+        for which in order:
             results[which].append(run_build(getattr(args, which), cases, args.repeat))
     print("| case | old ms | new ms | new / old |")
     print("|---|---|---|---|")
