@@ -25,14 +25,15 @@ at::Tensor self_attention(const at::Tensor& x, const at::Tensor& qkv_weight,
 
 namespace detail {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> _self_attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> _self_attention_forward(
     const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+    bool keep_projection) {
   static auto op =
       find_op<decltype(_self_attention_forward)>("cnn_attention::_self_attention_forward");
-  return op.call(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads,
-                 kv_stride);
+  return op.call(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride,
+                 keep_projection);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -40,11 +41,12 @@ _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                          const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
                          const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
                          const at::Tensor& gamma, const at::Tensor& lse, int64_t qk_dim,
-                         int64_t num_heads, int64_t kv_stride) {
+                         int64_t num_heads, int64_t kv_stride,
+                         const std::optional<at::Tensor>& projection) {
   static auto op =
       find_op<decltype(_self_attention_backward)>("cnn_attention::_self_attention_backward");
   return op.call(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, lse, qk_dim,
-                 num_heads, kv_stride);
+                 num_heads, kv_stride, projection);
 }
 
 }  // namespace detail
@@ -101,10 +103,16 @@ SelfAttentionSizes check_self_attention_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
     const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& lse,
-    int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
+    int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+    const std::optional<at::Tensor>& projection) {
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
   check_matrix(x, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  if (projection.has_value()) {
+    check_matrix(x, "projection", *projection,
+                 {x.sym_size(0), sym_positions(x), qkv_weight.sym_size(0)},
+                 "(N, P, 2 * qk_dim + v_dim)");
+  }
   // The size of the saved lse, compared without allocating it (an invalid x may be a huge
   // expanded view).
   const c10::SymInt positions = sym_positions(x);
@@ -124,6 +132,18 @@ at::Tensor self_attention_lse_like(const at::Tensor& x, const SelfAttentionSizes
                           x.options().dtype(at::toOpMathType(x.scalar_type())));
 }
 
+at::Tensor self_attention_projection_like(const at::Tensor& x, const at::Tensor& qkv_weight,
+                                          bool keep_projection) {
+  if (!keep_projection) return at::empty({0}, x.options());
+  return at::empty_symint({x.sym_size(0), sym_positions(x), qkv_weight.sym_size(0)}, x.options());
+}
+
+bool few_tokens_for_their_channels(const at::Tensor& x) {
+  // N P <= C / 2: N P cannot overflow (N P C elements exist), 2 N P could. Not a feature map
+  // (the operators reject it): false.
+  return x.dim() >= 3 && x.sym_size(0) * sym_positions(x) <= x.sym_size(1) / 2;
+}
+
 TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
   m.def(
       "self_attention(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor out_weight, "
@@ -131,13 +151,14 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "_self_attention_forward(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor out_weight, "
-      "Tensor? out_bias, Tensor gamma, int qk_dim, int num_heads, int kv_stride) -> "
-      "(Tensor, Tensor, Tensor)",
+      "Tensor? out_bias, Tensor gamma, int qk_dim, int num_heads, int kv_stride, "
+      "bool keep_projection=False) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "_self_attention_backward(Tensor grad_y, Tensor x, Tensor qkv_weight, Tensor? qkv_bias, "
       "Tensor out_weight, Tensor? out_bias, Tensor gamma, Tensor lse, int qk_dim, int num_heads, "
-      "int kv_stride) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "int kv_stride, Tensor? projection=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -117,10 +117,13 @@ at::Tensor window_first_positions(const Geometry& g, const at::TensorOptions& op
   return first;
 }
 
+// The projection of x's tokens, or (`kept`) the forward's, with its pooled keys and values.
 Projection project(MatmulFn matmul, const at::Tensor& x_tokens, const at::Tensor& qkv_weight,
-                   const std::optional<at::Tensor>& qkv_bias, const Geometry& g) {
+                   const std::optional<at::Tensor>& qkv_bias, const Geometry& g,
+                   const std::optional<at::Tensor>& kept = std::nullopt) {
   Projection p;
-  p.qkv = tokens_mm(matmul, x_tokens, qkv_weight.t(), qkv_bias);
+  p.qkv =
+      kept.has_value() ? kept->contiguous() : tokens_mm(matmul, x_tokens, qkv_weight.t(), qkv_bias);
   const int64_t qk = g.sizes.qk_dim, kv_columns = g.sizes.qk_dim + g.sizes.v_dim;
   const at::Tensor kv = p.qkv.narrow(2, qk, kv_columns);
   if (g.sizes.kv_stride == 1) {
@@ -190,18 +193,19 @@ double softmax_scale(const SelfAttentionSizes& sizes) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
     const SelfAttentionBackend& backend, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
     const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, int64_t qk_dim,
-    int64_t num_heads, int64_t kv_stride) {
+    int64_t num_heads, int64_t kv_stride, bool keep_projection) {
   const SelfAttentionSizes sizes = check_self_attention_args(
       x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim, num_heads, kv_stride);
   const c10::DeviceGuard device_guard(x.device());
   const Geometry g = geometry_of(x, sizes);
   if (g.batch == 0 || g.positions == 0) {
     return {feature_map_like(x), self_attention_attn_like(x, sizes),
-            self_attention_lse_like(x, sizes)};
+            self_attention_lse_like(x, sizes),
+            self_attention_projection_like(x, qkv_weight, keep_projection)};
   }
   const at::Tensor x_dense = to_layout(x, g.layout);
   Projection p = project(backend.matmul, tokens_of(x_dense, g.layout), qkv_weight, qkv_bias, g);
@@ -209,7 +213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
   auto [heads_out, lse] =
       backend.attention_forward(heads_of(p.qkv, 0, heads, dq), heads_of(p.kv, 0, heads, dq),
                                 heads_of(p.kv, sizes.qk_dim, heads, dv), softmax_scale(sizes));
-  p = Projection();  // memory: q, k and v are not needed once y is being written
+  // memory: q, k and v are not needed once y is being written, unless kept for the backward
+  const at::Tensor projection =
+      keep_projection ? p.qkv : self_attention_projection_like(x, qkv_weight, false);
+  p = Projection();
   // (N, P, v): a view when the kernel wrote the heads token-major, as ours do.
   const at::Tensor attn = heads_out.transpose(1, 2).reshape({g.batch, g.positions, sizes.v_dim});
 
@@ -228,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
     columns_mm(backend.matmul, columns, out_weight, attn, with_bias);
   }
   at::addcmul_out(y, x_dense, gamma.reshape({}), y);
-  return {y, attn, lse};
+  return {y, attn, lse, projection};
 }
 
 at::Tensor self_attention_result(const SelfAttentionBackend& backend, const at::Tensor& x,
@@ -238,7 +245,7 @@ at::Tensor self_attention_result(const SelfAttentionBackend& backend, const at::
                                  const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
                                  int64_t qk_dim, int64_t num_heads, int64_t kv_stride) {
   return std::get<0>(self_attention_forward(backend, x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                            gamma, qk_dim, num_heads, kv_stride));
+                                            gamma, qk_dim, num_heads, kv_stride, false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -246,11 +253,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                         const at::Tensor& x, const at::Tensor& qkv_weight,
                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
                         const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
-                        int64_t kv_stride) {
+                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+                        const std::optional<at::Tensor>& projection) {
   const SelfAttentionSizes sizes =
       check_self_attention_backward_args(grad_y, x, qkv_weight, qkv_bias, out_weight, out_bias,
-                                         gamma, lse, qk_dim, num_heads, kv_stride);
+                                         gamma, lse, qk_dim, num_heads, kv_stride, projection);
   const c10::DeviceGuard device_guard(x.device());
   const Geometry g = geometry_of(x, sizes);
   const int64_t rows = qkv_weight.size(0);
@@ -259,9 +266,17 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
             at::zeros({rows}, x.options()),       at::zeros_like(out_weight),
             at::zeros({g.channels}, x.options()), at::zeros_like(gamma)};
   }
-  const at::Tensor x_tokens = tokens_of(to_layout(x, g.layout), g.layout);
+  const bool few_tokens = few_tokens_for_their_channels(x);
+  // Channels-first tokens (a transposed matrix per sample) of few tokens are copied token-major
+  // once here, where every product that reads them would stack them itself; grad_y's copy,
+  // ours, then takes grad_x's sum in place.
+  const bool token_copies = few_tokens && g.layout == Layout::ChannelsFirst && g.batch > 1;
+  const at::Tensor x_tokens_in_place = tokens_of(to_layout(x, g.layout), g.layout);
+  at::Tensor x_tokens = token_copies ? x_tokens_in_place.contiguous() : x_tokens_in_place;
   const at::Tensor grad_dense = to_layout(grad_y, g.layout);
-  const at::Tensor grad_tokens = tokens_of(grad_dense, g.layout);
+  const at::Tensor grad_tokens_in_place = tokens_of(grad_dense, g.layout);
+  at::Tensor grad_tokens = token_copies ? grad_tokens_in_place.clone(at::MemoryFormat::Contiguous)
+                                        : grad_tokens_in_place;
   const at::Tensor gamma_value = gamma.reshape({});
   const at::Tensor grad_sum = position_sums(backend, grad_tokens);  // (C,)
   // The attention's backward runs on chunks of samples: its temporaries (the gradient of the
@@ -273,15 +288,12 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   // or less. Where the two disagree (small maps) memory wins: from 4 samples on, the peak
   // stays within 1.5 times |Q| + |K| + |V| + |out| at every P. But every chunk after the
   // first adds weight-sized partial sums of the weights' gradients (and holds one while it is
-  // added): where the whole batch's temporaries are no larger than the weights (deep stages:
-  // few positions, many channels), the batch is one chunk.
+  // added): where the whole batch's temporaries are no larger than the weights
+  // (few_tokens_for_their_channels), the batch is one chunk.
   constexpr int64_t kChunkPositions = 1024;
-  const int64_t batch_temporaries = 2 * (sizes.v_dim + rows) * g.batch * g.positions;
-  const int64_t weights = (rows + sizes.v_dim) * g.channels;
   const int64_t chunk =
-      batch_temporaries <= weights
-          ? g.batch
-          : std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
+      few_tokens ? g.batch
+                 : std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
   at::Tensor grad_x = feature_map_like(x);
@@ -296,9 +308,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     at::Tensor grad_attn =
         tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
 
-    // The projection and the heads again: the same products on the same rows as the forward's,
-    // so the same bits (and the lse they give is the saved one).
-    Projection p = project(backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part);
+    // The projection (the forward's, if it kept it) and the heads again: the same products on
+    // the same rows as the forward's, so the same bits (and the lse they give is the saved one).
+    Projection p = project(
+        backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part,
+        projection.has_value() ? std::optional(projection->narrow(0, first, count)) : std::nullopt);
     const at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                      v = heads_of(p.kv, sizes.qk_dim, heads, dv);
     at::Tensor heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
@@ -341,6 +355,10 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
           tokens_of(chunk_grad_x, g.layout).view({count * g.positions, g.channels});
       grad_rows.copy_(chunk_grad_tokens.reshape({count * g.positions, g.channels}));
       backend.matmul(grad_rows, grad_qkv.view({count * g.positions, rows}), qkv_weight, true);
+    } else if (token_copies) {  // grad_y's rows, read for the last time, take the sum
+      backend.matmul(chunk_grad_tokens.view({count * g.positions, g.channels}),
+                     grad_qkv.view({count * g.positions, rows}), qkv_weight, true);
+      chunk_grad_x.view({count, g.channels, g.positions}).copy_(chunk_grad_tokens.transpose(1, 2));
     } else {
       const at::Tensor grad_x_columns = chunk_grad_x.view({count, g.channels, g.positions});
       grad_x_columns.copy_(
@@ -348,15 +366,18 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
       columns_mm(backend.matmul, grad_x_columns, qkv_weight.t(), grad_qkv, true);
     }
   }
+  x_tokens.reset();  // memory: their copies are not needed for the weight-sized results below
+  grad_tokens.reset();
   // Output projection and residual: the weight gradient is gamma * G, and gamma's,
   // sum(grad * out), is sum(G * out_weight) + sum(grad) . out_bias: nothing as large as the
-  // feature map is needed for either.
-  at::Tensor grad_gamma = ordered_sum(backend.matmul, at::mul(grad_out_product, out_weight));
+  // feature map is needed for either. G * out_weight is formed in G's place once gamma * G is
+  // out (a weight-sized temporary less).
+  const at::Tensor grad_out_weight = grad_out_product * gamma_value;
+  at::Tensor grad_gamma = ordered_sum(backend.matmul, grad_out_product.mul_(out_weight));
   if (out_bias.has_value()) {
     grad_gamma =
         grad_gamma + ordered_sum(backend.matmul, at::mul(grad_sum, *out_bias).unsqueeze(0));
   }
-  const at::Tensor grad_out_weight = grad_out_product * gamma_value;
   const at::Tensor grad_out_bias = grad_sum * gamma_value;
   // The weight and bias gradients come from position_sum_product in the accumulation dtype.
   const at::ScalarType dtype = x.scalar_type();

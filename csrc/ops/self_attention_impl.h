@@ -33,22 +33,28 @@ namespace ops {
 
 namespace detail {
 
-// (y, attn, lse): also the concatenated head outputs attn (N, P, v_dim), dtype of x (for
-// inspection: the backward recomputes them), and the log-sum-exp of every softmax row, lse
-// (N, num_heads, P) in the accumulation dtype: what the backward takes besides the inputs.
-CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor> _self_attention_forward(
-    const at::Tensor& x, const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-    const at::Tensor& gamma, int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
+// (y, attn, lse, projection): also the concatenated head outputs attn (N, P, v_dim), dtype of
+// x (for inspection: the backward recomputes them), the log-sum-exp of every softmax row, lse
+// (N, num_heads, P) in the accumulation dtype, and with keep_projection the projection
+// x W_qkv^T + b_qkv as (N, P, 2 * qk_dim + v_dim) tokens, dtype of x (else an empty (0,)
+// tensor): what the backward takes besides the inputs.
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+_self_attention_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
+                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
+                        const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
+                        int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+                        bool keep_projection = false);
 
 // (grad_x, grad_qkv_weight, grad_qkv_bias, grad_out_weight, grad_out_bias, grad_gamma); the
-// bias gradients are returned whether or not there are biases.
+// bias gradients are returned whether or not there are biases. Given the forward's projection
+// the backward reads it instead of computing it again.
 CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 _self_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                          const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
                          const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
                          const at::Tensor& gamma, const at::Tensor& lse, int64_t qk_dim,
-                         int64_t num_heads, int64_t kv_stride);
+                         int64_t num_heads, int64_t kv_stride,
+                         const std::optional<at::Tensor>& projection = std::nullopt);
 
 }  // namespace detail
 
@@ -70,12 +76,22 @@ SelfAttentionSizes check_self_attention_backward_args(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
     const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, const at::Tensor& lse,
-    int64_t qk_dim, int64_t num_heads, int64_t kv_stride);
+    int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+    const std::optional<at::Tensor>& projection);
 
 // Results of every backend, with the same sizes and strides: y laid out like x, attn
-// (N, P, v_dim) and lse (N, num_heads, P) dense.
+// (N, P, v_dim), lse (N, num_heads, P) and the kept projection (N, P, R) dense.
 at::Tensor self_attention_attn_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
 at::Tensor self_attention_lse_like(const at::Tensor& x, const SelfAttentionSizes& sizes);
+at::Tensor self_attention_projection_like(const at::Tensor& x, const at::Tensor& qkv_weight,
+                                          bool keep_projection);
+
+// Whether the feature map x has few tokens for its channels, 2 N P <= C (deep stages: a few
+// positions, many channels). Then the backward's temporaries for the whole batch, 2 (v_dim + R) values per
+// token, are no larger than the weights' gradients, (R + v_dim) C values, that it must return
+// anyway: the backward takes the batch in one chunk, and the forward's projection (R values per
+// token, at most half the weights' gradients) is kept for it rather than computed twice.
+bool few_tokens_for_their_channels(const at::Tensor& x);
 
 // What a backend supplies. q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv) are views with a
 // unit stride on the last dim and any other strides, in the dtype of x; backends choose how to
@@ -106,11 +122,11 @@ struct SelfAttentionBackend {
 
 // The kernels of _self_attention_forward, self_attention (its first result) and
 // _self_attention_backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_attention_forward(
     const SelfAttentionBackend& backend, const at::Tensor& x, const at::Tensor& qkv_weight,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
     const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma, int64_t qk_dim,
-    int64_t num_heads, int64_t kv_stride);
+    int64_t num_heads, int64_t kv_stride, bool keep_projection);
 
 at::Tensor self_attention_result(const SelfAttentionBackend& backend, const at::Tensor& x,
                                  const at::Tensor& qkv_weight,
@@ -124,8 +140,8 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                         const at::Tensor& x, const at::Tensor& qkv_weight,
                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_weight,
                         const std::optional<at::Tensor>& out_bias, const at::Tensor& gamma,
-                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads,
-                        int64_t kv_stride);
+                        const at::Tensor& lse, int64_t qk_dim, int64_t num_heads, int64_t kv_stride,
+                        const std::optional<at::Tensor>& projection);
 
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_self_attention_kernels<kCpuBackend>(m).

@@ -164,9 +164,10 @@ def hard_attention(x, scores, mode: str = "threshold", threshold: float = 0.5, k
 
 
 def _self_attention_forward(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim: int,
-                            num_heads: int = 1, kv_stride: int = 1):
-    """(y, attn (N, P, v_dim), lse (N, heads, P)), as the private forward op returns them
-    (what the exporter sees of self_attention after autograd is traced through)."""
+                            num_heads: int = 1, kv_stride: int = 1, keep_projection: bool = False):
+    """(y, attn (N, P, v_dim), lse (N, heads, P), projection (N, P, R) or an empty (0,)), as the
+    private forward op returns them (what the exporter sees of self_attention after autograd
+    is traced through)."""
     op = _op()
     spatial_dims = len(x.shape) - 2
     rows = qkv_weight.shape[0]
@@ -199,7 +200,8 @@ def _self_attention_forward(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma
     out = op.Reshape(out, op.Shape(x))
     y = op.Add(x, op.Mul(op.Reshape(gamma, _ints([])), out))
     lse = op.ReduceLogSumExp(op.Cast(logits, to=1), _ints([-1]), keepdims=0)
-    return y, op.Transpose(heads, perm=[0, 2, 1]), lse
+    projection = op.Transpose(qkv, perm=[0, 2, 1]) if keep_projection else op.Expand(op.CastLike(0.0, x), _ints([0]))
+    return y, op.Transpose(heads, perm=[0, 2, 1]), lse, projection
 
 
 def self_attention(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim: int, num_heads: int = 1,

@@ -265,13 +265,14 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "T", "T?", "str", "float", "int" (the schema's types)
+    kind: str  # "T", "T?", "str", "float", "int", "bool" (the schema's types)
     default: Any = REQUIRED
 
 
 def schema_params(op: str) -> tuple[Param, ...]:
     # Read from the registered schema, so that the fuzzer follows the library.
-    kinds = {"Tensor": "T", "Tensor?": "T?", "Optional[Tensor]": "T?", "str": "str", "float": "float", "int": "int"}
+    kinds = {"Tensor": "T", "Tensor?": "T?", "Optional[Tensor]": "T?", "str": "str", "float": "float", "int": "int",
+             "bool": "bool"}
     schema = getattr(OPS, op).default._schema
     return tuple(
         Param(a.name, kinds[str(a.type)], a.default_value if a.has_default_value() else REQUIRED)
@@ -442,11 +443,14 @@ def build_self_attention(rng: random.Random, g: Geometry, backward: bool, forwar
         "num_heads": heads,
         "kv_stride": rng.randint(1, max(1, min(smallest, 4))),
     }
+    if forward_only:
+        v["keep_projection"] = rng.random() < 0.5
     if backward:
         p = g.positions
         lse_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         v["grad_y"] = spec(rng, g, g.x_shape)
         v["lse"] = spec(rng, g, (g.n, heads, p), dtype=lse_dtype)
+        v["projection"] = spec(rng, g, (g.n, p, rows)) if rng.random() < 0.5 else None
     return v
 
 
@@ -572,6 +576,7 @@ def valid_self_attention(a: dict[str, Any]) -> bool:
     lse, lse_dtype = a["lse"], torch.float64 if x.dtype == torch.float64 else torch.float32
     return (
         shaped(a["grad_y"], x, tuple(x.shape))
+        and (a["projection"] is None or shaped(a["projection"], x, (n, p, rows)))
         and isinstance(lse, Tensor)
         and lse.dtype == lse_dtype
         and lse.device == x.device
@@ -620,7 +625,9 @@ def result_problem(op: str, a: dict[str, Any], out: Any) -> Optional[str]:
         n, p, heads = x.shape[0], positions(x), a["num_heads"]
         vd = a["qkv_weight"].shape[0] - 2 * a["qk_dim"]
         lse_like = torch.empty((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-        return same_meta(out[1], (n, p, vd), x) or same_meta(out[2], (n, heads, p), lse_like)
+        projection = (n, p, a["qkv_weight"].shape[0]) if a.get("keep_projection") else (0,)
+        return (same_meta(out[1], (n, p, vd), x) or same_meta(out[2], (n, heads, p), lse_like)
+                or same_meta(out[3], projection, x))
     return None
 
 
@@ -847,7 +854,7 @@ def mutate_op(rng: random.Random, params: tuple[Param, ...], values: dict[str, A
     by_kind: dict[str, list[Param]] = defaultdict(list)
     for p in params:
         by_kind["T" if p.kind in ("T", "T?") else p.kind].append(p)
-    choices = {k: w for k, w in {"T": 5, "str": 1.5, "float": 1.5, "int": 1.5}.items() if by_kind[k]}
+    choices = {k: w for k, w in {"T": 5, "str": 1.5, "float": 1.5, "int": 1.5, "bool": 1}.items() if by_kind[k]}
     choices["arity"] = 0.6
     how = pick(rng, choices)
     if how == "arity":
@@ -872,6 +879,8 @@ def mutate_op(rng: random.Random, params: tuple[Param, ...], values: dict[str, A
         values[p.name] = rng.choice(STRINGS)
     elif how == "float":
         values[p.name] = rng.choice(FLOAT_VALUES + ("1.0", None))
+    elif how == "bool":  # both valid (keep_projection: what the forward returns besides y)
+        values[p.name] = rng.choice((True, False))
     else:
         values[p.name] = int_value(rng, p.name, g)
         if p.name == "qk_dim" and isinstance(values["qk_dim"], int) and rng.random() < 0.7:

@@ -83,3 +83,31 @@ def test_every_operator_of_the_table_matches_onnxruntime(tmp_path, op, variant, 
     assert len(outputs) == len(expected)
     for out, want in zip(outputs, expected):
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+class PrivateSelfAttentionForward(nn.Module):
+    """The private forward's results (what the exporter sees of self_attention where autograd is
+    traced through), with and without the kept projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = cnn_attention.SelfAttention(16, num_heads=2, kv_stride=2, gamma_init=0.5)
+
+    def forward(self, x):
+        b = self.block
+        args = (x, b.qkv_weight, b.qkv_bias, b.out_weight, b.out_bias, b.gamma, b.qk_dim, b.num_heads, b.kv_stride)
+        y, attn, lse, projection = torch.ops.cnn_attention._self_attention_forward(*args, True)
+        empty = torch.ops.cnn_attention._self_attention_forward(*args)[3]
+        return y, attn, lse, projection, empty
+
+
+def test_private_self_attention_forward_matches_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = PrivateSelfAttentionForward().eval()
+    x = torch.randn(2, 16, 4, 6)
+    with torch.no_grad():
+        expected = model(x)
+    got = _run_onnx(model, x, tmp_path)
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected]
+    for out, want in zip(got, expected):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)

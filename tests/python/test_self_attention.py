@@ -7,6 +7,7 @@ are in test_operators.py; the model-level runtime tests (TorchScript in a fresh 
 torch.export) in test_runtimes.py."""
 
 import itertools
+import math
 from typing import List
 
 import pytest
@@ -161,12 +162,21 @@ def test_wide_values_at_many_keys_match_reference(dtype):
 def test_private_forward_returns_the_saved_tensors():
     x = torch.randn(2, 6, 5, 7)
     params = make_params(6, 4, 6, torch.float32, "cpu")
-    y, attn, lse = forward_op(x, *params, 4, 2, 2)
+    y, attn, lse, projection = forward_op(x, *params, 4, 2, 2)
     assert torch.equal(y, op(x, *params, 4, 2, 2))
     assert attn.shape == (2, 35, 6) and attn.dtype == torch.float32
     assert lse.shape == (2, 2, 35) and lse.dtype == torch.float32
-    _, _, lse_half = forward_op(x.bfloat16(), *[p.bfloat16() for p in params], 4, 2, 2)
+    assert projection.shape == (0,), "the projection is returned only when asked for"
+    _, _, lse_half, _ = forward_op(x.bfloat16(), *[p.bfloat16() for p in params], 4, 2, 2)
     assert lse_half.dtype == torch.float32, "the log-sum-exp is kept in the accumulation dtype"
+    # keep_projection: x W_qkv^T + b_qkv as (N, P, 2 * qk_dim + v_dim) tokens, the same bits as
+    # the result computed without it.
+    y_kept, _, lse_kept, projection = forward_op(x, *params, 4, 2, 2, True)
+    assert torch.equal(y_kept, y) and torch.equal(lse_kept, lse)
+    assert projection.shape == (2, 35, 14) and projection.is_contiguous()
+    tokens = x.flatten(2).transpose(1, 2).double()
+    expected = tokens @ params[0].double().t() + params[1].double()
+    torch.testing.assert_close(projection.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -385,7 +395,7 @@ def test_feature_maps_are_read_in_place(layout, kv_stride):
     x = in_layout(torch.randn(2, 12, 9, 10), layout)
     params = make_params(12, 2, 6, torch.float32, "cpu")
     grad_y = in_layout(torch.randn(x.shape), layout)
-    _, _, lse = forward_op(x, *params, 2, 2, kv_stride)
+    _, _, lse, _ = forward_op(x, *params, 2, 2, kv_stride)
     assert _feature_map_copies(x, lambda: forward_op(x, *params, 2, 2, kv_stride)) == []
     assert _feature_map_copies(x, lambda: backward_op(grad_y, x, *params, lse, 2, 2, kv_stride)) == []
     # The check sees copies: a strided x is copied once, into the layout the kernels read.
@@ -434,14 +444,118 @@ def _memory_case(device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_forward_keeps_only_the_softmax_statistics(layout):
-    """What the forward leaves allocated for the backward beyond y: lse, one float per position
-    and head (the backward recomputes the projection and the heads)."""
+    """What the forward leaves allocated for the backward beyond y where x has many tokens for its
+    channels (2 N P = 480 > C = 64): lse, one float per position and head (the backward
+    recomputes the projection and the heads)."""
     m = SelfAttention(64, num_heads=2)
     x = in_layout(torch.randn(2, 64, 12, 10), layout).requires_grad_(True)
     outputs = []
     held = _held_cpu_bytes(lambda: outputs.append(m(x)))
     lse_bytes = 2 * 2 * 12 * 10 * 4
     assert held == outputs[0].nbytes + lse_bytes
+
+
+SELF_ATTENTION = BY_NAME["self_attention"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,kv_stride", [((2, 16, 2, 2), 1), ((2, 64, 3, 3), 3), ((3, 64, 5), 2)])
+def test_few_tokens_keep_the_projection_for_the_backward(layout, shape, kv_stride):
+    """Where x has few tokens for its channels, 2 N P <= C (a deep stage; 2 N P = C in the first
+    case), the forward also leaves the projection (N, P, 2 * qk_dim + v_dim) allocated for the
+    backward, which reads it instead of computing it again; under no_grad, or where nothing
+    requires a gradient, it leaves only y."""
+    channels, n, p = shape[1], shape[0], math.prod(shape[2:])
+    m = SelfAttention(channels, num_heads=2, kv_stride=kv_stride)  # qk_dim = C / 8, v_dim = C
+    x = in_layout(torch.randn(shape), layout)
+    lse_bytes = n * 2 * p * 4
+    projection_bytes = n * p * (2 * m.qk_dim + channels) * 4
+
+    def held_beyond_y():
+        outputs = []
+        held = _held_cpu_bytes(lambda: outputs.append(m(x)))
+        return held - outputs[0].nbytes
+
+    assert held_beyond_y() == lse_bytes + projection_bytes
+    with torch.no_grad():
+        assert held_beyond_y() == 0
+    m.requires_grad_(False)
+    assert held_beyond_y() == 0
+    x.requires_grad_(True)
+    assert held_beyond_y() == lse_bytes + projection_bytes
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kv_stride", [1, 2])
+def test_the_backward_reads_the_kept_projection(layout, kv_stride):
+    """Given the forward's projection, the backward gives the bits it gives computing it again
+    (at any shape: the private operator takes a projection wherever it is passed one), and it
+    does read it: another projection gives other gradients."""
+    x = in_layout(torch.randn(2, 12, 4, 5), layout)
+    params = make_params(12, 2, 6, torch.float32, "cpu")
+    grad = in_layout(torch.randn(x.shape), layout)
+    _, _, lse, projection = forward_op(x, *params, 2, 2, kv_stride, True)
+    kept = backward_op(grad, x, *params, lse, 2, 2, kv_stride, projection)
+    recomputed = backward_op(grad, x, *params, lse, 2, 2, kv_stride)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+    other = backward_op(grad, x, *params, lse, 2, 2, kv_stride, 1.5 * projection)
+    assert not torch.equal(other[0], kept[0]) and not torch.equal(other[1], kept[1])
+
+
+@pytest.mark.parametrize("spatial", [(1, 1), (2, 2)])
+def test_few_tokens_backward_leaves_grad_y_as_it_was(spatial):
+    """With few tokens, the backward of a channels-first map adds grad_x's sum into its own
+    token-major copy of grad_y, never into grad_y (whose tokens at 1 x 1 already are
+    token-major)."""
+    m = SelfAttention(64, gamma_init=0.5)  # gamma = 0 would make the sum added zero
+    x = torch.randn((4, 64) + spatial, requires_grad=True)
+    grad = torch.randn(x.shape)
+    before = grad.clone()
+    m(x).backward(grad)
+    assert torch.equal(grad, before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", SELF_ATTENTION.variants, ids=lambda v: v["id"])
+def test_few_tokens_match_reference(variant, dtype, layout):
+    """Every variant of the operator table (heads, pooled keys and values, biases or none) where
+    the forward keeps the projection for the backward: 2 N P = 36 <= C = 64."""
+    generator = torch.Generator().manual_seed(len(variant["id"]))
+    operators.check_against_reference(SELF_ATTENTION.sample((2, 64, 3, 3), variant, dtype, "cpu", layout, generator))
+
+
+@pytest.mark.parametrize("variant", [v for v in SELF_ATTENTION.variants if v["kv_stride"] <= 2], ids=lambda v: v["id"])
+def test_few_tokens_gradcheck(variant):
+    # 2 N P = C = 16: the boundary of the kept projection.
+    sample = SELF_ATTENTION.sample((2, 16, 2, 2), variant, torch.float64, "cpu", "contiguous", torch.Generator().manual_seed(5))
+    leaves = sample.leaves()
+    names = [name for name in SELF_ATTENTION.differentiable if leaves[name] is not None]
+
+    def call(*tensors):
+        return sample.output(sample.call({**leaves, **dict(zip(names, tensors))}))
+
+    assert torch.autograd.gradcheck(call, [leaves[name] for name in names])
+
+
+@pytest.mark.slow
+def test_torch_compile_of_few_and_many_tokens_gives_the_eager_results():
+    """torch.compile (fullgraph, dynamic shapes) of the module where the forward keeps the
+    projection (2 N P = 36 <= 64) and, with the same compiled module, where it does not
+    (2 N P = 288): the same ops run, so the same bits as eager."""
+    m = SelfAttention(64, num_heads=2, gamma_init=0.5)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    for shape in [(2, 64, 3, 3), (4, 64, 6, 6)]:
+        x = torch.randn(shape)
+        grad = torch.randn(shape)
+        results = []
+        for module in (m, compiled):
+            leaf = x.clone().requires_grad_(True)
+            y = module(leaf)
+            results.append([y.detach(), *torch.autograd.grad(y, [leaf, *m.parameters()], grad)])
+        for eager, got in zip(*results):
+            assert torch.equal(eager, got)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -481,9 +595,10 @@ def test_deep_stage_backward_holds_little_beyond_the_weight_gradients():
     """A non-local block at ResNet-50's last stage, (8, 2048, 4, 4): 128 tokens against 9.4 M
     weights, so the weights' gradients (36 MiB) are most of what forward+backward must hold.
     The weight-gradient sums stack the samples' rows into one product and the batch is one
-    chunk, so the peak stays within 1.6x the weights (1.5x measured: the two gradients and
-    grad_out's product with the heads, 16 MiB); it was 3.2x with a weight-sized partial per
-    sample and a chunk of two samples, 5.6x with a chunk of the whole batch."""
+    chunk, so the peak stays within 1.6x the weights (1.54x measured: the two gradients,
+    grad_out's product with the heads, 16 MiB, and the projection the forward kept, 1.25 MiB);
+    it was 3.2x with a weight-sized partial per sample and a chunk of two samples, 5.6x with a
+    chunk of the whole batch."""
     m = SelfAttention(2048)
     x = torch.randn(8, 2048, 4, 4, requires_grad=True)
     grad = torch.randn(x.shape)
@@ -530,7 +645,11 @@ def _good(device="cpu"):
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_bad_backward_arguments_are_rejected(device):
     x, *params = [a.to(device) for a in _good()]
-    _, _, lse = forward_op(x, *params, 4, 2, 1)
+    _, _, lse, projection = forward_op(x, *params, 4, 2, 1, True)
+    with pytest.raises(RuntimeError, match=r"self_attention: projection must be \(N, P, 2 \* qk_dim \+ v_dim\) = \(2, 20, 16\), got \(2, 20, 15\)"):
+        backward_op(x, x, *params, lse, 4, 2, 1, projection[..., 1:])
+    with pytest.raises(RuntimeError, match=r"self_attention: projection must have the dtype of x \(Float\), got Double"):
+        backward_op(x, x, *params, lse, 4, 2, 1, projection.double())
     with pytest.raises(RuntimeError, match=r"self_attention: grad_y must be the size of x = \(2, 8, 4, 5\), got \(2, 8, 4\)"):
         backward_op(x[..., 0], x, *params, lse, 4, 2, 1)
     with pytest.raises(RuntimeError, match=r"self_attention: grad_y must have the dtype of x \(Float\), got Double"):

@@ -338,8 +338,14 @@ def _self_attention_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[
     options = _options(sample, "qk_dim", "num_heads", "kv_stride")
     forward = (*_plain(sample, *names), *options)
     lse = torch.ops.cnn_attention._self_attention_forward(*forward)[2]
+    # The projection kept by the forward (the autograd kernel asks for it where x has few tokens
+    # for its channels) and read by the backward.
+    _, _, kept_lse, projection = torch.ops.cnn_attention._self_attention_forward(*forward, True)
+    backward = (grad, *_plain(sample, *names))
     return [("_self_attention_forward", forward),
-            ("_self_attention_backward", (grad, *_plain(sample, *names), lse, *options))]
+            ("_self_attention_forward", (*forward, True)),
+            ("_self_attention_backward", (*backward, lse, *options)),
+            ("_self_attention_backward", (*backward, kept_lse, *options, projection))]
 
 
 def _cbam_private_calls(sample: "Sample", grad: Tensor) -> List[Tuple[str, tuple]]:
