@@ -1,4 +1,5 @@
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "../self_attention_impl.h"
@@ -103,10 +104,7 @@ at::Tensor self_attention_autograd(const at::Tensor& x, const at::Tensor& qkv_we
       {{"x", x}, {"qkv_weight", qkv_weight}, {"out_weight", out_weight}, {"gamma", gamma}});
   // Kept only for a backward that will run (apply records one under the same condition).
   const bool records_backward =
-      at::GradMode::is_enabled() &&
-      (x.requires_grad() || qkv_weight.requires_grad() ||
-       (qkv_bias.has_value() && qkv_bias->requires_grad()) || out_weight.requires_grad() ||
-       (out_bias.has_value() && out_bias->requires_grad()) || gamma.requires_grad());
+      torch::autograd::compute_requires_grad(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma);
   return SelfAttentionFunction::apply(x, qkv_weight, qkv_bias, out_weight, out_bias, gamma, qk_dim,
                                       num_heads, kv_stride,
                                       records_backward && few_tokens_for_their_channels(x));
