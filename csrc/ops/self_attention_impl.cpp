@@ -187,8 +187,84 @@ at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
   return total.view(at::IntArrayRef{});
 }
 
+// Whether the backward takes the output projection's gradient and the value gradient from
+// T = p^T grad_y, the probability-weighted sums of grad_y's C channels over the queries (per
+// head; backend.probability_sums): G = T^T v and grad_v = gamma * T out_weight^T, instead of
+// recomputing the heads for G = grad_y^T attn and summing grad_v = p^T grad_attn. By the
+// multiply-adds per sample and head, with P queries and Pk keys: T takes P Pk (dq + C) (p
+// recomputed, then C channels per pair) and its two products 2 Pk C dv; the heads take
+// P Pk (dq + dv), grad_v P Pk dv and G P C dv. T wins where a head's values are wide next to
+// the channels and the keys many: the default block (one head, dv = C, all keys) where P > C,
+// never at deep stages (P < C).
+bool sums_through_grad_y(const SelfAttentionBackend& backend, const Geometry& g) {
+  if (backend.probability_sums == nullptr) return false;
+  const double queries = static_cast<double>(g.positions),
+               keys = static_cast<double>(g.key_positions);
+  const double channels = static_cast<double>(g.channels);
+  const double dq = static_cast<double>(g.sizes.qk_head_dim()),
+               dv = static_cast<double>(g.sizes.v_head_dim());
+  const double through_sums = queries * keys * (dq + channels) + 2 * keys * channels * dv;
+  const double through_heads = queries * keys * (dq + 2 * dv) + queries * channels * dv;
+  return through_sums < through_heads;
+}
+
+// One reduction (at::isfinite and all take four passes and a temporary): the extremes are
+// finite where every element is (a NaN is the extreme it meets).
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  const auto [low, high] = at::aminmax(t);
+  return std::isfinite(low.item<double>()) && std::isfinite(high.item<double>());
+}
+
 double softmax_scale(const SelfAttentionSizes& sizes) {
   return 1.0 / std::sqrt(static_cast<double>(sizes.qk_head_dim()));
+}
+
+// Where sums_through_grad_y: T = p^T grad_y per head, (H, count, Pk, C), from grad_y's tokens
+// (count, P, C) and the heads' q, k and lse.
+at::Tensor grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& grad_tokens,
+                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                       double scale) {
+  const int64_t count = q.size(0), heads = q.size(1), positions = q.size(2);
+  const int64_t channels = grad_tokens.size(2);
+  // The backend reads rows with a unit last stride: channels-first tokens are copied.
+  const at::Tensor rows = grad_tokens.contiguous()
+                              .view({count, 1, positions, channels})
+                              .expand({count, heads, positions, channels});
+  // Head-major, so that each head's sums are one (count * Pk, C) matrix.
+  const at::Tensor sums = at::empty({heads, count, k.size(2), channels}, q.options());
+  backend.probability_sums(q, k, lse, scale, rows, sums.permute({1, 0, 2, 3}));
+  return sums;
+}
+
+// G's part from T: T_h^T v_h summed over the chunk's samples and keys, head h's columns of
+// (C, v), in the accumulation dtype.
+at::Tensor sums_output_product(const SelfAttentionBackend& backend, const at::Tensor& sums,
+                               const at::Tensor& v) {
+  const int64_t heads = v.size(1), dv = v.size(3);
+  if (heads == 1) return backend.position_sum_product(sums.select(0, 0), v.select(1, 0));
+  at::Tensor product;
+  for (int64_t h = 0; h < heads; ++h) {
+    const at::Tensor part = backend.position_sum_product(sums.select(0, h), v.select(1, h));
+    if (h == 0) product = at::empty({part.size(0), heads * dv}, part.options());
+    product.narrow(1, h * dv, dv).copy_(part);
+  }
+  return product;
+}
+
+// grad_v (count, H, Pk, dv) = gamma * T_h out_weight_h per head, out_weight_h the head's
+// columns of out_weight (C, v): p^T (grad_y out_weight) gamma, with the product over channels
+// done once per key instead of once per query.
+void value_gradient_from_sums(const SelfAttentionBackend& backend, const at::Tensor& sums,
+                              const at::Tensor& out_weight, const at::Tensor& gamma_value,
+                              const at::Tensor& grad_v) {
+  const int64_t heads = sums.size(0), rows = sums.size(1) * sums.size(2), dv = grad_v.size(3);
+  for (int64_t h = 0; h < heads; ++h) {
+    const at::Tensor head_grad_v = grad_v.select(1, h);
+    backend.matmul(head_grad_v.view({rows, dv}), sums.select(0, h).view({rows, sums.size(3)}),
+                   out_weight.narrow(1, h * dv, dv), false);
+    head_grad_v.mul_(gamma_value);
+  }
 }
 
 }  // namespace
@@ -296,8 +372,17 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                  : std::max<int64_t>(1, std::min(kChunkPositions / g.positions, g.batch / 4));
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t kv_columns = sizes.qk_dim + sizes.v_dim;
+  // The two ways associate the products differently, so they propagate infinities and NaN
+  // differently: the heads' way is the reference composition's. A chunk keeps T's way only where
+  // T, v and the output projection's weight and gamma are finite. In a half dtype the forward
+  // rounds the heads it returns (attn) and G is their exact sum, which T (from the unrounded
+  // heads) is not: half dtypes take the heads' way.
+  const bool sums_may_serve = x.scalar_type() == at::toOpMathType(x.scalar_type()) &&
+                              sums_through_grad_y(backend, g) && all_finite(out_weight) &&
+                              all_finite(gamma);
   at::Tensor grad_x = feature_map_like(x);
-  // G = the sum over positions of grad^T attn (C, v), over the chunks' recomputed heads.
+  // G = the sum over positions of grad^T attn (C, v): over the chunks' recomputed heads, or
+  // their sums T^T v.
   at::Tensor grad_out_product, grad_qkv_weight, grad_qkv_bias;
   for (int64_t first = 0; first < g.batch; first += chunk) {
     const int64_t count = std::min(chunk, g.batch - first);
@@ -305,24 +390,37 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     part.batch = count;
     const at::Tensor chunk_grad_tokens = grad_tokens.narrow(0, first, count);
     const at::Tensor chunk_x_tokens = x_tokens.narrow(0, first, count);
-    at::Tensor grad_attn =
-        tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
-
-    // The projection (the forward's, if it kept it) and the heads again: the same products on
-    // the same rows as the forward's, so the same bits (and the lse they give is the saved one).
+    // The projection (the forward's, if it kept it) again: the same products on the same rows
+    // as the forward's, so the same bits (and the heads and lse it gives are the forward's).
     Projection p = project(
         backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part,
         projection.has_value() ? std::optional(projection->narrow(0, first, count)) : std::nullopt);
     const at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                      v = heads_of(p.kv, sizes.qk_dim, heads, dv);
-    at::Tensor heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
-    // Sums over the chunks in chunk order: the result depends on the shape alone. This one is
-    // added at once, so that the chunk's part is not held through the attention's backward.
-    at::Tensor out_part = backend.position_sum_product(
-        chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
+    const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
+    // G's part: from the recomputed heads, or from T = p^T grad_y, which also gives grad_v
+    // below. Sums over the chunks in chunk order: the result depends on the shape alone. The
+    // chunk's part is added at once and the heads freed before the attention's backward.
+    at::Tensor heads_out, sums, out_part;
+    if (sums_may_serve) {
+      sums = grad_y_sums(backend, chunk_grad_tokens, q, k, chunk_lse, softmax_scale(sizes));
+      out_part = sums_output_product(backend, sums, v);
+      // Every element of T^T v sums a term of each element of T's row and of v's column, so it
+      // is finite where both T and v are.
+      if (!all_finite(out_part)) {
+        sums.reset();
+        out_part.reset();
+      }
+    }
+    const bool through_sums = sums.defined();
+    if (!through_sums) {
+      heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
+      out_part = backend.position_sum_product(
+          chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
+      if (!backend.attention_backward_reads_out) heads_out.reset();
+    }
     grad_out_product = first == 0 ? out_part : grad_out_product.add_(out_part);
     out_part.reset();
-    if (!backend.attention_backward_reads_out) heads_out.reset();
     // Attention, its gradients written straight into that of the projection, grad_qkv
     // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
     // positions that won their windows (the windows do not overlap, so every position gets at
@@ -331,10 +429,17 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     const at::Tensor grad_kv = sizes.kv_stride == 1
                                    ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
                                    : at::empty({count, g.key_positions, kv_columns}, x.options());
-    backend.attention_backward(heads_of(grad_attn, 0, heads, dv), q, k, v, heads_out,
-                               lse.narrow(0, first, count).contiguous(), softmax_scale(sizes),
-                               heads_of(grad_qkv, 0, heads, dq), heads_of(grad_kv, 0, heads, dq),
-                               heads_of(grad_kv, sizes.qk_dim, heads, dv));
+    const at::Tensor grad_v = heads_of(grad_kv, sizes.qk_dim, heads, dv);
+    if (through_sums) {
+      value_gradient_from_sums(backend, sums, out_weight, gamma_value, grad_v);
+      sums.reset();  // memory: before grad_attn
+    }
+    at::Tensor grad_attn =
+        tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
+    backend.attention_backward(heads_of(grad_attn, 0, heads, dv), q, k, v, heads_out, chunk_lse,
+                               softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
+                               heads_of(grad_kv, 0, heads, dq),
+                               through_sums ? at::Tensor() : grad_v);
     grad_attn.reset();  // memory: free what is no longer needed before the last products
     heads_out.reset();
     if (sizes.kv_stride > 1) {

@@ -12,9 +12,11 @@
 //   y                      = x + gamma * (attn @ out_weight^T + out_bias), laid out like x
 //
 // The backward recomputes qkv from x (one product) and attn (the backend's attention forward,
-// bit for bit the forward's), a chunk of samples at a time, so that only the softmax statistics
-// lse ((N, H, P), one value per position and head) are saved besides the inputs: nothing as
-// large as the feature map lives from forward to backward.
+// bit for bit the forward's) or, where fewer multiply-adds (sums_through_grad_y), the sums
+// T = p^T grad_y that give the output projection's and the values' gradients instead, a chunk
+// of samples at a time, so that only the softmax statistics lse ((N, H, P), one value per
+// position and head) are saved besides the inputs: nothing as large as the feature map lives
+// from forward to backward (deep stages keep qkv: few_tokens_for_their_channels).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -87,10 +89,10 @@ at::Tensor self_attention_projection_like(const at::Tensor& x, const at::Tensor&
                                           bool keep_projection);
 
 // Whether the feature map x has few tokens for its channels, 2 N P <= C (deep stages: a few
-// positions, many channels). Then the backward's temporaries for the whole batch, 2 (v_dim + R) values per
-// token, are no larger than the weights' gradients, (R + v_dim) C values, that it must return
-// anyway: the backward takes the batch in one chunk, and the forward's projection (R values per
-// token, at most half the weights' gradients) is kept for it rather than computed twice.
+// positions, many channels). Then the backward's temporaries for the whole batch, 2 (v_dim + R)
+// values per token, are no larger than the weights' gradients, (R + v_dim) C values, that it must
+// return anyway: the backward takes the batch in one chunk, and the forward's projection (R values
+// per token, at most half the weights' gradients) is kept for it rather than computed twice.
 bool few_tokens_for_their_channels(const at::Tensor& x);
 
 // What a backend supplies. q (N, H, P, dq), k (N, H, Pk, dq), v (N, H, Pk, dv) are views with a
@@ -104,11 +106,18 @@ struct SelfAttentionBackend {
   // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
   // in the dtype of q, whose contents on entry are undefined (they are slices of the
   // projection's gradient, so nothing is copied afterwards). out and lse are attention_forward's
-  // results for the same q, k and v (out undefined unless attention_backward_reads_out).
+  // results for the same q, k and v (out undefined unless attention_backward_reads_out). grad_v
+  // is undefined where the caller takes the value gradient from probability_sums.
   void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                              const at::Tensor& grad_v);
+  // Writes sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w), p = softmax(q k^T * scale)
+  // from lse, both with a unit last stride, in the dtype of q: the probability-weighted sums of
+  // any rows over the queries (the value gradient is p^T grad_out). nullptr where the backend
+  // has none (the backward then recomputes the heads and takes grad_v from attention_backward).
+  void (*probability_sums)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                           double scale, const at::Tensor& rows, const at::Tensor& sums);
   // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`: 2-D tensors with any
   // strides, `out` written in place (see MatmulFn).
   MatmulFn matmul;

@@ -568,10 +568,11 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, size):
     peak is at most 1.5x |Q| + |K| + |V| + |out| (1.80x and 1.95x when the heads were saved and
     every group had a buffer). Counted: y and grad_x for the batch (64 + 64 values per
     position), one sample's temporaries (the heads' gradient, the recomputed projection, the
-    projection's gradient: 224 values per position of the sample; the recomputed heads are
-    freed once the output projection's gradient is summed, before the attention's backward),
-    a wave's partial key gradients (and at P = 256, where the keys fit one block, one partial
-    key and value gradient), the weight gradients summed so far."""
+    projection's gradient: 224 values per position of the sample; the sums T = p^T grad_y
+    that give the output projection's and the values' gradients here, 64 per position, are
+    freed before the heads' gradient is formed), a wave's partial key gradients (and at
+    P = 256, where the keys fit one block, one partial key gradient), the weight gradients
+    summed so far."""
     m = SelfAttention(64)  # qk_dim = 8, v_dim = 64
     with torch.no_grad():
         m.gamma.fill_(0.5)

@@ -318,10 +318,10 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
 // The backward where every key fits one block (at most kKeyBlock keys): a task takes a block of
 // query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
 // correction term (see weighted_sum) and grad_scores from one recomputation. Its query gradient
-// rows are complete; its key and value gradients are partial sums over its rows, added in
-// query-block order. The blocks run in waves (wave_size): the first block of each (sample, head)
-// writes the gradients themselves when it shares its wave with all the others, and the rest
-// have a partial buffer per block of a wave.
+// rows are complete; its key and value gradients (the value gradient where grad_v is defined)
+// are partial sums over its rows, added in query-block order. The blocks run in waves
+// (wave_size): the first block of each (sample, head) writes the gradients themselves when it
+// shares its wave with all the others, and the rest have a partial buffer per block of a wave.
 template <typename T>
 void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -334,12 +334,14 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
   const int64_t wave = wave_size(batch_heads, query_blocks);
   const bool one_wave = wave == query_blocks;
-  // (slots, N, H, Pk, dq + dv): a block's key and value gradients side by side.
-  const int64_t widths = dq + dv;
+  // (slots, N, H, Pk, dq [+ dv]): a block's key and value gradients side by side.
+  const bool with_values = grad_v.defined();
+  const int64_t widths = with_values ? dq + dv : dq;
   const int64_t slots = one_wave ? wave - 1 : wave;
   const at::Tensor partials = at::empty({slots, batch, heads, key_positions, widths}, q.options());
   const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
-  const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k), grad_values(grad_v);
+  const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k);
+  const HeadRows<T> grad_values(with_values ? grad_v : grad_k);  // unread without grad_v
   const T* lse_data = lse.const_data_ptr<T>();
   T* partial_data = partials.data_ptr<T>();
 
@@ -382,8 +384,10 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
         }
         block_product<T>(key_positions, dq, rows, scale, grad_scores.get(), 1, kKeyBlock, query,
                          queries.row_stride, false, grad_key, ld_key);
-        block_product<T>(key_positions, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
-                         grads.row_stride, false, grad_value, ld_value);
+        if (with_values) {
+          block_product<T>(key_positions, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
+                           grads.row_stride, false, grad_value, ld_value);
+        }
       }
     });
     // The partial sums in block order.
@@ -391,7 +395,7 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
     for (int64_t block = first_slot_block; block < wave_first + wave_blocks; ++block) {
       const at::Tensor part = partials[block - first_slot_block];
       add_partial(grad_k, part.narrow(3, 0, dq), block == 0);
-      add_partial(grad_v, part.narrow(3, dq, dv), block == 0);
+      if (with_values) add_partial(grad_v, part.narrow(3, dq, dv), block == 0);
     }
   }
 }
@@ -493,21 +497,22 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
   }
 }
 
-// The backward's second pass where the keys do not fit one block: grad_v = p^T grad_out, a task
-// per group of key blocks of a (sample, head), each summing over every query block in order
-// into its own rows of grad_v. p is recomputed once more (dq multiply-adds and an exponential
-// per pair): summing grad_v in the rows pass instead would take a partial buffer of dv values
-// per key for every group of a wave.
+// sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w): the value gradient (rows: grad_out), the
+// backward's second pass where the keys do not fit one block, or the probability-weighted sums
+// of any rows (probability_sums_cpu). A task per group of key blocks of a (sample, head), each
+// summing over every query block in order into its own rows of sums. p is recomputed once more
+// (dq multiply-adds and an exponential per pair): summing grad_v in the rows pass instead would
+// take a partial buffer of dv values per key for every group of a wave.
 template <typename T>
-void value_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& lse, T scale, const at::Tensor& grad_v) {
+void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& lse, T scale, const at::Tensor& sums) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
-  const int64_t key_positions = k.size(2), dv = grad_v.size(3), batch_heads = batch * heads;
+  const int64_t key_positions = k.size(2), width = sums.size(3), batch_heads = batch * heads;
   const int64_t key_block = backward_key_block(key_positions, batch_heads);
   const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
   const BlockGroups key_groups = group_blocks(key_blocks, batch_heads);
   const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
-  const HeadRows<T> queries(q), keys(k), grads(grad_out), grad_values(grad_v);
+  const HeadRows<T> queries(q), keys(k), row_data(rows), sum_rows(sums);
   const T* lse_data = lse.const_data_ptr<T>();
   at::parallel_for(0, batch_heads * groups, 1, [&](int64_t begin, int64_t end) {
     const auto probs = scratch<T>(kQueryBlock * kKeyBlock);
@@ -521,12 +526,13 @@ void value_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at:
         transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
                        kKeyBlock);
         for (int64_t first = 0; first < positions; first += kQueryBlock) {
-          const int64_t rows = std::min(kQueryBlock, positions - first);
-          recompute_probs<T>(rows, cols, dq, scale, queries.rows(n, h, first), queries.row_stride,
-                             key_columns.get(), lse_data + nh * positions + first, probs.get());
-          block_product<T>(cols, dv, rows, T(1), probs.get(), 1, kKeyBlock, grads.rows(n, h, first),
-                           grads.row_stride, first != 0, grad_values.rows(n, h, key_first),
-                           grad_values.row_stride);
+          const int64_t query_rows = std::min(kQueryBlock, positions - first);
+          recompute_probs<T>(query_rows, cols, dq, scale, queries.rows(n, h, first),
+                             queries.row_stride, key_columns.get(),
+                             lse_data + nh * positions + first, probs.get());
+          block_product<T>(cols, width, query_rows, T(1), probs.get(), 1, kKeyBlock,
+                           row_data.rows(n, h, first), row_data.row_stride, first != 0,
+                           sum_rows.rows(n, h, key_first), sum_rows.row_stride);
         }
       }
     }
@@ -551,19 +557,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   return {out.to(q.scalar_type()), lse};
 }
 
+// float32 and float64 results are written in place; half ones in float32 first, then copied.
+at::Tensor accumulator(const at::Tensor& result, at::ScalarType acc) {
+  if (!result.defined()) return result;
+  return acc == result.scalar_type() ? result.zero_()
+                                     : at::zeros(result.sizes(), result.options().dtype(acc));
+}
+
+void copy_from_accumulator(const at::Tensor& result, const at::Tensor& acc_result) {
+  if (result.defined() && !result.is_same(acc_result)) result.copy_(acc_result);
+}
+
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                             const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
-  // float32 and float64 gradients accumulate in place; half ones in float32 first.
-  const bool in_place = acc == q.scalar_type();
-  auto accumulator = [&](const at::Tensor& grad) {
-    return in_place ? grad.zero_() : at::zeros(grad.sizes(), grad.options().dtype(acc));
-  };
-  const at::Tensor grad_q_acc = accumulator(grad_q), grad_k_acc = accumulator(grad_k),
-                   grad_v_acc = accumulator(grad_v);
+  const at::Tensor grad_q_acc = accumulator(grad_q, acc), grad_k_acc = accumulator(grad_k, acc),
+                   grad_v_acc = accumulator(grad_v, acc);
   // out is not read: the correction term is recomputed from the very p and dp it corrects
   // (see weighted_sum).
   (void)out;
@@ -578,13 +590,26 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
     }
     rows_pass_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, grad_q_acc,
                               grad_k_acc);
-    value_pass_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
+    if (grad_v.defined()) {
+      probability_sums_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
+    }
   });
-  if (!in_place) {
-    grad_q.copy_(grad_q_acc);
-    grad_k.copy_(grad_k_acc);
-    grad_v.copy_(grad_v_acc);
-  }
+  copy_from_accumulator(grad_q, grad_q_acc);
+  copy_from_accumulator(grad_k, grad_k_acc);
+  copy_from_accumulator(grad_v, grad_v_acc);
+}
+
+void probability_sums_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                          double scale, const at::Tensor& rows, const at::Tensor& sums) {
+  const auto acc = accumulation_type(q);
+  const at::Tensor sums_acc = accumulator(sums, acc);
+  const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), rows_acc = rows.to(acc);
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_probability_sums_cpu", [&] {
+    probability_sums_typed<scalar_t>(rows_acc, q_acc, k_acc, lse_acc, static_cast<scalar_t>(scale),
+                                     sums_acc);
+  });
+  copy_from_accumulator(sums, sums_acc);
 }
 
 // Rows (positions of all samples) per partial sum of position_sum_product_cpu.
@@ -632,8 +657,11 @@ at::Tensor position_sum_product_cpu(const at::Tensor& a_samples, const at::Tenso
   return out;
 }
 
-constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu, attention_backward_cpu,
-                                           cpu::fixed_order_matmul, position_sum_product_cpu,
+constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu,
+                                           attention_backward_cpu,
+                                           probability_sums_cpu,
+                                           cpu::fixed_order_matmul,
+                                           position_sum_product_cpu,
                                            /*attention_backward_reads_out=*/false};
 
 }  // namespace

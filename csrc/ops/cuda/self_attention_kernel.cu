@@ -307,8 +307,13 @@ at::Tensor position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda, attention_backward_cuda,
-                                            blas_matmul, position_sum_product_cuda,
+// No probability_sums: the backward recomputes the heads and attention_backward always writes
+// grad_v (it reads out).
+constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda,
+                                            attention_backward_cuda,
+                                            /*probability_sums=*/nullptr,
+                                            blas_matmul,
+                                            position_sum_product_cuda,
                                             /*attention_backward_reads_out=*/true};
 
 }  // namespace
