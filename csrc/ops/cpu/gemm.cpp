@@ -26,7 +26,57 @@ constexpr int64_t kTasksPerThread = 4;
 
 int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
 
+// Whether one of two 2-D tensors is stored by rows and the other by columns.
+bool transposed_to(const at::Tensor& dst, const at::Tensor& src) {
+  return (dst.stride(1) == 1 && src.stride(0) == 1 && src.stride(1) != 1) ||
+         (dst.stride(0) == 1 && src.stride(1) == 1 && dst.stride(1) != 1);
+}
+
+// dst = src (rows x cols) where one is stored by rows and the other by columns. The inner loop
+// runs along the unit stride of the one whose lines lie further apart, in blocks of kCopyBlock
+// values: the other one's values along it are then in neighbouring lines, the block's lines
+// stay in L1 for the next line of the first, and no two of them share a cache set (tiles
+// across a matrix whose lines are 8 KiB apart would put every line in one set).
+template <typename T>
+void transposing_copy(T* dst, int64_t dst_row, int64_t dst_col, const T* src, int64_t src_row,
+                      int64_t src_col, int64_t rows, int64_t cols) {
+  constexpr int64_t kCopyBlock = 64;
+  const int64_t by_columns_ld = dst_row == 1 ? dst_col : src_col;
+  const int64_t by_rows_ld = dst_row == 1 ? src_row : dst_row;
+  const bool inner_rows = by_columns_ld >= by_rows_ld;
+  const int64_t inner_size = inner_rows ? rows : cols, outer_size = inner_rows ? cols : rows;
+  const int64_t dst_inner = inner_rows ? dst_row : dst_col,
+                dst_outer = inner_rows ? dst_col : dst_row;
+  const int64_t src_inner = inner_rows ? src_row : src_col,
+                src_outer = inner_rows ? src_col : src_row;
+  for (int64_t first = 0; first < inner_size; first += kCopyBlock) {
+    const int64_t end = std::min(inner_size, first + kCopyBlock);
+    for (int64_t o = 0; o < outer_size; ++o) {
+      T* d = dst + o * dst_outer;
+      const T* s = src + o * src_outer;
+      if (src_inner == 1) {
+        for (int64_t x = first; x < end; ++x) d[x * dst_inner] = s[x];
+      } else {
+        for (int64_t x = first; x < end; ++x) d[x] = s[x * src_inner];
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void copy_matrix(const at::Tensor& dst, const at::Tensor& src) {
+  if (dst.scalar_type() != src.scalar_type() || !at::isFloatingType(dst.scalar_type()) ||
+      dst.dim() != 2 || src.dim() != 2 || !transposed_to(dst, src)) {
+    dst.copy_(src);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "copy_matrix", [&] {
+    transposing_copy<scalar_t>(dst.data_ptr<scalar_t>(), dst.stride(0), dst.stride(1),
+                               src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1),
+                               dst.size(0), dst.size(1));
+  });
+}
 
 void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool accumulate) {
@@ -42,18 +92,25 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   // way (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
   if (b.stride(0) == 1 && n > 1 && m < n) {
     at::Tensor transposed = at::empty({n, m}, out.options().dtype(acc));
-    if (accumulate) transposed.copy_(out.t());
+    if (accumulate) copy_matrix(transposed, out.t());
     fixed_order_matmul(transposed, b.t(), a.t(), accumulate);
-    out.copy_(transposed.t());
+    copy_matrix(out, transposed.t());
     return;
   }
   // b is read a row at a time by every tile: packed dense; a is read in place when it is
   // already in the accumulation dtype.
   const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
-  const at::Tensor b_rows = b.to(acc).contiguous();
+  const auto dense_copy = [&](const at::Tensor& t) {
+    const at::Tensor widened = t.to(acc);
+    if (widened.is_contiguous()) return widened;
+    const at::Tensor dense = at::empty(t.sizes(), t.options().dtype(acc));
+    copy_matrix(dense, widened);
+    return dense;
+  };
+  const at::Tensor b_rows = dense_copy(b);
   const bool direct = out.scalar_type() == acc && out.stride(1) == 1;
   at::Tensor result = direct       ? out
-                      : accumulate ? out.to(acc).contiguous()
+                      : accumulate ? dense_copy(out)
                                    : at::empty({m, n}, out.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "fixed_order_matmul", [&] {
     const scalar_t* a_data = a_acc.const_data_ptr<scalar_t>();
@@ -86,7 +143,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
       }
     });
   });
-  if (!direct) out.copy_(result);
+  if (!direct) copy_matrix(out, result);
 }
 
 }  // namespace cpu
