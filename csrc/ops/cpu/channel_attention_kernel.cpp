@@ -433,37 +433,69 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
       std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
       std::fill_n(where, width, opmath_t(0));
       std::fill_n(where_index, width, int64_t(0));
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t offset = (n * channels + c) * positions + p0;
-        const scalar_t* xc = a.x + offset;
-        const scalar_t* gc = a.grad_y ? a.grad_y + offset : nullptr;
-        const opmath_t w = a.weights[n * channels + c];
-        const Vec vw(w), channel(static_cast<opmath_t>(c));
+      // Channels `first` to `first + kChannels - 1` into the accumulators, in channel order for
+      // every position (so any kChannels gives the same bits); several channels per load and
+      // store of the accumulators.
+      const auto add_channels = [&]<int kChannels>(int64_t first) {
+        const scalar_t* xc[kChannels];
+        const scalar_t* gc[kChannels];
+        opmath_t w[kChannels];
+        Vec vw[kChannels], channel[kChannels];
+        for (int u = 0; u < kChannels; ++u) {
+          const int64_t offset = (n * channels + first + u) * positions + p0;
+          xc[u] = a.x + offset;
+          gc[u] = a.grad_y ? a.grad_y + offset : nullptr;
+          w[u] = a.weights[n * channels + first + u];
+          vw[u] = Vec(w[u]);
+          channel[u] = Vec(static_cast<opmath_t>(first + u));
+        }
+        const bool with_grad = a.grad_y != nullptr;
         int64_t j = 0;
         for (; j < vector_width; j += V::size()) {
-          const auto chunk = V::load(xc + j);
-          typename V::Chunk grad;
-          if (gc) grad = V::load(gc + j);
+          typename V::Chunk total, running, running_where, running_dot;
           for (int k = 0; k < V::kVecs; ++k) {
             const int64_t at = j + k * kLanes;
-            const Vec v = chunk[k] * vw, running = Vec::loadu(best + at);
-            (Vec::loadu(sum + at) + v).store(sum + at);
-            const Vec improved = replaces_max(v, running);
-            Vec::blendv(running, v, improved).store(best + at);
-            Vec::blendv(Vec::loadu(where + at), channel, improved).store(where + at);
-            if (gc) at::vec::fmadd(grad[k], v, Vec::loadu(dot + at)).store(dot + at);
+            total[k] = Vec::loadu(sum + at);
+            running[k] = Vec::loadu(best + at);
+            running_where[k] = Vec::loadu(where + at);
+            running_dot[k] = with_grad ? Vec::loadu(dot + at) : Vec(0);
+          }
+          for (int u = 0; u < kChannels; ++u) {
+            const auto chunk = V::load(xc[u] + j);
+            typename V::Chunk grad;
+            if (with_grad) grad = V::load(gc[u] + j);
+            for (int k = 0; k < V::kVecs; ++k) {
+              const Vec v = chunk[k] * vw[u];
+              total[k] = total[k] + v;
+              const Vec improved = replaces_max(v, running[k]);
+              running[k] = Vec::blendv(running[k], v, improved);
+              running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
+              if (with_grad) running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
+            }
+          }
+          for (int k = 0; k < V::kVecs; ++k) {
+            const int64_t at = j + k * kLanes;
+            total[k].store(sum + at);
+            running[k].store(best + at);
+            running_where[k].store(where + at);
+            if (with_grad) running_dot[k].store(dot + at);
           }
         }
-        for (; j < width; ++j) {
-          const opmath_t v = static_cast<opmath_t>(xc[j]) * w;
-          sum[j] += v;
-          if (replaces_max(v, best[j])) {
-            best[j] = v;
-            where_index[j] = c;
+        for (int u = 0; u < kChannels; ++u) {
+          for (int64_t i = j; i < width; ++i) {
+            const opmath_t v = static_cast<opmath_t>(xc[u][i]) * w[u];
+            sum[i] += v;
+            if (replaces_max(v, best[i])) {
+              best[i] = v;
+              where_index[i] = first + u;
+            }
+            if (with_grad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
           }
-          if (gc) dot[j] += static_cast<opmath_t>(gc[j]) * v;
         }
-      }
+      };
+      int64_t c = 0;
+      for (; c + 4 <= channels; c += 4) add_channels.template operator()<4>(c);
+      for (; c < channels; ++c) add_channels.template operator()<1>(c);
       opmath_t* mean_out = a.pooled + n * 2 * positions + p0;
       opmath_t* max_out = mean_out + positions;
       int64_t* argmax_out = a.argmax + n * positions + p0;
