@@ -16,9 +16,9 @@ namespace ops {
 
 namespace {
 
+using cpu::grain_for;
 using cpu::lane_max;
 using cpu::lane_sum;
-using cpu::grain_for;
 using cpu::nan_max;
 using cpu::OpmathVec;
 using cpu::replaces_max;
@@ -33,41 +33,57 @@ void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
-  at::parallel_for(0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
-    opmath_t sum[kPositionBlock], best[kPositionBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks;
-      const int64_t p0 = (task % blocks) * kPositionBlock;
-      const int64_t width = std::min(kPositionBlock, positions - p0);
-      std::fill_n(sum, width, opmath_t(0));
-      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* xc = x + (n * channels + c) * positions + p0;
-        int64_t j = 0;
-        for (; j + V::size() <= width; j += V::size()) {
-          const auto chunk = V::load(xc + j);
-          const auto s = V::load_opmath(sum + j);
-          const auto m = V::load_opmath(best + j);
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = j + k * V::Vec::size();
-            (s[k] + chunk[k]).store(sum + at);
-            at::vec::maximum(m[k], chunk[k]).store(best + at);
+  at::parallel_for(
+      0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
+        opmath_t sum[kPositionBlock], best[kPositionBlock];
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / blocks;
+          const int64_t p0 = (task % blocks) * kPositionBlock;
+          const int64_t width = std::min(kPositionBlock, positions - p0);
+          std::fill_n(sum, width, opmath_t(0));
+          std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+          // Channels `first` to `first + kChannels - 1`, in channel order for every position (any
+          // kChannels gives the same bits), several per load and store of the accumulators.
+          const auto add_channels = [&]<int kChannels>(int64_t first) {
+            const scalar_t* xc[kChannels];
+            for (int u = 0; u < kChannels; ++u)
+              xc[u] = x + (n * channels + first + u) * positions + p0;
+            int64_t j = 0;
+            for (; j + V::size() <= width; j += V::size()) {
+              auto s = V::load_opmath(sum + j);
+              auto m = V::load_opmath(best + j);
+              for (int u = 0; u < kChannels; ++u) {
+                const auto chunk = V::load(xc[u] + j);
+                for (int k = 0; k < V::kVecs; ++k) {
+                  s[k] = s[k] + chunk[k];
+                  m[k] = at::vec::maximum(m[k], chunk[k]);
+                }
+              }
+              for (int k = 0; k < V::kVecs; ++k) {
+                const int64_t at = j + k * V::Vec::size();
+                s[k].store(sum + at);
+                m[k].store(best + at);
+              }
+            }
+            for (int u = 0; u < kChannels; ++u) {
+              for (int64_t i = j; i < width; ++i) {
+                const opmath_t v = static_cast<opmath_t>(xc[u][i]);
+                sum[i] += v;
+                best[i] = nan_max(best[i], v);
+              }
+            }
+          };
+          int64_t c = 0;
+          for (; c + 4 <= channels; c += 4) add_channels.template operator()<4>(c);
+          for (; c < channels; ++c) add_channels.template operator()<1>(c);
+          scalar_t* mean_out = out + n * 2 * positions + p0;
+          scalar_t* max_out = mean_out + positions;
+          for (int64_t j = 0; j < width; ++j) {
+            mean_out[j] = static_cast<scalar_t>(sum[j] / static_cast<opmath_t>(channels));
+            max_out[j] = static_cast<scalar_t>(best[j]);
           }
         }
-        for (; j < width; ++j) {
-          const opmath_t v = static_cast<opmath_t>(xc[j]);
-          sum[j] += v;
-          best[j] = nan_max(best[j], v);
-        }
-      }
-      scalar_t* mean_out = out + n * 2 * positions + p0;
-      scalar_t* max_out = mean_out + positions;
-      for (int64_t j = 0; j < width; ++j) {
-        mean_out[j] = static_cast<scalar_t>(sum[j] / static_cast<opmath_t>(channels));
-        max_out[j] = static_cast<scalar_t>(best[j]);
-      }
-    }
-  });
+      });
 }
 
 // The sum (when kWithSum) and the max over the C contiguous values of one channels-last pixel.
@@ -122,65 +138,87 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
   const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
   const opmath_t inv_channels = opmath_t(1) / static_cast<opmath_t>(channels);
-  at::parallel_for(0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
-    alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
-    alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
-    int64_t where_index[kPositionBlock];  // the scalar path's best channels
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks;
-      const int64_t p0 = (task % blocks) * kPositionBlock;
-      const int64_t width = std::min(kPositionBlock, positions - p0);
-      const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
-      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
-      std::fill_n(where, width, opmath_t(0));
-      std::fill_n(where_index, width, int64_t(0));
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* xc = x + (n * channels + c) * positions + p0;
-        const Vec channel(static_cast<opmath_t>(c));
-        int64_t j = 0;
-        for (; j < vector_width; j += V::size()) {
-          const auto chunk = V::load(xc + j);
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = j + k * kLanes;
-            const Vec v = chunk[k], running = Vec::loadu(best + at);
-            const Vec improved = replaces_max(v, running);
-            Vec::blendv(running, v, improved).store(best + at);
-            Vec::blendv(Vec::loadu(where + at), channel, improved).store(where + at);
+  at::parallel_for(
+      0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
+        alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
+        alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
+        int64_t where_index[kPositionBlock];  // the scalar path's best channels
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / blocks;
+          const int64_t p0 = (task % blocks) * kPositionBlock;
+          const int64_t width = std::min(kPositionBlock, positions - p0);
+          const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
+          std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+          std::fill_n(where, width, opmath_t(0));
+          std::fill_n(where_index, width, int64_t(0));
+          // As the forward's add_channels: the first maximum's channel, several channels per load
+          // and store of the running maxima.
+          const auto find_channels = [&]<int kChannels>(int64_t first) {
+            const scalar_t* xc[kChannels];
+            Vec channel[kChannels];
+            for (int u = 0; u < kChannels; ++u) {
+              xc[u] = x + (n * channels + first + u) * positions + p0;
+              channel[u] = Vec(static_cast<opmath_t>(first + u));
+            }
+            int64_t j = 0;
+            for (; j < vector_width; j += V::size()) {
+              typename V::Chunk running, running_where;
+              for (int k = 0; k < V::kVecs; ++k) {
+                running[k] = Vec::loadu(best + j + k * kLanes);
+                running_where[k] = Vec::loadu(where + j + k * kLanes);
+              }
+              for (int u = 0; u < kChannels; ++u) {
+                const auto chunk = V::load(xc[u] + j);
+                for (int k = 0; k < V::kVecs; ++k) {
+                  const Vec improved = replaces_max(chunk[k], running[k]);
+                  running[k] = Vec::blendv(running[k], chunk[k], improved);
+                  running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
+                }
+              }
+              for (int k = 0; k < V::kVecs; ++k) {
+                running[k].store(best + j + k * kLanes);
+                running_where[k].store(where + j + k * kLanes);
+              }
+            }
+            for (int u = 0; u < kChannels; ++u) {
+              for (int64_t i = j; i < width; ++i) {
+                const opmath_t v = static_cast<opmath_t>(xc[u][i]);
+                if (replaces_max(v, best[i])) {
+                  best[i] = v;
+                  where_index[i] = first + u;
+                }
+              }
+            }
+          };
+          int64_t c = 0;
+          for (; c + 4 <= channels; c += 4) find_channels.template operator()<4>(c);
+          for (; c < channels; ++c) find_channels.template operator()<1>(c);
+          const scalar_t* g = grad + n * 2 * positions + p0;
+          for (int64_t j = 0; j < width; ++j) {
+            grad_mean[j] = static_cast<opmath_t>(g[j]) * inv_channels;
+            grad_max[j] = static_cast<opmath_t>(g[positions + j]);
+          }
+          for (int64_t c = 0; c < channels; ++c) {
+            scalar_t* gc = grad_x + (n * channels + c) * positions + p0;
+            const Vec channel(static_cast<opmath_t>(c)), zero(opmath_t(0));
+            int64_t j = 0;
+            for (; j < vector_width; j += V::size()) {
+              typename V::Chunk out;
+              for (int k = 0; k < V::kVecs; ++k) {
+                const int64_t at = j + k * kLanes;
+                const Vec hit = Vec::loadu(where + at) == channel;
+                out[k] =
+                    Vec::loadu(grad_mean + at) + Vec::blendv(zero, Vec::loadu(grad_max + at), hit);
+              }
+              V::store(gc + j, out);
+            }
+            for (; j < width; ++j) {
+              const bool hit = where_index[j] == c;
+              gc[j] = static_cast<scalar_t>(hit ? grad_mean[j] + grad_max[j] : grad_mean[j]);
+            }
           }
         }
-        for (; j < width; ++j) {
-          const opmath_t v = static_cast<opmath_t>(xc[j]);
-          if (replaces_max(v, best[j])) {
-            best[j] = v;
-            where_index[j] = c;
-          }
-        }
-      }
-      const scalar_t* g = grad + n * 2 * positions + p0;
-      for (int64_t j = 0; j < width; ++j) {
-        grad_mean[j] = static_cast<opmath_t>(g[j]) * inv_channels;
-        grad_max[j] = static_cast<opmath_t>(g[positions + j]);
-      }
-      for (int64_t c = 0; c < channels; ++c) {
-        scalar_t* gc = grad_x + (n * channels + c) * positions + p0;
-        const Vec channel(static_cast<opmath_t>(c)), zero(opmath_t(0));
-        int64_t j = 0;
-        for (; j < vector_width; j += V::size()) {
-          typename V::Chunk out;
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = j + k * kLanes;
-            const Vec hit = Vec::loadu(where + at) == channel;
-            out[k] = Vec::loadu(grad_mean + at) + Vec::blendv(zero, Vec::loadu(grad_max + at), hit);
-          }
-          V::store(gc + j, out);
-        }
-        for (; j < width; ++j) {
-          const bool hit = where_index[j] == c;
-          gc[j] = static_cast<scalar_t>(hit ? grad_mean[j] + grad_max[j] : grad_mean[j]);
-        }
-      }
-    }
-  });
+      });
 }
 
 template <typename scalar_t>
@@ -193,8 +231,7 @@ void backward_channels_last(const scalar_t* grad, const scalar_t* x, scalar_t* g
       const opmath_t best = pixel_sum_and_max<false>(xp, channels).second;
       // The pixel's C values were just read: finding the first maximum runs in cache.
       const int64_t where = cpu::first_index_of(xp, channels, best);
-      const opmath_t g =
-          static_cast<opmath_t>(grad[pixel * 2]) / static_cast<opmath_t>(channels);
+      const opmath_t g = static_cast<opmath_t>(grad[pixel * 2]) / static_cast<opmath_t>(channels);
       scalar_t* gp = grad_x + pixel * channels;
       std::fill_n(gp, channels, static_cast<scalar_t>(g));
       gp[where] = static_cast<scalar_t>(g + static_cast<opmath_t>(grad[pixel * 2 + 1]));
