@@ -164,10 +164,11 @@ def test_self_attention_non_finite_query_rows(device, dtype, value, kv_stride):
     check_forward_and_backward(sample, tensors, f"self_attention {value} in a query row")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("variant_id", ["one_head_of_2", "narrow_heads", "one_head_kv_stride_2"])
-def test_self_attention_non_finite_output_gradient_in_one_sample(dtype, value, variant_id):
+def test_self_attention_non_finite_output_gradient_in_one_sample(device, dtype, value, variant_id):
     """The CPU backward takes the output projection's and the values' gradients from the sums
     T = p^T grad_y where they take fewer multiply-adds than recomputing the heads (these
     variants at 8 x 8 positions), a chunk of samples at a time (here one sample each). It
@@ -182,7 +183,7 @@ def test_self_attention_non_finite_output_gradient_in_one_sample(dtype, value, v
     variant = next(v for v in op.variants if v["id"] == variant_id)
     what = f"self_attention {variant_id} {value} in one sample's grad_y"
     g = torch.Generator().manual_seed(zlib.crc32(what.encode()))
-    sample = op.sample((4, 6, 8, 8), variant, dtype, "cpu", "contiguous", g)
+    sample = op.sample((4, 6, 8, 8), variant, dtype, device, "contiguous", g)
     leaves = {name: None if t is None else t.detach().clone().requires_grad_(name in op.differentiable)
               for name, t in sample.tensors.items()}
     ref_leaves = {name: None if t is None else t.detach().double().requires_grad_(name in op.differentiable)
@@ -190,6 +191,7 @@ def test_self_attention_non_finite_output_gradient_in_one_sample(dtype, value, v
     out, expected = sample.output(sample.call(leaves)), sample.reference(ref_leaves)
     grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
     grad[2] = poison(grad[2], value, 3, g)
+    grad = grad.to(device)
     got = torch.autograd.grad(out, sample.inputs_to_differentiate(leaves), grad.to(dtype))
     want = torch.autograd.grad(expected, sample.inputs_to_differentiate(ref_leaves), grad)
     names = sample.differentiable_names(sample.tensors)
