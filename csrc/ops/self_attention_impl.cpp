@@ -242,10 +242,10 @@ at::Tensor grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& gr
 at::Tensor sums_output_product(const SelfAttentionBackend& backend, const at::Tensor& sums,
                                const at::Tensor& v) {
   const int64_t heads = v.size(1), dv = v.size(3);
-  if (heads == 1) return backend.position_sum_product(sums.select(0, 0), v.select(1, 0));
   at::Tensor product;
   for (int64_t h = 0; h < heads; ++h) {
     const at::Tensor part = backend.position_sum_product(sums.select(0, h), v.select(1, h));
+    if (heads == 1) return part;  // no copy into columns
     if (h == 0) product = at::empty({part.size(0), heads * dv}, part.options());
     product.narrow(1, h * dv, dv).copy_(part);
   }
