@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../channel_attention_impl.h"
@@ -27,6 +28,39 @@ using cpu::replaces_max;
 constexpr int64_t kPositionChunk = 256;
 // Independent accumulator vectors per row when positions are the inner dim.
 constexpr int kChains = 4;
+
+// The inverse of an (N, K) map of indices into [0, M): for sample n and value m, the k with
+// map[n, k] == m, in ascending order. The argmax terms of a sweep use it to reach the elements
+// they touch while the sweep holds that row in cache, instead of after it, in scattered order.
+class InverseIndex {
+ public:
+  InverseIndex(const int64_t* map, int64_t batch, int64_t size, int64_t values)
+      : values_(values), size_(size), offsets_(batch * (values + 1), 0), keys_(batch * size) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t* row = map + n * size;
+        int64_t* offsets = offsets_.data() + n * (values + 1);
+        for (int64_t k = 0; k < size; ++k) ++offsets[row[k] + 1];
+        for (int64_t m = 0; m < values; ++m) offsets[m + 1] += offsets[m];
+        std::vector<int64_t> next(offsets, offsets + values);
+        int64_t* keys = keys_.data() + n * size;
+        for (int64_t k = 0; k < size; ++k) keys[next[row[k]]++] = k;
+      }
+    });
+  }
+
+  // Calls f(k) for each k of sample n whose value is m, in ascending order.
+  template <typename F>
+  void for_each(int64_t n, int64_t m, F f) const {
+    const int64_t* offsets = offsets_.data() + n * (values_ + 1);
+    const int64_t* keys = keys_.data() + n * size_;
+    for (int64_t i = offsets[m]; i < offsets[m + 1]; ++i) f(keys[i]);
+  }
+
+ private:
+  int64_t values_, size_;
+  std::vector<int64_t> offsets_, keys_;
+};
 
 // With `grad_scale`, also grad_x = grad_y * grad_scale[row] (the sweep reads grad_y anyway).
 template <typename scalar_t>
@@ -328,6 +362,8 @@ void apply_channels_last(const ApplyArgs<scalar_t>& a) {
   using opmath_t = typename V::opmath_t;
   const int64_t channels = a.channels, positions = a.positions;
   const int64_t grain = grain_for(channels);
+  std::optional<InverseIndex> by_position;
+  if (a.argmax) by_position.emplace(a.argmax, a.batch, channels, positions);
   at::parallel_for(0, a.batch * positions, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t n = pixel / positions;
@@ -351,17 +387,13 @@ void apply_channels_last(const ApplyArgs<scalar_t>& a) {
         out[c] = static_cast<scalar_t>(static_cast<opmath_t>(in[c]) * scale[c] +
                                        (shift ? shift[c] : opmath_t(0)));
       }
+      if (by_position) {
+        by_position->for_each(n, pixel - n * positions, [&](int64_t c) {
+          a.fix_argmax(n * channels + c, pixel * channels + c);
+        });
+      }
     }
   });
-  if (a.argmax) {
-    // After the sweep, so that no task overwrites a fixed element.
-    at::parallel_for(0, a.batch * channels, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t n = row / channels, c = row % channels;
-        a.fix_argmax(row, (n * positions + a.argmax[row]) * channels + c);
-      }
-    });
-  }
 }
 
 void apply_cpu(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& shift,
@@ -409,6 +441,12 @@ struct WeightedPoolArgs {
 // Vectorized over positions, each position's best channel held as a number in the
 // accumulation dtype (exact below 2^24 channels; beyond that every position takes the scalar
 // path, which keeps integers), as channel_pool's backward.
+//
+// Both layouts compare with `>` alone, so a NaN never becomes the maximum here, unlike
+// channel_pool's rule, and nothing cbam returns can tell: where some x * w is NaN (or
+// infinities of both signs meet) the mean over channels is NaN too, so every score that the
+// position's maximum enters is NaN, and so is the position's gradient in every channel,
+// whichever channel the maximum's term goes to.
 template <typename scalar_t>
 void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
   using V = OpmathVec<scalar_t>;
@@ -467,7 +505,7 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
             for (int k = 0; k < V::kVecs; ++k) {
               const Vec v = chunk[k] * vw[u];
               total[k] = total[k] + v;
-              const Vec improved = replaces_max(v, running[k]);
+              const Vec improved = v > running[k];
               running[k] = Vec::blendv(running[k], v, improved);
               running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
               if (with_grad) running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
@@ -485,7 +523,7 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
           for (int64_t i = j; i < width; ++i) {
             const opmath_t v = static_cast<opmath_t>(xc[u][i]) * w[u];
             sum[i] += v;
-            if (replaces_max(v, best[i])) {
+            if (v > best[i]) {
               best[i] = v;
               where_index[i] = first + u;
             }
@@ -539,7 +577,7 @@ void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
         for (int k = 0; k < V::kVecs; ++k) {
           const Vec v = chunk[k] * weight[k];
           vsum += v;
-          const Vec improved = replaces_max(v, vmax);
+          const Vec improved = v > vmax;
           vmax = Vec::blendv(vmax, v, improved);
           vwhere = Vec::blendv(
               vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())), improved);
@@ -559,8 +597,7 @@ void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
         for (int64_t lane = 0; lane < Vec::size(); ++lane) {
           const opmath_t v = lane_best[lane];
           const int64_t at = static_cast<int64_t>(lane_where[lane]);
-          const bool tie = v == best || (std::isnan(v) && std::isnan(best));
-          if (first || replaces_max(v, best) || (tie && at < where)) {
+          if (first || v > best || (v == best && at < where)) {
             best = v;
             where = at;
             first = false;
@@ -570,7 +607,7 @@ void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
       for (; c < channels; ++c) {
         const opmath_t v = static_cast<opmath_t>(xp[c]) * w[c];
         sum += v;
-        if (replaces_max(v, best)) {
+        if (v > best) {
           best = v;
           where = c;
         }
@@ -672,6 +709,8 @@ void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
   const opmath_t* ps = a.terms.scale;
   const opmath_t* pb = a.terms.shift;
   if (a.layout == Layout::ChannelsFirst) {
+    std::optional<InverseIndex> by_channel;
+    if (a.terms.argmax) by_channel.emplace(a.terms.argmax, a.batch, positions, channels);
     at::parallel_for(0, a.batch * channels, grain_for(positions), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / channels;
@@ -698,9 +737,15 @@ void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
                              (rb ? rb[p] : opmath_t(0));
           out[p] = static_cast<scalar_t>(t * s + b);
         }
+        // Each fix computes its element whole, so one that both terms touch ends the same.
+        const int64_t c = row - n * channels;
+        if (by_channel) by_channel->for_each(n, c, [&](int64_t at) { a.fix(n, c, at); });
+        if (a.argmax) a.fix(n, c, a.argmax[row]);
       }
     });
   } else {
+    std::optional<InverseIndex> by_position;
+    if (a.argmax) by_position.emplace(a.argmax, a.batch, channels, positions);
     at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
       for (int64_t pixel = begin; pixel < end; ++pixel) {
         const int64_t n = pixel / positions;
@@ -725,19 +770,11 @@ void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
           const opmath_t t = static_cast<opmath_t>(in[c]) * ts + tb;
           out[c] = static_cast<scalar_t>(t * scale[c] + (shift ? shift[c] : opmath_t(0)));
         }
+        // Each fix computes its element whole, so one that both terms touch ends the same.
+        const int64_t p = pixel - n * positions;
+        if (a.terms.argmax) a.fix(n, a.terms.argmax[pixel], p);
+        if (by_position) by_position->for_each(n, p, [&](int64_t c) { a.fix(n, c, p); });
       }
-    });
-  }
-  // After the sweep, so that no task overwrites a fixed element; each fix computes its
-  // element whole, so an element both fixes touch ends the same either way.
-  if (a.terms.argmax) {
-    at::parallel_for(0, a.batch * positions, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) a.fix(i / positions, a.terms.argmax[i], i % positions);
-    });
-  }
-  if (a.argmax) {
-    at::parallel_for(0, a.batch * channels, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) a.fix(row / channels, row % channels, a.argmax[row]);
     });
   }
 }
@@ -778,6 +815,8 @@ void reduce_with_positions_typed(const scalar_t* x, const scalar_t* grad,
   const opmath_t* ps = terms.scale;
   const opmath_t* pb = terms.shift;
   if (layout == Layout::ChannelsFirst) {
+    std::optional<InverseIndex> by_channel;
+    if (terms.argmax) by_channel.emplace(terms.argmax, batch, positions, channels);
     at::parallel_for(0, batch * channels, grain_for(positions), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / channels;
@@ -826,21 +865,15 @@ void reduce_with_positions_typed(const scalar_t* x, const scalar_t* grad,
                              (rb ? rb[p] : opmath_t(0));
           sum += t * static_cast<opmath_t>(xr[p]);
         }
+        // The argmax terms after the row's sum, in the order of their positions.
+        if (by_channel) {
+          by_channel->for_each(n, row - n * channels, [&](int64_t at) {
+            sum += terms.at_argmax[n * positions + at] * static_cast<opmath_t>(xr[at]);
+          });
+        }
         out[row] = sum;
       }
     });
-    if (terms.argmax) {
-      // One task per sample, its positions in order: the sums do not depend on the threads.
-      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t p = 0; p < positions; ++p) {
-            const int64_t i = n * positions + p, c = terms.argmax[i];
-            out[n * channels + c] +=
-                terms.at_argmax[i] * static_cast<opmath_t>(x[(n * channels + c) * positions + p]);
-          }
-        }
-      });
-    }
     return;
   }
   // Channels last: partial sums per (n, run of kPositionChunk positions), combined in order.
@@ -934,10 +967,12 @@ struct ScoreConvShape {
   int64_t pw() const { return w + kw - 1; }
 };
 
-// The pooled map (N, 2, P) with kernel / 2 zeros on every side: (N, 2, D', H', W').
+// The pooled map (N, 2, P) with kernel / 2 zeros on every side: (N, 2, D', H', W'), and a
+// vector of zeros after it, so that a vector load may start at any element.
 template <typename T>
 std::vector<T> zero_padded(const T* pooled, const ScoreConvShape& g) {
-  std::vector<T> padded(g.batch * 2 * g.pd() * g.ph() * g.pw(), T(0));
+  std::vector<T> padded(g.batch * 2 * g.pd() * g.ph() * g.pw() + at::vec::Vectorized<T>::size(),
+                        T(0));
   for (int64_t plane = 0; plane < g.batch * 2; ++plane) {
     for (int64_t z = 0; z < g.d; ++z) {
       for (int64_t y = 0; y < g.h; ++y) {
@@ -951,29 +986,55 @@ std::vector<T> zero_padded(const T* pooled, const ScoreConvShape& g) {
   return padded;
 }
 
+// out[x] = start + sum over lines r and taps l of taps[r * kw + l] * lines[r][x + l], for x in
+// [0, width): each element sums its terms in that order, kVecs vectors of them held in
+// registers over all the terms. The lines must be readable a vector past x + l.
+template <typename T>
+void correlate_lines(const std::vector<const T*>& lines, const T* taps, int64_t kw, T start, T* out,
+                     int64_t width) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kLanes = Vec::size();
+  const auto block = [&]<int kVecs>(int64_t x0) {
+    Vec acc[kVecs];
+    std::fill_n(acc, kVecs, Vec(start));
+    const T* tap = taps;
+    for (const T* line : lines) {
+      for (int64_t l = 0; l < kw; ++l, ++tap) {
+        const Vec wt(*tap);
+        for (int k = 0; k < kVecs; ++k) {
+          acc[k] = at::vec::fmadd(wt, Vec::loadu(line + x0 + l + k * kLanes), acc[k]);
+        }
+      }
+    }
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t at = x0 + k * kLanes;
+      acc[k].store(out + at, static_cast<int>(std::min(kLanes, width - at)));
+    }
+  };
+  int64_t x0 = 0;
+  for (; x0 + 4 * kLanes <= width; x0 += 4 * kLanes) block.template operator()<4>(x0);
+  for (; x0 < width; x0 += kLanes) block.template operator()<1>(x0);
+}
+
 template <typename T>
 void score_conv_typed(const T* pooled, const T* weight, const T* bias, T* scores,
                       const ScoreConvShape& g) {
   const std::vector<T> padded = zero_padded(pooled, g);
   const int64_t rows = g.batch * g.d * g.h;
   at::parallel_for(0, rows, grain_for(g.w * g.taps()), [&](int64_t begin, int64_t end) {
+    // The padded input lines of one output row, in the weight's (channel, i, j) order.
+    std::vector<const T*> lines(2 * g.kd * g.kh);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
-      T* out = scores + row * g.w;
-      std::fill_n(out, g.w, bias ? bias[0] : T(0));
-      const T* tap = weight;
-      for (int64_t channel = 0; channel < 2; ++channel) {
+      for (int64_t channel = 0, r = 0; channel < 2; ++channel) {
         for (int64_t i = 0; i < g.kd; ++i) {
-          for (int64_t j = 0; j < g.kh; ++j) {
-            const T* in =
+          for (int64_t j = 0; j < g.kh; ++j, ++r) {
+            lines[r] =
                 padded.data() + (((n * 2 + channel) * g.pd() + z + i) * g.ph() + y + j) * g.pw();
-            for (int64_t l = 0; l < g.kw; ++l, ++tap) {
-              const T wt = *tap;
-              for (int64_t x = 0; x < g.w; ++x) out[x] += wt * in[x + l];
-            }
           }
         }
       }
+      correlate_lines(lines, weight, g.kw, bias ? bias[0] : T(0), scores + row * g.w, g.w);
     }
   });
 }
