@@ -24,6 +24,10 @@ CASES = {
     "channel_attention avgmax (8,256,56,56) fwd+bwd": ("channel", (8, 256, 56, 56), 16, "avgmax"),
     "channel_attention avg (32,2048,7,7) fwd+bwd": ("channel", (32, 2048, 7, 7), 16, "avg"),
     "channel_attention avg (32,2048,7,7) fwd": ("channel_fwd", (32, 2048, 7, 7), 16, "avg"),
+    "cbam (8,256,56,56) fwd": ("cbam_fwd", (8, 256, 56, 56)),
+    "cbam (8,256,56,56) fwd+bwd": ("cbam", (8, 256, 56, 56)),
+    "cbam channels_last (8,256,56,56) fwd+bwd": ("cbam_last", (8, 256, 56, 56)),
+    "cbam (8,2048,4,4) fwd+bwd": ("cbam", (8, 2048, 4, 4)),
     "channel_pool (8,256,56,56) fwd+bwd": ("channel_pool", (8, 256, 56, 56)),
     "channel_pool channels_last (8,256,56,56) fwd+bwd": ("channel_pool_last", (8, 256, 56, 56)),
     "soft_attention sigmoid (8,64,112,112) fwd+bwd": ("sigmoid", (8, 64, 112, 112)),
@@ -48,6 +52,9 @@ import json, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
 import cnn_attention  # noqa: F401
+sys.path.insert(0, sys.argv[4])
+from common import keep_freed_memory  # noqa: E402
+keep_freed_memory()
 ops = torch.ops.cnn_attention
 torch.set_num_threads(2)
 cases, repeat = json.loads(sys.argv[2]), int(sys.argv[3])
@@ -63,6 +70,14 @@ def call(kind, shape, *extra):
                   torch.zeros(c)]
         params = [p.requires_grad_(True) for p in params]
         run = lambda: ops.channel_attention(x, *params, extra[1], "sigmoid")
+    elif kind.startswith("cbam"):
+        if kind.endswith("last"):
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        hidden = max(c // 16, 8)
+        params = [torch.randn(hidden, c) / c**0.5, torch.zeros(hidden), torch.randn(c, hidden) / hidden**0.5,
+                  torch.zeros(c), torch.randn(1, 2, 7, 7) / 7, torch.zeros(1)]
+        params = [p.requires_grad_(True) for p in params]
+        run = lambda: ops.cbam(x, *params)
     elif kind.startswith("channel_pool"):
         if kind.endswith("last"):
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -99,7 +114,8 @@ print(json.dumps({name: call(*spec) for name, spec in cases.items()}))
 
 
 def run_build(root: str, cases: dict, repeat: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(root, "python"), json.dumps(cases), str(repeat)],
+    out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(root, "python"), json.dumps(cases), str(repeat),
+                          os.path.dirname(os.path.abspath(__file__))],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -2,10 +2,32 @@
 median and minimum per candidate, and the markdown table every benchmark prints."""
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 
 import torch
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep what the process frees (no trimming of the heap's top, blocks
+    up to 32 MiB from the heap), so that a block of the size just freed is reused instead of
+    mapped again. Otherwise whether a 25 MiB activation is mapped afresh, and its 6000 pages
+    faulted in (about 10 ms on the development machine), in every call depends on the heap's
+    layout, which differs from process to process: cbam's backward pass that writes grad_x
+    at (8, 256, 56, 56) took 2 ms in some processes and 12 ms in others. Every candidate
+    runs under the same setting; importing this module applies it."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+
+
+keep_freed_memory()
 
 
 def block_arguments(description: str, shape: str) -> argparse.ArgumentParser:
@@ -47,8 +69,10 @@ def interleaved_ms(fns, device: str, repeat: int, warmup: int = 3):
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int):
-    """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side."""
+def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int, references=None):
+    """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side.
+    `references` ({name: function}) are timed in the forward+backward rounds as well, and
+    returned as {name: (median, min)} after the modules' results."""
     xg = x.detach().requires_grad_(True)
 
     def forward(module):
@@ -67,8 +91,10 @@ def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repea
         return run
 
     fwd = interleaved_ms({n: forward(m) for n, m in modules.items()}, device, repeat)
-    both = interleaved_ms({n: forward_backward(m) for n, m in modules.items()}, device, repeat)
-    return {n: (fwd[n], both[n]) for n in modules}
+    both = interleaved_ms({**{n: forward_backward(m) for n, m in modules.items()}, **(references or {})}, device,
+                          repeat)
+    results = {n: (fwd[n], both[n]) for n in modules}
+    return (results, {n: both[n] for n in references}) if references is not None else results
 
 
 def print_table(rows, group_label: str) -> None:
