@@ -198,6 +198,12 @@ at::Tensor soft_attention_pool_forward(const SpatialAttentionBackend& backend, c
   // A sum over no positions.
   if (num_positions(x) == 0) return out.zero_();
   const Layout layout = choose_row_layout(x);
+  if (elementwise_softmax(x, scores, backend)) {
+    // The mean over positions of x * P softmax is the sum of x * softmax.
+    backend.softmax_scale_by_scores(to_layout(x, layout), to_layout(scores, layout), temperature,
+                                    out, layout);
+    return out;
+  }
   const at::Tensor probabilities =
       backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
   backend.pool(sweep_input(x, layout, backend), probabilities, out, layout);
@@ -213,6 +219,12 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
   at::Tensor grad_x = spatial_attention_output_like(x);
   at::Tensor grad_scores = spatial_attention_scores_like(scores, x);
   if (x.numel() == 0) return {grad_x, grad_scores.zero_()};
+  if (elementwise_softmax(x, scores, backend)) {
+    backend.softmax_scale_by_scores_backward(grad_out.contiguous(), to_layout(x, layout),
+                                             to_layout(scores, layout), temperature, grad_x,
+                                             grad_scores, layout);
+    return {grad_x, grad_scores};
+  }
 
   const at::Tensor probabilities =
       backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);

@@ -160,6 +160,9 @@ struct SpatialAttentionBackend {
   // w * (grad * x - sum over positions of grad * x * w / P) / T. Each recomputes the rows'
   // maximum and sum of exponentials from s, so x-sized maps are read a few times and written
   // once, where the stored weights take a write and a read of their own at every step.
+  // soft_attention_pool's as well: where y is (N, C) the forward gives the mean over the
+  // positions of x * w (the sum of x * softmax), and where grad is (N, C) the backward takes
+  // it as that mean's gradient (grad / P at every position).
   void (*softmax_scale_by_scores)(const at::Tensor& x, const at::Tensor& scores,
                                   double temperature, at::Tensor& y, Layout layout);
   void (*softmax_scale_by_scores_backward)(const at::Tensor& grad, const at::Tensor& x,

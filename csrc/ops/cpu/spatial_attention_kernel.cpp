@@ -878,8 +878,8 @@ void channels_last_softmax(const scalar_t* s, int64_t batch, int64_t positions, 
 // laid out like s) are the other maps fn reads.
 template <typename scalar_t, typename Fn>
 void for_softmax_rows(const scalar_t* s, int64_t rows, int64_t positions,
-                      const SoftmaxTerms<scalar_t>& t,
-                      const std::array<const scalar_t*, 2>& inputs, const Fn& fn) {
+                      const SoftmaxTerms<scalar_t>& t, const std::array<const scalar_t*, 2>& inputs,
+                      const Fn& fn) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, grain_for(positions), [&](int64_t begin, int64_t end) {
     // A row that stays in cache: its exponentials stored, and while they are computed, fn's
@@ -919,13 +919,104 @@ C10_ALWAYS_INLINE typename OpmathVec<scalar_t>::Chunk channels_last_weights(
   return w;
 }
 
+// Channels first: the sum over a row's positions of values(p, count) * w, vector sums within
+// blocks of kSumBlock positions added up in double.
+template <typename scalar_t, typename Values>
+double row_weighted_sum(const scalar_t* s, int64_t positions, const SoftmaxTerms<scalar_t>& t,
+                        at::opmath_type<scalar_t> best, at::opmath_type<scalar_t> scale,
+                        const at::opmath_type<scalar_t>* exps, const Values& values) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  double total = 0;
+  Vec sum(at::opmath_type<scalar_t>(0));
+  for_row_weights(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count, const auto& w) {
+    const auto v = values(p, count);
+    for (int k = 0; k < V::kVecs; ++k) sum = at::vec::fmadd(v[k], w[k], sum);
+    if ((p + V::size()) % kSumBlock == 0) {
+      total += static_cast<double>(lane_sum(sum));
+      sum = Vec(at::opmath_type<scalar_t>(0));
+    }
+  });
+  return total + static_cast<double>(lane_sum(sum));
+}
+
+// Channels last: for each (sample, channel), the mean over positions of values(n, offset, c,
+// count) * w (weights(n, offset, c, count)), each run's sums kept apart and combined in run
+// order in double.
+template <typename scalar_t, typename Weights, typename Values>
+std::vector<at::opmath_type<scalar_t>> channels_last_weighted_means(int64_t batch,
+                                                                    int64_t positions,
+                                                                    int64_t channels,
+                                                                    const Weights& weights,
+                                                                    const Values& values) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  const int64_t runs = softmax_runs(positions, channels);
+  std::vector<opmath_t> run_sums(batch * runs * channels);
+  for_position_runs(batch, positions, channels,
+                    [&](int64_t n, int64_t run, int64_t first, int64_t last) {
+                      opmath_t* sums = run_sums.data() + (n * runs + run) * channels;
+                      std::fill_n(sums, channels, opmath_t(0));
+                      for (int64_t p = first; p < last; ++p) {
+                        const int64_t offset = (n * positions + p) * channels;
+                        for_channel_chunks<scalar_t>(channels, [&](int64_t c, int64_t count) {
+                          const auto w = weights(n, offset, c, count);
+                          const auto v = values(n, offset, c, count);
+                          auto sum = load_opmath_partial<scalar_t>(sums + c, count);
+                          for (int k = 0; k < V::kVecs; ++k)
+                            sum[k] = at::vec::fmadd(v[k], w[k], sum[k]);
+                          store_opmath_partial<scalar_t>(sums + c, sum, count);
+                        });
+                      }
+                    });
+  std::vector<opmath_t> means(batch * channels);
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t c = 0; c < channels; ++c) {
+      double total = 0;
+      for (int64_t run = 0; run < runs; ++run) {
+        total += static_cast<double>(run_sums[(n * runs + run) * channels + c]);
+      }
+      means[n * channels + c] = static_cast<opmath_t>(total / static_cast<double>(positions));
+    }
+  }
+  return means;
+}
+
+// y = x * w, or with `pooled` (y is (N, C)) the mean over the positions of x * w.
 template <typename scalar_t>
 void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_t* y,
-                                   const SweepExtent& e, double temperature, Layout layout) {
+                                   const SweepExtent& e, double temperature, Layout layout,
+                                   bool pooled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   const SoftmaxTerms<scalar_t> t(temperature);
   const int64_t P = e.positions, C = e.channels;
+  if (pooled) {
+    if (layout == Layout::ChannelsFirst) {
+      for_softmax_rows(
+          s, e.batch * C, P, t, {x, nullptr},
+          [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
+            const double sum = row_weighted_sum(
+                s + offset, P, t, best, scale, exps,
+                [&](int64_t p, int64_t count) { return load_partial(x + offset + p, count); });
+            y[offset / P] =
+                static_cast<scalar_t>(static_cast<opmath_t>(sum / static_cast<double>(P)));
+          });
+      return;
+    }
+    std::vector<opmath_t> best, scale;
+    channels_last_softmax(s, e.batch, P, C, t, best, scale);
+    const std::vector<opmath_t> means = channels_last_weighted_means<scalar_t>(
+        e.batch, P, C,
+        [&](int64_t n, int64_t offset, int64_t c, int64_t count) {
+          return channels_last_weights(s, t, best, scale, n * C + c, offset + c, count);
+        },
+        [&](int64_t, int64_t offset, int64_t c, int64_t count) {
+          return load_partial(x + offset + c, count);
+        });
+    for (int64_t row = 0; row < e.batch * C; ++row) y[row] = static_cast<scalar_t>(means[row]);
+    return;
+  }
   if (layout == Layout::ChannelsFirst) {
     for_softmax_rows(s, e.batch * C, P, t, {x, nullptr},
                      [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
@@ -953,20 +1044,37 @@ void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_
   });
 }
 
+// With `pooled`, grad is (N, C), the gradient of the mean over the positions of x * w: grad / P
+// at every position.
 template <typename scalar_t>
 void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x,
                                             const scalar_t* s, scalar_t* grad_x, scalar_t* grad_s,
-                                            const SweepExtent& e, double temperature,
-                                            Layout layout) {
+                                            const SweepExtent& e, double temperature, Layout layout,
+                                            bool pooled) {
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   using opmath_t = typename V::opmath_t;
   const SoftmaxTerms<scalar_t> t(temperature);
   const int64_t P = e.positions, C = e.channels;
+  std::vector<opmath_t> row_grad(pooled ? e.batch * C : 0);
+  for (size_t row = 0; row < row_grad.size(); ++row) {
+    row_grad[row] = static_cast<opmath_t>(grad[row]) / static_cast<opmath_t>(P);
+  }
+  // The gradient of the elements offset .. offset + count - 1, channels c onwards of sample n
+  // (channels first c is the row's channel); lanes past `count` are zero.
+  auto grad_at = [&](int64_t n, int64_t c, int64_t offset, int64_t count) {
+    if (!pooled) return load_partial(grad + offset, count);
+    if (layout == Layout::ChannelsLast) {
+      return load_opmath_partial<scalar_t>(row_grad.data() + n * C + c, count);
+    }
+    alignas(64) opmath_t lanes[V::size()];
+    std::fill_n(lanes, V::size(), row_grad[n * C + c]);
+    return load_opmath_partial<scalar_t>(lanes, count);
+  };
   // grad_x = grad * w; grad_s = w * (grad * x - D) / T, D = sum over positions of grad * x * w / P.
-  auto write = [&](int64_t offset, int64_t count, const typename V::Chunk& w,
+  auto write = [&](int64_t n, int64_t c, int64_t offset, int64_t count, const typename V::Chunk& w,
                    const typename V::Chunk& d) {
-    const auto g = load_partial(grad + offset, count);
+    const auto g = grad_at(n, c, offset, count);
     const auto values = load_partial(x + offset, count);
     typename V::Chunk gx, gs;
     for (int k = 0; k < V::kVecs; ++k) {
@@ -977,29 +1085,28 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
     store_partial(grad_x + offset, gx, count);
     store_partial(grad_s + offset, gs, count);
   };
+  // grad * x, lanes past `count` zero.
+  auto grad_times_x = [&](int64_t n, int64_t c, int64_t offset, int64_t count) {
+    auto g = grad_at(n, c, offset, count);
+    const auto values = load_partial(x + offset, count);
+    for (int k = 0; k < V::kVecs; ++k) g[k] = g[k] * values[k];
+    return g;
+  };
   if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t, {grad, x}, [&](int64_t offset, opmath_t best,
-                                                          opmath_t scale, const opmath_t* exps) {
-      double dot = 0;
-      Vec sum(opmath_t(0));
-      auto add_products = [&](int64_t p, int64_t count, const auto& w) {
-        const auto g = load_partial(grad + offset + p, count);
-        const auto values = load_partial(x + offset + p, count);
-        for (int k = 0; k < V::kVecs; ++k) sum = at::vec::fmadd(g[k] * values[k], w[k], sum);
-        if ((p + V::size()) % kSumBlock == 0) {
-          dot += static_cast<double>(lane_sum(sum));
-          sum = Vec(opmath_t(0));
-        }
-      };
-      for_row_weights(s + offset, P, t, best, scale, exps, add_products);
-      dot += static_cast<double>(lane_sum(sum));
-      typename V::Chunk d;
-      d.fill(Vec(static_cast<opmath_t>(dot / static_cast<double>(P))));
-      auto write_row = [&](int64_t p, int64_t count, const auto& w) {
-        write(offset + p, count, w, d);
-      };
-      for_row_weights(s + offset, P, t, best, scale, exps, write_row);
-    });
+    for_softmax_rows(s, e.batch * C, P, t, {pooled ? nullptr : grad, x},
+                     [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
+                       const int64_t n = offset / P / C, c = offset / P % C;
+                       const double dot = row_weighted_sum(
+                           s + offset, P, t, best, scale, exps, [&](int64_t p, int64_t count) {
+                             return grad_times_x(n, c, offset + p, count);
+                           });
+                       typename V::Chunk d;
+                       d.fill(Vec(static_cast<opmath_t>(dot / static_cast<double>(P))));
+                       auto write_row = [&](int64_t p, int64_t count, const auto& w) {
+                         write(n, c, offset + p, count, w, d);
+                       };
+                       for_row_weights(s + offset, P, t, best, scale, exps, write_row);
+                     });
     return;
   }
   std::vector<opmath_t> best, scale;
@@ -1007,39 +1114,15 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
   auto weights_at = [&](int64_t n, int64_t offset, int64_t c, int64_t count) {
     return channels_last_weights(s, t, best, scale, n * C + c, offset + c, count);
   };
-  // The runs' sums of grad * x * w, combined in run order in double.
-  const int64_t runs = softmax_runs(P, C);
-  std::vector<opmath_t> run_dot(e.batch * runs * C);
-  for_position_runs(e.batch, P, C, [&](int64_t n, int64_t run, int64_t first, int64_t last) {
-    opmath_t* dots = run_dot.data() + (n * runs + run) * C;
-    std::fill_n(dots, C, opmath_t(0));
-    for (int64_t p = first; p < last; ++p) {
-      const int64_t offset = (n * P + p) * C;
-      for_channel_chunks<scalar_t>(C, [&](int64_t c, int64_t count) {
-        const auto w = weights_at(n, offset, c, count);
-        const auto g = load_partial(grad + offset + c, count);
-        const auto values = load_partial(x + offset + c, count);
-        auto dot = load_opmath_partial<scalar_t>(dots + c, count);
-        for (int k = 0; k < V::kVecs; ++k) dot[k] = at::vec::fmadd(g[k] * values[k], w[k], dot[k]);
-        store_opmath_partial<scalar_t>(dots + c, dot, count);
+  const std::vector<opmath_t> mean_dot = channels_last_weighted_means<scalar_t>(
+      e.batch, P, C, weights_at, [&](int64_t n, int64_t offset, int64_t c, int64_t count) {
+        return grad_times_x(n, c, offset + c, count);
       });
-    }
-  });
-  std::vector<opmath_t> mean_dot(e.batch * C);
-  for (int64_t n = 0; n < e.batch; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      double dot = 0;
-      for (int64_t run = 0; run < runs; ++run) {
-        dot += static_cast<double>(run_dot[(n * runs + run) * C + c]);
-      }
-      mean_dot[n * C + c] = static_cast<opmath_t>(dot / static_cast<double>(P));
-    }
-  }
   for_position_runs(e.batch, P, C, [&](int64_t n, int64_t, int64_t first, int64_t last) {
     for (int64_t p = first; p < last; ++p) {
       const int64_t offset = (n * P + p) * C;
       for_channel_chunks<scalar_t>(C, [&](int64_t c, int64_t count) {
-        write(offset + c, count, weights_at(n, offset, c, count),
+        write(n, c, offset + c, count, weights_at(n, offset, c, count),
               load_opmath_partial<scalar_t>(mean_dot.data() + n * C + c, count));
       });
     }
@@ -1052,7 +1135,8 @@ void softmax_scale_by_scores_cpu(const at::Tensor& x, const at::Tensor& scores, 
       at::kHalf, at::kBFloat16, x.scalar_type(), "soft_attention_softmax_by_scores_cpu", [&] {
         softmax_scale_by_scores_typed(x.const_data_ptr<scalar_t>(),
                                       scores.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                      sweep_extent_of(x, scores), temperature, layout);
+                                      sweep_extent_of(x, scores), temperature, layout,
+                                      /*pooled=*/y.dim() == 2);
       });
 }
 
@@ -1066,7 +1150,8 @@ void softmax_scale_by_scores_backward_cpu(const at::Tensor& grad, const at::Tens
         softmax_scale_by_scores_backward_typed(
             grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             scores.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
-            grad_scores.data_ptr<scalar_t>(), sweep_extent_of(x, scores), temperature, layout);
+            grad_scores.data_ptr<scalar_t>(), sweep_extent_of(x, scores), temperature, layout,
+            /*pooled=*/grad.dim() == 2);
       });
 }
 
