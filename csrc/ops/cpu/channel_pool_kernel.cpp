@@ -140,7 +140,7 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
   const opmath_t inv_channels = opmath_t(1) / static_cast<opmath_t>(channels);
   at::parallel_for(
       0, batch * blocks, grain_for(kPositionBlock * channels), [&](int64_t begin, int64_t end) {
-        alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock], sum[kPositionBlock];
+        alignas(64) opmath_t best[kPositionBlock], where[kPositionBlock];
         alignas(64) opmath_t grad_mean[kPositionBlock], grad_max[kPositionBlock];
         int64_t where_index[kPositionBlock];  // the scalar path's best channels
         for (int64_t task = begin; task < end; ++task) {
@@ -150,12 +150,9 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
           std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
           std::fill_n(where, width, opmath_t(0));
-          std::fill_n(sum, width, opmath_t(0));
           std::fill_n(where_index, width, int64_t(0));
           // As the forward's add_channels: the first maximum's channel, several channels per load
-          // and store of the running maxima. The vectors compare with `>` alone, which never
-          // takes a NaN, and keep a sum, which a NaN makes NaN (so do infinities of both
-          // signs): such positions are searched again below with the NaN rule.
+          // and store of the running maxima.
           const auto find_channels = [&]<int kChannels>(int64_t first) {
             const scalar_t* xc[kChannels];
             Vec channel[kChannels];
@@ -165,25 +162,22 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
             }
             int64_t j = 0;
             for (; j < vector_width; j += V::size()) {
-              typename V::Chunk running, running_where, total;
+              typename V::Chunk running, running_where;
               for (int k = 0; k < V::kVecs; ++k) {
                 running[k] = Vec::loadu(best + j + k * kLanes);
                 running_where[k] = Vec::loadu(where + j + k * kLanes);
-                total[k] = Vec::loadu(sum + j + k * kLanes);
               }
               for (int u = 0; u < kChannels; ++u) {
                 const auto chunk = V::load(xc[u] + j);
                 for (int k = 0; k < V::kVecs; ++k) {
-                  const Vec improved = chunk[k] > running[k];
+                  const Vec improved = replaces_max(chunk[k], running[k]);
                   running[k] = Vec::blendv(running[k], chunk[k], improved);
                   running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
-                  total[k] = total[k] + chunk[k];
                 }
               }
               for (int k = 0; k < V::kVecs; ++k) {
                 running[k].store(best + j + k * kLanes);
                 running_where[k].store(where + j + k * kLanes);
-                total[k].store(sum + j + k * kLanes);
               }
             }
             for (int u = 0; u < kChannels; ++u) {
@@ -199,19 +193,6 @@ void backward_channels_first(const scalar_t* grad, const scalar_t* x, scalar_t* 
           int64_t c = 0;
           for (; c + 4 <= channels; c += 4) find_channels.template operator()<4>(c);
           for (; c < channels; ++c) find_channels.template operator()<1>(c);
-          for (int64_t j = 0; j < vector_width; ++j) {
-            if (!std::isnan(sum[j])) continue;
-            opmath_t value = -std::numeric_limits<opmath_t>::infinity();
-            int64_t at = 0;
-            for (int64_t c = 0; c < channels; ++c) {
-              const opmath_t v = static_cast<opmath_t>(x[(n * channels + c) * positions + p0 + j]);
-              if (replaces_max(v, value)) {
-                value = v;
-                at = c;
-              }
-            }
-            where[j] = static_cast<opmath_t>(at);
-          }
           const scalar_t* g = grad + n * 2 * positions + p0;
           for (int64_t j = 0; j < width; ++j) {
             grad_mean[j] = static_cast<opmath_t>(g[j]) * inv_channels;
