@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "../ops/channel_attention.h"
 #include "../ops/channel_pool.h"
 #include "../ops/spatial_attention.h"
 #include "../ops/spatial_attention_impl.h"
@@ -71,7 +72,13 @@ void SoftAttentionImpl::reset() {
 }
 
 torch::Tensor SoftAttentionImpl::forward(const torch::Tensor& x) {
-  return ops::soft_attention(x, scores->forward(x), options.normalize(), options.temperature());
+  // One operator for the whole branch: the score head's pooling and convolution and the
+  // weighting, with one gradient of x (`scores` computes the scores alone).
+  const int64_t dims = options.spatial_dims();
+  TORCH_CHECK(x.dim() == dims + 2, "SoftAttention: x must be (N, C, *S) with ", dims,
+              " spatial dims (spatial_dims), got ", x.dim(), " dims");
+  return ops::cbam_spatial(x, scores->weight, scores->bias, options.normalize(),
+                           options.temperature());
 }
 
 void SoftAttentionImpl::pretty_print(std::ostream& stream) const {

@@ -14,6 +14,7 @@ namespace {
 constexpr const char* kOp = "channel_attention";
 constexpr const char* kGateOp = "channel_gate";
 constexpr const char* kCbamOp = "cbam";
+constexpr const char* kCbamSpatialOp = "cbam_spatial";
 }  // namespace
 
 at::Tensor channel_attention(
@@ -50,6 +51,13 @@ at::Tensor cbam(
   static auto op = find_op<decltype(cbam)>("cnn_attention::cbam");
   return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
                  activation);
+}
+
+at::Tensor cbam_spatial(const at::Tensor& x, const at::Tensor& conv_weight,
+                        const std::optional<at::Tensor>& conv_bias, c10::string_view normalize,
+                        double temperature) {
+  static auto op = find_op<decltype(cbam_spatial)>("cnn_attention::cbam_spatial");
+  return op.call(x, conv_weight, conv_bias, normalize, temperature);
 }
 
 namespace detail {
@@ -112,6 +120,14 @@ _cbam_backward(
                  channel_stats, channel_argmax, gate, activation);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _cbam_spatial_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view normalize, double temperature) {
+  static auto op =
+      find_op<decltype(_cbam_spatial_backward)>("cnn_attention::_cbam_spatial_backward");
+  return op.call(grad_y, x, conv_weight, conv_bias, normalize, temperature);
+}
+
 }  // namespace detail
 
 ChannelPool parse_channel_pool(const char* op, c10::string_view pool) {
@@ -169,6 +185,30 @@ ChannelAttentionModes check_mlp_args(
   }
   return {parse_channel_pool(op, pool), parse_channel_gate(op, gate),
           parse_channel_activation(op, activation)};
+}
+
+// The score convolution's weight and bias of cbam and cbam_spatial: (1, 2, k, ..., k), one
+// k per spatial dim of x, k odd (same padding k / 2), and (1,).
+void check_score_conv(const char* op, const at::Tensor& x, const at::Tensor& conv_weight,
+                      const std::optional<at::Tensor>& conv_bias) {
+  const int64_t dim = x.dim();
+  bool square =
+      conv_weight.dim() == dim && conv_weight.sym_size(0) == 1 && conv_weight.sym_size(1) == 2;
+  if (square) {
+    const c10::SymInt width = conv_weight.sym_size(2);
+    for (int64_t d = 2; d < dim; ++d) square = square && conv_weight.sym_size(d) == width;
+    square = square && width % 2 == 1;
+  }
+  std::string expected = "(1, 2";
+  for (int64_t d = 2; d < dim; ++d) expected += ", k";
+  TORCH_CHECK(square, op, ": conv_weight must be ", expected,
+              ") with k odd, one k per spatial dim of x, got ",
+              format_sizes(conv_weight.sym_sizes()));
+  check_like(op, "x", x, "conv_weight", conv_weight);
+  if (conv_bias.has_value()) {
+    check_sizes(op, "conv_bias", *conv_bias, {1}, "(1,)");
+    check_like(op, "x", x, "conv_bias", *conv_bias);
+  }
 }
 
 }  // namespace
@@ -236,25 +276,7 @@ ChannelAttentionModes check_cbam_args(
     c10::string_view activation) {
   const ChannelAttentionModes modes = check_mlp_args(
       kCbamOp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation);
-  // (1, 2, k, ..., k), one k per spatial dim of x, k odd: same padding k / 2.
-  const int64_t dim = x.dim();
-  bool square = conv_weight.dim() == dim && conv_weight.sym_size(0) == 1 &&
-                conv_weight.sym_size(1) == 2;
-  if (square) {
-    const c10::SymInt width = conv_weight.sym_size(2);
-    for (int64_t d = 2; d < dim; ++d) square = square && conv_weight.sym_size(d) == width;
-    square = square && width % 2 == 1;
-  }
-  std::string expected = "(1, 2";
-  for (int64_t d = 2; d < dim; ++d) expected += ", k";
-  TORCH_CHECK(square, kCbamOp, ": conv_weight must be ", expected,
-              ") with k odd, one k per spatial dim of x, got ",
-              format_sizes(conv_weight.sym_sizes()));
-  check_like(kCbamOp, "x", x, "conv_weight", conv_weight);
-  if (conv_bias.has_value()) {
-    check_sizes(kCbamOp, "conv_bias", *conv_bias, {1}, "(1,)");
-    check_like(kCbamOp, "x", x, "conv_bias", *conv_bias);
-  }
+  check_score_conv(kCbamOp, x, conv_weight, conv_bias);
   return modes;
 }
 
@@ -289,6 +311,31 @@ ChannelAttentionModes check_cbam_backward_args(
   check_sizes(kCbamOp, "channel_argmax", channel_argmax, {x.sym_size(0), x.sym_size(1)},
               "(N, C)");
   return modes;
+}
+
+SoftNormalize check_cbam_spatial_args(const at::Tensor& x, const at::Tensor& conv_weight,
+                                      const std::optional<at::Tensor>& conv_bias,
+                                      c10::string_view normalize, double temperature) {
+  check_feature_map(kCbamSpatialOp, "x", x);
+  // As channel_pool: a mean over no channels is no score.
+  TORCH_CHECK(x.sym_size(1) > 0, kCbamSpatialOp,
+              ": x must have at least one channel (C >= 1), got sizes ",
+              format_sizes(x.sym_sizes()));
+  check_score_conv(kCbamSpatialOp, x, conv_weight, conv_bias);
+  const SoftNormalize mode = parse_normalize(kCbamSpatialOp, normalize);
+  check_temperature(kCbamSpatialOp, temperature);
+  return mode;
+}
+
+SoftNormalize check_cbam_spatial_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                               const at::Tensor& conv_weight,
+                                               const std::optional<at::Tensor>& conv_bias,
+                                               c10::string_view normalize, double temperature) {
+  const SoftNormalize mode =
+      check_cbam_spatial_args(x, conv_weight, conv_bias, normalize, temperature);
+  check_like(kCbamSpatialOp, "x", x, "grad_y", grad_y);
+  check_sizes(kCbamSpatialOp, "grad_y", grad_y, x.sym_sizes().vec(), "the size of x");
+  return mode;
 }
 
 void check_cbam_channel_argmax(const at::Tensor& x, const at::Tensor& channel_argmax) {
@@ -332,6 +379,14 @@ TORCH_LIBRARY_FRAGMENT(cnn_attention, m) {
       "Tensor fc2_weight, Tensor? fc2_bias, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor channel_stats, Tensor channel_argmax, str gate, str activation) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cbam_spatial(Tensor x, Tensor conv_weight, Tensor? conv_bias, "
+      "str normalize=\"sigmoid\", float temperature=1.0) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_cbam_spatial_backward(Tensor grad_y, Tensor x, Tensor conv_weight, "
+      "Tensor? conv_bias, str normalize, float temperature) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -49,5 +49,17 @@ CNN_ATTENTION_API at::Tensor cbam(
     c10::string_view gate = "sigmoid",
     c10::string_view activation = "relu");
 
+// CBAM's spatial attention in one operator (the SoftAttention module): scores = conv_weight *
+// [mean over channels of x, max over channels of x] + conv_bias (a k x ... x k convolution from
+// 2 channels to 1 with same padding, k odd), y = x * w with w = sigmoid(scores / T) or
+// P * softmax(scores / T) over the positions, as soft_attention's `normalize`. The result of
+// channel_pool, the convolution and soft_attention in turn, in fewer passes over x: the
+// forward reads x twice, the backward reads x once and grad_y twice. It shares cbam's passes.
+// See docs/design.md section 1.
+CNN_ATTENTION_API at::Tensor cbam_spatial(const at::Tensor& x, const at::Tensor& conv_weight,
+                                          const std::optional<at::Tensor>& conv_bias,
+                                          c10::string_view normalize = "sigmoid",
+                                          double temperature = 1.0);
+
 }  // namespace ops
 }  // namespace cnn_attention

@@ -349,6 +349,16 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
 
 namespace {
 
+// The gradient of the map that cbam's spatial half weights (x1, or x itself in cbam_spatial)
+// from grad_y, as PositionTerms: grad_y * w (the spatial weights), the pooled mean's gradient
+// spread over the C channels, the max's at the first channel attaining it.
+PositionTerms gradient_terms(const at::Tensor& spatial_weights, const at::Tensor& grad_pooled_map,
+                             const at::Tensor& channel_argmax, int64_t channels) {
+  return {spatial_weights,
+          (grad_pooled_map.select(1, 0) / static_cast<double>(channels)).contiguous(),
+          grad_pooled_map.select(1, 1).contiguous(), channel_argmax};
+}
+
 // What cbam's forward and backward both compute before their last passes.
 struct CbamWeights {
   ChannelStats stats;
@@ -477,12 +487,8 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y, 
   const auto [grad_pooled_map, grad_conv_weight, grad_conv_bias] =
       backend.score_conv_backward(grad_scores, w.pool.pooled, w.conv_weight, x.sizes().slice(2));
 
-  // d loss / d x1: grad_y * ws, the mean's gradient spread over the C channels, the max's at
-  // the first channel attaining it.
-  const PositionTerms grad_x1{
-      w.spatial_weights,
-      (grad_pooled_map.select(1, 0) / static_cast<double>(x.size(1))).contiguous(),
-      grad_pooled_map.select(1, 1).contiguous(), w.pool.argmax};
+  const PositionTerms grad_x1 =
+      gradient_terms(w.spatial_weights, grad_pooled_map, w.pool.argmax, x.size(1));
   const at::Tensor grad_channel_weights =
       backend.reduce_with_positions(input, grad_out, grad_x1, layout);
 
@@ -501,6 +507,120 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y, 
           grads.fc2_weight.to(fc2_weight.scalar_type()),
           grads.fc2_bias.to(fc2_weight.scalar_type()),
           grad_conv_weight.to(conv_weight.scalar_type()).contiguous(),
+          grad_conv_bias.to(conv_weight.scalar_type())};
+}
+
+// ---- cbam_spatial: cbam's spatial half alone, on x itself ----
+//
+// Forward:  pooled = weighted_channel_pool(x, 1); w = normalize(conv(pooled)); y = x * w  (3|x|)
+// Backward: the same pooling, which also sums grad_y * x over the channels (d loss / d w);
+//           the normalization's and the convolution's backward give the gradient of the pooled
+//           map; grad_x = grad_y * w + d mean / C + d max at the channel of the max   (4|x|)
+// where channel_pool, the convolution and soft_attention in turn move 3|x| and, with autograd's
+// sum of their two gradients of x, 7|x|. The channel weights of cbam's passes are all ones here
+// (a product by one is exact).
+
+namespace {
+
+struct SpatialWeights {
+  at::Tensor conv_weight;  // in the accumulation dtype
+  std::optional<at::Tensor> conv_bias;
+  at::Tensor probabilities;  // (N, 1, P) softmax(scores / T) for "softmax", else undefined
+  at::Tensor weights;        // (N, P)
+};
+
+SpatialWeights spatial_weights(const ChannelAttentionBackend& backend, const at::Tensor& pooled,
+                               const at::Tensor& conv_weight,
+                               const std::optional<at::Tensor>& conv_bias, SoftNormalize mode,
+                               double temperature, at::IntArrayRef sizes) {
+  SpatialWeights out;
+  const at::ScalarType acc = pooled.scalar_type();
+  out.conv_weight = conv_weight.to(acc);
+  if (conv_bias.has_value()) out.conv_bias = conv_bias->to(acc);
+  const at::Tensor scores = backend.score_conv(pooled, out.conv_weight, out.conv_bias, sizes);
+  if (mode == SoftNormalize::Sigmoid) {
+    out.weights = backend.sigmoid(temperature == 1.0 ? scores : scores / temperature);
+    return out;
+  }
+  // P * softmax keeps the mean weight 1, as in soft_attention.
+  const int64_t batch = scores.size(0), positions = scores.size(1);
+  out.probabilities = backend.position_softmax(scores.view({batch, 1, positions}), temperature,
+                                               Layout::ChannelsFirst);
+  out.weights = (out.probabilities * static_cast<double>(positions)).view({batch, positions});
+  return out;
+}
+
+// The channel weights of cbam's passes that leave x as it is.
+at::Tensor unit_channel_weights(const at::Tensor& x) {
+  return at::ones({x.size(0), x.size(1)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+}  // namespace
+
+at::Tensor cbam_spatial_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                const at::Tensor& conv_weight,
+                                const std::optional<at::Tensor>& conv_bias,
+                                c10::string_view normalize, double temperature) {
+  const SoftNormalize mode =
+      check_cbam_spatial_args(x, conv_weight, conv_bias, normalize, temperature);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor y = feature_map_like(x);
+  if (y.numel() == 0) return y;
+
+  const at::Tensor input = to_layout(x, layout);
+  const at::Tensor ones = unit_channel_weights(x);
+  const WeightedChannelPool pool = backend.weighted_channel_pool(input, ones, at::Tensor(), layout);
+  const SpatialWeights w = spatial_weights(backend, pool.pooled, conv_weight, conv_bias, mode,
+                                           temperature, x.sizes().slice(2));
+  backend.apply_with_positions(input, PositionTerms{w.weights}, ones, at::Tensor(), at::Tensor(),
+                               at::Tensor(), y, layout);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward(
+    const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    c10::string_view normalize, double temperature) {
+  const SoftNormalize mode =
+      check_cbam_spatial_backward_args(grad_y, x, conv_weight, conv_bias, normalize, temperature);
+  const c10::DeviceGuard device_guard(x.device());
+  const Layout layout = choose_layout(x);
+  at::Tensor grad_x = feature_map_like(x);
+  if (x.numel() == 0) {
+    // No position contributes, so the parameters get exactly zero gradient.
+    return {grad_x, at::zeros(conv_weight.sizes(), conv_weight.options()),
+            at::zeros({1}, conv_weight.options())};
+  }
+
+  const at::Tensor input = to_layout(x, layout);
+  const at::Tensor grad_out = to_layout(grad_y, layout);
+  const at::Tensor ones = unit_channel_weights(x);
+  const WeightedChannelPool pool = backend.weighted_channel_pool(input, ones, grad_out, layout);
+  const SpatialWeights w = spatial_weights(backend, pool.pooled, conv_weight, conv_bias, mode,
+                                           temperature, x.sizes().slice(2));
+
+  // pool.grad_dot is d loss / d w; through the normalization to the scores.
+  const int64_t batch = x.size(0), positions = num_positions(x);
+  at::Tensor grad_scores;
+  if (mode == SoftNormalize::Sigmoid) {
+    grad_scores = (pool.grad_dot * w.weights * (1 - w.weights)).div_(temperature);
+  } else {
+    // w = P a, so d loss / d a = P d loss / d w.
+    grad_scores =
+        backend
+            .position_softmax_backward(pool.grad_dot.view({batch, 1, positions}), w.probabilities,
+                                       temperature, Layout::ChannelsFirst)
+            .mul_(static_cast<double>(positions))
+            .view({batch, positions});
+  }
+  const auto [grad_pooled_map, grad_conv_weight, grad_conv_bias] =
+      backend.score_conv_backward(grad_scores, pool.pooled, w.conv_weight, x.sizes().slice(2));
+
+  backend.apply_with_positions(grad_out,
+                               gradient_terms(w.weights, grad_pooled_map, pool.argmax, x.size(1)),
+                               ones, at::Tensor(), at::Tensor(), at::Tensor(), grad_x, layout);
+  return {grad_x, grad_conv_weight.to(conv_weight.scalar_type()).contiguous(),
           grad_conv_bias.to(conv_weight.scalar_type())};
 }
 

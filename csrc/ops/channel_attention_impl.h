@@ -22,6 +22,7 @@
 #include "channel_attention.h"
 #include "common.h"
 #include "dispatch.h"
+#include "spatial_attention_impl.h"
 
 namespace cnn_attention {
 namespace ops {
@@ -65,6 +66,12 @@ _cbam_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& 
                const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
                const at::Tensor& channel_argmax, c10::string_view gate,
                c10::string_view activation);
+
+// Gradients (x, conv_weight, conv_bias) of cbam_spatial, recomputing its pooling and
+// scores; the bias gradient is returned even when the bias is absent.
+CNN_ATTENTION_API std::tuple<at::Tensor, at::Tensor, at::Tensor> _cbam_spatial_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view normalize, double temperature);
 
 }  // namespace detail
 
@@ -117,6 +124,15 @@ ChannelAttentionModes check_cbam_backward_args(
     const std::optional<at::Tensor>& fc2_bias, const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias, const at::Tensor& channel_stats,
     const at::Tensor& channel_argmax, c10::string_view gate, c10::string_view activation);
+// The checks of cbam_spatial and _cbam_spatial_backward: the score convolution's (as
+// cbam's), `normalize` and `temperature` (as soft_attention's).
+SoftNormalize check_cbam_spatial_args(const at::Tensor& x, const at::Tensor& conv_weight,
+                                      const std::optional<at::Tensor>& conv_bias,
+                                      c10::string_view normalize, double temperature);
+SoftNormalize check_cbam_spatial_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                               const at::Tensor& conv_weight,
+                                               const std::optional<at::Tensor>& conv_bias,
+                                               c10::string_view normalize, double temperature);
 // That the saved positions of the maxima lie in [0, P) (reads their values: not on Meta).
 void check_cbam_channel_argmax(const at::Tensor& x, const at::Tensor& channel_argmax);
 
@@ -149,7 +165,8 @@ struct PositionTerms {
 // The channel statistics of the channel-weighted map x * w (w (N, C)), which is never written.
 struct WeightedChannelPool {
   at::Tensor pooled;    // (N, 2, P) in the accumulation dtype: the mean, then the max over C
-  at::Tensor argmax;    // (N, P) int64: the first channel attaining the max
+  at::Tensor argmax;    // (N, P) int64: the first channel attaining the max; may be undefined
+                        // without grad_y (the forwards do not use it)
   at::Tensor grad_dot;  // (N, P): sum over channels of grad_y * x * w; only with grad_y
 };
 
@@ -192,6 +209,11 @@ struct ChannelAttentionBackend {
   // sigmoid of cbam's (N, P) scores and of channel_attention's and cbam's (N, C) gate logits,
   // contiguous, elementwise, the same at every thread count.
   at::Tensor (*sigmoid)(const at::Tensor& scores);
+  // cbam_spatial's softmax over the positions of its (N, 1, P) scores and its backward:
+  // those of the spatial attention backend (SpatialAttentionBackend::position_softmax).
+  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, Layout layout);
+  at::Tensor (*position_softmax_backward)(const at::Tensor& grad_p, const at::Tensor& p,
+                                          double temperature, Layout layout);
 };
 
 // cbam's passes with ATen calls (any device): for devices without their own kernels.
@@ -255,6 +277,17 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y,
               const at::Tensor& channel_argmax, c10::string_view gate,
               c10::string_view activation);
 
+// The kernels of cbam_spatial and _cbam_spatial_backward.
+at::Tensor cbam_spatial_forward(const ChannelAttentionBackend& backend, const at::Tensor& x,
+                                const at::Tensor& conv_weight,
+                                const std::optional<at::Tensor>& conv_bias,
+                                c10::string_view normalize, double temperature);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward(
+    const ChannelAttentionBackend& backend, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    c10::string_view normalize, double temperature);
+
 // The operators' kernels on one backend: TORCH_LIBRARY_IMPL(cnn_attention, CPU, m) calls
 // register_channel_attention_kernels<kCpuBackend>(m).
 template <const ChannelAttentionBackend& kBackend>
@@ -268,6 +301,8 @@ void register_channel_attention_kernels(torch::Library& m) {
   m.impl("cbam", TORCH_FN((OnBackend<cbam_result, kBackend>::kernel)));
   m.impl("_cbam_forward", TORCH_FN((OnBackend<cbam_forward, kBackend>::kernel)));
   m.impl("_cbam_backward", TORCH_FN((OnBackend<cbam_backward, kBackend>::kernel)));
+  m.impl("cbam_spatial", TORCH_FN((OnBackend<cbam_spatial_forward, kBackend>::kernel)));
+  m.impl("_cbam_spatial_backward", TORCH_FN((OnBackend<cbam_spatial_backward, kBackend>::kernel)));
 }
 
 // The modes a string argument names, or an error naming `op` (the operator or the module whose

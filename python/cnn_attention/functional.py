@@ -11,6 +11,7 @@ __all__ = [
     "channel_attention",
     "channel_gate",
     "cbam",
+    "cbam_spatial",
     "channel_pool",
     "soft_attention",
     "soft_attention_pool",
@@ -109,6 +110,34 @@ def cbam(
     return torch.ops.cnn_attention.cbam(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate, activation
     )
+
+
+def cbam_spatial(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    normalize: str = "sigmoid",
+    temperature: float = 1.0,
+) -> Tensor:
+    """CBAM's spatial attention in one operator (what ``SoftAttention`` computes).
+
+    ``scores = conv(channel_pool(x), conv_weight, conv_bias)`` (same padding), ``y =
+    soft_attention(x, scores, normalize, temperature)``, computed without writing the pooled
+    map's or the scores' gradients as x-sized maps: the forward reads ``x`` twice and writes
+    ``y`` once; the backward reads ``x`` once and the output's gradient twice and writes ``x``'s
+    gradient once.
+
+    Args:
+        x: ``(N, C, *S)`` with 1 to 3 spatial dims; any floating dtype and strides.
+        conv_weight: ``(1, 2, k, ..., k)``, one odd ``k`` per spatial dim (input channel 0 is
+            the mean over channels, 1 the max). conv_bias: ``(1,)`` or ``None``.
+        normalize, temperature: as in ``soft_attention``.
+
+    Returns:
+        ``y``, shaped and laid out like ``x``. Gradients flow to ``x``, ``conv_weight`` and
+        ``conv_bias``; the channel max sends its gradient to the first channel that attains it.
+    """
+    return torch.ops.cnn_attention.cbam_spatial(x, conv_weight, conv_bias, normalize, temperature)
 
 
 def channel_pool(x: Tensor) -> Tensor:

@@ -81,6 +81,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype)
 
 
+def _check_parameter(module: str, x: Tensor, weight: Tensor) -> None:
+    """That x is on the device of the module's parameter ``weight`` and has its dtype, for the
+    fused operators that take both (under autocast they cast all but float64 inputs themselves)."""
+    if x.device != weight.device:
+        raise ValueError(
+            module + ": x is on device " + str(x.device) + " but the module's parameters are on "
+            + str(weight.device) + "; move x or the module (module.to('" + str(x.device) + "'))"
+        )
+    if x.dtype != weight.dtype and (
+        x.dtype == torch.float64 or weight.dtype == torch.float64 or not _autocast_enabled(x.device.type)
+    ):
+        x_dtype = _dtype_name(x.dtype)
+        raise ValueError(
+            module + ": x has dtype " + x_dtype + " but the module's parameters are "
+            + _dtype_name(weight.dtype) + "; convert x or the module (module.to(" + x_dtype + "))"
+        )
+
+
 def _autocast_enabled(device_type: str) -> bool:
     if torch.jit.is_scripting():
         # TorchScript's autocast queries have crashed the process while autocast was on
@@ -216,13 +234,8 @@ class SpatialScores(nn.Module):
         self.bias = nn.Parameter(torch.empty(1))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # As nn.Conv2d initialises.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        bound = 1.0 / math.sqrt(2 * self.kernel_size**self.spatial_dims)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
+    def check_rank(self, x: Tensor) -> None:
+        """That x is a tensor (N, C, *S) with ``spatial_dims`` spatial dims."""
         if not torch.jit.is_scripting():
             _check_input(self.owner, x)
         if x.dim() != self.spatial_dims + 2:
@@ -230,6 +243,15 @@ class SpatialScores(nn.Module):
                 self.owner + ": x must be (N, C, *S) with " + str(self.spatial_dims)
                 + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
             )
+
+    def reset_parameters(self) -> None:
+        # As nn.Conv2d initialises.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(2 * self.kernel_size**self.spatial_dims)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_rank(x)
         pooled = ops.channel_pool(x)
         if x.device != self.weight.device:
             raise ValueError(
@@ -301,9 +323,12 @@ class SoftAttention(nn.Module):
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.soft_attention(
-            x, self.scores(x), self.normalize, self.temperature
-        )
+        # One operator for the whole branch: the score head's pooling and convolution and the
+        # weighting, with one gradient of x (module ``scores`` computes the scores alone).
+        scores = self.scores
+        scores.check_rank(x)
+        _check_parameter("SoftAttention", x, scores.weight)
+        return ops.cbam_spatial(x, scores.weight, scores.bias, self.normalize, self.temperature)
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize!r}, temperature={self.temperature}"
@@ -570,20 +595,7 @@ class CBAM(nn.Module):
                 + " spatial dims (spatial_dims), got " + str(x.dim()) + " dims"
             )
         for weight in (channel.fc1_weight, scores.weight):
-            if x.device != weight.device:
-                raise ValueError(
-                    "CBAM: x is on device " + str(x.device) + " but the module's parameters are on "
-                    + str(weight.device) + "; move x or the module (module.to('" + str(x.device) + "'))"
-                )
-            # Under autocast the operator casts all but float64 inputs itself.
-            if x.dtype != weight.dtype and (
-                x.dtype == torch.float64 or weight.dtype == torch.float64 or not _autocast_enabled(x.device.type)
-            ):
-                x_dtype = _dtype_name(x.dtype)
-                raise ValueError(
-                    "CBAM: x has dtype " + x_dtype + " but the module's parameters are "
-                    + _dtype_name(weight.dtype) + "; convert x or the module (module.to(" + x_dtype + "))"
-                )
+            _check_parameter("CBAM", x, weight)
         return ops.cbam(
             x, channel.fc1_weight, channel.fc1_bias, channel.fc2_weight, channel.fc2_bias,
             scores.weight, scores.bias, channel.gate, channel.activation,

@@ -32,10 +32,15 @@ def _spatial_axes(x):
     return list(range(2, len(x.shape)))
 
 
-def _position_softmax(scores):
-    """softmax over the positions of each (sample, score channel), shaped like scores."""
+def _position_softmax(scores, axes):
+    """softmax over the positions (``axes``, the spatial axes) of each (sample, score channel),
+    shaped like scores. Reductions over those axes rather than a Softmax of the map reshaped
+    to rows: the exporter folds each reshape's target shape into an initializer named after
+    the input, and two of them on one score map (a score map that two of our operators use)
+    left a node reading an initializer that was never written."""
     op = _op()
-    return op.Reshape(op.Softmax(op.Flatten(scores, axis=2), axis=1), op.Shape(scores))
+    exp = op.Exp(op.Sub(scores, op.ReduceMax(scores, axes, keepdims=1)))
+    return op.Div(exp, op.ReduceSum(exp, axes, keepdims=1))
 
 
 def _positions(scores):
@@ -101,15 +106,22 @@ def channel_pool(x):
 
 def cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate: str = "sigmoid",
          activation: str = "relu"):
-    op = _op()
     x1 = channel_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation)
-    pooled = channel_pool(x1)
-    pads = [conv_weight.shape[-1] // 2] * (2 * (len(x.shape) - 2))
+    return soft_attention(x1, _spatial_scores(x1, conv_weight, conv_bias))
+
+
+def _spatial_scores(x, conv_weight, conv_bias):
+    """conv(channel_pool(x)) with same padding: the scores of cbam and cbam_spatial."""
+    op = _op()
+    pooled = channel_pool(x)
+    pads = [conv_weight.shape[-1] // 2] * (2 * (len(conv_weight.shape) - 2))
     if conv_bias is None:
-        scores = op.Conv(pooled, conv_weight, pads=pads)
-    else:
-        scores = op.Conv(pooled, conv_weight, conv_bias, pads=pads)
-    return soft_attention(x1, scores)
+        return op.Conv(pooled, conv_weight, pads=pads)
+    return op.Conv(pooled, conv_weight, conv_bias, pads=pads)
+
+
+def cbam_spatial(x, conv_weight, conv_bias, normalize: str = "sigmoid", temperature: float = 1.0):
+    return soft_attention(x, _spatial_scores(x, conv_weight, conv_bias), normalize, temperature)
 
 
 def _cbam_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate: str = "sigmoid",
@@ -136,14 +148,15 @@ def soft_attention(x, scores, normalize: str = "sigmoid", temperature: float = 1
     if normalize == "sigmoid":
         w = op.Sigmoid(s)
     else:
-        w = op.Mul(_position_softmax(s), _positions(s))
+        w = op.Mul(_position_softmax(s, _ints(_spatial_axes(x))), _positions(s))
     return op.Mul(x, w)
 
 
 def soft_attention_pool(x, scores, temperature: float = 1.0):
     op = _op()
-    a = _position_softmax(_scaled(scores, temperature))
-    return op.ReduceSum(op.Mul(a, x), _ints(_spatial_axes(x)), keepdims=0)
+    axes = _ints(_spatial_axes(x))
+    a = _position_softmax(_scaled(scores, temperature), axes)
+    return op.ReduceSum(op.Mul(a, x), axes, keepdims=0)
 
 
 def hard_attention(x, scores, mode: str = "threshold", threshold: float = 0.5, k: int = 1,
@@ -219,6 +232,7 @@ def translation_table() -> Dict[object, object]:
         ops.channel_gate.default: channel_gate,
         ops.cbam.default: cbam,
         ops._cbam_forward.default: _cbam_forward,
+        ops.cbam_spatial.default: cbam_spatial,
         ops.channel_pool.default: channel_pool,
         ops.soft_attention.default: soft_attention,
         ops.soft_attention_pool.default: soft_attention_pool,

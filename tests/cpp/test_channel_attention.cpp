@@ -186,6 +186,49 @@ TEST(Cbam, MatchesItsStepsAndTrainsFromCpp) {
   }
 }
 
+// cbam_spatial (the SoftAttention module's operator) against its steps, channel_pool's mean
+// and max, the score convolution and the normalization, in float64 with C++ autograd; both
+// normalizations and layouts.
+TEST(CbamSpatial, MatchesItsStepsAndTrainsFromCpp) {
+  for (const bool channels_last : {false, true}) {
+    for (const std::string normalize : {"sigmoid", "softmax"}) {
+      torch::manual_seed(6);
+      auto x = torch::randn({2, 10, 6, 7}, torch::kDouble);
+      if (channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+      x.requires_grad_();
+      const auto conv_weight = torch::randn({1, 2, 5, 5}, torch::kDouble).requires_grad_();
+      const auto conv_bias = torch::randn({1}, torch::kDouble).requires_grad_();
+      const double temperature = 0.8;
+      const auto y =
+          cnn_attention::ops::cbam_spatial(x, conv_weight, conv_bias, normalize, temperature);
+      const auto pooled = torch::cat({x.mean(1, true), std::get<0>(x.max(1, true))}, 1);
+      const auto scores = torch::conv2d(pooled, conv_weight, conv_bias, 1, 2) / temperature;
+      const auto weights =
+          normalize == "sigmoid"
+              ? torch::sigmoid(scores)
+              : torch::softmax(scores.flatten(2), 2).view_as(scores) * double(6 * 7);
+      const auto expected = x * weights;
+      EXPECT_TRUE(torch::allclose(y, expected, 1e-10, 1e-12)) << normalize;
+      EXPECT_EQ(y.strides(), x.strides());
+
+      const auto grad = torch::randn_like(y);
+      const std::vector<torch::Tensor> inputs{x, conv_weight, conv_bias};
+      const auto actual = torch::autograd::grad({y}, inputs, {grad});
+      const auto wanted = torch::autograd::grad({expected}, inputs, {grad});
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        EXPECT_TRUE(torch::allclose(actual[i], wanted[i], 1e-9, 1e-11))
+            << normalize << ", gradient " << i;
+      }
+    }
+  }
+  EXPECT_EQ(error_of([] {
+              cnn_attention::ops::cbam_spatial(torch::randn({2, 8, 4, 4}), torch::randn({1, 2, 3}),
+                                               std::nullopt);
+            }),
+            "cbam_spatial: conv_weight must be (1, 2, k, k) with k odd, one k per spatial dim "
+            "of x, got (1, 2, 3)");
+}
+
 TEST(BuildInfo, NamesVersionAndTorch) {
   const std::string info = cnn_attention::build_info();
   EXPECT_NE(info.find("version=0.1.0"), std::string::npos) << info;

@@ -1013,7 +1013,7 @@ MODULES: dict[str, ModuleSpec] = {
         cnn_attention.SoftAttention,
         (("kernel_size", "size", odd_kernel), ("normalize", "str", lambda r: r.choice(("sigmoid", "softmax"))),
          ("temperature", "float", temperature), ("spatial_dims", "int", lambda r: r.choice((1, 2, 3)))),
-        ("SoftAttention", "soft_attention", "channel_pool"),
+        ("SoftAttention", "cbam_spatial"),
         valid_soft_module,
     ),
     "HardAttention": ModuleSpec(
@@ -1042,7 +1042,8 @@ MODULES: dict[str, ModuleSpec] = {
         (("channels", "size", lambda r: r.randint(1, 8)), ("reduction", "int", lambda r: r.choice((1, 2, 16))),
          ("min_hidden", "size", lambda r: r.randint(1, 4)), ("kernel_size", "size", odd_kernel),
          ("spatial_dims", "int", lambda r: r.choice((1, 2, 3)))),
-        ("CBAM", "ChannelAttention", "SoftAttention", "cbam", "channel_attention", "channel_pool", "soft_attention"),
+        ("CBAM", "ChannelAttention", "SoftAttention", "cbam", "channel_attention", "channel_pool", "soft_attention",
+         "cbam_spatial"),
         valid_cbam,
     ),
 }

@@ -138,9 +138,20 @@ def cbam_reference(
     """Channel attention (avgmax), then the score convolution of the channel pool and the
     sigmoid spatial weights, one step after the other."""
     x1 = channel_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avgmax", gate, activation)
+    return cbam_spatial_reference(x1, conv_weight, conv_bias)
+
+
+def cbam_spatial_reference(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    normalize: str = "sigmoid",
+    temperature: float = 1.0,
+) -> Tensor:
+    """The score convolution of the channel pool, then soft attention, one step after the other."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
-    scores = conv(channel_pool_reference(x1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
-    return soft_attention_reference(x1, scores, "sigmoid")
+    scores = conv(channel_pool_reference(x), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
+    return soft_attention_reference(x, scores, normalize, temperature)
 
 
 def float64_leaves(tensors: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

@@ -24,7 +24,8 @@ class TinyAttentionCNN(nn.Module):
 
 
 class TinySpatialAttentionCNN(nn.Module):
-    """Soft, hard and CBAM attention at a shallow stage and attention pooling as the head."""
+    """Soft (the module: cbam_spatial) and CBAM attention at a shallow stage, hard and softmax
+    soft attention at a deep one, and attention pooling as the head."""
 
     def __init__(self, channels: int = 8, classes: int = 10) -> None:
         super().__init__()
@@ -40,7 +41,10 @@ class TinySpatialAttentionCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cbam(self.soft_attention(self.stem(x)))
         x = self.hard_attention(self.down(x))
-        pooled = torch.ops.cnn_attention.soft_attention_pool(x, self.pool_scores(x), 1.0)
+        # One score map for a softmax soft attention and the attention pooling after it.
+        scores = self.pool_scores(x)
+        x = torch.ops.cnn_attention.soft_attention(x, scores, "softmax", 1.0)
+        pooled = torch.ops.cnn_attention.soft_attention_pool(x, scores, 1.0)
         return self.head(pooled)
 
 

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Each model and the operators it must show in an exported graph.
 MODELS = {
     "channel": (TinyAttentionCNN, {"channel_attention", "channel_pool"}),
-    "spatial": (TinySpatialAttentionCNN, {"soft_attention", "hard_attention", "soft_attention_pool", "cbam",
-                                          "channel_pool"}),
+    "spatial": (TinySpatialAttentionCNN, {"cbam_spatial", "soft_attention", "hard_attention", "soft_attention_pool",
+                                          "cbam", "channel_pool"}),
     "self": (TinySelfAttentionCNN, {"self_attention"}),
     "all": (TinyAllFamiliesCNN, {"channel_attention", "cbam", "hard_attention", "self_attention",
                                  "soft_attention_pool"}),

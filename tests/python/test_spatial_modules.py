@@ -69,15 +69,21 @@ def test_soft_attention_is_its_composition(device, spatial_dims, normalize, temp
     m = SoftAttention(kernel_size=3, normalize=normalize, temperature=temperature, spatial_dims=spatial_dims).to(device)
     x = torch.randn(SHAPES[spatial_dims], device=device, requires_grad=True)
     y = m(x)
+    # One operator for the branch, with the module's parameters and options.
+    fused = CF.cbam_spatial(x, m.scores.weight, m.scores.bias, normalize, temperature)
+    torch.testing.assert_close(y, fused, rtol=0, atol=0)
     expected = CF.soft_attention(x, scores_of(m.scores, x), normalize, temperature)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    x64 = x.detach().double()
-    assert_close(y, soft_attention_reference(x64, scores_reference(m.scores, x64), normalize, temperature), torch.float32)
+    torch.testing.assert_close(y, expected)
+    x64 = x.detach().double().requires_grad_()
+    params64 = [x64] + [p.detach().double().requires_grad_() for p in (m.scores.weight, m.scores.bias)]
+    scores64 = CONV[spatial_dims](channel_pool_reference(x64), params64[1], params64[2], padding=1)
+    expected64 = soft_attention_reference(x64, scores64, normalize, temperature)
+    assert_close(y, expected64, torch.float32)
     # Gradients reach the input and the score convolution, as through the composition.
     grad = torch.randn_like(y)
     params = [x, m.scores.weight, m.scores.bias]
-    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
-        torch.testing.assert_close(a, b)
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected64, params64, grad.double())):
+        assert_close(a, b, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -435,11 +441,11 @@ def test_input_on_another_device_than_the_parameters_raises_value_error(make, na
 
 def test_input_dtype_check_in_torchscript():
     # TorchScript's only autocast query is CUDA's: on the CPU only float64, which autocast
-    # never casts, is checked; other mismatches meet the convolution's own error.
+    # never casts, is checked; other mismatches meet the operator's own error.
     m = torch.jit.script(SoftAttention(3))
     with pytest.raises(Exception, match=r"SoftAttention: x has dtype torch.float64 but the module's parameters are torch.float32"):
         m(torch.randn(1, 2, 4, 4, dtype=torch.float64))
-    with pytest.raises(Exception, match=r"should be the same|SoftAttention: x has dtype torch.bfloat16"):
+    with pytest.raises(Exception, match=r"cbam_spatial: conv_weight must have the dtype of x \(BFloat16\)"):
         m(torch.randn(1, 2, 4, 4, dtype=torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m(torch.randn(1, 2, 4, 4)).dtype == torch.bfloat16
@@ -562,7 +568,7 @@ def test_torch_export(tmp_path):
     model, x = _model_and_input()
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    for op in ("soft_attention", "hard_attention", "cbam", "channel_pool"):
+    for op in ("cbam_spatial", "hard_attention", "cbam", "channel_pool"):
         assert f"cnn_attention.{op}.default" in targets, op
     torch.testing.assert_close(exported.module()(x), model(x))
     path = tmp_path / "model.pt2"

@@ -116,6 +116,43 @@ CBAM = (
 )
 
 
+# ---- cbam_spatial ----
+
+def cbam_spatial_call() -> Arguments:
+    return {"x": torch.randn(2, 8, 5, 5), "conv_weight": torch.randn(1, 2, 3, 3), "conv_bias": torch.randn(1),
+            "normalize": "sigmoid", "temperature": 1.0}
+
+
+CBAM_SPATIAL = _bad_temperatures("cbam_spatial") + (
+    BadCall("rank", lambda a: {**a, "x": a["x"][0, 0]},
+            r"cbam_spatial: x must be \(N, C, \*S\) with 1 to 3 spatial dims, got 2 dims with sizes \(5, 5\)"),
+    BadCall("no_channels", lambda a: {**a, "x": a["x"][:, :0]},
+            r"cbam_spatial: x must have at least one channel \(C >= 1\), got sizes \(2, 0, 5, 5\)"),
+    BadCall("int_x", lambda a: {**a, "x": a["x"].to(torch.int32)},
+            r"cbam_spatial: x must have a floating dtype \(float16, bfloat16, float32, float64\), got Int"),
+    BadCall("conv_even", replace(conv_weight=torch.randn(1, 2, 4, 4)),
+            r"cbam_spatial: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, "
+            r"got \(1, 2, 4, 4\)"),
+    BadCall("conv_rank", replace(conv_weight=torch.randn(1, 2, 3, 3, 3)),
+            r"cbam_spatial: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, "
+            r"got \(1, 2, 3, 3, 3\)"),
+    BadCall("conv_channels", replace(conv_weight=torch.randn(1, 3, 3, 3)),
+            r"cbam_spatial: conv_weight must be \(1, 2, k, k\) with k odd, one k per spatial dim of x, "
+            r"got \(1, 3, 3, 3\)"),
+    BadCall("conv_dtype", lambda a: {**a, "conv_weight": a["conv_weight"].double()},
+            r"cbam_spatial: conv_weight must have the dtype of x \(Float\), got Double"),
+    BadCall("conv_bias", replace(conv_bias=torch.randn(1, 1)),
+            r"cbam_spatial: conv_bias must be \(1,\) = \(1,\), got \(1, 1\)"),
+    BadCall("conv_bias_dtype", lambda a: {**a, "conv_bias": a["conv_bias"].bfloat16()},
+            r"cbam_spatial: conv_bias must have the dtype of x \(Float\), got BFloat16"),
+    BadCall("normalize", replace(normalize="tanh"),
+            r'cbam_spatial: normalize must be one of "sigmoid", "softmax", got "tanh"'),
+    BadCall("normalize_without_samples", empty_batch(normalize="tanh"), r"cbam_spatial: normalize must be one of"),
+    BadCall("temperature_without_samples", empty_batch(temperature=0.0),
+            r"cbam_spatial: temperature must be finite and positive, got 0"),
+)
+
+
 # ---- channel_gate ----
 
 def channel_gate_call() -> Arguments:

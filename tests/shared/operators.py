@@ -257,10 +257,17 @@ def _channel_attention_variants():
     return tuple(variants)
 
 
-def _cbam_shapes(shape, variant):
+def _score_conv_shapes(shape, variant):
     k, bias = variant["kernel_size"], variant["bias"]
-    return {**_channel_attention_shapes(shape, variant), "conv_weight": (1, 2) + (k,) * (len(shape) - 2),
-            "conv_bias": (1,) if bias else None}
+    return {"conv_weight": (1, 2) + (k,) * (len(shape) - 2), "conv_bias": (1,) if bias else None}
+
+
+def _score_conv_scale(name, shape, variant):
+    return _fan_in_scale(name, 2 * variant["kernel_size"] ** (len(shape) - 2))
+
+
+def _cbam_shapes(shape, variant):
+    return {**_channel_attention_shapes(shape, variant), **_score_conv_shapes(shape, variant)}
 
 
 def _cbam_variants():
@@ -273,6 +280,20 @@ def _cbam_variants():
             k = (3, 1, 5)[len(variants) % 3]
             variants.append({"id": f"{gate}_{activation}_k{k}" + ("" if bias else "_no_bias"), "gate": gate,
                              "activation": activation, "kernel_size": k, "bias": bias})
+    return tuple(variants)
+
+
+def _cbam_spatial_variants():
+    """normalize x temperature, with and without the bias; the score kernel cycles through 3, 1
+    and 5."""
+    variants = []
+    for normalize in ("sigmoid", "softmax"):
+        for temperature in (1.0, 0.7):
+            for bias in (True, False):
+                k = (3, 1, 5)[len(variants) % 3]
+                variants.append({"id": f"{normalize}_t{temperature}_k{k}" + ("" if bias else "_no_bias"),
+                                 "normalize": normalize, "temperature": temperature, "kernel_size": k,
+                                 "bias": bias})
     return tuple(variants)
 
 
@@ -470,9 +491,8 @@ OPS: Tuple[OpInfo, ...] = (
         resolve=lambda shape, variant: {"gate": variant["gate"], "activation": variant["activation"]},
         private_calls=_cbam_private_calls,
         aten_softmax_over_channels=True,
-        parameter_scale=lambda name, shape, variant: _fan_in_scale(
-            name, shape[1] if name == "fc1_weight" else 2 * variant["kernel_size"] ** (len(shape) - 2)
-            if name == "conv_weight" else _hidden(shape[1])),
+        parameter_scale=lambda name, shape, variant: _score_conv_scale(name, shape, variant)
+        if name == "conv_weight" else _fan_in_scale(name, shape[1] if name == "fc1_weight" else _hidden(shape[1])),
         # Parameter gradients sum over N * P terms rounded to the dtype once; x's gradient adds
         # the score head's to the channel weights'.
         tolerance_scales={"x": 2.0, "fc1_weight": 4.0, "fc1_bias": 4.0, "fc2_weight": 4.0, "fc2_bias": 4.0,
@@ -480,6 +500,25 @@ OPS: Tuple[OpInfo, ...] = (
         reference_channels=(12,),
         valid_call=bad_calls.cbam_call,
         bad_calls=bad_calls.CBAM,
+    ),
+    OpInfo(
+        name="cbam_spatial",
+        arguments=("x", "conv_weight", "conv_bias", "normalize", "temperature"),
+        tensor_shapes=lambda shape, variant: {"x": shape, **_score_conv_shapes(shape, variant)},
+        variants=_cbam_spatial_variants(),
+        reference=helpers.cbam_spatial_reference,
+        differentiable=("x", "conv_weight", "conv_bias"),
+        poison_targets=("x", "conv_weight"),
+        resolve=lambda shape, variant: {"normalize": variant["normalize"], "temperature": variant["temperature"]},
+        private_calls=lambda sample, grad: [("_cbam_spatial_backward", (
+            grad, *_plain(sample, "x", "conv_weight", "conv_bias"), *_options(sample, "normalize", "temperature")))],
+        parameter_scale=_score_conv_scale,
+        # The parameter gradients sum over N * P terms rounded to the dtype once; x's gradient
+        # adds the score head's to grad_y * w.
+        tolerance_scales={"x": 2.0, "conv_weight": 4.0, "conv_bias": 4.0},
+        reference_channels=(1, 12),
+        valid_call=bad_calls.cbam_spatial_call,
+        bad_calls=bad_calls.CBAM_SPATIAL,
     ),
     OpInfo(
         name="channel_gate",

@@ -11,7 +11,8 @@ namespace {
 // Under autocast the op runs in the lower-precision dtype, as convolutions do: the feature
 // map usually arrives in it already, the parameters (float32) are cast to it, and the
 // kernels accumulate in float32 anyway, so nothing is lost but half the bytes moved.
-// float64 inputs are left alone. channel_gate's logits and cbam's parameters follow x.
+// float64 inputs are left alone. channel_gate's logits and cbam's and cbam_spatial's
+// parameters follow x.
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor channel_attention_autocast(
     const at::Tensor& x,
@@ -67,6 +68,19 @@ at::Tensor cbam_autocast(
               cast(conv_weight), cast(conv_bias), gate, activation);
 }
 
+template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
+at::Tensor cbam_spatial_autocast(const at::Tensor& x, const at::Tensor& conv_weight,
+                                 const std::optional<at::Tensor>& conv_bias,
+                                 c10::string_view normalize, double temperature) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const at::Tensor input = at::autocast::cached_cast(
+      at::autocast::get_lower_precision_fp_from_device_type(device_type), x, device_type);
+  const at::ScalarType param_dtype = input.scalar_type();
+  return cbam_spatial(input, at::autocast::cached_cast(param_dtype, conv_weight, device_type),
+                      at::autocast::cached_cast(param_dtype, conv_bias, device_type), normalize,
+                      temperature);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
@@ -75,6 +89,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, AutocastCPU, m) {
   m.impl("channel_gate",
          TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
   m.impl("cbam", TORCH_FN((cbam_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
+  m.impl("cbam_spatial",
+         TORCH_FN((cbam_spatial_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>)));
 }
 
 TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
@@ -84,6 +100,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, AutocastCUDA, m) {
          TORCH_FN((channel_gate_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
   m.impl("cbam",
          TORCH_FN((cbam_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
+  m.impl("cbam_spatial",
+         TORCH_FN((cbam_spatial_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>)));
 }
 
 }  // namespace ops

@@ -329,6 +329,67 @@ cbam_backward_autograd(
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6]};
 }
 
+class CbamSpatialFunction : public torch::autograd::Function<CbamSpatialFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& conv_weight,
+                            const std::optional<at::Tensor>& conv_bias, c10::string_view normalize,
+                            double temperature) {
+    ctx->saved_data["normalize"] = std::string(normalize);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
+    // Only inputs are saved: the backward recomputes the pooling and the scores while it reads x.
+    ctx->save_for_backward({x, conv_weight, conv_bias.value_or(at::Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cbam_spatial(x, conv_weight, conv_bias, normalize, temperature);
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> conv_bias = ctx->saved_data["has_conv_bias"].toBool()
+                                                    ? std::optional<at::Tensor>(saved[2])
+                                                    : std::nullopt;
+    auto [grad_x, grad_conv_weight, grad_conv_bias] = detail::_cbam_spatial_backward(
+        grad_outputs[0], saved[0], saved[1], conv_bias, ctx->saved_data["normalize"].toStringRef(),
+        ctx->saved_data["temperature"].toDouble());
+    return {grad_x, grad_conv_weight, conv_bias.has_value() ? grad_conv_bias : at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+class CbamSpatialBackwardFunction : public torch::autograd::Function<CbamSpatialBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& conv_weight,
+                               const std::optional<at::Tensor>& conv_bias,
+                               c10::string_view normalize, double temperature) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c] =
+        detail::_cbam_spatial_backward(grad_y, x, conv_weight, conv_bias, normalize, temperature);
+    return {a, b, c};
+  }
+
+  static variable_list backward(AutogradContext*, const variable_list&) {
+    TORCH_CHECK(false, "cbam_spatial: double backward is not supported");
+  }
+};
+
+at::Tensor cbam_spatial_autograd(const at::Tensor& x, const at::Tensor& conv_weight,
+                                 const std::optional<at::Tensor>& conv_bias,
+                                 c10::string_view normalize, double temperature) {
+  check_defined("cbam_spatial", {{"x", x}, {"conv_weight", conv_weight}});
+  return CbamSpatialFunction::apply(x, conv_weight, conv_bias, normalize, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view normalize, double temperature) {
+  check_defined("cbam_spatial", {{"grad_y", grad_y}, {"x", x}, {"conv_weight", conv_weight}});
+  auto grads =
+      CbamSpatialBackwardFunction::apply(grad_y, x, conv_weight, conv_bias, normalize, temperature);
+  return {grads[0], grads[1], grads[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
@@ -339,6 +400,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, Autograd, m) {
   m.impl("cbam", TORCH_FN(cbam_autograd));
   m.impl("_cbam_forward", TORCH_FN(cbam_forward_autograd));
   m.impl("_cbam_backward", TORCH_FN(cbam_backward_autograd));
+  m.impl("cbam_spatial", TORCH_FN(cbam_spatial_autograd));
+  m.impl("_cbam_spatial_backward", TORCH_FN(cbam_spatial_backward_autograd));
 }
 
 }  // namespace ops

@@ -10,6 +10,7 @@
 
 #include "../channel_attention_impl.h"
 #include "gemm.h"
+#include "position_softmax.h"
 #include "vec.h"
 
 namespace cnn_attention {
@@ -433,11 +434,14 @@ struct WeightedPoolArgs {
   const opmath_t* weights;  // (N, C)
   const scalar_t* grad_y;   // may be null
   opmath_t* pooled;         // (N, 2, P)
-  int64_t* argmax;          // (N, P)
+  int64_t* argmax;          // (N, P), null without grad_y
   opmath_t* grad_dot;       // (N, P), null without grad_y
   int64_t batch, channels, positions;
 };
 
+// With grad_y (kWithGrad: the backward's pass) the argmax and the sums of grad_y * x * w too;
+// without, the mean and the max alone.
+//
 // Vectorized over positions, each position's best channel held as a number in the
 // accumulation dtype (exact below 2^24 channels; beyond that every position takes the scalar
 // path, which keeps integers), as channel_pool's backward.
@@ -447,7 +451,7 @@ struct WeightedPoolArgs {
 // infinities of both signs meet) the mean over channels is NaN too, so every score that the
 // position's maximum enters is NaN, and so is the position's gradient in every channel,
 // whichever channel the maximum's term goes to.
-template <typename scalar_t>
+template <bool kWithGrad, typename scalar_t>
 void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
@@ -482,12 +486,11 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
         for (int u = 0; u < kChannels; ++u) {
           const int64_t offset = (n * channels + first + u) * positions + p0;
           xc[u] = a.x + offset;
-          gc[u] = a.grad_y ? a.grad_y + offset : nullptr;
+          gc[u] = kWithGrad ? a.grad_y + offset : nullptr;
           w[u] = a.weights[n * channels + first + u];
           vw[u] = Vec(w[u]);
           channel[u] = Vec(static_cast<opmath_t>(first + u));
         }
-        const bool with_grad = a.grad_y != nullptr;
         int64_t j = 0;
         for (; j < vector_width; j += V::size()) {
           typename V::Chunk total, running, running_where, running_dot;
@@ -495,28 +498,34 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
             const int64_t at = j + k * kLanes;
             total[k] = Vec::loadu(sum + at);
             running[k] = Vec::loadu(best + at);
-            running_where[k] = Vec::loadu(where + at);
-            running_dot[k] = with_grad ? Vec::loadu(dot + at) : Vec(0);
+            if constexpr (kWithGrad) {
+              running_where[k] = Vec::loadu(where + at);
+              running_dot[k] = Vec::loadu(dot + at);
+            }
           }
           for (int u = 0; u < kChannels; ++u) {
             const auto chunk = V::load(xc[u] + j);
             typename V::Chunk grad;
-            if (with_grad) grad = V::load(gc[u] + j);
+            if constexpr (kWithGrad) grad = V::load(gc[u] + j);
             for (int k = 0; k < V::kVecs; ++k) {
               const Vec v = chunk[k] * vw[u];
               total[k] = total[k] + v;
               const Vec improved = v > running[k];
               running[k] = Vec::blendv(running[k], v, improved);
-              running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
-              if (with_grad) running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
+              if constexpr (kWithGrad) {
+                running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
+                running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
+              }
             }
           }
           for (int k = 0; k < V::kVecs; ++k) {
             const int64_t at = j + k * kLanes;
             total[k].store(sum + at);
             running[k].store(best + at);
-            running_where[k].store(where + at);
-            if (with_grad) running_dot[k].store(dot + at);
+            if constexpr (kWithGrad) {
+              running_where[k].store(where + at);
+              running_dot[k].store(dot + at);
+            }
           }
         }
         for (int u = 0; u < kChannels; ++u) {
@@ -527,7 +536,7 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
               best[i] = v;
               where_index[i] = first + u;
             }
-            if (with_grad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
+            if constexpr (kWithGrad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
           }
         }
       };
@@ -536,72 +545,72 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
       for (; c < channels; ++c) add_channels.template operator()<1>(c);
       opmath_t* mean_out = a.pooled + n * 2 * positions + p0;
       opmath_t* max_out = mean_out + positions;
-      int64_t* argmax_out = a.argmax + n * positions + p0;
       for (int64_t j = 0; j < width; ++j) {
         mean_out[j] = sum[j] / static_cast<opmath_t>(channels);
         max_out[j] = best[j];
-        argmax_out[j] = j < vector_width ? static_cast<int64_t>(where[j]) : where_index[j];
       }
-      if (a.grad_dot) std::copy_n(dot, width, a.grad_dot + n * positions + p0);
+      if constexpr (kWithGrad) {
+        int64_t* argmax_out = a.argmax + n * positions + p0;
+        for (int64_t j = 0; j < width; ++j) {
+          argmax_out[j] = j < vector_width ? static_cast<int64_t>(where[j]) : where_index[j];
+        }
+        std::copy_n(dot, width, a.grad_dot + n * positions + p0);
+      }
     }
   });
 }
 
-template <typename scalar_t>
+template <bool kWithGrad, typename scalar_t>
 void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
   const int64_t channels = a.channels, positions = a.positions;
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
+  alignas(64) opmath_t lane_numbers[Vec::size()];
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) lane_numbers[lane] = opmath_t(lane);
+  const Vec lane_offset = Vec::loadu(lane_numbers);
+  const Vec no_channel(std::numeric_limits<opmath_t>::infinity());
   at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t n = pixel / positions, p = pixel % positions;
       const scalar_t* xp = a.x + pixel * channels;
-      const scalar_t* gp = a.grad_y ? a.grad_y + pixel * channels : nullptr;
+      const scalar_t* gp = kWithGrad ? a.grad_y + pixel * channels : nullptr;
       const opmath_t* w = a.weights + n * channels;
       // Each lane keeps the first maximum of its channels and that channel's number (exact
       // below 2^24 channels; beyond, the scalar loop takes every channel).
       Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity()), vdot(opmath_t(0));
       Vec vwhere(opmath_t(0));
-      alignas(64) opmath_t lane_numbers[Vec::size()];
-      for (int64_t lane = 0; lane < Vec::size(); ++lane) lane_numbers[lane] = opmath_t(lane);
-      const Vec lane_offset = Vec::loadu(lane_numbers);
       const int64_t vector_channels = exact_channel_numbers ? channels / V::size() * V::size() : 0;
       int64_t c = 0;
       for (; c < vector_channels; c += V::size()) {
         const auto chunk = V::load(xp + c);
         const auto weight = V::load_opmath(w + c);
         typename V::Chunk grad;
-        if (gp) grad = V::load(gp + c);
+        if constexpr (kWithGrad) grad = V::load(gp + c);
         for (int k = 0; k < V::kVecs; ++k) {
           const Vec v = chunk[k] * weight[k];
           vsum += v;
           const Vec improved = v > vmax;
           vmax = Vec::blendv(vmax, v, improved);
-          vwhere = Vec::blendv(
-              vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())), improved);
-          if (gp) vdot = at::vec::fmadd(grad[k], v, vdot);
+          if constexpr (kWithGrad) {
+            vwhere = Vec::blendv(
+                vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())), improved);
+            vdot = at::vec::fmadd(grad[k], v, vdot);
+          }
         }
       }
       opmath_t sum = 0, best = -std::numeric_limits<opmath_t>::infinity(), dot = 0;
       int64_t where = 0;
       if (c > 0) {
         sum = lane_sum(vsum);
-        if (gp) dot = lane_sum(vdot);
-        // The lanes' maxima in channel order: the lowest channel among equal maxima wins.
-        alignas(64) opmath_t lane_best[Vec::size()], lane_where[Vec::size()];
-        vmax.store(lane_best);
-        vwhere.store(lane_where);
-        bool first = true;
-        for (int64_t lane = 0; lane < Vec::size(); ++lane) {
-          const opmath_t v = lane_best[lane];
-          const int64_t at = static_cast<int64_t>(lane_where[lane]);
-          if (first || v > best || (v == best && at < where)) {
-            best = v;
-            where = at;
-            first = false;
-          }
+        // No lane holds a NaN (`>` never takes one), so the maximum is exact; among the lanes
+        // that hold it the lowest channel wins, without a branch per lane.
+        best = lane_max(vmax);
+        if constexpr (kWithGrad) {
+          dot = lane_sum(vdot);
+          where = static_cast<int64_t>(
+              -lane_max(Vec::blendv(no_channel, vwhere, vmax == Vec(best)).neg()));
         }
       }
       for (; c < channels; ++c) {
@@ -609,14 +618,16 @@ void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
         sum += v;
         if (v > best) {
           best = v;
-          where = c;
+          if constexpr (kWithGrad) where = c;
         }
-        if (gp) dot += static_cast<opmath_t>(gp[c]) * v;
+        if constexpr (kWithGrad) dot += static_cast<opmath_t>(gp[c]) * v;
       }
       a.pooled[n * 2 * positions + p] = sum / static_cast<opmath_t>(channels);
       a.pooled[(n * 2 + 1) * positions + p] = best;
-      a.argmax[pixel] = where;
-      if (a.grad_dot) a.grad_dot[pixel] = dot;
+      if constexpr (kWithGrad) {
+        a.argmax[pixel] = where;
+        a.grad_dot[pixel] = dot;
+      }
     }
   });
 }
@@ -625,9 +636,11 @@ WeightedChannelPool weighted_channel_pool_cpu(const at::Tensor& x, const at::Ten
                                               const at::Tensor& grad_y, Layout layout) {
   const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
   const auto options = weights.options();
-  WeightedChannelPool out{at::empty({batch, 2, positions}, options),
-                          at::empty({batch, positions}, options.dtype(at::kLong))};
-  if (grad_y.defined()) out.grad_dot = at::empty({batch, positions}, options);
+  WeightedChannelPool out{at::empty({batch, 2, positions}, options)};
+  if (grad_y.defined()) {
+    out.argmax = at::empty({batch, positions}, options.dtype(at::kLong));
+    out.grad_dot = at::empty({batch, positions}, options);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_weighted_channel_pool_cpu", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
@@ -636,15 +649,17 @@ WeightedChannelPool weighted_channel_pool_cpu(const at::Tensor& x, const at::Ten
             weights.const_data_ptr<opmath_t>(),
             grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr,
             out.pooled.data_ptr<opmath_t>(),
-            out.argmax.data_ptr<int64_t>(),
+            grad_y.defined() ? out.argmax.data_ptr<int64_t>() : nullptr,
             grad_y.defined() ? out.grad_dot.data_ptr<opmath_t>() : nullptr,
             batch,
             channels,
             positions};
         if (layout == Layout::ChannelsFirst) {
-          weighted_pool_channels_first(args);
+          grad_y.defined() ? weighted_pool_channels_first<true>(args)
+                           : weighted_pool_channels_first<false>(args);
         } else {
-          weighted_pool_channels_last(args);
+          grad_y.defined() ? weighted_pool_channels_last<true>(args)
+                           : weighted_pool_channels_last<false>(args);
         }
       });
   return out;
@@ -1175,7 +1190,9 @@ constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu,
                                               reduce_with_positions_cpu,
                                               score_conv_cpu,
                                               score_conv_backward_cpu,
-                                              sigmoid_cpu};
+                                              sigmoid_cpu,
+                                              position_softmax_cpu,
+                                              position_softmax_backward_cpu};
 
 }  // namespace
 

@@ -11,6 +11,7 @@
 
 #include "../common.h"
 #include "../spatial_attention_impl.h"
+#include "position_softmax.h"
 #include "vec.h"
 #include "vector_isa.h"
 
@@ -604,6 +605,8 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
   });
 }
 
+}  // namespace
+
 at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, Layout layout) {
   const at::Tensor in = to_layout(s, layout);
   at::Tensor out = at::empty_like(in);
@@ -629,6 +632,8 @@ at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Ten
   });
   return out;
 }
+
+namespace {
 
 // ---- Softmax weights computed where they are used (score maps with C channels) ----
 //

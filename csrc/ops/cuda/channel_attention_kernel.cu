@@ -314,7 +314,9 @@ constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda,
                                                aten_reduce_with_positions,
                                                score_conv_cuda,
                                                score_conv_backward_cuda,
-                                               sigmoid_cuda};
+                                               sigmoid_cuda,
+                                               aten_position_softmax,
+                                               aten_position_softmax_backward};
 
 }  // namespace
 

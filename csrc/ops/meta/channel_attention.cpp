@@ -118,6 +118,21 @@ cbam_backward_meta(
           at::empty_symint({1}, conv_weight.options())};
 }
 
+at::Tensor cbam_spatial_forward_meta(const at::Tensor& x, const at::Tensor& conv_weight,
+                                     const std::optional<at::Tensor>& conv_bias,
+                                     c10::string_view normalize, double temperature) {
+  check_cbam_spatial_args(x, conv_weight, conv_bias, normalize, temperature);
+  return feature_map_like(x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward_meta(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, c10::string_view normalize, double temperature) {
+  check_cbam_spatial_backward_args(grad_y, x, conv_weight, conv_bias, normalize, temperature);
+  return {feature_map_like(x), at::empty_symint(conv_weight.sym_sizes(), conv_weight.options()),
+          at::empty_symint({1}, conv_weight.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_attention, Meta, m) {
@@ -128,6 +143,8 @@ TORCH_LIBRARY_IMPL(cnn_attention, Meta, m) {
   m.impl("cbam", TORCH_FN(cbam_forward_meta));
   m.impl("_cbam_forward", TORCH_FN(cbam_forward_saving_meta));
   m.impl("_cbam_backward", TORCH_FN(cbam_backward_meta));
+  m.impl("cbam_spatial", TORCH_FN(cbam_spatial_forward_meta));
+  m.impl("_cbam_spatial_backward", TORCH_FN(cbam_spatial_backward_meta));
 }
 
 }  // namespace ops
