@@ -18,8 +18,8 @@ import statistics
 import subprocess
 import sys
 
-# name -> the call, written against `ops = torch.ops.cnn_attention` and inputs made by
-# `inputs(case)` in the child; float32, 2 intra-op threads.
+# name -> the call, written against `ops = torch.ops.cnn_attention` (or a module of the
+# build's `cnn_attention`) and inputs made in the child; float32, 2 intra-op threads.
 CASES = {
     "channel_attention avgmax (8,256,56,56) fwd+bwd": ("channel", (8, 256, 56, 56), 16, "avgmax"),
     "channel_attention avg (32,2048,7,7) fwd+bwd": ("channel", (32, 2048, 7, 7), 16, "avg"),
@@ -30,6 +30,10 @@ CASES = {
     "cbam (8,2048,4,4) fwd+bwd": ("cbam", (8, 2048, 4, 4)),
     "channel_pool (8,256,56,56) fwd+bwd": ("channel_pool", (8, 256, 56, 56)),
     "channel_pool channels_last (8,256,56,56) fwd+bwd": ("channel_pool_last", (8, 256, 56, 56)),
+    "SoftAttention module (8,64,112,112) fwd": ("soft_module_fwd", (8, 64, 112, 112)),
+    "SoftAttention module (8,64,112,112) fwd+bwd": ("soft_module", (8, 64, 112, 112)),
+    "SoftAttention module channels_last (8,64,112,112) fwd+bwd": ("soft_module_last", (8, 64, 112, 112)),
+    "SoftAttention module softmax (8,64,112,112) fwd+bwd": ("soft_module_softmax", (8, 64, 112, 112)),
     "soft_attention sigmoid (8,64,112,112) fwd+bwd": ("sigmoid", (8, 64, 112, 112)),
     "soft_attention softmax (8,64,112,112) fwd+bwd": ("softmax", (8, 64, 112, 112)),
     "soft_attention_pool (8,64,112,112) fwd+bwd": ("pool", (8, 64, 112, 112)),
@@ -81,6 +85,12 @@ def call(kind, shape, *extra):
         if kind.endswith("last"):
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         run = lambda: ops.channel_pool(x)
+    elif kind.startswith("soft_module"):
+        # The module as users put it in a network (its operators differ between builds).
+        if "last" in kind:
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        module = cnn_attention.SoftAttention(7, normalize="softmax" if "softmax" in kind else "sigmoid")
+        run = lambda: module(x)
     elif kind in ("softmax", "sigmoid", "pool"):
         scores = torch.randn((n, 1) + tuple(shape[2:]), requires_grad=True)
         run = (lambda: ops.soft_attention(x, scores, kind, 1.0)) if kind != "pool" else (
