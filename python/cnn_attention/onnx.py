@@ -34,8 +34,8 @@ def _spatial_axes(x):
 
 def _position_softmax(scores, axes):
     """softmax over the positions (``axes``, the spatial axes) of each (sample, score channel),
-    shaped like scores. Reductions over those axes rather than a Softmax of the map reshaped
-    to rows: the exporter folds each reshape's target shape into an initializer named after
+    shaped like scores. Reductions over those axes rather than a Softmax of the map flattened
+    to rows: the exporter turns each Flatten into a reshape to a shape initializer named after
     the input, and two of them on one score map (a score map that two of our operators use)
     left a node reading an initializer that was never written."""
     op = _op()
@@ -166,13 +166,16 @@ def hard_attention(x, scores, mode: str = "threshold", threshold: float = 0.5, k
         keep = op.Greater(op.Sigmoid(_scaled(scores, temperature)), op.CastLike(threshold, scores))
         mask = op.CastLike(keep, x)
     else:
-        flat = op.Flatten(scores, axis=2)
+        # (N, Cs, P) by a reshape to our own constant shape: the exporter turns a Flatten into a
+        # reshape to a shape initializer named after the input, and a second one on the same
+        # score map (see _position_softmax) reads an initializer that is never written.
+        flat = op.Reshape(scores, _ints([0, 0, -1]))
         # NaN ranks as +inf; ONNX TopK puts the lower index first among equal values.
         flat = op.Where(op.IsNaN(flat), op.CastLike(float("inf"), flat), flat)
-        _, index = op.TopK(flat, _ints([k]), axis=1, largest=1, sorted=1)
+        _, index = op.TopK(flat, _ints([k]), axis=2, largest=1, sorted=1)
         ones = op.Expand(op.CastLike(1.0, x), op.Shape(index))
         zeros = op.Expand(op.CastLike(0.0, x), op.Shape(flat))
-        mask = op.Reshape(op.ScatterElements(zeros, index, ones, axis=1), op.Shape(scores))
+        mask = op.Reshape(op.ScatterElements(zeros, index, ones, axis=2), op.Shape(scores))
     return op.Mul(x, mask), mask
 
 

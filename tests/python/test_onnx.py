@@ -67,6 +67,31 @@ def test_every_option_matches_onnxruntime(tmp_path):
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
 
 
+class SharedScores(nn.Module):
+    """One score map read by every operator that takes scores: two top-k masks, softmax and
+    sigmoid soft attention and the attention pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        s = self.scores(x)
+        y, _ = torch.ops.cnn_attention.hard_attention(x, s, "topk", 0.5, 5, "sigmoid", 1.0)
+        y, _ = torch.ops.cnn_attention.hard_attention(y, s, "topk", 0.5, 3, "identity", 1.0)
+        y = torch.ops.cnn_attention.soft_attention(y, s, "softmax", 1.0)
+        y = torch.ops.cnn_attention.soft_attention(y, s, "sigmoid", 1.0)
+        return torch.ops.cnn_attention.soft_attention_pool(y, s, 1.0)
+
+
+def test_one_score_map_for_several_operators_matches_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = SharedScores().eval()
+    x = torch.randn(2, 4, 5, 6)
+    (out,) = _run_onnx(model, x, tmp_path)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
 # Every variant, 2-D and 1-D maps in turn.
 TABLE_CASES = [(op, variant, shape) for op in OPS for i, variant in enumerate(op.variants)
                for shape in [[(2, 6, 5, 7), (2, 6, 11)][i % 2]] if op.applies(shape, variant)]

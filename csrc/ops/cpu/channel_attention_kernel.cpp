@@ -471,10 +471,12 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
       const int64_t width = std::min(kPositionBlock, positions - p0);
       const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
       std::fill_n(sum, width, opmath_t(0));
-      std::fill_n(dot, width, opmath_t(0));
       std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
-      std::fill_n(where, width, opmath_t(0));
-      std::fill_n(where_index, width, int64_t(0));
+      if constexpr (kWithGrad) {
+        std::fill_n(dot, width, opmath_t(0));
+        std::fill_n(where, width, opmath_t(0));
+        std::fill_n(where_index, width, int64_t(0));
+      }
       // Channels `first` to `first + kChannels - 1` into the accumulators, in channel order for
       // every position (so any kChannels gives the same bits); several channels per load and
       // store of the accumulators.
@@ -534,7 +536,7 @@ void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
             sum[i] += v;
             if (v > best[i]) {
               best[i] = v;
-              where_index[i] = first + u;
+              if constexpr (kWithGrad) where_index[i] = first + u;
             }
             if constexpr (kWithGrad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
           }
