@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 
 namespace cnn_attention {
 namespace ops {
@@ -16,15 +17,52 @@ namespace {
 // to kRowBlock x kColumnBlock while the product has fewer than kTasksPerThread tasks per thread.
 // Larger blocks read a and b fewer times (a once per column block, b once per row block, and
 // copied by each task that packs it), smaller ones share a small product among the threads.
-// Rows are multiples of the row tiles (8 or 4), columns of the widest column tile (3 vectors)
-// for float and double.
+// Blocks are multiples of kRowUnit rows (the row tiles, 8 or 4) and kColumnUnit columns (the
+// widest column tile, 3 vectors, of float or double in either build).
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColumnBlock = 96;
 constexpr int64_t kMaxRowBlock = 4 * kRowBlock;
 constexpr int64_t kMaxColumnBlock = 4 * kColumnBlock;
 constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kRowUnit = 8;
+constexpr int64_t kColumnUnit = 48;
 
 int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
+
+// The size of `count` nearly equal blocks covering `size`, a multiple of `unit`: 392 rows in
+// blocks of at most 256 are 200 + 192, not 256 + 136, which left one thread of two idle for a
+// third of the product (at::parallel_for gives each thread a run of neighbouring tasks).
+int64_t even_block(int64_t size, int64_t count, int64_t unit) {
+  return blocks(blocks(size, count), unit) * unit;
+}
+
+// Row and column block sizes for a product of m x n outputs on `threads` threads.
+std::pair<int64_t, int64_t> task_blocks(int64_t m, int64_t n, int64_t threads) {
+  int64_t row_block = kMaxRowBlock, column_block = kMaxColumnBlock;
+  while (blocks(m, row_block) * blocks(n, column_block) < kTasksPerThread * threads &&
+         (row_block > kRowBlock || column_block > kColumnBlock)) {
+    if (column_block > kColumnBlock) {
+      column_block /= 2;
+    } else {
+      row_block /= 2;
+    }
+  }
+  row_block = even_block(m, blocks(m, row_block), kRowUnit);
+  // Of the column counts from the chosen one to threads - 1 more, the first whose tasks share
+  // best among the threads (14 tasks on 2 threads, 7 each, rather than 13: 7 and 6).
+  const int64_t row_blocks = blocks(m, row_block), first_count = blocks(n, column_block);
+  double best_share = 0;
+  for (int64_t count = first_count; count < first_count + threads; ++count) {
+    const int64_t block = even_block(n, count, kColumnUnit);
+    const int64_t tasks = row_blocks * blocks(n, block);
+    const double share = static_cast<double>(tasks) / (threads * blocks(tasks, threads));
+    if (share > best_share + 1e-9) {
+      best_share = share;
+      column_block = block;
+    }
+  }
+  return {row_block, column_block};
+}
 
 // Whether one of two 2-D tensors is stored by rows and the other by columns.
 bool transposed_to(const at::Tensor& dst, const at::Tensor& src) {
@@ -117,16 +155,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
     scalar_t* c_data = result.data_ptr<scalar_t>();
     const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
-    int64_t row_block = kMaxRowBlock, column_block = kMaxColumnBlock;
-    const int64_t enough_tasks = kTasksPerThread * at::get_num_threads();
-    while (blocks(m, row_block) * blocks(n, column_block) < enough_tasks &&
-           (row_block > kRowBlock || column_block > kColumnBlock)) {
-      if (column_block > kColumnBlock) {
-        column_block /= 2;
-      } else {
-        row_block /= 2;
-      }
-    }
+    const auto [row_block, column_block] = task_blocks(m, n, at::get_num_threads());
     const int64_t row_blocks = blocks(m, row_block), column_blocks = blocks(n, column_block);
     const int64_t task_work = row_block * column_block * std::max<int64_t>(k, 1);
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / task_work);
