@@ -70,6 +70,93 @@ struct ScaledGrad {
   scalar_t* out;                           // laid out like grad_y
 };
 
+// The vector part of one row's sweep in reduce_channels_first: the lanes' sums, maxima and
+// (kWithGrad) dot products with grad_y over the row's first `end` positions (whole vectors),
+// and (kWithOut) out = grad_y * scale there. A function of its own, with the row's options as
+// template arguments: inlined into the parallel loop's body with run-time options, GCC kept
+// the chains' accumulators on the stack, a store and a load on every add's dependency chain
+// (the pooling pass ran at a third of ATen's mean).
+template <typename scalar_t>
+struct RowLanes {
+  using Vec = typename OpmathVec<scalar_t>::Vec;
+  Vec sum, max, dot;
+  int64_t end;
+};
+
+template <typename scalar_t, bool kWithGrad, bool kWithOut>
+C10_NOINLINE RowLanes<scalar_t> reduce_row_lanes(const scalar_t* xr, const scalar_t* gr,
+                                                 scalar_t* out, at::opmath_type<scalar_t> scale,
+                                                 int64_t positions) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  // kChains independent accumulators, so the adds are not one serial dependency chain.
+  Vec vmax[kChains];
+  for (int chain = 0; chain < kChains; ++chain) {
+    vmax[chain] = Vec(-std::numeric_limits<opmath_t>::infinity());
+  }
+  Vec total_sum(opmath_t(0)), total_dot(opmath_t(0));
+  int64_t p = 0;
+  // Sums in blocks of kSumBlock positions (see common.h): rows of 2^29 positions and
+  // more (2^24 per lane) would otherwise stall.
+  while (p + kChains * V::size() <= positions) {
+    const int64_t block_end = std::min(positions, p + kSumBlock);
+    Vec vsum[kChains], vdot[kChains];
+    for (int chain = 0; chain < kChains; ++chain) {
+      vsum[chain] = Vec(opmath_t(0));
+      vdot[chain] = Vec(opmath_t(0));
+    }
+    for (; p + kChains * V::size() <= block_end; p += kChains * V::size()) {
+      for (int chain = 0; chain < kChains; ++chain) {
+        const auto chunk = V::load(xr + p + chain * V::size());
+        for (int k = 0; k < V::kVecs; ++k) {
+          vsum[chain] += chunk[k];
+          vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
+        }
+        if constexpr (kWithGrad) {
+          auto grad = V::load(gr + p + chain * V::size());
+          for (int k = 0; k < V::kVecs; ++k) {
+            vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
+          }
+          if constexpr (kWithOut) {
+            for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
+            V::store(out + p + chain * V::size(), grad);
+          }
+        }
+      }
+    }
+    for (int chain = 1; chain < kChains; ++chain) {
+      vsum[0] += vsum[chain];
+      vdot[0] += vdot[chain];
+    }
+    total_sum += vsum[0];
+    total_dot += vdot[0];
+  }
+  for (int chain = 1; chain < kChains; ++chain) {
+    vmax[0] = at::vec::maximum(vmax[0], vmax[chain]);
+  }
+  // The last vectors, fewer than the chains hold: rows of deep stages (16 or 49
+  // positions) are shorter than one round of the chains.
+  for (; p + V::size() <= positions; p += V::size()) {
+    const auto chunk = V::load(xr + p);
+    for (int k = 0; k < V::kVecs; ++k) {
+      total_sum += chunk[k];
+      vmax[0] = at::vec::maximum(vmax[0], chunk[k]);
+    }
+    if constexpr (kWithGrad) {
+      auto grad = V::load(gr + p);
+      for (int k = 0; k < V::kVecs; ++k) {
+        total_dot = at::vec::fmadd(chunk[k], grad[k], total_dot);
+      }
+      if constexpr (kWithOut) {
+        for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
+        V::store(out + p, grad);
+      }
+    }
+  }
+  return {total_sum, vmax[0], total_dot, p};
+}
+
 // (N, C, P): one task per run of (n, c) rows, each row contiguous.
 template <typename scalar_t>
 void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t rows,
@@ -77,7 +164,6 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
                            ScaledGrad<scalar_t> scaled) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
-  using Vec = typename V::Vec;
   opmath_t* mean = stats.mean.data_ptr<opmath_t>();
   opmath_t* max = stats.max.data_ptr<opmath_t>();
   opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
@@ -89,71 +175,16 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
       const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
       scalar_t* out = scaled.scale ? scaled.out + row * positions : nullptr;
       const opmath_t scale = scaled.scale ? scaled.scale[row] : opmath_t(0);
-      // kChains independent accumulators, so the adds are not one serial dependency chain.
-      Vec vmax[kChains];
-      std::fill_n(vmax, kChains, Vec(-std::numeric_limits<opmath_t>::infinity()));
-      Vec total_sum(opmath_t(0)), total_dot(opmath_t(0));
-      int64_t p = 0;
-      // Sums in blocks of kSumBlock positions (see common.h): rows of 2^29 positions and
-      // more (2^24 per lane) would otherwise stall.
-      while (p + kChains * V::size() <= positions) {
-        const int64_t block_end = std::min(positions, p + kSumBlock);
-        Vec vsum[kChains], vdot[kChains];
-        std::fill_n(vsum, kChains, Vec(opmath_t(0)));
-        std::fill_n(vdot, kChains, Vec(opmath_t(0)));
-        for (; p + kChains * V::size() <= block_end; p += kChains * V::size()) {
-          for (int chain = 0; chain < kChains; ++chain) {
-            const auto chunk = V::load(xr + p + chain * V::size());
-            for (int k = 0; k < V::kVecs; ++k) {
-              vsum[chain] += chunk[k];
-              vmax[chain] = at::vec::maximum(vmax[chain], chunk[k]);
-            }
-            if (gr) {
-              auto grad = V::load(gr + p + chain * V::size());
-              for (int k = 0; k < V::kVecs; ++k) {
-                vdot[chain] = at::vec::fmadd(chunk[k], grad[k], vdot[chain]);
-              }
-              if (out) {
-                for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
-                V::store(out + p + chain * V::size(), grad);
-              }
-            }
-          }
-        }
-        for (int chain = 1; chain < kChains; ++chain) {
-          vsum[0] += vsum[chain];
-          vdot[0] += vdot[chain];
-        }
-        total_sum += vsum[0];
-        total_dot += vdot[0];
-      }
-      for (int chain = 1; chain < kChains; ++chain) {
-        vmax[0] = at::vec::maximum(vmax[0], vmax[chain]);
-      }
-      // The last vectors, fewer than the chains hold: rows of deep stages (16 or 49
-      // positions) are shorter than one round of the chains.
-      for (; p + V::size() <= positions; p += V::size()) {
-        const auto chunk = V::load(xr + p);
-        for (int k = 0; k < V::kVecs; ++k) {
-          total_sum += chunk[k];
-          vmax[0] = at::vec::maximum(vmax[0], chunk[k]);
-        }
-        if (gr) {
-          auto grad = V::load(gr + p);
-          for (int k = 0; k < V::kVecs; ++k) {
-            total_dot = at::vec::fmadd(chunk[k], grad[k], total_dot);
-          }
-          if (out) {
-            for (int k = 0; k < V::kVecs; ++k) grad[k] = grad[k] * Vec(scale);
-            V::store(out + p, grad);
-          }
-        }
-      }
+      const RowLanes<scalar_t> lanes =
+          !gr    ? reduce_row_lanes<scalar_t, false, false>(xr, gr, out, scale, positions)
+          : !out ? reduce_row_lanes<scalar_t, true, false>(xr, gr, out, scale, positions)
+                 : reduce_row_lanes<scalar_t, true, true>(xr, gr, out, scale, positions);
+      int64_t p = lanes.end;
       // Rows shorter than a vector (1x1 maps) skip the lane reductions of vectors never used.
       const bool vectors = p > 0;
-      opmath_t sum = vectors ? lane_sum(total_sum) : opmath_t(0);
-      opmath_t best = vectors ? lane_max(vmax[0]) : -std::numeric_limits<opmath_t>::infinity();
-      opmath_t dot = vectors && gr ? lane_sum(total_dot) : opmath_t(0);
+      opmath_t sum = vectors ? lane_sum(lanes.sum) : opmath_t(0);
+      opmath_t best = vectors ? lane_max(lanes.max) : -std::numeric_limits<opmath_t>::infinity();
+      opmath_t dot = vectors && gr ? lane_sum(lanes.dot) : opmath_t(0);
       for (; p < positions; ++p) {
         const opmath_t v = static_cast<opmath_t>(xr[p]);
         sum += v;
