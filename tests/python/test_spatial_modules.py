@@ -2,6 +2,7 @@
 composition, their options and errors, every runtime (TorchScript in a fresh process,
 torch.compile, torch.export), and hard attention learning where to look."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -21,6 +22,7 @@ from helpers import (
     soft_attention_reference,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnn_attention import CBAM, HardAttention, SoftAttention, SpatialScores
 from cnn_attention import functional as CF
@@ -234,6 +236,38 @@ def test_cbam_saves_the_channel_statistics_of_x(dtype):
     assert torch.equal(stats[1], flat.amax(2))
     assert argmax[1, 3] == 2 * 5 + 4 and argmax[0, 5] == 0
     assert torch.equal(argmax, flat.argmax(2))
+
+
+class _RecordOperators(TorchDispatchMode):
+    """The names of our operators dispatched below autograd while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "cnn_attention" in str(func):
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cbam_without_a_backward_finds_no_argmax_for_one(device):
+    """Where no backward will run (no_grad, inference_mode, or nothing requires a gradient)
+    the Autograd kernel calls the forward alone, which finds no per-channel argmax; with a
+    backward to come it calls _cbam_forward, which saves the statistics. y is the same bits."""
+    m = CBAM(8, reduction=2, min_hidden=2).to(device)
+    x = torch.randn(2, 8, 5, 7, device=device)
+    with _RecordOperators() as recorded:
+        trained = m(x)
+    assert recorded.names == ["cnn_attention._cbam_forward.default"]
+    frozen = CBAM(8, reduction=2, min_hidden=2).to(device).requires_grad_(False)
+    frozen.load_state_dict(m.state_dict())
+    for context, module in [(torch.no_grad, m), (torch.inference_mode, m), (contextlib.nullcontext, frozen)]:
+        with context(), _RecordOperators() as recorded:
+            y = module(x)
+        assert recorded.names == ["cnn_attention.cbam.default"], context
+        assert not y.requires_grad and torch.equal(y, trained)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

@@ -1,4 +1,5 @@
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "../channel_attention_impl.h"
@@ -281,6 +282,15 @@ at::Tensor cbam_autograd(
                          {"fc1_weight", fc1_weight},
                          {"fc2_weight", fc2_weight},
                          {"conv_weight", conv_weight}});
+  if (!torch::autograd::compute_requires_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                              conv_weight, conv_bias)) {
+    // No backward will run (inference, or nothing requires a gradient): the forward alone,
+    // whose statistics pass finds no argmax for a backward to read (at deep stages, 16 or 49
+    // positions a channel, that search cost a quarter of the forward).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
+                activation);
+  }
   return CbamFunction::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
                              conv_bias, gate, activation);
 }
