@@ -66,6 +66,17 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                 y, mask = ops.hard_attention(xr, sr, "threshold", 0.3, 1, estimator, temperature)
                 y.backward(grad)
                 results[f"hard-{estimator}-{name}"] = (y.detach(), mask, xr.grad, sr.grad)
+            # A softmax over positions per score channel: its exponentials are the per-ISA
+            # kernel's, summed (and used) by the AVX2 code; rows of 77 positions, NaN and
+            # infinities among the scores (whole rows NaN) and saturated rows.
+            xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+            y = ops.soft_attention(xr, sr, "softmax", temperature)
+            y.backward(grad)
+            results[f"softmax-{name}"] = (y.detach(), xr.grad, sr.grad)
+            xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+            pooled = ops.soft_attention_pool(xr, sr, temperature)
+            pooled.backward(grad.sum((2, 3)))
+            results[f"pool-{name}"] = (pooled.detach(), xr.grad, sr.grad)
 
 
 def trained(name, module, x):
@@ -118,7 +129,7 @@ def test_the_avx512_builds_give_the_bits_of_the_avx2_builds(tmp_path):
     narrow = _per_isa_results(tmp_path, "avx2", dict(env, ATEN_CPU_CAPABILITY="avx2"))
     assert wide.pop("cpu_isa") == "AVX512"
     assert narrow.pop("cpu_isa") == "AVX2"
-    assert wide.keys() == narrow.keys() and len(wide) == 4 * 2 * 2 * 3 + 2 * 3
+    assert wide.keys() == narrow.keys() and len(wide) == 4 * 2 * 2 * 5 + 2 * 3
     for key in wide:
         for a, b in zip(wide[key], narrow[key]):
             assert a.dtype == b.dtype and a.stride() == b.stride(), key

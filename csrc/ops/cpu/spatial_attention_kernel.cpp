@@ -7,6 +7,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -696,6 +697,20 @@ std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(
   }
   for (; p < positions; ++p) best = cpu::nan_max(t.z(static_cast<opmath_t>(s[p])), best);
   if (positions >= V::size()) best = cpu::nan_max(cpu::lane_max(best_vec), best);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (exps != nullptr) {
+      // The exponentials, the cost of this sweep, at the widest vectors the CPU has (each is
+      // the same bits at any width), then summed here in the order of the loop below.
+      const int64_t whole = positions / V::size() * V::size();
+      CNN_ATTENTION_PER_ISA(shifted_exps)
+      (s, whole, t.temperature, t.divide, best, prefetch.data(), exps);
+      Vec sum(opmath_t(0));
+      for (p = 0; p < whole; p += V::size()) sum = sum + Vec::loadu(exps + p);
+      opmath_t tail = 0;
+      for (; p < positions; ++p) tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
+      return {best, static_cast<double>(lane_sum(sum)) + static_cast<double>(tail)};
+    }
+  }
   const Vec best_broadcast(best);
   double total = 0;
   for (int64_t block = 0; block < positions; block += kSumBlock) {

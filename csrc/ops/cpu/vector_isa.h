@@ -42,6 +42,11 @@ const char* vector_isa_name();
                                 const at::Tensor& scores, const at::Tensor& mask,                \
                                 const ElementwiseWeights& how, at::Tensor& grad_x,               \
                                 at::Tensor& grad_scores);                                        \
+  /* On the calling thread: out[i] = exp(s[i] / T - best) for i < count (exp_u20, as       */    \
+  /* ../vec.h's exp_u20_nonfinite; s / T only with `divide`), the exponentials of a row of a */  \
+  /* softmax over positions; the non-null rows of prefetch[0..2] are prefetched meanwhile.  */   \
+  void shifted_exps(const float* s, int64_t count, float temperature, bool divide, float best,   \
+                    const float* const* prefetch, float* out);                                   \
   /* One thread's fixed-order matrix product (../gemm.h), for float and double. */               \
   template <typename T>                                                                          \
   void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row, \

@@ -125,6 +125,23 @@ void scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t* x, con
 
 }  // namespace
 
+void shifted_exps(const float* s, int64_t count, float temperature, bool divide, float best,
+                  const float* const* prefetch, float* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int kPrefetchRows = 3;
+  const Vec t(temperature), b(best);
+  for (int64_t p = 0; p < count; p += Vec::size()) {
+    // A prefetch per row and vector: one per cache line at AVX-512's width.
+    for (int r = 0; r < kPrefetchRows; ++r) {
+      if (prefetch[r] != nullptr) __builtin_prefetch(prefetch[r] + p, 0, 2);
+    }
+    const int lanes = static_cast<int>(std::min<int64_t>(Vec::size(), count - p));
+    Vec z = Vec::loadu(s + p, lanes);
+    if (divide) z = z / t;
+    cpu::exp_u20_nonfinite(z - b).store(out + p, lanes);
+  }
+}
+
 void scale_by_scores(const at::Tensor& x, const at::Tensor& scores, const ElementwiseWeights& how,
                      at::Tensor& y, at::Tensor& mask) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
