@@ -286,7 +286,7 @@ at::Tensor cbam_autograd(
                                               conv_weight, conv_bias)) {
     // No backward will run (inference, or nothing requires a gradient): the forward alone,
     // whose statistics pass finds no argmax for a backward to read (at deep stages, 16 or 49
-    // positions a channel, that search cost a quarter of the forward).
+    // positions a channel, that search cost a third of the forward).
     at::AutoDispatchBelowADInplaceOrView guard;
     return cbam(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, gate,
                 activation);
