@@ -50,14 +50,16 @@ std::pair<int64_t, int64_t> task_blocks(int64_t m, int64_t n, int64_t threads) {
   row_block = even_block(m, blocks(m, row_block), kRowUnit);
   // Of the column counts from the chosen one to threads - 1 more, the first whose tasks share
   // best among the threads (14 tasks on 2 threads, 7 each, rather than 13: 7 and 6).
+  // A count's share is tasks / (threads * tasks per thread), compared as integers.
   const int64_t row_blocks = blocks(m, row_block), first_count = blocks(n, column_block);
-  double best_share = 0;
+  int64_t best_tasks = 0, best_slots = 1;
   for (int64_t count = first_count; count < first_count + threads; ++count) {
     const int64_t block = even_block(n, count, kColumnUnit);
     const int64_t tasks = row_blocks * blocks(n, block);
-    const double share = static_cast<double>(tasks) / (threads * blocks(tasks, threads));
-    if (share > best_share + 1e-9) {
-      best_share = share;
+    const int64_t slots = threads * blocks(tasks, threads);
+    if (tasks * best_slots > best_tasks * slots) {
+      best_tasks = tasks;
+      best_slots = slots;
       column_block = block;
     }
   }

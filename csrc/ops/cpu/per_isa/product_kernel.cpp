@@ -303,7 +303,7 @@ void pack_b(int64_t depth, int64_t width, const T* b, int64_t ldb, T* packed) {
       // Whole chunks by vectors: a memcpy of a size known only at run time is a `rep movs`
       // here, whose start-up cost per row made the packing a third of the product's time.
       for (int64_t l = 0; l < depth; ++l) {
-        for (int v = 0; v < 3; ++v) {
+        for (int64_t v = 0; v < kChunkColumns<T> / Vec::size(); ++v) {
           Vec::loadu(b + l * ldb + j + v * Vec::size())
               .store(packed + l * columns + v * Vec::size());
         }
