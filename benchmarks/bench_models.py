@@ -41,10 +41,19 @@ def resnet50(attn_layer=None) -> nn.Module:
     return timm.create_model("resnet50", block_args=dict(attn_layer=attn_layer) if attn_layer else None)
 
 
-def inserted(family: str, where: str, per_block: bool, size: int):
+def bottlenecks(model: nn.Module) -> list:
+    """The qualified names of the residual blocks of layer1 to layer4: where timm's own SE and
+    CBAM sit (``where="all"`` would also put a module after the stem)."""
+    return [name for name, module in model.named_modules() if isinstance(module, timm.models.resnet.Bottleneck)]
+
+
+def inserted(family: str, where, per_block: bool, size: int):
+    """`where` as ``insert`` takes it, or a callable from the model to it."""
+
     def make() -> nn.Module:
         model = resnet50()
-        cnn_attention.insert(model, family, where, torch.randn(1, 3, size, size), per_block=per_block)
+        places = where(model) if callable(where) else where
+        cnn_attention.insert(model, family, places, torch.randn(1, 3, size, size), per_block=per_block)
         return model
 
     return make
@@ -54,11 +63,11 @@ def configurations(size: int):
     """(name, where the attention is, factory)."""
     return [
         ("none", "-", resnet50),
-        ("channel (ours)", "every bottleneck, after bn3", inserted("channel", "all", True, size)),
+        ("channel (ours)", "every bottleneck, after bn3", inserted("channel", bottlenecks, True, size)),
         ("SE (timm eager)", "every bottleneck, after bn3", lambda: resnet50("se")),
-        ("cbam (ours)", "every bottleneck, after bn3", inserted("cbam", "all", True, size)),
+        ("cbam (ours)", "every bottleneck, after bn3", inserted("cbam", bottlenecks, True, size)),
         ("CBAM (timm eager)", "every bottleneck, after bn3", lambda: resnet50("cbam")),
-        ("soft (ours)", "every bottleneck, after bn3", inserted("soft", "all", True, size)),
+        ("soft (ours)", "every bottleneck, after bn3", inserted("soft", bottlenecks, True, size)),
         ("hard (ours)", "layer4's bottlenecks, after bn3", inserted("hard", "deep", True, size)),
         ("self (ours)", "after layer4 (non-local block)", inserted("self", "deep", False, size)),
     ]
@@ -207,7 +216,7 @@ def profile_table(args, x, labels):
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = inserted("cbam", "all", True, args.size)().to(args.device)
+    model = inserted("cbam", bottlenecks, True, args.size)().to(args.device)
     step, _ = timed_pair(model, x, labels)
     for _ in range(2):
         step()
