@@ -5,7 +5,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace cnn_attention {
 namespace ops {
@@ -28,6 +33,31 @@ constexpr int64_t kRowUnit = 8;
 constexpr int64_t kColumnUnit = 48;
 
 int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
+
+// The tiles of transposing copies: 8 x 8 values.
+constexpr int64_t kTileSize = 8;
+
+#if defined(CPU_CAPABILITY_AVX2)
+// d[c * ld_d + r] = s[r * ld_s + c] for an 8 x 8 tile of floats, in registers.
+inline void transpose_8x8(const float* s, int64_t ld_s, float* d, int64_t ld_d) {
+  __m256 row[8], pair[8], quad[8];
+  for (int r = 0; r < 8; ++r) row[r] = _mm256_loadu_ps(s + r * ld_s);
+  for (int r = 0; r < 8; r += 2) {
+    pair[r] = _mm256_unpacklo_ps(row[r], row[r + 1]);
+    pair[r + 1] = _mm256_unpackhi_ps(row[r], row[r + 1]);
+  }
+  for (int r = 0; r < 8; r += 4) {
+    quad[r] = _mm256_shuffle_ps(pair[r], pair[r + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[r + 1] = _mm256_shuffle_ps(pair[r], pair[r + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    quad[r + 2] = _mm256_shuffle_ps(pair[r + 1], pair[r + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[r + 3] = _mm256_shuffle_ps(pair[r + 1], pair[r + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(d + c * ld_d, _mm256_permute2f128_ps(quad[c], quad[c + 4], 0x20));
+    _mm256_storeu_ps(d + (c + 4) * ld_d, _mm256_permute2f128_ps(quad[c], quad[c + 4], 0x31));
+  }
+}
+#endif
 
 // The size of `count` nearly equal blocks covering `size`, a multiple of `unit`: 392 rows in
 // blocks of at most 256 are 200 + 192, not 256 + 136, which left one thread of two idle for a
@@ -72,35 +102,60 @@ bool transposed_to(const at::Tensor& dst, const at::Tensor& src) {
          (dst.stride(0) == 1 && src.stride(1) == 1 && dst.stride(1) != 1);
 }
 
-// dst = src (rows x cols) where one is stored by rows and the other by columns. The inner loop
-// runs along the unit stride of the one whose lines lie further apart, in blocks of kCopyBlock
-// values: the other one's values along it are then in neighbouring lines, the block's lines
-// stay in L1 for the next line of the first, and no two of them share a cache set (tiles
-// across a matrix whose lines are 8 KiB apart would put every line in one set).
+// d[c * ld_d + r] = s[r * ld_s + c] for the rows [first_row, end_row) of s (rows x cols): a
+// row-major matrix into a row-major copy of its transpose, in 8 x 8 tiles (transposed in
+// registers where the build has AVX2 and T is float; the edges one value at a time). The tiles
+// run along the lines of whichever matrix has them further apart, 8 of its lines at a time:
+// those lines are then read or written in long runs, and the other matrix's lines, nearer each
+// other, are the ones touched a few values at a time (lines a multiple of 4 KiB apart share
+// one set of L1's and would evict each other, so never more than 8 of those at once).
+template <typename T>
+void transpose_rows(const T* s, int64_t ld_s, T* d, int64_t ld_d, int64_t first_row,
+                    int64_t end_row, int64_t cols) {
+  const auto tile = [&](int64_t r0, int64_t c0) {
+    const int64_t r1 = std::min(end_row, r0 + kTileSize), c1 = std::min(cols, c0 + kTileSize);
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      if (r1 - r0 == kTileSize && c1 - c0 == kTileSize) {
+        transpose_8x8(s + r0 * ld_s + c0, ld_s, d + c0 * ld_d + r0, ld_d);
+        return;
+      }
+    }
+#endif
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = r0; r < r1; ++r) d[c * ld_d + r] = s[r * ld_s + c];
+    }
+  };
+  if (ld_d >= ld_s) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) {
+      for (int64_t r0 = first_row; r0 < end_row; r0 += kTileSize) tile(r0, c0);
+    }
+  } else {
+    for (int64_t r0 = first_row; r0 < end_row; r0 += kTileSize) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) tile(r0, c0);
+    }
+  }
+}
+
+// dst = src (rows x cols) where one is stored by rows and the other by columns: the one stored
+// by rows, or the transpose of the one stored by columns, is a row-major matrix s whose
+// transpose is the other's storage. Runs of s's rows are shared among threads where the copy
+// is large enough to pay for them.
 template <typename T>
 void transposing_copy(T* dst, int64_t dst_row, int64_t dst_col, const T* src, int64_t src_row,
                       int64_t src_col, int64_t rows, int64_t cols) {
-  constexpr int64_t kCopyBlock = 64;
-  const int64_t by_columns_ld = dst_row == 1 ? dst_col : src_col;
-  const int64_t by_rows_ld = dst_row == 1 ? src_row : dst_row;
-  const bool inner_rows = by_columns_ld >= by_rows_ld;
-  const int64_t inner_size = inner_rows ? rows : cols, outer_size = inner_rows ? cols : rows;
-  const int64_t dst_inner = inner_rows ? dst_row : dst_col,
-                dst_outer = inner_rows ? dst_col : dst_row;
-  const int64_t src_inner = inner_rows ? src_row : src_col,
-                src_outer = inner_rows ? src_col : src_row;
-  for (int64_t first = 0; first < inner_size; first += kCopyBlock) {
-    const int64_t end = std::min(inner_size, first + kCopyBlock);
-    for (int64_t o = 0; o < outer_size; ++o) {
-      T* d = dst + o * dst_outer;
-      const T* s = src + o * src_outer;
-      if (src_inner == 1) {
-        for (int64_t x = first; x < end; ++x) d[x * dst_inner] = s[x];
-      } else {
-        for (int64_t x = first; x < end; ++x) d[x] = s[x * src_inner];
-      }
-    }
-  }
+  const bool src_by_rows = src_col == 1;
+  const int64_t s_rows = src_by_rows ? rows : cols, s_cols = src_by_rows ? cols : rows;
+  const int64_t ld_s = src_by_rows ? src_row : src_col;
+  const int64_t ld_d = src_by_rows ? dst_col : dst_row;
+  // Tasks of whole tiles' rows.
+  const int64_t task_rows =
+      kTileSize *
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kTileSize * std::max<int64_t>(s_cols, 1)));
+  at::parallel_for(0, blocks(s_rows, task_rows), 1, [&](int64_t begin, int64_t end) {
+    transpose_rows(src, ld_s, dst, ld_d, begin * task_rows, std::min(s_rows, end * task_rows),
+                   s_cols);
+  });
 }
 
 }  // namespace
