@@ -48,6 +48,17 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
   at::Tensor out = at::empty({batch, rows, cols}, a.options());
   if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
+  // Channels-first tokens (each sample a transposed matrix, x's (K, M)) times a transposed
+  // weight: the samples side by side, (K, N * M), are a copy of runs of M values, and out^T =
+  // b^T @ them is one product that reads b^T (the weight) and them in place. Stacking the
+  // tokens row by row instead transposes them, and the product of a transposed weight then
+  // transposes them back (see fixed_order_matmul). Every element is the same sum either way.
+  if (!rows_stack(a) && a.stride(1) == 1 && b.stride(0) == 1 && stack_by_copy(a, b)) {
+    const at::Tensor side_by_side =
+        a.permute({2, 0, 1}).contiguous().view({a.size(2), batch * rows});
+    matmul(out.view({batch * rows, cols}).t(), b.t(), side_by_side, bias.has_value());
+    return out;
+  }
   // A column-major b (a transposed weight) is read by rows: see fixed_order_matmul.
   if (rows_stack(a) || stack_by_copy(a, b)) {
     matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,

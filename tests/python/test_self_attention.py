@@ -373,6 +373,28 @@ def test_a_sample_gets_the_same_bits_alone_or_in_a_batch(layout, channels, spati
     assert torch.equal(grad_x, torch.cat([a[1] for a in alone]))
 
 
+@pytest.mark.parametrize("channels,spatial,num_heads,kv_stride",
+                         [(2048, (4, 4), 1, 1), (256, (7, 7), 2, 1), (96, (5, 5), 1, 1), (64, (6, 6), 1, 2),
+                          (32, (12, 12), 1, 1), (32, (16, 16), 2, 2)])
+def test_both_layouts_give_the_same_bits(channels, spatial, num_heads, kv_stride):
+    """y and every gradient, bit for bit, whether x comes channels first or channels last. With
+    few tokens for their channels (the first four cases) a channels-first batch's products take
+    the samples side by side as (C, N * P) columns and transpose the (R, N * P) result, where
+    channels-last tokens are rows already; with more tokens each sample is its own product,
+    reading its tokens in place with either layout's strides. Every element is the same sum."""
+    x = torch.randn((4, channels) + spatial)
+    params = make_params(channels, channels // 8, channels, torch.float32, "cpu")
+    grad = torch.randn(x.shape)
+
+    def run(layout):
+        leaves = [in_layout(x.clone(), layout).requires_grad_(True), *[p.clone().requires_grad_(True) for p in params]]
+        y = op(*leaves, channels // 8, num_heads, kv_stride)
+        return [y.detach().contiguous(), *[g.contiguous() for g in torch.autograd.grad(y, leaves, in_layout(grad, layout))]]
+
+    for first, last in zip(run("contiguous"), run("channels_last")):
+        assert torch.equal(first, last)
+
+
 def _feature_map_copies(x, fn):
     """The copies (ATen copy_/clone/contiguous/_to_copy) `fn` makes of a feature map shaped
     like x (as many elements, as many dims): layout conversions. (A product that adds grad_y
