@@ -238,6 +238,37 @@ def test_cbam_saves_the_channel_statistics_of_x(dtype):
     assert torch.equal(argmax, flat.argmax(2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spatial", [(4, 4), (7, 7), (8, 8), (5, 13), (16, 16)])
+def test_cbam_channel_argmax_is_the_first_maximum(dtype, spatial):
+    """Each channel's saved argmax is the first position of its maximum (of its first NaN where
+    it has one), wherever that lies in the row: rows of 16, 49, 64, 65 and 256 positions (one
+    mask over the row up to 64, a branch per vector beyond), with the maximum at the start, in
+    a later vector, in the last one, in the tail past the vectors, repeated at later
+    positions, and rows with NaN."""
+    args = _cbam_forward_call(dtype)
+    positions = spatial[0] * spatial[1]
+    generator = torch.Generator().manual_seed(positions)
+    flat = torch.randn(2, 8, positions, generator=generator)
+    for channel, first in enumerate([0, 9, positions - 1, positions // 2, 17 % positions]):
+        flat[0, channel, first] = 10.0
+        flat[0, channel, first + 1:] = torch.where(torch.arange(positions - first - 1) % 3 == 0, 10.0,
+                                                   flat[0, channel, first + 1:])
+    flat[1, 0, positions - 1] = float("nan")
+    flat[1, 1, 3] = float("nan")
+    flat[1, 1, positions - 2] = float("nan")
+    flat[1, 2] = 10.0  # a row of equal values
+    x = flat.to(dtype).view((2, 8) + spatial)
+    args[0] = x
+    args[5] = torch.randn(1, 2, 3, 3, generator=generator).to(dtype)
+    _, _, argmax = torch.ops.cnn_attention._cbam_forward(*args)
+    values = x.flatten(2).double()
+    first_nan = torch.isnan(values).int().argmax(2)
+    expected = torch.where(torch.isnan(values).any(2), first_nan, values.nan_to_num(-math.inf).argmax(2))
+    assert torch.equal(argmax, expected)
+    assert argmax[0, 0] == 0 and argmax[0, 2] == positions - 1 and argmax[1, 1] == 3 and argmax[1, 2] == 0
+
+
 class _RecordOperators(TorchDispatchMode):
     """The names of our operators dispatched below autograd while the mode is on."""
 
