@@ -406,8 +406,8 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     Projection p = project(
         backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part,
         projection.has_value() ? std::optional(projection->narrow(0, first, count)) : std::nullopt);
-    const at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
-                     v = heads_of(p.kv, sizes.qk_dim, heads, dv);
+    at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
+               v = heads_of(p.kv, sizes.qk_dim, heads, dv);
     const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
     // G's part: from the recomputed heads, or from T = p^T grad_y, which also gives grad_v
     // below. Sums over the chunks in chunk order: the result depends on the shape alone. The
@@ -458,7 +458,10 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                                    .reshape({count, g.key_positions, kv_columns});
       grad_qkv.narrow(2, sizes.qk_dim, kv_columns).zero_().scatter_(1, index, grad_kv);
     }
-    p = Projection();
+    p = Projection();  // memory: with the heads' views of it, before the weight-sized products
+    q.reset();
+    k.reset();
+    v.reset();
     const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
     const at::Tensor bias_part = position_sums(backend, grad_qkv);
     grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);

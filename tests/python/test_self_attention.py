@@ -614,6 +614,35 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, size):
     assert peak <= 1.5 * qkv_out, f"peak {peak / qkv_out:.2f}x |Q| + |K| + |V| + |out|"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_small_map_backward_holds_one_sample_of_temporaries(layout):
+    """(4, 64, 8, 8), 64 positions: a sample's temporaries are 0.39x |Q| + |K| + |V| + |out|
+    and the weights' gradients 0.25x, so 1.5x cannot hold there (y and grad_x alone are 0.89x).
+    What the peak may hold, counted in values: y and grad_x (2 N P C), lse (N P) and grad_y's
+    channel sums (C), the weight-sized sums (G, C v, and the projection's weight and bias
+    gradients, R C + R), one sample's recomputed projection and its gradient (P R each) and
+    the heads' output gradient (P v), and the one partial sum of the key and value gradients
+    (P (dq + dv)) of a sample split into two blocks of queries. The recomputed projection goes
+    before the weight-gradient products (1.71x when the heads' views of it kept it alive)."""
+    batch, channels, size, qk_dim = 4, 64, 8, 8
+    positions, rows = size * size, 2 * qk_dim + channels
+    m = SelfAttention(channels)
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = in_layout(torch.randn(batch, channels, size, size), layout).requires_grad_(True)
+    grad = in_layout(torch.randn(x.shape), layout)
+    counted = (2 * batch * positions * channels + batch * positions + channels
+               + channels * channels + rows * channels + rows
+               + 2 * positions * rows + positions * channels + positions * (qk_dim + channels))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        peak = _peak_cpu_bytes(lambda: m(x).backward(grad))
+    finally:
+        torch.set_num_threads(before)
+    assert peak <= 1.01 * counted * 4, f"peak {peak / 4 / counted:.3f}x the counted values"
+
+
 def test_deep_stage_backward_holds_little_beyond_the_weight_gradients():
     """A non-local block at ResNet-50's last stage, (8, 2048, 4, 4): 128 tokens against 9.4 M
     weights, so the weights' gradients (36 MiB) are most of what forward+backward must hold.
