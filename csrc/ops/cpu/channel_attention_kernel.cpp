@@ -19,6 +19,7 @@ namespace ops {
 namespace {
 
 using cpu::grain_for;
+using cpu::InterleavedSums;
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
@@ -874,38 +875,27 @@ void reduce_with_positions_typed(const scalar_t* x, const scalar_t* grad,
         const opmath_t* rb = pb ? pb + n * positions : nullptr;
         Vec total(opmath_t(0));
         int64_t p = 0;
-        // Blocks of kSumBlock positions (see common.h), kChains accumulators in each.
-        while (p + kChains * V::size() <= positions) {
-          const int64_t block_end = std::min(positions, p + kSumBlock);
-          Vec acc[kChains];
-          std::fill_n(acc, kChains, Vec(opmath_t(0)));
-          for (; p + kChains * V::size() <= block_end; p += kChains * V::size()) {
-            for (int chain = 0; chain < kChains; ++chain) {
-              const int64_t q = p + chain * V::size();
-              const auto xs = V::load(xr + q);
-              const auto gs = V::load(gr + q);
-              for (int k = 0; k < V::kVecs; ++k) {
-                const int64_t at = q + k * Vec::size();
-                Vec t = gs[k];
-                if (rs) t = t * Vec::loadu(rs + at);
-                if (rb) t = t + Vec::loadu(rb + at);
-                acc[chain] = at::vec::fmadd(t, xs[k], acc[chain]);
-              }
-            }
-          }
-          for (int chain = 1; chain < kChains; ++chain) acc[0] += acc[chain];
-          total += acc[0];
-        }
-        for (; p + V::size() <= positions; p += V::size()) {
-          const auto xs = V::load(xr + p);
-          const auto gs = V::load(gr + p);
+        // acc plus the terms (grad * scale + shift) * x of the vector at position q.
+        const auto plus_terms = [&](int64_t q, Vec acc) {
+          const auto xs = V::load(xr + q);
+          const auto gs = V::load(gr + q);
           for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = p + k * Vec::size();
+            const int64_t at = q + k * Vec::size();
             Vec t = gs[k];
             if (rs) t = t * Vec::loadu(rs + at);
             if (rb) t = t + Vec::loadu(rb + at);
-            total = at::vec::fmadd(t, xs[k], total);
+            acc = at::vec::fmadd(t, xs[k], acc);
           }
+          return acc;
+        };
+        // Blocks of kSumBlock positions (see common.h).
+        while (p + V::size() <= positions) {
+          const int64_t block_end = std::min(positions, p + kSumBlock);
+          InterleavedSums<Vec> sums(Vec(opmath_t(0)));
+          for (; p + V::size() <= block_end; p += V::size()) {
+            sums.add([&](const Vec& sum) { return plus_terms(p, sum); });
+          }
+          total += sums.total();
         }
         opmath_t sum = p > 0 ? lane_sum(total) : opmath_t(0);
         for (; p < positions; ++p) {
@@ -1104,12 +1094,14 @@ at::Tensor score_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight,
 template <typename T>
 T fixed_order_dot(const T* a, const T* b, int64_t size) {
   using Vec = at::vec::Vectorized<T>;
-  Vec total(T(0));
+  InterleavedSums<Vec> totals(Vec(T(0)));
   int64_t i = 0;
   for (; i + Vec::size() <= size; i += Vec::size()) {
-    total = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
+    totals.add([&](const Vec& total) {
+      return at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
+    });
   }
-  T sum = i > 0 ? lane_sum(total) : T(0);
+  T sum = i > 0 ? lane_sum(totals.total()) : T(0);
   for (; i < size; ++i) sum += a[i] * b[i];
   return sum;
 }

@@ -118,6 +118,31 @@ inline T lane_sum(const at::vec::Vectorized<T>& v) {
   return total;
 }
 
+// The running sum of a row's vectors in four accumulators that take the vectors in turn (the
+// one just added to moves to the back), where one accumulator would make every add wait for
+// the one before it (a chain of dependent adds runs at their latency, not their throughput).
+// Named members, not an array: GCC keeps an array of vectors in memory, a store and a load in
+// every step. The order of the sums depends on the row's length alone.
+template <typename Vec>
+struct InterleavedSums {
+  Vec first, second, third, fourth;
+
+  explicit InterleavedSums(const Vec& zero)
+      : first(zero), second(zero), third(zero), fourth(zero) {}
+
+  // step(sum) returns sum plus the next vector's terms.
+  template <typename Step>
+  void add(const Step& step) {
+    const Vec next = step(first);
+    first = second;
+    second = third;
+    third = fourth;
+    fourth = next;
+  }
+
+  Vec total() const { return (first + second) + (third + fourth); }
+};
+
 template <typename T>
 inline T lane_max(const at::vec::Vectorized<T>& v) {
   alignas(64) T lanes[at::vec::Vectorized<T>::size()];
