@@ -36,7 +36,11 @@ CASES = {
     "SoftAttention module softmax (8,64,112,112) fwd+bwd": ("soft_module_softmax", (8, 64, 112, 112)),
     "soft_attention sigmoid (8,64,112,112) fwd+bwd": ("sigmoid", (8, 64, 112, 112)),
     "soft_attention softmax (8,64,112,112) fwd+bwd": ("softmax", (8, 64, 112, 112)),
+    "soft_attention_pool (8,64,112,112) fwd": ("pool_fwd", (8, 64, 112, 112)),
     "soft_attention_pool (8,64,112,112) fwd+bwd": ("pool", (8, 64, 112, 112)),
+    "soft_attention softmax C scores (8,64,112,112) fwd+bwd": ("softmax_c", (8, 64, 112, 112)),
+    "soft_attention_pool C scores (8,64,112,112) fwd": ("pool_c_fwd", (8, 64, 112, 112)),
+    "soft_attention_pool C scores (8,64,112,112) fwd+bwd": ("pool_c", (8, 64, 112, 112)),
     "self_attention qk 8 v 64 (4,64,8,8) fwd+bwd": ("self", (4, 64, 8, 8), 8),
     "self_attention qk 8 v 64 (4,64,16,16) fwd": ("self_fwd", (4, 64, 16, 16), 8),
     "self_attention qk 8 v 64 (4,64,16,16) fwd+bwd": ("self", (4, 64, 16, 16), 8),
@@ -91,9 +95,11 @@ def call(kind, shape, *extra):
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         module = cnn_attention.SoftAttention(7, normalize="softmax" if "softmax" in kind else "sigmoid")
         run = lambda: module(x)
-    elif kind in ("softmax", "sigmoid", "pool"):
-        scores = torch.randn((n, 1) + tuple(shape[2:]), requires_grad=True)
-        run = (lambda: ops.soft_attention(x, scores, kind, 1.0)) if kind != "pool" else (
+    elif kind.split("_")[0] in ("softmax", "sigmoid", "pool"):
+        # "_c": a score channel per channel of x.
+        normalize = kind.split("_")[0]
+        scores = torch.randn((n, c if "_c" in kind else 1) + tuple(shape[2:]), requires_grad=True)
+        run = (lambda: ops.soft_attention(x, scores, normalize, 1.0)) if normalize != "pool" else (
             lambda: ops.soft_attention_pool(x, scores, 1.0))
     else:
         qk, v = extra[0], c
