@@ -19,7 +19,7 @@ namespace ops {
 namespace {
 
 using cpu::grain_for;
-using cpu::InterleavedSums;
+using cpu::interleaved_sum;
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
@@ -890,12 +890,11 @@ void reduce_with_positions_typed(const scalar_t* x, const scalar_t* grad,
         };
         // Blocks of kSumBlock positions (see common.h).
         while (p + V::size() <= positions) {
-          const int64_t block_end = std::min(positions, p + kSumBlock);
-          InterleavedSums<Vec> sums(Vec(opmath_t(0)));
-          for (; p + V::size() <= block_end; p += V::size()) {
-            sums.add([&](const Vec& sum) { return plus_terms(p, sum); });
-          }
-          total += sums.total();
+          const int64_t vectors = (std::min(positions, p + kSumBlock) - p) / V::size();
+          total += interleaved_sum(vectors, Vec(opmath_t(0)), [&](int64_t i, const Vec& sum) {
+            return plus_terms(p + i * V::size(), sum);
+          });
+          p += vectors * V::size();
         }
         opmath_t sum = p > 0 ? lane_sum(total) : opmath_t(0);
         for (; p < positions; ++p) {
@@ -1094,14 +1093,13 @@ at::Tensor score_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight,
 template <typename T>
 T fixed_order_dot(const T* a, const T* b, int64_t size) {
   using Vec = at::vec::Vectorized<T>;
-  InterleavedSums<Vec> totals(Vec(T(0)));
-  int64_t i = 0;
-  for (; i + Vec::size() <= size; i += Vec::size()) {
-    totals.add([&](const Vec& total) {
-      return at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
-    });
-  }
-  T sum = i > 0 ? lane_sum(totals.total()) : T(0);
+  const int64_t vectors = size / Vec::size();
+  const Vec total = interleaved_sum(vectors, Vec(T(0)), [&](int64_t k, const Vec& partial) {
+    return at::vec::fmadd(Vec::loadu(a + k * Vec::size()), Vec::loadu(b + k * Vec::size()),
+                          partial);
+  });
+  int64_t i = vectors * Vec::size();
+  T sum = i > 0 ? lane_sum(total) : T(0);
   for (; i < size; ++i) sum += a[i] * b[i];
   return sum;
 }

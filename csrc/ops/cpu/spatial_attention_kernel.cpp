@@ -22,7 +22,7 @@ namespace ops {
 namespace {
 
 using cpu::grain_for;
-using cpu::InterleavedSums;
+using cpu::interleaved_sum;
 using cpu::lane_sum;
 using cpu::load_partial;
 using cpu::OpmathVec;
@@ -122,20 +122,21 @@ opmath_t scale_backward_shared_row(const scalar_t* g, const scalar_t* x, opmath_
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   const Vec wv(w);
-  InterleavedSums<Vec> dots(Vec(opmath_t(0)));
-  int64_t j = 0;
-  for (; j + V::size() <= len; j += V::size()) {
+  const int64_t vectors = len / V::size();
+  const Vec dots = interleaved_sum(vectors, Vec(opmath_t(0)), [&](int64_t i, Vec dot) {
+    const int64_t j = i * V::size();
     const auto gs = V::load(g + j);
     const auto xs = V::load(x + j);
     typename V::Chunk gx;
-    for (int k = 0; k < V::kVecs; ++k) gx[k] = gs[k] * wv;
-    dots.add([&](Vec dot) {
-      for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(gs[k], xs[k], dot);
-      return dot;
-    });
+    for (int k = 0; k < V::kVecs; ++k) {
+      gx[k] = gs[k] * wv;
+      dot = at::vec::fmadd(gs[k], xs[k], dot);
+    }
     V::store(grad_x + j, gx);
-  }
-  opmath_t total = lane_sum(dots.total());
+    return dot;
+  });
+  int64_t j = vectors * V::size();
+  opmath_t total = lane_sum(dots);
   for (; j < len; ++j) {
     const opmath_t gj = static_cast<opmath_t>(g[j]);
     grad_x[j] = static_cast<scalar_t>(gj * w);
@@ -265,17 +266,14 @@ void pool_typed(const scalar_t* x, Rows xr, const at::opmath_type<scalar_t>* w, 
         Vec dot_total(opmath_t(0));
         int64_t j = 0;
         while (j + V::size() <= P) {
-          const int64_t block_end = std::min(P, j + kSumBlock);
-          InterleavedSums<Vec> dots(Vec(opmath_t(0)));
-          for (; j + V::size() <= block_end; j += V::size()) {
-            const auto xs = V::load(x_row + j);
-            const auto ws = V::load_opmath(w_row + j);
-            dots.add([&](Vec dot) {
-              for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(xs[k], ws[k], dot);
-              return dot;
-            });
-          }
-          dot_total += dots.total();
+          const int64_t vectors = (std::min(P, j + kSumBlock) - j) / V::size();
+          dot_total += interleaved_sum(vectors, Vec(opmath_t(0)), [&](int64_t i, Vec dot) {
+            const auto xs = V::load(x_row + j + i * V::size());
+            const auto ws = V::load_opmath(w_row + j + i * V::size());
+            for (int k = 0; k < V::kVecs; ++k) dot = at::vec::fmadd(xs[k], ws[k], dot);
+            return dot;
+          });
+          j += vectors * V::size();
         }
         opmath_t total = lane_sum(dot_total);
         for (; j < P; ++j) total += static_cast<opmath_t>(x_row[j]) * w_row[j];
@@ -465,14 +463,13 @@ void blocked_sums(int64_t positions, int64_t lanes, const VecAt& vec_at, const S
   for (int64_t block = 0; block < positions; block += kSumBlock) {
     const int64_t block_end = std::min(positions, block + kSumBlock);
     if (lanes == 0) {
-      InterleavedSums<Vec> sums(Vec(T(0)));
-      int64_t p = block;
-      for (; p + Vec::size() <= block_end; p += Vec::size()) {
-        sums.add([&](const Vec& sum) { return sum + vec_at(p); });
-      }
+      const int64_t vectors = (block_end - block) / Vec::size();
+      const Vec sum = interleaved_sum(vectors, Vec(T(0)), [&](int64_t i, const Vec& partial) {
+        return partial + vec_at(block + i * Vec::size());
+      });
       T tail = 0;
-      for (; p < block_end; ++p) tail += scalar_at(p);
-      totals[0] += static_cast<double>(lane_sum(sums.total())) + static_cast<double>(tail);
+      for (int64_t p = block + vectors * Vec::size(); p < block_end; ++p) tail += scalar_at(p);
+      totals[0] += static_cast<double>(lane_sum(sum)) + static_cast<double>(tail);
     } else {
       Vec sum(T(0));
       for (int64_t p = block; p < block_end; ++p) sum = sum + vec_at(p);
@@ -712,37 +709,40 @@ std::pair<at::opmath_type<scalar_t>, double> row_softmax_stats(
       const int64_t whole = positions / V::size() * V::size();
       CNN_ATTENTION_PER_ISA(shifted_exps)
       (s, whole, t.temperature, t.divide, best, prefetch.data(), exps);
-      InterleavedSums<Vec> sums(Vec(opmath_t(0)));
-      for (p = 0; p < whole; p += V::size()) {
-        sums.add([&](const Vec& sum) { return sum + Vec::loadu(exps + p); });
-      }
+      const Vec sum =
+          interleaved_sum(whole / V::size(), Vec(opmath_t(0)), [&](int64_t i, const Vec& partial) {
+            return partial + Vec::loadu(exps + i * V::size());
+          });
       opmath_t tail = 0;
-      for (; p < positions; ++p) tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
-      return {best, static_cast<double>(lane_sum(sums.total())) + static_cast<double>(tail)};
+      for (p = whole; p < positions; ++p) {
+        tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
+      }
+      return {best, static_cast<double>(lane_sum(sum)) + static_cast<double>(tail)};
     }
   }
   const Vec best_broadcast(best);
   double total = 0;
   for (int64_t block = 0; block < positions; block += kSumBlock) {
     const int64_t block_end = std::min(positions, block + kSumBlock);
-    InterleavedSums<Vec> sums(Vec(opmath_t(0)));
-    opmath_t tail = 0;
-    for (p = block; p + V::size() <= block_end; p += V::size()) {
-      const auto chunk = V::load(s + p);
+    const int64_t vectors = (block_end - block) / V::size();
+    const Vec sum = interleaved_sum(vectors, Vec(opmath_t(0)), [&](int64_t i, Vec partial) {
+      const int64_t q = block + i * V::size();
+      const auto chunk = V::load(s + q);
       for (const scalar_t* row : prefetch) {
-        if (row != nullptr) __builtin_prefetch(row + p, 0, 2);
+        if (row != nullptr) __builtin_prefetch(row + q, 0, 2);
       }
-      sums.add([&](Vec sum) {
-        for (int k = 0; k < V::kVecs; ++k) {
-          const Vec e = t.shifted_exp(chunk[k], best_broadcast);
-          if (exps != nullptr) e.store(exps + p + k * Vec::size());
-          sum = sum + e;
-        }
-        return sum;
-      });
+      for (int k = 0; k < V::kVecs; ++k) {
+        const Vec e = t.shifted_exp(chunk[k], best_broadcast);
+        if (exps != nullptr) e.store(exps + q + k * Vec::size());
+        partial = partial + e;
+      }
+      return partial;
+    });
+    opmath_t tail = 0;
+    for (p = block + vectors * V::size(); p < block_end; ++p) {
+      tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
     }
-    for (; p < block_end; ++p) tail += std::exp(t.z(static_cast<opmath_t>(s[p])) - best);
-    total += static_cast<double>(lane_sum(sums.total())) + static_cast<double>(tail);
+    total += static_cast<double>(lane_sum(sum)) + static_cast<double>(tail);
   }
   return {best, total};
 }
@@ -961,19 +961,16 @@ double row_weighted_sum(const scalar_t* s, int64_t positions, const SoftmaxTerms
   using V = OpmathVec<scalar_t>;
   using Vec = typename V::Vec;
   double total = 0;
-  InterleavedSums<Vec> sums(Vec(at::opmath_type<scalar_t>(0)));
+  Vec sum(at::opmath_type<scalar_t>(0));
   for_row_weights(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count, const auto& w) {
     const auto v = values(p, count);
-    sums.add([&](Vec sum) {
-      for (int k = 0; k < V::kVecs; ++k) sum = at::vec::fmadd(v[k], w[k], sum);
-      return sum;
-    });
+    for (int k = 0; k < V::kVecs; ++k) sum = at::vec::fmadd(v[k], w[k], sum);
     if ((p + V::size()) % kSumBlock == 0) {
-      total += static_cast<double>(lane_sum(sums.total()));
-      sums = InterleavedSums<Vec>(Vec(at::opmath_type<scalar_t>(0)));
+      total += static_cast<double>(lane_sum(sum));
+      sum = Vec(at::opmath_type<scalar_t>(0));
     }
   });
-  return total + static_cast<double>(lane_sum(sums.total()));
+  return total + static_cast<double>(lane_sum(sum));
 }
 
 // Channels last: for each (sample, channel), the mean over positions of values(n, offset, c,

@@ -118,30 +118,26 @@ inline T lane_sum(const at::vec::Vectorized<T>& v) {
   return total;
 }
 
-// The running sum of a row's vectors in four accumulators that take the vectors in turn (the
-// one just added to moves to the back), where one accumulator would make every add wait for
-// the one before it (a chain of dependent adds runs at their latency, not their throughput).
-// Named members, not an array: GCC keeps an array of vectors in memory, a store and a load in
-// every step. The order of the sums depends on the row's length alone.
-template <typename Vec>
-struct InterleavedSums {
-  Vec first, second, third, fourth;
-
-  explicit InterleavedSums(const Vec& zero)
-      : first(zero), second(zero), third(zero), fourth(zero) {}
-
-  // step(sum) returns sum plus the next vector's terms.
-  template <typename Step>
-  void add(const Step& step) {
-    const Vec next = step(first);
-    first = second;
-    second = third;
-    third = fourth;
-    fourth = next;
+// The sum over a row's `count` vectors of their terms, step(k, sum) returning sum plus the
+// terms of vector k, in four accumulators that take the vectors in turn (vectors k, k + 4,
+// ... in one), where one accumulator would make every add wait for the one before it (a chain
+// of dependent adds runs at their latency, not their throughput). The loop is unrolled by
+// hand into named accumulators: GCC keeps an array of vectors in memory (a store and a load
+// in every step), and accumulators moved round in a rolled loop put register moves on the
+// chains. The order of the sums depends on `count` alone.
+template <typename Vec, typename Step>
+Vec interleaved_sum(int64_t count, const Vec& zero, const Step& step) {
+  Vec first = zero, second = zero, third = zero, fourth = zero;
+  int64_t k = 0;
+  for (; k + 4 <= count; k += 4) {
+    first = step(k, first);
+    second = step(k + 1, second);
+    third = step(k + 2, third);
+    fourth = step(k + 3, fourth);
   }
-
-  Vec total() const { return (first + second) + (third + fourth); }
-};
+  for (; k < count; ++k) first = step(k, first);
+  return (first + second) + (third + fourth);
+}
 
 template <typename T>
 inline T lane_max(const at::vec::Vectorized<T>& v) {
