@@ -102,41 +102,6 @@ bool transposed_to(const at::Tensor& dst, const at::Tensor& src) {
          (dst.stride(0) == 1 && src.stride(1) == 1 && dst.stride(1) != 1);
 }
 
-// d[c * ld_d + r] = s[r * ld_s + c] for the rows [first_row, end_row) of s (rows x cols): a
-// row-major matrix into a row-major copy of its transpose, in 8 x 8 tiles (transposed in
-// registers where the build has AVX2 and T is float; the edges one value at a time). The tiles
-// run along the lines of whichever matrix has them further apart, 8 of its lines at a time:
-// those lines are then read or written in long runs, and the other matrix's lines, nearer each
-// other, are the ones touched a few values at a time (lines a multiple of 4 KiB apart share
-// one set of L1's and would evict each other, so never more than 8 of those at once).
-template <typename T>
-void transpose_rows(const T* s, int64_t ld_s, T* d, int64_t ld_d, int64_t first_row,
-                    int64_t end_row, int64_t cols) {
-  const auto tile = [&](int64_t r0, int64_t c0) {
-    const int64_t r1 = std::min(end_row, r0 + kTileSize), c1 = std::min(cols, c0 + kTileSize);
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, float>) {
-      if (r1 - r0 == kTileSize && c1 - c0 == kTileSize) {
-        transpose_8x8(s + r0 * ld_s + c0, ld_s, d + c0 * ld_d + r0, ld_d);
-        return;
-      }
-    }
-#endif
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t r = r0; r < r1; ++r) d[c * ld_d + r] = s[r * ld_s + c];
-    }
-  };
-  if (ld_d >= ld_s) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) {
-      for (int64_t r0 = first_row; r0 < end_row; r0 += kTileSize) tile(r0, c0);
-    }
-  } else {
-    for (int64_t r0 = first_row; r0 < end_row; r0 += kTileSize) {
-      for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) tile(r0, c0);
-    }
-  }
-}
-
 // dst = src (rows x cols) where one is stored by rows and the other by columns: the one stored
 // by rows, or the transpose of the one stored by columns, is a row-major matrix s whose
 // transpose is the other's storage. Runs of s's rows are shared among threads where the copy
@@ -153,12 +118,52 @@ void transposing_copy(T* dst, int64_t dst_row, int64_t dst_col, const T* src, in
       kTileSize *
       std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kTileSize * std::max<int64_t>(s_cols, 1)));
   at::parallel_for(0, blocks(s_rows, task_rows), 1, [&](int64_t begin, int64_t end) {
-    transpose_rows(src, ld_s, dst, ld_d, begin * task_rows, std::min(s_rows, end * task_rows),
-                   s_cols);
+    const int64_t first = begin * task_rows;
+    transpose_rows(src + first * ld_s, ld_s, std::min(s_rows, end * task_rows) - first, s_cols,
+                   dst + first, ld_d);
   });
 }
 
 }  // namespace
+
+template <typename T>
+void transpose_rows(const T* in, int64_t ld, int64_t rows, int64_t cols, T* out, int64_t ld_out) {
+  const auto tile = [&](int64_t r0, int64_t c0) {
+    const int64_t r1 = std::min(rows, r0 + kTileSize), c1 = std::min(cols, c0 + kTileSize);
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      if (r1 - r0 == kTileSize && c1 - c0 == kTileSize) {
+        transpose_8x8(in + r0 * ld + c0, ld, out + c0 * ld_out + r0, ld_out);
+        return;
+      }
+    }
+#endif
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = r0; r < r1; ++r) out[c * ld_out + r] = in[r * ld + c];
+    }
+  };
+  // The tiles run along the lines of whichever matrix has them further apart, 8 of its lines
+  // at a time: those lines are then read or written in long runs, and the other matrix's
+  // lines, nearer each other, are the ones touched a few values at a time (lines a multiple of
+  // 4 KiB apart share one set of L1's and would evict each other, so never more than 8 of
+  // those at once).
+  if (ld_out >= ld) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kTileSize) tile(r0, c0);
+    }
+  } else {
+    for (int64_t r0 = 0; r0 < rows; r0 += kTileSize) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kTileSize) tile(r0, c0);
+    }
+  }
+}
+
+template void transpose_rows<float>(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+template void transpose_rows<double>(const double*, int64_t, int64_t, int64_t, double*, int64_t);
+template void transpose_rows<c10::Half>(const c10::Half*, int64_t, int64_t, int64_t, c10::Half*,
+                                        int64_t);
+template void transpose_rows<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int64_t,
+                                            c10::BFloat16*, int64_t);
 
 void copy_matrix(const at::Tensor& dst, const at::Tensor& src) {
   if (dst.scalar_type() != src.scalar_type() || !at::isFloatingType(dst.scalar_type()) ||

@@ -41,6 +41,13 @@ inline void block_product(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
 void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool accumulate);
 
+// out (cols x rows, leading dim ld_out) = the transpose of `rows` rows of `cols` values (leading
+// dim ld), on the calling thread, in 8 x 8 tiles (transposed in registers for float): the
+// transposing copies of copy_matrix, and the key and value blocks self attention's kernels
+// read by columns. float, double, Half and BFloat16.
+template <typename T>
+void transpose_rows(const T* in, int64_t ld, int64_t rows, int64_t cols, T* out, int64_t ld_out);
+
 // dst.copy_(src) for 2-D CPU tensors of one shape; where one is stored by rows and the other by
 // columns (and they share a floating dtype), by a transposing copy of ours in 8 x 8 tiles, shared
 // among threads where it is large: ATen's transposing copy takes about 1 ns per value (35 us for

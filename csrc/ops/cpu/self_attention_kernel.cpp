@@ -24,6 +24,7 @@ using cpu::block_product;
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
+using cpu::transpose_rows;
 
 // Attention in blocks of query and key rows with an online softmax (flash attention): a
 // (kQueryBlock x kKeyBlock) block of scores lives in a per-thread buffer (128 KiB in
@@ -57,23 +58,6 @@ BlockGroups group_blocks(int64_t blocks, int64_t batch_heads) {
       std::max<int64_t>(1, std::min(blocks, (kMinBackwardTasks + batch_heads - 1) / batch_heads));
   const int64_t per_group = std::max<int64_t>(1, (blocks + wanted - 1) / wanted);
   return {(blocks + per_group - 1) / per_group, per_group};
-}
-
-// out (width x rows, leading dim ld_out) = the transpose of `rows` rows of `width` values
-// (leading dim ld): a key or value block as b operand of a product with its transpose.
-// In tiles of kTile x kTile values, so that the lines a tile reads and writes stay in L1.
-template <typename T>
-void transpose_rows(const T* in, int64_t ld, int64_t rows, int64_t width, T* out, int64_t ld_out) {
-  constexpr int64_t kTile = 16;
-  for (int64_t j0 = 0; j0 < rows; j0 += kTile) {
-    const int64_t j_end = std::min(rows, j0 + kTile);
-    for (int64_t c0 = 0; c0 < width; c0 += kTile) {
-      const int64_t c_end = std::min(width, c0 + kTile);
-      for (int64_t c = c0; c < c_end; ++c) {
-        for (int64_t j = j0; j < j_end; ++j) out[c * ld_out + j] = in[j * ld + c];
-      }
-    }
-  }
 }
 
 // Strides of a (N, H, rows, d) view with a unit last stride, and its data.
