@@ -973,6 +973,69 @@ double row_weighted_sum(const scalar_t* s, int64_t positions, const SoftmaxTerms
   return total + static_cast<double>(lane_sum(sum));
 }
 
+// Channels first: y = x * w along one row, w from the row's softmax statistics. Like
+// softmax_row_backward, the row's pointers are the function's own values.
+template <typename scalar_t>
+void softmax_row_scale(const scalar_t* s, const scalar_t* x, int64_t positions,
+                       const SoftmaxTerms<scalar_t> t, at::opmath_type<scalar_t> best,
+                       at::opmath_type<scalar_t> scale, const at::opmath_type<scalar_t>* exps,
+                       scalar_t* y) {
+  using V = OpmathVec<scalar_t>;
+  for_row_weights(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count, const auto& w) {
+    auto values = load_partial(x + p, count);
+    for (int k = 0; k < V::kVecs; ++k) values[k] = values[k] * w[k];
+    store_partial(y + p, values, count);
+  });
+}
+
+// Channels first: grad_x and grad_s of one row (see softmax_scale_by_scores_backward_typed) from
+// its softmax statistics. `grad` is the row's gradient, or null where every position's is
+// `pooled_grad`. The row's pointers and flags are this function's own values: reached through
+// references into the caller's frame, they were loaded again after every vector store (a
+// vector store may alias anything).
+template <typename scalar_t>
+void softmax_row_backward(const scalar_t* s, const scalar_t* x, const scalar_t* grad,
+                          at::opmath_type<scalar_t> pooled_grad, int64_t positions,
+                          const SoftmaxTerms<scalar_t> t, at::opmath_type<scalar_t> best,
+                          at::opmath_type<scalar_t> scale, const at::opmath_type<scalar_t>* exps,
+                          scalar_t* grad_x, scalar_t* grad_s) {
+  using V = OpmathVec<scalar_t>;
+  using Vec = typename V::Vec;
+  using opmath_t = typename V::opmath_t;
+  // The gradient of positions p .. p + count - 1; lanes past `count` are zero.
+  const auto grad_chunk = [grad, pooled_grad](int64_t p, int64_t count) {
+    if (grad != nullptr) return load_partial(grad + p, count);
+    typename V::Chunk g;
+    g.fill(Vec(pooled_grad));
+    if (count == V::size()) return g;
+    alignas(64) opmath_t lanes[V::size()];
+    std::fill_n(lanes, V::size(), pooled_grad);
+    return load_opmath_partial<scalar_t>(lanes, count);
+  };
+  const double dot =
+      row_weighted_sum(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count) {
+        auto g = grad_chunk(p, count);
+        const auto values = load_partial(x + p, count);
+        for (int k = 0; k < V::kVecs; ++k) g[k] = g[k] * values[k];
+        return g;
+      });
+  // grad_x = grad * w; grad_s = w * (grad * x - D) / T, D = sum over positions of grad * x * w / P.
+  const Vec d(static_cast<opmath_t>(dot / static_cast<double>(positions)));
+  const Vec temperature(t.temperature);
+  for_row_weights(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count, const auto& w) {
+    const auto g = grad_chunk(p, count);
+    const auto values = load_partial(x + p, count);
+    typename V::Chunk gx, gs;
+    for (int k = 0; k < V::kVecs; ++k) {
+      gx[k] = g[k] * w[k];
+      gs[k] = w[k] * (g[k] * values[k] - d);
+      if (t.divide) gs[k] = gs[k] / temperature;
+    }
+    store_partial(grad_x + p, gx, count);
+    store_partial(grad_s + p, gs, count);
+  });
+}
+
 // Channels last: for each (sample, channel), the mean over positions of values(n, offset, c,
 // count) * w (weights(n, offset, c, count)), each run's sums kept apart and combined in run
 // order in double.
@@ -1053,12 +1116,8 @@ void softmax_scale_by_scores_typed(const scalar_t* x, const scalar_t* s, scalar_
   if (layout == Layout::ChannelsFirst) {
     for_softmax_rows(s, e.batch * C, P, t, {x, nullptr},
                      [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
-                       auto scale_row = [&](int64_t p, int64_t count, const auto& w) {
-                         auto values = load_partial(x + offset + p, count);
-                         for (int k = 0; k < V::kVecs; ++k) values[k] = values[k] * w[k];
-                         store_partial(y + offset + p, values, count);
-                       };
-                       for_row_weights(s + offset, P, t, best, scale, exps, scale_row);
+                       softmax_row_scale(s + offset, x + offset, P, t, best, scale, exps,
+                                         y + offset);
                      });
     return;
   }
@@ -1093,16 +1152,21 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
   for (size_t row = 0; row < row_grad.size(); ++row) {
     row_grad[row] = static_cast<opmath_t>(grad[row]) / static_cast<opmath_t>(P);
   }
-  // The gradient of the elements offset .. offset + count - 1, channels c onwards of sample n
-  // (channels first c is the row's channel); lanes past `count` are zero.
+  if (layout == Layout::ChannelsFirst) {
+    for_softmax_rows(s, e.batch * C, P, t, {pooled ? nullptr : grad, x},
+                     [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
+                       softmax_row_backward(s + offset, x + offset,
+                                            pooled ? nullptr : grad + offset,
+                                            pooled ? row_grad[offset / P] : opmath_t(0), P, t, best,
+                                            scale, exps, grad_x + offset, grad_s + offset);
+                     });
+    return;
+  }
+  // Channels last: the gradient of the elements offset .. offset + count - 1, channels c onwards
+  // of sample n; lanes past `count` are zero.
   auto grad_at = [&](int64_t n, int64_t c, int64_t offset, int64_t count) {
     if (!pooled) return load_partial(grad + offset, count);
-    if (layout == Layout::ChannelsLast) {
-      return load_opmath_partial<scalar_t>(row_grad.data() + n * C + c, count);
-    }
-    alignas(64) opmath_t lanes[V::size()];
-    std::fill_n(lanes, V::size(), row_grad[n * C + c]);
-    return load_opmath_partial<scalar_t>(lanes, count);
+    return load_opmath_partial<scalar_t>(row_grad.data() + n * C + c, count);
   };
   // grad_x = grad * w; grad_s = w * (grad * x - D) / T, D = sum over positions of grad * x * w / P.
   auto write = [&](int64_t n, int64_t c, int64_t offset, int64_t count, const typename V::Chunk& w,
@@ -1125,23 +1189,6 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
     for (int k = 0; k < V::kVecs; ++k) g[k] = g[k] * values[k];
     return g;
   };
-  if (layout == Layout::ChannelsFirst) {
-    for_softmax_rows(s, e.batch * C, P, t, {pooled ? nullptr : grad, x},
-                     [&](int64_t offset, opmath_t best, opmath_t scale, const opmath_t* exps) {
-                       const int64_t n = offset / P / C, c = offset / P % C;
-                       const double dot = row_weighted_sum(
-                           s + offset, P, t, best, scale, exps, [&](int64_t p, int64_t count) {
-                             return grad_times_x(n, c, offset + p, count);
-                           });
-                       typename V::Chunk d;
-                       d.fill(Vec(static_cast<opmath_t>(dot / static_cast<double>(P))));
-                       auto write_row = [&](int64_t p, int64_t count, const auto& w) {
-                         write(n, c, offset + p, count, w, d);
-                       };
-                       for_row_weights(s + offset, P, t, best, scale, exps, write_row);
-                     });
-    return;
-  }
   std::vector<opmath_t> best, scale;
   channels_last_softmax(s, e.batch, P, C, t, best, scale);
   auto weights_at = [&](int64_t n, int64_t offset, int64_t c, int64_t count) {
