@@ -20,6 +20,7 @@ namespace {
 
 using cpu::grain_for;
 using cpu::interleaved_sum;
+using cpu::kPositionBlock;
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
@@ -454,10 +455,6 @@ void apply_cpu(const at::Tensor& in, const at::Tensor& scale, const at::Tensor& 
 }
 
 // ---- cbam's passes ----
-
-// Positions handled together when channels are the outer dim (cbam's pooling over channels):
-// the accumulators of a block stay in L1 while each channel's stretch of the block streams by.
-constexpr int64_t kPositionBlock = 512;
 
 template <typename scalar_t>
 struct WeightedPoolArgs {

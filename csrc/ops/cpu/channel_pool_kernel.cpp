@@ -17,15 +17,12 @@ namespace ops {
 namespace {
 
 using cpu::grain_for;
+using cpu::kPositionBlock;
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::nan_max;
 using cpu::OpmathVec;
 using cpu::replaces_max;
-
-// Positions handled together when channels are the outer dim: the accumulators of a block
-// stay in L1 while each channel's stretch of the block streams through.
-constexpr int64_t kPositionBlock = 512;
 
 template <typename scalar_t>
 void forward_channels_first(const scalar_t* x, scalar_t* out, int64_t batch, int64_t channels,

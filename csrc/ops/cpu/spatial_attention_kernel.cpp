@@ -23,13 +23,12 @@ namespace {
 
 using cpu::grain_for;
 using cpu::interleaved_sum;
+using cpu::kPositionBlock;
 using cpu::lane_sum;
 using cpu::load_partial;
 using cpu::OpmathVec;
 using cpu::store_partial;
 
-// Positions handled together when channels are the outer dim (see channel_pool).
-constexpr int64_t kPositionBlock = 512;
 // Channels handled together when positions are the outer dim of a reduction.
 constexpr int64_t kChannelBlock = 256;
 

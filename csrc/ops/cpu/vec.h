@@ -108,6 +108,15 @@ inline int64_t grain_for(int64_t item_size) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / item_size);
 }
 
+// Positions a task handles together where channels are the outer dim and the sweep runs over
+// the channels for each position (sums, maxima over channels): each channel's stretch of the
+// block is read as one long stream (stretches a few cache lines long, of many channels by
+// turns, kept the hardware prefetchers from running ahead), while the block's accumulators stay
+// in L1 or L2. The sums over channels go in channel order whatever the block, and a multiple
+// of every vector width keeps each position on the same vector or scalar path: the block
+// changes no bit.
+constexpr int64_t kPositionBlock = 4096;
+
 // Sum of the lanes of a vector in a fixed order (deterministic).
 template <typename T>
 inline T lane_sum(const at::vec::Vectorized<T>& v) {
