@@ -462,10 +462,12 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     q.reset();
     k.reset();
     v.reset();
-    const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
-    const at::Tensor bias_part = position_sums(backend, grad_qkv);
-    grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
-    grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
+    {  // memory: the chunk's parts go once added, before grad_x's product
+      const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
+      const at::Tensor bias_part = position_sums(backend, grad_qkv);
+      grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
+      grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
+    }
 
     // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
     const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);

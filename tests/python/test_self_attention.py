@@ -621,9 +621,10 @@ def test_small_map_backward_holds_one_sample_of_temporaries(layout):
     What the peak may hold, counted in values: y and grad_x (2 N P C), lse (N P) and grad_y's
     channel sums (C), the weight-sized sums (G, C v, and the projection's weight and bias
     gradients, R C + R), one sample's recomputed projection and its gradient (P R each) and
-    the heads' output gradient (P v), and the one partial sum of the key and value gradients
-    (P (dq + dv)) of a sample split into two blocks of queries. The recomputed projection goes
-    before the weight-gradient products (1.71x when the heads' views of it kept it alive)."""
+    the heads' output gradient (P v). A sample's queries are one block: split in two for two
+    threads, they added a partial sum of the key and value gradients (P (dq + dv) values, 1.66x
+    in all). The recomputed projection goes before the weight-gradient products (1.71x when the
+    heads' views of it kept it alive)."""
     batch, channels, size, qk_dim = 4, 64, 8, 8
     positions, rows = size * size, 2 * qk_dim + channels
     m = SelfAttention(channels)
@@ -633,7 +634,7 @@ def test_small_map_backward_holds_one_sample_of_temporaries(layout):
     grad = in_layout(torch.randn(x.shape), layout)
     counted = (2 * batch * positions * channels + batch * positions + channels
                + channels * channels + rows * channels + rows
-               + 2 * positions * rows + positions * channels + positions * (qk_dim + channels))
+               + 2 * positions * rows + positions * channels)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

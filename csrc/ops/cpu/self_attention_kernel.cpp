@@ -288,13 +288,18 @@ void add_partial(const at::Tensor& sum, const at::Tensor& part, bool first) {
 // The query rows of one task of single_block_backward_typed: kQueryBlock, or fewer where the
 // (sample, head) pairs would have fewer than kMinSingleBlockTasks tasks between them (the
 // backward runs a sample at a time). Depends on the shape only: the rows of a task set the
-// order in which the key and value gradients are summed.
+// order in which the key and value gradients are summed. A second task for a (sample, head)
+// adds a partial sum of its key gradients, and of its value gradients where the kernel sums
+// them (`with_values`): dq + dv values a key, as large as the sample's K and V together, for a
+// gain in time that such small maps did not show. So only a partial of the key gradients alone
+// (dq values a key) is worth a second task.
 constexpr int64_t kMinSingleBlockTasks = 2;
 
-int64_t single_block_query_rows(int64_t positions, int64_t batch_heads) {
+int64_t single_block_query_rows(int64_t positions, int64_t batch_heads, bool with_values) {
   const int64_t query_blocks = (positions + kQueryBlock - 1) / kQueryBlock;
-  if (batch_heads * query_blocks >= kMinSingleBlockTasks) return kQueryBlock;
-  const int64_t blocks_per_pair = (kMinSingleBlockTasks + batch_heads - 1) / batch_heads;
+  const int64_t min_tasks = with_values ? 1 : kMinSingleBlockTasks;
+  if (batch_heads * query_blocks >= min_tasks) return kQueryBlock;
+  const int64_t blocks_per_pair = (min_tasks + batch_heads - 1) / batch_heads;
   const int64_t rows = (positions + blocks_per_pair - 1) / blocks_per_pair;
   return std::max<int64_t>(8, (rows + 7) / 8 * 8);
 }
@@ -314,12 +319,12 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3), batch_heads = batch * heads;
   TORCH_INTERNAL_ASSERT(key_positions <= kKeyBlock);
-  const int64_t query_rows = single_block_query_rows(positions, batch_heads);
+  const bool with_values = grad_v.defined();
+  const int64_t query_rows = single_block_query_rows(positions, batch_heads, with_values);
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
   const int64_t wave = wave_size(batch_heads, query_blocks);
   const bool one_wave = wave == query_blocks;
   // (slots, N, H, Pk, dq [+ dv]): a block's key and value gradients side by side.
-  const bool with_values = grad_v.defined();
   const int64_t widths = with_values ? dq + dv : dq;
   const int64_t slots = one_wave ? wave - 1 : wave;
   const at::Tensor partials = at::empty({slots, batch, heads, key_positions, widths}, q.options());
