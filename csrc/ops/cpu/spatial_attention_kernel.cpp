@@ -667,6 +667,12 @@ struct SoftmaxTerms {
   Vec shifted_exp(const Vec& s, const Vec& best) const {
     return cpu::exp_u20_nonfinite(z(s) - best);
   }
+  // The gradient of a score from its weight w, the gradient g reaching w * x, x, and its row's
+  // D (the mean over positions of g * x * w): w (g x - D) / T.
+  Vec score_gradient(const Vec& w, const Vec& g, const Vec& x, const Vec& d) const {
+    const Vec gs = w * (g * x - d);
+    return divide ? gs / Vec(temperature) : gs;
+  }
 };
 
 // Rows of at most this many positions keep the exponentials exp(z - maximum) of their whole
@@ -1018,17 +1024,15 @@ void softmax_row_backward(const scalar_t* s, const scalar_t* x, const scalar_t* 
         for (int k = 0; k < V::kVecs; ++k) g[k] = g[k] * values[k];
         return g;
       });
-  // grad_x = grad * w; grad_s = w * (grad * x - D) / T, D = sum over positions of grad * x * w / P.
+  // grad_x = grad * w; grad_s from SoftmaxTerms::score_gradient.
   const Vec d(static_cast<opmath_t>(dot / static_cast<double>(positions)));
-  const Vec temperature(t.temperature);
   for_row_weights(s, positions, t, best, scale, exps, [&](int64_t p, int64_t count, const auto& w) {
     const auto g = grad_chunk(p, count);
     const auto values = load_partial(x + p, count);
     typename V::Chunk gx, gs;
     for (int k = 0; k < V::kVecs; ++k) {
       gx[k] = g[k] * w[k];
-      gs[k] = w[k] * (g[k] * values[k] - d);
-      if (t.divide) gs[k] = gs[k] / temperature;
+      gs[k] = t.score_gradient(w[k], g[k], values[k], d);
     }
     store_partial(grad_x + p, gx, count);
     store_partial(grad_s + p, gs, count);
@@ -1143,7 +1147,6 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
                                             const SweepExtent& e, double temperature, Layout layout,
                                             bool pooled) {
   using V = OpmathVec<scalar_t>;
-  using Vec = typename V::Vec;
   using opmath_t = typename V::opmath_t;
   const SoftmaxTerms<scalar_t> t(temperature);
   const int64_t P = e.positions, C = e.channels;
@@ -1175,8 +1178,7 @@ void softmax_scale_by_scores_backward_typed(const scalar_t* grad, const scalar_t
     typename V::Chunk gx, gs;
     for (int k = 0; k < V::kVecs; ++k) {
       gx[k] = g[k] * w[k];
-      gs[k] = w[k] * (g[k] * values[k] - d[k]);
-      if (t.divide) gs[k] = gs[k] / Vec(t.temperature);
+      gs[k] = t.score_gradient(w[k], g[k], values[k], d[k]);
     }
     store_partial(grad_x + offset, gx, count);
     store_partial(grad_s + offset, gs, count);
