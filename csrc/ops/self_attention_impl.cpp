@@ -180,11 +180,25 @@ at::Tensor heads_of(const at::Tensor& tokens, int64_t first, int64_t heads, int6
       .transpose(1, 2);
 }
 
+// sum = backend.position_sum_product(a, b), a new (K, L) tensor in the accumulation dtype where
+// `sum` is undefined (the first chunk's), else sum += it in place: a chunk's part of a weight
+// gradient is never a second weight-sized tensor.
+void add_position_sum_product(const SelfAttentionBackend& backend, const at::Tensor& a,
+                              const at::Tensor& b, at::Tensor& sum) {
+  const bool accumulate = sum.defined();
+  if (!accumulate) {
+    sum = at::empty({a.size(2), b.size(2)}, b.options().dtype(at::toOpMathType(b.scalar_type())));
+  }
+  backend.position_sum_product(a, b, sum, accumulate);
+}
+
 // (L,): the sum over samples and positions of b (N, M, L), in the accumulation dtype, in the
 // backend's order (ATen's reductions may split a long sum by thread).
 at::Tensor position_sums(const SelfAttentionBackend& backend, const at::Tensor& b) {
   const at::Tensor ones = at::ones({1, 1, 1}, b.options()).expand({b.size(0), b.size(1), 1});
-  return backend.position_sum_product(ones, b).view({b.size(2)});
+  at::Tensor sums;
+  add_position_sum_product(backend, ones, b, sums);
+  return sums.view({b.size(2)});
 }
 
 // The sum of every element of a 2-D (R, L) tensor, column sums first (each a sum down a
@@ -253,12 +267,11 @@ at::Tensor grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& gr
 at::Tensor sums_output_product(const SelfAttentionBackend& backend, const at::Tensor& sums,
                                const at::Tensor& v) {
   const int64_t heads = v.size(1), dv = v.size(3);
-  at::Tensor product;
+  const at::Tensor product =
+      at::empty({sums.size(3), heads * dv}, v.options().dtype(at::toOpMathType(v.scalar_type())));
   for (int64_t h = 0; h < heads; ++h) {
-    const at::Tensor part = backend.position_sum_product(sums.select(0, h), v.select(1, h));
-    if (heads == 1) return part;  // no copy into columns
-    if (h == 0) product = at::empty({part.size(0), heads * dv}, part.options());
-    product.narrow(1, h * dv, dv).copy_(part);
+    backend.position_sum_product(sums.select(0, h), v.select(1, h), product.narrow(1, h * dv, dv),
+                                 false);
   }
   return product;
 }
@@ -372,11 +385,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   // (grad_x). A chunk of kChunkPositions positions keeps each call's work large next to its
   // fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
   // twice |Q| + |K| + |V| + |out| per position) at half of the call's |Q| + |K| + |V| + |out|
-  // or less. Where the two disagree (small maps) memory wins. But every chunk after the first
-  // adds weight-sized partial sums of the weights' gradients (and holds one while it is
-  // added): where the whole batch's temporaries are no larger than the weights
+  // or less. Where the two disagree (small maps) memory wins. But every chunk reads the
+  // weights again in its products, and where a product packs a transposed weight, copies it:
+  // where the whole batch's temporaries are no larger than the weights
   // (few_tokens_for_their_channels), the batch is one chunk. (With 4 samples of 64 positions
-  // the peak is 1.54 times |Q| + |K| + |V| + |out|, of which y and grad_x are 0.89 and the
+  // the peak is 1.43 times |Q| + |K| + |V| + |out|, of which y and grad_x are 0.89 and the
   // weights' gradients 0.25: see test_small_map_backward_holds_one_sample_of_temporaries.)
   constexpr int64_t kChunkPositions = 1024;
   const int64_t chunk =
@@ -413,31 +426,38 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     // G's part: from the recomputed heads, or from T = p^T grad_y, which also gives grad_v
     // below. Sums over the chunks in chunk order: the result depends on the shape alone. The
     // chunk's part is added at once and the heads freed before the attention's backward.
-    at::Tensor heads_out, sums, out_part;
+    at::Tensor heads_out, sums;
     if (sums_may_serve) {
       sums = grad_y_sums(backend, chunk_grad_tokens, q, k, chunk_lse, softmax_scale(sizes));
-      out_part = sums_output_product(backend, sums, v);
+      const at::Tensor out_part = sums_output_product(backend, sums, v);
       // Every element of T^T v sums a term of each element of T's row and of v's column, so it
-      // is finite where both T and v are.
-      if (!all_finite(out_part)) {
+      // is finite where both T and v are (checked before it joins G).
+      if (all_finite(out_part)) {
+        grad_out_product = grad_out_product.defined() ? grad_out_product.add_(out_part) : out_part;
+      } else {
         sums.reset();
-        out_part.reset();
       }
     }
     const bool through_sums = sums.defined();
     if (!through_sums) {
       heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
-      out_part = backend.position_sum_product(
-          chunk_grad_tokens, heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}));
+      add_position_sum_product(backend, chunk_grad_tokens,
+                               heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}),
+                               grad_out_product);
       if (!backend.attention_backward_reads_out) heads_out.reset();
     }
-    grad_out_product = first == 0 ? out_part : grad_out_product.add_(out_part);
-    out_part.reset();
     // Attention, its gradients written straight into that of the projection, grad_qkv
     // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
     // positions that won their windows (the windows do not overlap, so every position gets at
-    // most one value: a deterministic scatter).
-    at::Tensor grad_qkv = at::empty({count, g.positions, rows}, x.options());
+    // most one value: a deterministic scatter). Where the backend allows it, grad_qkv is the
+    // recomputed projection itself, overwritten: not the forward's kept projection (autograd's
+    // saved tensor, which another backward may read), nor where the keys and values are pooled
+    // (a tensor of their own) or the value gradient comes from T (written before the
+    // attention's backward reads v).
+    const bool over_projection = backend.attention_backward_over_inputs &&
+                                 !projection.has_value() && sizes.kv_stride == 1 && !through_sums;
+    at::Tensor grad_qkv =
+        over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
     const at::Tensor grad_kv = sizes.kv_stride == 1
                                    ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
                                    : at::empty({count, g.key_positions, kv_columns}, x.options());
@@ -463,12 +483,9 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     q.reset();
     k.reset();
     v.reset();
-    {  // memory: the chunk's parts go once added, before grad_x's product
-      const at::Tensor weight_part = backend.position_sum_product(grad_qkv, chunk_x_tokens);
-      const at::Tensor bias_part = position_sums(backend, grad_qkv);
-      grad_qkv_weight = first == 0 ? weight_part : grad_qkv_weight.add_(weight_part);
-      grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
-    }
+    add_position_sum_product(backend, grad_qkv, chunk_x_tokens, grad_qkv_weight);
+    const at::Tensor bias_part = position_sums(backend, grad_qkv);
+    grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
 
     // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
     const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);

@@ -121,12 +121,18 @@ struct SelfAttentionBackend {
   // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`: 2-D tensors with any
   // strides, `out` written in place (see MatmulFn).
   MatmulFn matmul;
-  // sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L) for a (N, M, K) and
-  // b (N, M, L): a weight gradient, (K, L) in the accumulation dtype.
-  at::Tensor (*position_sum_product)(const at::Tensor& a, const at::Tensor& b);
+  // out (K, L) = the sum over samples and positions of a[n]^T (K, M) @ b[n] (M, L) for
+  // a (N, M, K) and b (N, M, L), or out += it with `accumulate`: a weight gradient, `out` in the
+  // accumulation dtype with a unit last stride, written in place.
+  void (*position_sum_product)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                               bool accumulate);
   // Whether attention_backward reads `out`: where it does not, the backward frees the
   // recomputed heads before calling it (memory).
   bool attention_backward_reads_out;
+  // Whether attention_backward may be given grad_q, grad_k and grad_v that are the very views
+  // q, k and v (all three, grad_v where defined): the projection's gradient written over the
+  // recomputed projection, one (N, P, R) tensor less at the backward's peak.
+  bool attention_backward_over_inputs;
 };
 
 // The kernels of _self_attention_forward, self_attention (its first result) and

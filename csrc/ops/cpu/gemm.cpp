@@ -186,11 +186,12 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   if (m == 0 || n == 0) return;
   const at::ScalarType acc = at::toOpMathType(a.scalar_type());
   // b stored column by column (a transposed weight) would be packed into rows below: a copy of
-  // all of b, on one thread. With fewer rows than columns in out (a few tokens times a wide
-  // weight), out^T = b^T a^T reads b^T in place as the `a` operand (any strides) and packs the
-  // smaller a^T instead. Every element is the same chain of fused multiply-adds over l either
-  // way (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
-  if (b.stride(0) == 1 && n > 1 && m < n) {
+  // all of b (k n values), on one thread. out^T = b^T a^T reads b^T in place as the `a` operand
+  // (any strides) and packs a^T instead, into an out^T of its own: m (k + n) values, fewer
+  // where out has few rows next to b's size (a few tokens times a wide weight). Every element
+  // is the same chain of fused multiply-adds over l either way (fma(x, y, s) = fma(y, x, s)),
+  // so the result has the same bits.
+  if (b.stride(0) == 1 && n > 1 && m * (k + n) < k * n) {
     at::Tensor transposed = at::empty({n, m}, out.options().dtype(acc));
     if (accumulate) copy_matrix(transposed, out.t());
     fixed_order_matmul(transposed, b.t(), a.t(), accumulate);

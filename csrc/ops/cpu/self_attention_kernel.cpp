@@ -304,6 +304,15 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads, bool wit
   return std::max<int64_t>(8, (rows + 7) / 8 * 8);
 }
 
+// Whether single_block_backward_typed gives each (sample, head) pair one task: every key in one
+// block and every query row in one block of rows. Such a task reads all of its pair's q, k and
+// v before it writes the pair's gradients, so the gradients may be written over them.
+bool one_task_per_pair(int64_t positions, int64_t key_positions, int64_t batch_heads,
+                       bool with_values) {
+  return key_positions <= kKeyBlock &&
+         single_block_query_rows(positions, batch_heads, with_values) >= positions;
+}
+
 // The backward where every key fits one block (at most kKeyBlock keys): a task takes a block of
 // query rows against all keys, so it has whole rows of p and dp = grad_out v^T and computes the
 // correction term (see weighted_sum) and grad_scores from one recomputation. Its query gradient
@@ -311,6 +320,9 @@ int64_t single_block_query_rows(int64_t positions, int64_t batch_heads, bool wit
 // are partial sums over its rows, added in query-block order. The blocks run in waves
 // (wave_size): the first block of each (sample, head) writes the gradients themselves when it
 // shares its wave with all the others, and the rest have a partial buffer per block of a wave.
+// A task reads the keys and values into its own buffers first and writes its query gradient
+// last (from its copy of the keys), after the key and value gradients, which read its query
+// rows: where one_task_per_pair, the gradients may be the very views q, k and v.
 template <typename T>
 void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -339,7 +351,7 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
     at::parallel_for(0, batch_heads * wave_blocks, 1, [&](int64_t begin, int64_t end) {
       const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
                  grad_scores = scratch<T>(kQueryBlock * kKeyBlock);
-      const auto key_columns = scratch<T>(dq * kKeyBlock),
+      const auto key_columns = scratch<T>(dq * kKeyBlock), key_rows = scratch<T>(kKeyBlock * dq),
                  value_columns = scratch<T>(dv * kKeyBlock);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_blocks, block = wave_first + task % wave_blocks;
@@ -349,6 +361,9 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
         const T* query = queries.rows(n, h, first);
         const T* grad = grads.rows(n, h, first);
         transpose_rows(key, keys.row_stride, key_positions, dq, key_columns.get(), kKeyBlock);
+        for (int64_t j = 0; j < key_positions; ++j) {
+          std::copy_n(key + j * keys.row_stride, dq, key_rows.get() + j * dq);
+        }
         transpose_rows(values.rows(n, h, 0), values.row_stride, key_positions, dv,
                        value_columns.get(), kKeyBlock);
         recompute_probs<T>(rows, key_positions, dq, scale, query, queries.row_stride,
@@ -357,10 +372,6 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
         block_product<T>(rows, key_positions, dv, T(1), grad, grads.row_stride, 1,
                          value_columns.get(), kKeyBlock, false, grad_scores.get(), kKeyBlock);
         score_gradients(rows, key_positions, probs.get(), grad_scores.get(), kKeyBlock);
-        // grad_q = scale * grad_scores k, whole rows.
-        block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), kKeyBlock, 1, key,
-                         keys.row_stride, false, grad_queries.rows(n, h, first),
-                         grad_queries.row_stride);
         // grad_k (+)= scale * grad_scores^T q and grad_v (+)= p^T grad_out over these rows.
         T* grad_key = grad_keys.rows(n, h, 0);
         T* grad_value = grad_values.rows(n, h, 0);
@@ -377,6 +388,10 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
           block_product<T>(key_positions, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
                            grads.row_stride, false, grad_value, ld_value);
         }
+        // grad_q = scale * grad_scores k, whole rows.
+        block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), kKeyBlock, 1,
+                         key_rows.get(), dq, false, grad_queries.rows(n, h, first),
+                         grad_queries.row_stride);
       }
     });
     // The partial sums in block order.
@@ -563,12 +578,30 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
                             const at::Tensor& grad_v) {
   const auto acc = accumulation_type(q);
   const at::Tensor grad_acc = grad_out.to(acc);
-  const at::Tensor grad_q_acc = accumulator(grad_q, acc), grad_k_acc = accumulator(grad_k, acc),
-                   grad_v_acc = accumulator(grad_v, acc);
+  // The gradients may be q, k and v themselves (SelfAttentionBackend). Half ones are read
+  // from float32 copies anyway; where a (sample, head) takes one task of the single-block
+  // kernel, that task reads its inputs before it writes over them; elsewhere the inputs are
+  // copied first.
+  const bool gradients_over_inputs = grad_q.data_ptr() == q.data_ptr();
+  TORCH_INTERNAL_ASSERT(
+      gradients_over_inputs == (grad_k.data_ptr() == k.data_ptr()) &&
+      (!grad_v.defined() || gradients_over_inputs == (grad_v.data_ptr() == v.data_ptr())));
+  const bool overwrites_read_inputs = gradients_over_inputs && acc == q.scalar_type();
+  const bool reads_before_writes =
+      one_task_per_pair(q.size(2), k.size(2), q.size(0) * q.size(1), grad_v.defined());
+  const auto input = [&](const at::Tensor& t) {
+    return overwrites_read_inputs && !reads_before_writes ? t.clone() : t.to(acc);
+  };
+  const at::Tensor q_acc = input(q), k_acc = input(k), v_acc = input(v);
+  // The single-block kernel writes every element of the gradients (no zeros needed).
+  const auto gradient = [&](const at::Tensor& t) {
+    return overwrites_read_inputs && reads_before_writes ? t : accumulator(t, acc);
+  };
+  const at::Tensor grad_q_acc = gradient(grad_q), grad_k_acc = gradient(grad_k),
+                   grad_v_acc = gradient(grad_v);
   // out is not read: the correction term is recomputed from the very p and dp it corrects
   // (see weighted_sum).
   (void)out;
-  const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), v_acc = v.to(acc);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
     const auto scale_value = static_cast<scalar_t>(scale);
@@ -611,39 +644,40 @@ constexpr int64_t kPositionChunk = 1024;
 // positions-sized), so that a few positions of many samples make one product and one partial
 // rather than a weight-sized partial per sample. The worker threads get the caller's
 // thread-local state (below autograd, grad mode), as at::launch does.
-at::Tensor position_sum_product_cpu(const at::Tensor& a_samples, const at::Tensor& b_samples) {
+void position_sum_product_cpu(const at::Tensor& a_samples, const at::Tensor& b_samples,
+                              const at::Tensor& out, bool accumulate) {
   const bool stack = a_samples.size(1) < kPositionChunk;
   const auto rows_of = [&](const at::Tensor& t) {
     return stack ? t.reshape({1, t.size(0) * t.size(1), t.size(2)}) : t;
   };
   const at::Tensor a = rows_of(a_samples), b = rows_of(b_samples);
   const int64_t batch = a.size(0), positions = a.size(1);
-  const at::ScalarType acc = accumulation_type(a);
   const int64_t chunks_per_sample = (positions + kPositionChunk - 1) / kPositionChunk;
-  const at::Tensor partials =
-      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, a.options().dtype(acc));
-  const auto chunk_product = [&](int64_t chunk) {
+  const auto chunk_product = [&](int64_t chunk, const at::Tensor& product, bool add) {
     const int64_t n = chunk / chunks_per_sample, first = chunk % chunks_per_sample * kPositionChunk;
     const int64_t length = std::min(kPositionChunk, positions - first);
-    cpu::fixed_order_matmul(partials.select(0, chunk), a.select(0, n).narrow(0, first, length).t(),
-                            b.select(0, n).narrow(0, first, length), false);
+    cpu::fixed_order_matmul(product, a.select(0, n).narrow(0, first, length).t(),
+                            b.select(0, n).narrow(0, first, length), add);
   };
-  // One partial is the sum itself (a copy would be one more weight-sized tensor at the peak),
-  // and its product shares its tiles among the threads (inside a task it would run on one).
+  // One chunk is written into (or added to) `out` itself (a partial would be one more
+  // weight-sized tensor at the peak), and its product shares its tiles among the threads
+  // (inside a task it would run on one).
   if (batch * chunks_per_sample == 1) {
-    chunk_product(0);
-    return partials.select(0, 0);
+    chunk_product(0, out, accumulate);
+    return;
   }
+  const at::Tensor partials =
+      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, out.options());
   const at::ThreadLocalState caller;
   at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t chunk = begin; chunk < end; ++chunk) chunk_product(chunk);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      chunk_product(chunk, partials.select(0, chunk), false);
+    }
   });
-  at::Tensor out = partials.select(0, 0).clone();
-  for (int64_t chunk = 1; chunk < batch * chunks_per_sample; ++chunk) {
-    out.add_(partials.select(0, chunk));
+  for (int64_t chunk = 0; chunk < batch * chunks_per_sample; ++chunk) {
+    add_partial(out, partials.select(0, chunk), chunk == 0 && !accumulate);
   }
-  return out;
 }
 
 constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu,
@@ -651,7 +685,8 @@ constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu,
                                            probability_sums_cpu,
                                            cpu::fixed_order_matmul,
                                            position_sum_product_cpu,
-                                           /*attention_backward_reads_out=*/false};
+                                           /*attention_backward_reads_out=*/false,
+                                           /*attention_backward_over_inputs=*/true};
 
 }  // namespace
 

@@ -298,13 +298,14 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
 
 // One product per sample, summed in sample order, in the accumulation dtype (a running half
 // sum over thousands of positions would lose every small term).
-at::Tensor position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b) {
+void position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                               bool accumulate) {
   const at::ScalarType acc = at::toOpMathType(a.scalar_type());
-  at::Tensor out = at::mm(a.select(0, 0).to(acc).t(), b.select(0, 0).to(acc));
-  for (int64_t n = 1; n < a.size(0); ++n) {
-    out.addmm_(a.select(0, n).to(acc).t(), b.select(0, n).to(acc));
+  for (int64_t n = 0; n < a.size(0); ++n) {
+    // beta = 0 ignores what `out` held (NaN included).
+    const int beta = n == 0 && !accumulate ? 0 : 1;
+    out.addmm_(a.select(0, n).to(acc).t(), b.select(0, n).to(acc), beta);
   }
-  return out;
 }
 
 // No probability_sums: the backward recomputes the heads and attention_backward always writes
@@ -314,7 +315,8 @@ constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda,
                                             /*probability_sums=*/nullptr,
                                             blas_matmul,
                                             position_sum_product_cuda,
-                                            /*attention_backward_reads_out=*/true};
+                                            /*attention_backward_reads_out=*/true,
+                                            /*attention_backward_over_inputs=*/false};
 
 }  // namespace
 
