@@ -280,6 +280,36 @@ def test_cbam_channel_argmax_is_the_first_maximum(dtype, spatial):
     assert argmax[0, 0] == 0 and argmax[0, 2] == positions - 1 and argmax[1, 1] == 3 and argmax[1, 2] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("positions", [1, 3, 4, 5, 8, 9, 15, 16, 17, 24, 31, 32, 33, 49])
+def test_cbam_channel_statistics_of_short_rows_are_each_rows_own(dtype, positions):
+    """Rows shorter than one round of the sweep's chains (32 floats, 16 doubles) take their mean
+    and maximum a group of rows (a vector's lanes) at a time, transposed; every row's statistics
+    are the bits that row gives alone (one channel of one sample: no group), with and without
+    whole vectors and positions past them, on both sides of the limit, with NaN and
+    infinities."""
+    generator = torch.Generator().manual_seed(positions)
+    x = torch.randn(3, 12, positions, generator=generator, dtype=dtype) * 10
+    x[0, 1, positions // 2] = float("nan")
+    x[1, 2, 0] = float("inf")
+    x[2, 3] = float("-inf")
+    x[2, 4, -1] = float("-inf")
+
+    def stats_of(x):
+        channels = x.shape[1]
+        weights = [torch.randn(2, channels, dtype=dtype), torch.zeros(2, dtype=dtype),
+                   torch.randn(channels, 2, dtype=dtype), torch.zeros(channels, dtype=dtype),
+                   torch.randn(1, 2, 3, dtype=dtype), None]
+        return torch.ops.cnn_attention._cbam_forward(x, *weights, "sigmoid", "relu")[1:]
+
+    stats, argmax = stats_of(x)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            alone, alone_argmax = stats_of(x[n:n + 1, c:c + 1])
+            torch.testing.assert_close(stats[:, n, c], alone[:, 0, 0], rtol=0, atol=0, equal_nan=True)
+            assert argmax[n, c] == alone_argmax[0, 0]
+
+
 class _RecordOperators(TorchDispatchMode):
     """The names of our operators dispatched below autograd while the mode is on."""
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../channel_attention_impl.h"
@@ -159,7 +160,43 @@ C10_NOINLINE RowLanes<scalar_t> reduce_row_lanes(const scalar_t* xr, const scala
   return {total_sum, vmax[0], total_dot, p};
 }
 
-// (N, C, P): one task per run of (n, c) rows, each row contiguous.
+// The sum and maximum of each of Vec::size() rows of fewer positions than one round of
+// reduce_row_lanes's chains (kChains vectors: 32 floats, 16 doubles; the 4 x 4 maps of deep
+// stages), float or double, the rows `positions` apart. A row's own sweep costs a call and two
+// reductions across the lanes, which on rows of a few vectors took several times the time of
+// reading them. Here the group's rows are transposed into `buffer`, so that one vector holds
+// one position of every row, and each row's sum is made of exactly the adds its own sweep makes
+// (each lane's vectors, then the lanes in order, then the positions past the last vector): the
+// same bits.
+template <typename scalar_t>
+void reduce_row_group(const scalar_t* x, int64_t positions, scalar_t* buffer, scalar_t* mean,
+                      scalar_t* max) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kLanes = Vec::size();
+  cpu::transpose_rows(x, positions, kLanes, positions, buffer, kLanes);
+  const auto at_position = [buffer](int64_t p) { return Vec::loadu(buffer + p * kLanes); };
+  const int64_t vector_end = positions / kLanes * kLanes;
+  Vec sum(scalar_t(0));
+  for (int64_t lane = 0; vector_end > 0 && lane < kLanes; ++lane) {
+    Vec lane_sum(scalar_t(0));
+    for (int64_t p = lane; p < vector_end; p += kLanes) lane_sum = lane_sum + at_position(p);
+    sum = sum + lane_sum;
+  }
+  for (int64_t p = vector_end; p < positions; ++p) sum = sum + at_position(p);
+  // A maximum is exact in any order: even and odd positions side by side.
+  Vec even(-std::numeric_limits<scalar_t>::infinity()), odd = even;
+  int64_t p = 0;
+  for (; p + 1 < positions; p += 2) {
+    even = at::vec::maximum(even, at_position(p));
+    odd = at::vec::maximum(odd, at_position(p + 1));
+  }
+  if (p < positions) even = at::vec::maximum(even, at_position(p));
+  (sum / Vec(static_cast<scalar_t>(positions))).store(mean);
+  at::vec::maximum(even, odd).store(max);
+}
+
+// (N, C, P): one task per run of (n, c) rows, each row contiguous; short rows of float or
+// double in groups (reduce_row_group) where the sweep reads x alone.
 template <typename scalar_t>
 void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t rows,
                            int64_t positions, bool with_argmax, ChannelStats& stats,
@@ -170,8 +207,30 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
   opmath_t* max = stats.max.data_ptr<opmath_t>();
   opmath_t* grad_dot = grad_y ? stats.grad_dot.data_ptr<opmath_t>() : nullptr;
   int64_t* argmax = with_argmax ? stats.argmax.data_ptr<int64_t>() : nullptr;
+  // Rows [0, grouped) in groups, the rest (fewer than a group, or all) each on its own.
+  int64_t grouped = 0;
+  constexpr int64_t kGroupRows = at::vec::Vectorized<opmath_t>::size();
+  constexpr int64_t kShortRow = kChains * kGroupRows;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (grad_y == nullptr && positions < kShortRow) {
+      const int64_t groups = rows / kGroupRows;
+      grouped = groups * kGroupRows;
+      at::parallel_for(
+          0, groups, grain_for(positions * kGroupRows), [&](int64_t begin, int64_t end) {
+            std::vector<scalar_t> buffer(positions * kGroupRows);
+            for (int64_t group = begin; group < end; ++group) {
+              const int64_t first = group * kGroupRows;
+              reduce_row_group(x + first * positions, positions, buffer.data(), mean + first,
+                               max + first);
+              for (int64_t row = first; argmax && row < first + kGroupRows; ++row) {
+                argmax[row] = cpu::first_index_of(x + row * positions, positions, max[row]);
+              }
+            }
+          });
+    }
+  }
   const int64_t grain = grain_for(positions);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(grouped, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * positions;
       const scalar_t* gr = grad_y ? grad_y + row * positions : nullptr;
