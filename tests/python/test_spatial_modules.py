@@ -281,13 +281,13 @@ def test_cbam_channel_argmax_is_the_first_maximum(dtype, spatial):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("positions", [1, 3, 4, 5, 8, 9, 15, 16, 17, 24, 31, 32, 33, 49])
+@pytest.mark.parametrize("positions", [1, 3, 4, 5, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 49, 63, 64, 65])
 def test_cbam_channel_statistics_of_short_rows_are_each_rows_own(dtype, positions):
-    """Rows shorter than one round of the sweep's chains (32 floats, 16 doubles) take their mean
+    """Rows of up to two rounds of the sweep's chains (64 floats, 32 doubles) take their mean
     and maximum a group of rows (a vector's lanes) at a time, transposed; every row's statistics
     are the bits that row gives alone (one channel of one sample: no group), with and without
-    whole vectors and positions past them, on both sides of the limit, with NaN and
-    infinities."""
+    whole rounds, whole vectors and positions past them, on both sides of the limit, with NaN
+    and infinities."""
     generator = torch.Generator().manual_seed(positions)
     x = torch.randn(3, 12, positions, generator=generator, dtype=dtype) * 10
     x[0, 1, positions // 2] = float("nan")

@@ -160,14 +160,13 @@ C10_NOINLINE RowLanes<scalar_t> reduce_row_lanes(const scalar_t* xr, const scala
   return {total_sum, vmax[0], total_dot, p};
 }
 
-// The sum and maximum of each of Vec::size() rows of fewer positions than one round of
-// reduce_row_lanes's chains (kChains vectors: 32 floats, 16 doubles; the 4 x 4 maps of deep
-// stages), float or double, the rows `positions` apart. A row's own sweep costs a call and two
-// reductions across the lanes, which on rows of a few vectors took several times the time of
-// reading them. Here the group's rows are transposed into `buffer`, so that one vector holds
-// one position of every row, and each row's sum is made of exactly the adds its own sweep makes
-// (each lane's vectors, then the lanes in order, then the positions past the last vector): the
-// same bits.
+// The sum and maximum of each of Vec::size() short rows (the maps of deep stages), float or
+// double, the rows `positions` apart. A row's own sweep costs a call and two reductions across
+// the lanes, which on rows of a few vectors took several times the time of reading them. Here
+// the group's rows are transposed into `buffer`, so that one vector holds one position of every
+// row, and each row's sum is made of exactly the adds its own sweep makes (reduce_row_lanes:
+// each lane's kChains chains over the whole rounds, their sum, the vectors after the rounds;
+// then the lanes in order, then the positions past the last vector): the same bits.
 template <typename scalar_t>
 void reduce_row_group(const scalar_t* x, int64_t positions, scalar_t* buffer, scalar_t* mean,
                       scalar_t* max) {
@@ -175,11 +174,27 @@ void reduce_row_group(const scalar_t* x, int64_t positions, scalar_t* buffer, sc
   constexpr int64_t kLanes = Vec::size();
   cpu::transpose_rows(x, positions, kLanes, positions, buffer, kLanes);
   const auto at_position = [buffer](int64_t p) { return Vec::loadu(buffer + p * kLanes); };
+  constexpr int64_t kRound = kChains * kLanes;
+  const int64_t rounds = positions / kRound;
   const int64_t vector_end = positions / kLanes * kLanes;
   Vec sum(scalar_t(0));
   for (int64_t lane = 0; vector_end > 0 && lane < kLanes; ++lane) {
     Vec lane_sum(scalar_t(0));
-    for (int64_t p = lane; p < vector_end; p += kLanes) lane_sum = lane_sum + at_position(p);
+    if (rounds > 0) {
+      static_assert(kChains == 4);
+      Vec c0(scalar_t(0)), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t round = 0; round < rounds; ++round) {
+        const int64_t p = round * kRound + lane;
+        c0 = c0 + at_position(p);
+        c1 = c1 + at_position(p + kLanes);
+        c2 = c2 + at_position(p + 2 * kLanes);
+        c3 = c3 + at_position(p + 3 * kLanes);
+      }
+      lane_sum = lane_sum + (((c0 + c1) + c2) + c3);
+    }
+    for (int64_t p = rounds * kRound + lane; p < vector_end; p += kLanes) {
+      lane_sum = lane_sum + at_position(p);
+    }
     sum = sum + lane_sum;
   }
   for (int64_t p = vector_end; p < positions; ++p) sum = sum + at_position(p);
@@ -210,9 +225,12 @@ void reduce_channels_first(const scalar_t* x, const scalar_t* grad_y, int64_t ro
   // Rows [0, grouped) in groups, the rest (fewer than a group, or all) each on its own.
   int64_t grouped = 0;
   constexpr int64_t kGroupRows = at::vec::Vectorized<opmath_t>::size();
-  constexpr int64_t kShortRow = kChains * kGroupRows;
+  // Up to two rounds of reduce_row_lanes's chains (64 floats, 32 doubles: maps of 8 x 8 and
+  // smaller); longer rows measured no faster in groups (7 x 7: 0.9x of the row-by-row time
+  // of an SE block's statistics and gate; 8 x 8: 0.98x; 9 x 9: 1.0x; 11 x 11: 1.2x).
+  constexpr int64_t kShortRow = 2 * kChains * kGroupRows;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    if (grad_y == nullptr && positions < kShortRow) {
+    if (grad_y == nullptr && positions <= kShortRow) {
       const int64_t groups = rows / kGroupRows;
       grouped = groups * kGroupRows;
       at::parallel_for(
