@@ -544,7 +544,7 @@ SpatialWeights spatial_weights(const ChannelAttentionBackend& backend, const at:
   }
   // P * softmax keeps the mean weight 1, as in soft_attention.
   const int64_t batch = scores.size(0), positions = scores.size(1);
-  out.probabilities = backend.position_softmax(scores.view({batch, 1, positions}), temperature,
+  out.probabilities = backend.position_softmax(scores.view({batch, 1, positions}), temperature, 1.0,
                                                Layout::ChannelsFirst);
   out.weights = (out.probabilities * static_cast<double>(positions)).view({batch, positions});
   return out;
@@ -607,12 +607,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward(
     grad_scores = (pool.grad_dot * w.weights * (1 - w.weights)).div_(temperature);
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
-    grad_scores =
-        backend
-            .position_softmax_backward(pool.grad_dot.view({batch, 1, positions}), w.probabilities,
-                                       temperature, Layout::ChannelsFirst)
-            .mul_(static_cast<double>(positions))
-            .view({batch, positions});
+    grad_scores = backend
+                      .position_softmax_backward(
+                          pool.grad_dot.view({batch, 1, positions}), w.probabilities, temperature,
+                          static_cast<double>(positions), Layout::ChannelsFirst)
+                      .view({batch, positions});
   }
   const auto [grad_pooled_map, grad_conv_weight, grad_conv_bias] =
       backend.score_conv_backward(grad_scores, pool.pooled, w.conv_weight, x.sizes().slice(2));

@@ -211,9 +211,10 @@ struct ChannelAttentionBackend {
   at::Tensor (*sigmoid)(const at::Tensor& scores);
   // cbam_spatial's softmax over the positions of its (N, 1, P) scores and its backward:
   // those of the spatial attention backend (SpatialAttentionBackend::position_softmax).
-  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, Layout layout);
+  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, double factor,
+                                 Layout layout);
   at::Tensor (*position_softmax_backward)(const at::Tensor& grad_p, const at::Tensor& p,
-                                          double temperature, Layout layout);
+                                          double temperature, double factor, Layout layout);
 };
 
 // cbam's passes with ATen calls (any device): for devices without their own kernels.

@@ -56,19 +56,23 @@ at::Tensor aten_position_sigmoid(const at::Tensor& s, double temperature) {
   return at::sigmoid(divided(s, temperature));
 }
 
-at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout) {
+at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, double factor,
+                                 Layout layout) {
   const at::Tensor part = divided(s, temperature);
   const auto [rows, dim] = positions_view(part, layout);
-  return from_positions_view(at::_softmax(rows, dim, false), part, layout);
+  const at::Tensor p = from_positions_view(at::_softmax(rows, dim, false), part, layout);
+  return factor == 1.0 ? p : p.mul_(factor);
 }
 
 at::Tensor aten_position_softmax_backward(const at::Tensor& grad_p, const at::Tensor& p,
-                                          double temperature, Layout layout) {
+                                          double temperature, double factor, Layout layout) {
   const auto [rows, dim] = positions_view(p, layout);
   const auto grad_rows = positions_view(grad_p, layout).first;
-  return from_positions_view(at::_softmax_backward_data(grad_rows, rows, dim, p.scalar_type()), p,
-                             layout)
-      .div_(temperature);
+  const at::Tensor grad_s =
+      from_positions_view(at::_softmax_backward_data(grad_rows, rows, dim, p.scalar_type()), p,
+                          layout)
+          .div_(temperature);
+  return factor == 1.0 ? grad_s : grad_s.mul_(factor);
 }
 
 namespace {
@@ -135,8 +139,8 @@ at::Tensor soft_attention_forward(const SpatialAttentionBackend& backend, const 
     weights = backend.position_sigmoid(s, temperature);
   } else {
     // P * softmax keeps the mean weight 1 (uniform scores are the identity).
-    weights = backend.position_softmax(s, temperature, layout)
-                  .mul_(static_cast<double>(num_positions(x)));
+    weights =
+        backend.position_softmax(s, temperature, static_cast<double>(num_positions(x)), layout);
   }
   backend.scale(sweep_input(x, layout, backend), weights, y, layout);
   return y;
@@ -172,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
   if (mode == SoftNormalize::Sigmoid) {
     weights = backend.position_sigmoid(s, temperature);
   } else {
-    probabilities = backend.position_softmax(s, temperature, layout);
+    probabilities = backend.position_softmax(s, temperature, 1.0, layout);
     weights = probabilities * static_cast<double>(num_positions(x));
   }
   at::Tensor grad_weights = at::empty_like(weights);
@@ -182,9 +186,8 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_backward(
     grad_scores.copy_(grad_weights.mul_(weights * (1 - weights)).div_(temperature));
   } else {
     // w = P a, so d loss / d a = P d loss / d w.
-    grad_scores.copy_(
-        backend.position_softmax_backward(grad_weights, probabilities, temperature, layout)
-            .mul_(static_cast<double>(num_positions(x))));
+    grad_scores.copy_(backend.position_softmax_backward(
+        grad_weights, probabilities, temperature, static_cast<double>(num_positions(x)), layout));
   }
   return {grad_x, grad_scores};
 }
@@ -205,7 +208,7 @@ at::Tensor soft_attention_pool_forward(const SpatialAttentionBackend& backend, c
     return out;
   }
   const at::Tensor probabilities =
-      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, 1.0, layout);
   backend.pool(sweep_input(x, layout, backend), probabilities, out, layout);
   return out;
 }
@@ -227,13 +230,13 @@ std::tuple<at::Tensor, at::Tensor> soft_attention_pool_backward(
   }
 
   const at::Tensor probabilities =
-      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, layout);
+      backend.position_softmax(scores_for_weights(scores, x, layout), temperature, 1.0, layout);
   at::Tensor grad_probabilities = at::empty_like(probabilities);
   // out[n, c] = sum_p a[p] x[n, c, p]: the gradient reaching every position is grad_out[n, c].
   backend.scale_backward(grad_out.contiguous(), sweep_input(x, layout, backend), probabilities,
                          grad_x, grad_probabilities, layout);
-  grad_scores.copy_(
-      backend.position_softmax_backward(grad_probabilities, probabilities, temperature, layout));
+  grad_scores.copy_(backend.position_softmax_backward(grad_probabilities, probabilities,
+                                                      temperature, 1.0, layout));
   return {grad_x, grad_scores};
 }
 

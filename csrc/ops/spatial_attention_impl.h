@@ -134,13 +134,17 @@ struct SpatialAttentionBackend {
   at::Tensor (*top_k_mask)(const at::Tensor& scores, int64_t k, Layout layout);
   // sigmoid(s / T) of a map `s` in the accumulation dtype, a new tensor stored like `s`.
   at::Tensor (*position_sigmoid)(const at::Tensor& s, double temperature);
-  // softmax(s / T) over the positions of each sample and score channel, and its backward
-  // (d loss / d s from d loss / d p and p): `s`, `p` and `grad_p` in the accumulation dtype,
-  // stored like the weights, and so are the results. The sum over a row of any length must
-  // not stall (a float sum stops growing at 2^24 times its terms).
-  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, Layout layout);
+  // factor * softmax(s / T) over the positions of each sample and score channel, and its
+  // backward (factor * d loss / d s from d loss / d p and the probabilities p, factor 1):
+  // `s`, `p` and `grad_p` in the accumulation dtype, stored like the weights, and so are the
+  // results. Each result is rounded as the softmax's (its backward's) result times `factor`
+  // in a second step would be (factor P: the weights P p of soft_attention without a pass of
+  // their own). The sum over a row of any length must not stall (a float sum stops growing at
+  // 2^24 times its terms).
+  at::Tensor (*position_softmax)(const at::Tensor& s, double temperature, double factor,
+                                 Layout layout);
   at::Tensor (*position_softmax_backward)(const at::Tensor& grad_p, const at::Tensor& p,
-                                          double temperature, Layout layout);
+                                          double temperature, double factor, Layout layout);
   // Whether x and grad may come with strided row starts (see row_strides); if not, they
   // arrive dense in `layout`. Everything else (weights, outputs) is always dense.
   bool reads_strided_rows;
@@ -177,9 +181,10 @@ at::Tensor aten_position_sigmoid(const at::Tensor& s, double temperature);
 
 // position_softmax and its backward with ATen's softmax (any device whose softmax sums long
 // rows exactly enough; ATen's CPU kernels do not: their vector sums stall at 2^24 per lane).
-at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, Layout layout);
+at::Tensor aten_position_softmax(const at::Tensor& s, double temperature, double factor,
+                                 Layout layout);
 at::Tensor aten_position_softmax_backward(const at::Tensor& grad_p, const at::Tensor& p,
-                                          double temperature, Layout layout);
+                                          double temperature, double factor, Layout layout);
 
 // top_k_mask with ATen calls only (any device): the k-th largest value of each row by
 // selection, then everything above it and the first ties by index.

@@ -13,13 +13,16 @@
 namespace cnn_attention {
 namespace ops {
 
-// softmax(s / T) over the positions of each sample and score channel of `s` (N, Cs, *S),
-// stored in `layout`; a new tensor stored the same way.
-at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, Layout layout);
+// factor * softmax(s / T) over the positions of each sample and score channel of `s`
+// (N, Cs, *S), stored in `layout`; a new tensor stored the same way. See
+// SpatialAttentionBackend::position_softmax.
+at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, double factor,
+                                Layout layout);
 
-// d loss / d s from d loss / d p and p = position_softmax_cpu(s, T), both stored like p.
+// factor * d loss / d s from d loss / d p and p = position_softmax_cpu(s, T, 1), both stored
+// like p.
 at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Tensor& p,
-                                         double temperature, Layout layout);
+                                         double temperature, double factor, Layout layout);
 
 }  // namespace ops
 }  // namespace cnn_attention

@@ -479,10 +479,10 @@ void blocked_sums(int64_t positions, int64_t lanes, const VecAt& vec_at, const S
 }
 
 template <typename T>
-void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T temperature) {
+void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T temperature, T factor) {
   using Vec = at::vec::Vectorized<T>;
   const bool divide = temperature != T(1);
-  const Vec temperature_vec(temperature);
+  const Vec temperature_vec(temperature), factor_vec(factor);
   for_softmax_tasks<T>(rows, [&](int64_t offset, int64_t stride, int64_t lanes) {
     const T* in = s + offset;
     T* o = out + offset;
@@ -533,9 +533,9 @@ void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T tempe
       const Vec inverse(static_cast<T>(1.0 / total));
       p = 0;
       for (; p + Vec::size() <= positions; p += Vec::size()) {
-        (Vec::loadu(o + p) * inverse).store(o + p);
+        (Vec::loadu(o + p) * inverse * factor_vec).store(o + p);
       }
-      for (; p < positions; ++p) o[p] *= static_cast<T>(1.0 / total);
+      for (; p < positions; ++p) o[p] = o[p] * static_cast<T>(1.0 / total) * factor;
       return;
     }
     Vec best(-std::numeric_limits<T>::infinity());
@@ -558,14 +558,16 @@ void position_softmax_typed(const T* s, T* out, const SoftmaxRows& rows, T tempe
       buffer[l] = l < lanes ? static_cast<T>(1.0 / totals[l]) : T(0);
     }
     const Vec inverse = Vec::loadu(buffer);
-    for (int64_t p = 0; p < positions; ++p) store_lanes(o, p, load_lanes(o, p) * inverse);
+    for (int64_t p = 0; p < positions; ++p) {
+      store_lanes(o, p, load_lanes(o, p) * inverse * factor_vec);
+    }
   });
 }
 
-// grad_s = p * (grad_p - sum over positions of grad_p * p) / T
+// grad_s = p * (grad_p - sum over positions of grad_p * p) / T, times `factor`
 template <typename T>
 void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const SoftmaxRows& rows,
-                                     T temperature) {
+                                     T temperature, T factor) {
   using Vec = at::vec::Vectorized<T>;
   for_softmax_tasks<T>(rows, [&](int64_t offset, int64_t stride, int64_t lanes) {
     const T* g = grad_p + offset;
@@ -582,12 +584,13 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
           positions, 0, [&](int64_t q) { return Vec::loadu(g + q) * Vec::loadu(a + q); },
           [&](int64_t q) { return g[q] * a[q]; }, &dot);
       const T dot_value = static_cast<T>(dot);
-      const Vec dot_vec(dot_value), temperature_vec(temperature);
+      const Vec dot_vec(dot_value), temperature_vec(temperature), factor_vec(factor);
       int64_t q = 0;
       for (; q + Vec::size() <= positions; q += Vec::size()) {
-        (Vec::loadu(a + q) * (Vec::loadu(g + q) - dot_vec) / temperature_vec).store(o + q);
+        (Vec::loadu(a + q) * (Vec::loadu(g + q) - dot_vec) / temperature_vec * factor_vec)
+            .store(o + q);
       }
-      for (; q < positions; ++q) o[q] = a[q] * (g[q] - dot_value) / temperature;
+      for (; q < positions; ++q) o[q] = a[q] * (g[q] - dot_value) / temperature * factor;
       return;
     }
     double dots[Vec::size()];
@@ -598,9 +601,10 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
     for (int64_t l = 0; l < Vec::size(); ++l) {
       dot_lanes[l] = l < lanes ? static_cast<T>(dots[l]) : T(0);
     }
-    const Vec dot_vec = Vec::loadu(dot_lanes), temperature_vec(temperature);
+    const Vec dot_vec = Vec::loadu(dot_lanes), temperature_vec(temperature), factor_vec(factor);
     for (int64_t q = 0; q < positions; ++q) {
-      const Vec result = load_lanes(a, q) * (load_lanes(g, q) - dot_vec) / temperature_vec;
+      const Vec result =
+          load_lanes(a, q) * (load_lanes(g, q) - dot_vec) / temperature_vec * factor_vec;
       if (lanes == Vec::size()) {
         result.store(o + q * stride);
       } else {
@@ -612,20 +616,21 @@ void position_softmax_backward_typed(const T* grad_p, const T* p, T* out, const 
 
 }  // namespace
 
-at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, Layout layout) {
+at::Tensor position_softmax_cpu(const at::Tensor& s, double temperature, double factor,
+                                Layout layout) {
   const at::Tensor in = to_layout(s, layout);
   at::Tensor out = at::empty_like(in);
   if (in.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "position_softmax_cpu", [&] {
-    position_softmax_typed<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                     softmax_rows_of(in, layout),
-                                     static_cast<scalar_t>(temperature));
+    position_softmax_typed<scalar_t>(
+        in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), softmax_rows_of(in, layout),
+        static_cast<scalar_t>(temperature), static_cast<scalar_t>(factor));
   });
   return out;
 }
 
 at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Tensor& p,
-                                         double temperature, Layout layout) {
+                                         double temperature, double factor, Layout layout) {
   const at::Tensor probabilities = to_layout(p, layout);
   const at::Tensor grad = to_layout(grad_p, layout);
   at::Tensor out = at::empty_like(probabilities);
@@ -633,7 +638,8 @@ at::Tensor position_softmax_backward_cpu(const at::Tensor& grad_p, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "position_softmax_backward_cpu", [&] {
     position_softmax_backward_typed<scalar_t>(
         grad.const_data_ptr<scalar_t>(), probabilities.const_data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), softmax_rows_of(out, layout), static_cast<scalar_t>(temperature));
+        out.data_ptr<scalar_t>(), softmax_rows_of(out, layout), static_cast<scalar_t>(temperature),
+        static_cast<scalar_t>(factor));
   });
   return out;
 }
