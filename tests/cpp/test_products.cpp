@@ -74,3 +74,64 @@ TEST(CopyMatrix, OtherLayoutsAndDtypesCopyAsATen) {
 }
 
 }  // namespace
+
+namespace {
+
+using cnn_attention::ops::cpu::fixed_order_matmul;
+
+// out = a @ b (or out += it) through fixed_order_matmul with every operand stored by rows or by
+// columns, with padded lines: every layout takes a form of the product (in place, packed,
+// transposed, transposed in blocks of out's columns where m > k / 2 and out has more columns
+// than a block) whose every element is the same chain of fused multiply-adds, so the result has
+// the bits of the product of dense operands, and it writes nothing outside out's view.
+TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
+  torch::manual_seed(2);
+  struct Shape {
+    int64_t m, k, n;
+  };
+  // (64, 80, 1000): a channels-first map's gradient from its tokens' projection gradient (out^T
+  // in blocks); (16, 128, 2048): an MLP's second product (out^T whole); (80, 1000, 64): a weight
+  // gradient; one row, one column, one term.
+  for (const Shape shape : {Shape{64, 80, 1000}, Shape{16, 128, 2048}, Shape{80, 1000, 64},
+                            Shape{1, 300, 70}, Shape{70, 300, 1}, Shape{33, 1, 40}}) {
+    for (auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {
+      const torch::Tensor a_dense = torch::randn({shape.m, shape.k}).to(dtype);
+      const torch::Tensor b_dense = torch::randn({shape.k, shape.n}).to(dtype);
+      const torch::Tensor start = torch::randn({shape.m, shape.n}).to(dtype);
+      for (bool accumulate : {false, true}) {
+        torch::Tensor expected = start.clone();
+        fixed_order_matmul(expected, a_dense, b_dense, accumulate);
+        const torch::Tensor exact =
+            (accumulate ? start.to(torch::kDouble)
+                        : torch::zeros({shape.m, shape.n}, torch::kDouble)) +
+            torch::matmul(a_dense.to(torch::kDouble), b_dense.to(torch::kDouble));
+        const double tolerance = dtype == torch::kBFloat16 ? 0.1
+                                 : dtype == torch::kFloat  ? 1e-3
+                                                           : 1e-10;
+        EXPECT_TRUE(torch::allclose(expected.to(torch::kDouble), exact, tolerance, tolerance))
+            << c10::toString(dtype);
+        for (int layout = 0; layout < 8; ++layout) {
+          const bool out_rows = layout & 1, a_rows = layout & 2, b_rows = layout & 4;
+          const std::string where = std::string(c10::toString(dtype)) + " " +
+                                    std::to_string(shape.m) + "x" + std::to_string(shape.k) + "x" +
+                                    std::to_string(shape.n) + " layout " + std::to_string(layout) +
+                                    (accumulate ? " accumulate" : "");
+          const torch::Tensor a = source(shape.m, shape.k, a_rows, 3, dtype).copy_(a_dense);
+          const torch::Tensor b = source(shape.k, shape.n, b_rows, 3, dtype).copy_(b_dense);
+          const torch::Tensor out = destination(shape.m, shape.n, out_rows, 3, -7.0, dtype);
+          out.copy_(start);
+          const torch::Tensor before = buffer_of(out).clone();
+          fixed_order_matmul(out, a, b, accumulate);
+          EXPECT_TRUE(torch::equal(out, expected)) << where;
+          const torch::Tensor untouched = torch::ones_like(before, torch::kBool);
+          untouched.as_strided(out.sizes(), out.strides(), 0).fill_(false);
+          EXPECT_TRUE(torch::equal(buffer_of(out).masked_select(untouched),
+                                   before.masked_select(untouched)))
+              << where;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace

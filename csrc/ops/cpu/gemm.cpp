@@ -178,6 +178,13 @@ void copy_matrix(const at::Tensor& dst, const at::Tensor& src) {
   });
 }
 
+// The values of out^T that fixed_order_matmul's transposed form forms at once where it is
+// formed in blocks (32 KiB in float32), unless that is fewer than kMinBlockColumns of out's
+// columns: a block of a (C, P) channels-first map's columns is a small part of the map, and a
+// block's product stays large next to its fixed costs.
+constexpr int64_t kBlockValues = 1 << 13;
+constexpr int64_t kMinBlockColumns = 64;
+
 void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool accumulate) {
   TORCH_INTERNAL_ASSERT(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
@@ -185,22 +192,20 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
   const at::ScalarType acc = at::toOpMathType(a.scalar_type());
-  // b stored column by column (a transposed weight) would be packed into rows below: a copy of
-  // all of b (k n values), on one thread. out^T = b^T a^T reads b^T in place as the `a` operand
-  // (any strides) and packs a^T instead, into an out^T of its own: m (k + n) values, fewer
-  // where out has few rows next to b's size (a few tokens times a wide weight). Every element
-  // is the same chain of fused multiply-adds over l either way (fma(x, y, s) = fma(y, x, s)),
-  // so the result has the same bits.
-  if (b.stride(0) == 1 && n > 1 && m * (k + n) < k * n) {
-    at::Tensor transposed = at::empty({n, m}, out.options().dtype(acc));
-    if (accumulate) copy_matrix(transposed, out.t());
-    fixed_order_matmul(transposed, b.t(), a.t(), accumulate);
-    copy_matrix(out, transposed.t());
-    return;
-  }
-  // b is read a row at a time by every tile: packed dense; a is read in place when it is
-  // already in the accumulation dtype.
-  const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
+  // The product reads b's rows and writes out's in place where they have a unit column stride
+  // in the accumulation dtype; otherwise it packs b (k n values) or writes a result of its own
+  // (m n). The transposed form, out^T = b^T a^T, reads b^T in place as the `a` operand (any
+  // strides) and needs a^T's rows (m k values where a is stored by rows) and out^T's: it is
+  // taken where it copies fewer values (a few tokens times a transposed weight; a weight
+  // gradient from a channels-first map's tokens, whose columns are rows of the map). Its
+  // out^T of its own is at most half the size of b (read in place) where m <= k / 2, and is
+  // formed a block of out's columns at a time elsewhere (kBlockValues values, or
+  // kMinBlockColumns columns: a channels-first map's gradient, (C, P) from P tokens' R > C / 2
+  // values). Every element is the same chain of fused multiply-adds over l whatever the form and
+  // the blocks (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
+  const auto rows_in_place = [&](const at::Tensor& t) {
+    return t.scalar_type() == acc && (t.stride(1) == 1 || t.size(1) == 1);
+  };
   const auto dense_copy = [&](const at::Tensor& t) {
     const at::Tensor widened = t.to(acc);
     if (widened.is_contiguous()) return widened;
@@ -208,8 +213,33 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     copy_matrix(dense, widened);
     return dense;
   };
-  const at::Tensor b_rows = dense_copy(b);
-  const bool direct = out.scalar_type() == acc && out.stride(1) == 1;
+  const auto widened = [&](const at::Tensor& t) { return t.scalar_type() == acc ? 0 : t.numel(); };
+  const int64_t direct_copies =
+      widened(a) + (rows_in_place(b) ? 0 : k * n) + (rows_in_place(out) ? 0 : m * n);
+  const int64_t transposed_copies =
+      widened(b) + (rows_in_place(a.t()) ? 0 : m * k) + (rows_in_place(out.t()) ? 0 : m * n);
+  if (n > 1 && transposed_copies < direct_copies) {
+    if (rows_in_place(out.t())) {
+      fixed_order_matmul(out.t(), b.t(), a.t(), accumulate);
+      return;
+    }
+    const at::Tensor a_t = rows_in_place(a.t()) ? a.t() : dense_copy(a.t());
+    const int64_t block = 2 * m > k ? std::max(kMinBlockColumns, kBlockValues / m) : n;
+    for (int64_t first = 0; first < n; first += block) {
+      const int64_t width = std::min(block, n - first);
+      const at::Tensor out_block = out.narrow(1, first, width);
+      const at::Tensor transposed = at::empty({width, m}, out.options().dtype(acc));
+      if (accumulate) copy_matrix(transposed, out_block.t());
+      fixed_order_matmul(transposed, b.narrow(1, first, width).t(), a_t, accumulate);
+      copy_matrix(out_block, transposed.t());
+    }
+    return;
+  }
+  // b is read a row at a time by every tile: in place where its rows are, else packed by rows;
+  // a is read in place when it is already in the accumulation dtype.
+  const at::Tensor a_acc = a.scalar_type() == acc ? a : a.to(acc);
+  const at::Tensor b_rows = rows_in_place(b) ? b : dense_copy(b);
+  const bool direct = rows_in_place(out);
   at::Tensor result = direct       ? out
                       : accumulate ? dense_copy(out)
                                    : at::empty({m, n}, out.options().dtype(acc));
@@ -218,6 +248,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
     const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
     scalar_t* c_data = result.data_ptr<scalar_t>();
     const int64_t a_row = a_acc.stride(0), a_col = a_acc.stride(1), ldc = result.stride(0);
+    const int64_t ldb = b_rows.stride(0);
     const auto [row_block, column_block] = task_blocks(m, n, at::get_num_threads());
     const int64_t row_blocks = blocks(m, row_block), column_blocks = blocks(n, column_block);
     const int64_t task_work = row_block * column_block * std::max<int64_t>(k, 1);
@@ -230,7 +261,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
         const int64_t rows = std::min(row_block, m - first_row);
         const int64_t columns = std::min(column_block, n - first_column);
         block_product<scalar_t>(rows, columns, k, scalar_t(1), a_data + first_row * a_row, a_row,
-                                a_col, b_data + first_column, n, accumulate,
+                                a_col, b_data + first_column, ldb, accumulate,
                                 c_data + first_row * ldc + first_column, ldc);
       }
     });
