@@ -40,13 +40,12 @@ bool stack_by_copy(const at::Tensor& tokens, const at::Tensor& weight) {
   return tokens.size(0) > 1 && tokens.numel() <= weight.numel();
 }
 
-// out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)): one product when the samples of `a`
-// stack into a matrix (copied into one where stack_by_copy), else one per sample, each reading
-// `a` in place.
-at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
-                     const std::optional<at::Tensor>& bias = std::nullopt) {
+// out (N, M, L) = a (N, M, K) @ b (K, L) (+ bias (L,)), out contiguous: one product when the
+// samples of `a` stack into a matrix (copied into one where stack_by_copy), else one per sample,
+// each reading `a` in place.
+void tokens_mm_into(MatmulFn matmul, const at::Tensor& out, const at::Tensor& a,
+                    const at::Tensor& b, const std::optional<at::Tensor>& bias = std::nullopt) {
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
-  at::Tensor out = at::empty({batch, rows, cols}, a.options());
   if (bias.has_value()) out.copy_(bias->expand({batch, rows, cols}));
   // Channels-first tokens (each sample a transposed matrix, x's (K, M)) times a transposed
   // weight: the samples side by side, (K, N * M), are a copy of runs of M values, and out^T =
@@ -57,16 +56,32 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor side_by_side =
         a.permute({2, 0, 1}).contiguous().view({a.size(2), batch * rows});
     matmul(out.view({batch * rows, cols}).t(), b.t(), side_by_side, bias.has_value());
-    return out;
+    return;
   }
   // A column-major b (a transposed weight) is read by rows: see fixed_order_matmul.
   if (rows_stack(a) || stack_by_copy(a, b)) {
     matmul(out.view({batch * rows, cols}), a.reshape({batch * rows, a.size(2)}), b,
            bias.has_value());
-    return out;
+    return;
   }
   for (int64_t n = 0; n < batch; ++n) matmul(out.select(0, n), a.select(0, n), b, bias.has_value());
+}
+
+at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
+                     const std::optional<at::Tensor>& bias = std::nullopt) {
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options());
+  tokens_mm_into(matmul, out, a, b, bias);
   return out;
+}
+
+// A new contiguous tensor of `sizes`, in the memory of `map` where it fits: `map` is dense (in
+// any layout) and nothing reads it before it is written again (the backward's part of grad_x
+// for a chunk of samples, written last), so a temporary as large as the chunk's tokens costs
+// no memory of its own.
+at::Tensor in_memory_of(const at::Tensor& map, at::IntArrayRef sizes) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel > map.numel()) return at::empty(sizes, map.options());
+  return map.as_strided({numel}, {1}).view(sizes);
 }
 
 // out (N, L, M) = w (L, K) @ tokens (N, M, K)^T per sample, or out += it with `accumulate`:
@@ -245,21 +260,17 @@ double softmax_scale(const SelfAttentionSizes& sizes) {
   return 1.0 / std::sqrt(static_cast<double>(sizes.qk_head_dim()));
 }
 
-// Where sums_through_grad_y: T = p^T grad_y per head, (H, count, Pk, C), from grad_y's tokens
-// (count, P, C) and the heads' q, k and lse.
-at::Tensor grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& grad_tokens,
-                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                       double scale) {
+// Where sums_through_grad_y: T = p^T grad_y per head, written into `sums` (H, count, Pk, C),
+// contiguous, from grad_y's tokens (count, P, C: rows or, channels first, columns of a sample's
+// map, read in place) and the heads' q, k and lse. Head-major, so that each head's sums are one
+// (count * Pk, C) matrix.
+void grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& grad_tokens,
+                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale,
+                 const at::Tensor& sums) {
   const int64_t count = q.size(0), heads = q.size(1), positions = q.size(2);
-  const int64_t channels = grad_tokens.size(2);
-  // The backend reads rows with a unit last stride: channels-first tokens are copied.
-  const at::Tensor rows = grad_tokens.contiguous()
-                              .view({count, 1, positions, channels})
-                              .expand({count, heads, positions, channels});
-  // Head-major, so that each head's sums are one (count * Pk, C) matrix.
-  const at::Tensor sums = at::empty({heads, count, k.size(2), channels}, q.options());
+  const at::Tensor rows =
+      grad_tokens.unsqueeze(1).expand({count, heads, positions, grad_tokens.size(2)});
   backend.probability_sums(q, k, lse, scale, rows, sums.permute({1, 0, 2, 3}));
-  return sums;
 }
 
 // G's part from T: T_h^T v_h summed over the chunk's samples and keys, head h's columns of
@@ -379,11 +390,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                                         : grad_tokens_in_place;
   const at::Tensor gamma_value = gamma.reshape({});
   const at::Tensor grad_sum = position_sums(backend, grad_tokens);  // (C,)
-  // The attention's backward runs on chunks of samples: its temporaries (the gradient of the
-  // heads, the recomputed projection, heads and the projection's gradient: 2 (v + R) values
-  // per position) then take a chunk's share of memory on top of what the backward must hold
-  // (grad_x). A chunk of kChunkPositions positions keeps each call's work large next to its
-  // fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
+  // The attention's backward runs on chunks of samples: its temporaries (the recomputed
+  // projection and the projection's gradient, the heads; the heads' gradient and T in the
+  // chunk's part of grad_x) then take a chunk's share of memory on top of what the backward
+  // must hold (grad_x). A chunk of kChunkPositions positions keeps each call's work large next to
+  // its fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
   // twice |Q| + |K| + |V| + |out| per position) at half of the call's |Q| + |K| + |V| + |out|
   // or less. Where the two disagree (small maps) memory wins. But every chunk reads the
   // weights again in its products, and where a product packs a transposed weight, copies it:
@@ -415,6 +426,9 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     part.batch = count;
     const at::Tensor chunk_grad_tokens = grad_tokens.narrow(0, first, count);
     const at::Tensor chunk_x_tokens = x_tokens.narrow(0, first, count);
+    // The chunk's part of grad_x is written last: until then it holds the chunk's temporaries
+    // as large as its tokens (the heads' output gradient, T).
+    const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);
     // The projection (the forward's, if it kept it) again: the same products on the same rows
     // as the forward's, so the same bits (and the heads and lse it gives are the forward's).
     Projection p = project(
@@ -423,57 +437,71 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                v = heads_of(p.kv, sizes.qk_dim, heads, dv);
     const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
-    // G's part: from the recomputed heads, or from T = p^T grad_y, which also gives grad_v
-    // below. Sums over the chunks in chunk order: the result depends on the shape alone. The
-    // chunk's part is added at once and the heads freed before the attention's backward.
-    at::Tensor heads_out, sums;
+    // grad_attn = gamma * grad_y @ out_weight, (count, P, v), the heads' output gradient.
+    const auto heads_gradient = [&] {
+      const at::Tensor grad_attn = in_memory_of(chunk_grad_x, {count, g.positions, sizes.v_dim});
+      tokens_mm_into(backend.matmul, grad_attn, chunk_grad_tokens, out_weight);
+      return grad_attn.mul_(gamma_value);
+    };
+    // The projection's gradient grad_qkv (count, P, R), and grad_kv (count, Pk, qk + v), a view
+    // of it, or with pooled keys and values their gradients, sent back below to the positions
+    // that won their windows.
+    at::Tensor grad_qkv, grad_kv;
     if (sums_may_serve) {
-      sums = grad_y_sums(backend, chunk_grad_tokens, q, k, chunk_lse, softmax_scale(sizes));
+      // T's way, in the order that lets the projection's gradient be written over the
+      // projection (never over the forward's kept one, autograd's saved tensor): the attention's
+      // backward gives q's and k's gradients (it reads v), then T (from q and k) gives G (it
+      // reads v) and grad_v over v, and last q's and k's gradients are copied over them.
+      const at::Tensor grad_q = at::empty({count, g.positions, sizes.qk_dim}, x.options());
+      const at::Tensor grad_k = at::empty({count, g.key_positions, sizes.qk_dim}, x.options());
+      backend.attention_backward(heads_of(heads_gradient(), 0, heads, dv), q, k, v, at::Tensor(),
+                                 chunk_lse, softmax_scale(sizes), heads_of(grad_q, 0, heads, dq),
+                                 heads_of(grad_k, 0, heads, dq), at::Tensor());
+      const at::Tensor sums =
+          in_memory_of(chunk_grad_x, {heads, count, g.key_positions, g.channels});
+      grad_y_sums(backend, chunk_grad_tokens, q, k, chunk_lse, softmax_scale(sizes), sums);
       const at::Tensor out_part = sums_output_product(backend, sums, v);
       // Every element of T^T v sums a term of each element of T's row and of v's column, so it
-      // is finite where both T and v are (checked before it joins G).
+      // is finite where both T and v are (checked before it joins G). Where it is not, the
+      // chunk takes the heads' way below.
       if (all_finite(out_part)) {
         grad_out_product = grad_out_product.defined() ? grad_out_product.add_(out_part) : out_part;
-      } else {
-        sums.reset();
+        const bool over_projection = !projection.has_value();
+        grad_qkv = over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
+        grad_kv = over_projection ? p.kv
+                  : sizes.kv_stride == 1
+                      ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                      : at::empty({count, g.key_positions, kv_columns}, x.options());
+        value_gradient_from_sums(backend, sums, out_weight, gamma_value,
+                                 heads_of(grad_kv, sizes.qk_dim, heads, dv));
+        grad_kv.narrow(2, 0, sizes.qk_dim).copy_(grad_k);
+        grad_qkv.narrow(2, 0, sizes.qk_dim).copy_(grad_q);
       }
     }
-    const bool through_sums = sums.defined();
-    if (!through_sums) {
-      heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
+    if (!grad_qkv.defined()) {
+      // The heads' way: G's part from the recomputed heads, added at once (the chunks' parts
+      // in chunk order: the result depends on the shape alone), and the heads freed before the
+      // attention's backward where it does not read them. Where the backend allows it,
+      // grad_qkv is the recomputed projection itself, overwritten: not the forward's kept
+      // projection, nor where the keys and values are pooled (a tensor of their own).
+      at::Tensor heads_out = std::get<0>(backend.attention_forward(q, k, v, softmax_scale(sizes)));
       add_position_sum_product(backend, chunk_grad_tokens,
                                heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}),
                                grad_out_product);
       if (!backend.attention_backward_reads_out) heads_out.reset();
+      const bool over_projection =
+          backend.attention_backward_over_inputs && !projection.has_value() && sizes.kv_stride == 1;
+      grad_qkv = over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
+      grad_kv = sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                                     : at::empty({count, g.key_positions, kv_columns}, x.options());
+      backend.attention_backward(heads_of(heads_gradient(), 0, heads, dv), q, k, v, heads_out,
+                                 chunk_lse, softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
+                                 heads_of(grad_kv, 0, heads, dq),
+                                 heads_of(grad_kv, sizes.qk_dim, heads, dv));
     }
-    // Attention, its gradients written straight into that of the projection, grad_qkv
-    // (count, P, R). Pooled keys and values get theirs in a buffer first, then sent back to the
-    // positions that won their windows (the windows do not overlap, so every position gets at
-    // most one value: a deterministic scatter). Where the backend allows it, grad_qkv is the
-    // recomputed projection itself, overwritten: not the forward's kept projection (autograd's
-    // saved tensor, which another backward may read), nor where the keys and values are pooled
-    // (a tensor of their own) or the value gradient comes from T (written before the
-    // attention's backward reads v).
-    const bool over_projection = backend.attention_backward_over_inputs &&
-                                 !projection.has_value() && sizes.kv_stride == 1 && !through_sums;
-    at::Tensor grad_qkv =
-        over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
-    const at::Tensor grad_kv = sizes.kv_stride == 1
-                                   ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
-                                   : at::empty({count, g.key_positions, kv_columns}, x.options());
-    const at::Tensor grad_v = heads_of(grad_kv, sizes.qk_dim, heads, dv);
-    if (through_sums) {
-      value_gradient_from_sums(backend, sums, out_weight, gamma_value, grad_v);
-      sums.reset();  // memory: before grad_attn
-    }
-    at::Tensor grad_attn =
-        tokens_mm(backend.matmul, chunk_grad_tokens, out_weight).mul_(gamma_value);
-    backend.attention_backward(heads_of(grad_attn, 0, heads, dv), q, k, v, heads_out, chunk_lse,
-                               softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
-                               heads_of(grad_kv, 0, heads, dq),
-                               through_sums ? at::Tensor() : grad_v);
-    grad_attn.reset();  // memory: free what is no longer needed before the last products
-    heads_out.reset();
+    // Pooled keys and values: their gradients go to the positions that won their windows (the
+    // windows do not overlap, so every position gets at most one value: a deterministic
+    // scatter).
     if (sizes.kv_stride > 1) {
       const at::Tensor index = p.kv_indices.permute(channels_last_order(p.kv_indices.dim()))
                                    .reshape({count, g.key_positions, kv_columns});
@@ -488,7 +516,6 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     grad_qkv_bias = first == 0 ? bias_part : grad_qkv_bias.add_(bias_part);
 
     // grad_x = grad_y + grad_qkv @ qkv_weight, in the layout of x.
-    const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);
     if (g.layout == Layout::ChannelsLast) {
       const at::Tensor grad_rows =
           tokens_of(chunk_grad_x, g.layout).view({count * g.positions, g.channels});

@@ -113,9 +113,11 @@ struct SelfAttentionBackend {
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                              const at::Tensor& grad_v);
   // Writes sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w), p = softmax(q k^T * scale)
-  // from lse, both with a unit last stride, in the dtype of q: the probability-weighted sums of
-  // any rows over the queries (the value gradient is p^T grad_out). nullptr where the backend
-  // has none (the backward then recomputes the heads and takes grad_v from attention_backward).
+  // from lse, in the dtype of q: the probability-weighted sums of any rows over the queries (the
+  // value gradient is p^T grad_out). sums has a unit last stride, rows a unit stride on one of
+  // its last two dims (the channels of a token, or the positions of a channels-first map).
+  // nullptr where the backend has none (the backward then recomputes the heads and takes grad_v
+  // from attention_backward).
   void (*probability_sums)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                            double scale, const at::Tensor& rows, const at::Tensor& sums);
   // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`: 2-D tensors with any

@@ -506,7 +506,9 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
 // of any rows (probability_sums_cpu). A task per group of key blocks of a (sample, head), each
 // summing over every query block in order into its own rows of sums. p is recomputed once more
 // (dq multiply-adds and an exponential per pair): summing grad_v in the rows pass instead would
-// take a partial buffer of dv values per key for every group of a wave.
+// take a partial buffer of dv values per key for every group of a wave. Rows stored by columns
+// (a unit stride between rows: the tokens of a channels-first map) are read a query block at a
+// time through a transposing copy, rather than copied whole by the caller.
 template <typename T>
 void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& lse, T scale, const at::Tensor& sums) {
@@ -516,11 +518,15 @@ void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const a
   const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
   const BlockGroups key_groups = group_blocks(key_blocks, batch_heads);
   const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
+  const bool rows_by_columns = width > 1 && rows.stride(3) != 1;
+  TORCH_INTERNAL_ASSERT(!rows_by_columns || rows.stride(2) == 1);
+  const int64_t column_stride = rows.stride(3);
   const HeadRows<T> queries(q), keys(k), row_data(rows), sum_rows(sums);
   const T* lse_data = lse.const_data_ptr<T>();
   at::parallel_for(0, batch_heads * groups, 1, [&](int64_t begin, int64_t end) {
     const auto probs = scratch<T>(kQueryBlock * kKeyBlock);
     const auto key_columns = scratch<T>(dq * kKeyBlock);
+    const auto row_block = scratch<T>(rows_by_columns ? kQueryBlock * width : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
       const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
@@ -534,9 +540,16 @@ void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const a
           recompute_probs<T>(query_rows, cols, dq, scale, queries.rows(n, h, first),
                              queries.row_stride, key_columns.get(),
                              lse_data + nh * positions + first, probs.get());
-          block_product<T>(cols, width, query_rows, T(1), probs.get(), 1, kKeyBlock,
-                           row_data.rows(n, h, first), row_data.row_stride, first != 0,
-                           sum_rows.rows(n, h, key_first), sum_rows.row_stride);
+          const T* block_rows = row_data.rows(n, h, first);
+          int64_t block_row_stride = row_data.row_stride;
+          if (rows_by_columns) {
+            transpose_rows(block_rows, column_stride, width, query_rows, row_block.get(), width);
+            block_rows = row_block.get();
+            block_row_stride = width;
+          }
+          block_product<T>(cols, width, query_rows, T(1), probs.get(), 1, kKeyBlock, block_rows,
+                           block_row_stride, first != 0, sum_rows.rows(n, h, key_first),
+                           sum_rows.row_stride);
         }
       }
     }
