@@ -104,10 +104,12 @@ struct SelfAttentionBackend {
   std::tuple<at::Tensor, at::Tensor> (*attention_forward)(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale);
   // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
-  // in the dtype of q, whose contents on entry are undefined (they are slices of the
-  // projection's gradient, so nothing is copied afterwards). out and lse are attention_forward's
-  // results for the same q, k and v (out undefined unless attention_backward_reads_out). grad_v
-  // is undefined where the caller takes the value gradient from probability_sums.
+  // in the dtype of q, whose contents on entry are undefined (slices of the projection's
+  // gradient, so that nothing is copied afterwards, or, where the caller takes the value
+  // gradient from probability_sums, q's and k's gradients apart). out and lse are
+  // attention_forward's results for the same q, k and v (out undefined unless
+  // attention_backward_reads_out). grad_v is undefined where the caller takes the value gradient
+  // from probability_sums.
   void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
