@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -77,10 +78,15 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
 // A new contiguous tensor of `sizes`, in the memory of `map` where it fits: `map` is dense (in
 // any layout) and nothing reads it before it is written again (the backward's part of grad_x
 // for a chunk of samples, written last), so a temporary as large as the chunk's tokens costs
-// no memory of its own.
+// no memory of its own. Only where `map` starts on a 64-byte boundary, as a new tensor does
+// (a later chunk of a map with an odd number of values per sample does not): kernels may read
+// their operands in aligned vectors.
 at::Tensor in_memory_of(const at::Tensor& map, at::IntArrayRef sizes) {
+  constexpr uintptr_t kAlignment = 64;
   const int64_t numel = c10::multiply_integers(sizes);
-  if (numel > map.numel()) return at::empty(sizes, map.options());
+  if (numel > map.numel() || reinterpret_cast<uintptr_t>(map.data_ptr()) % kAlignment != 0) {
+    return at::empty(sizes, map.options());
+  }
   return map.as_strided({numel}, {1}).view(sizes);
 }
 
