@@ -200,7 +200,7 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   // gradient from a channels-first map's tokens, whose columns are rows of the map). Its
   // out^T of its own is at most half the size of b (read in place) where m <= k / 2, and is
   // formed a block of out's columns at a time elsewhere (kBlockValues values, or
-  // kMinBlockColumns columns: a channels-first map's gradient, (C, P) from P tokens' R > C / 2
+  // kMinBlockColumns columns: a channels-first map's gradient, (C, P) from P tokens' R < 2 C
   // values). Every element is the same chain of fused multiply-adds over l whatever the form and
   // the blocks (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
   const auto rows_in_place = [&](const at::Tensor& t) {
