@@ -47,6 +47,10 @@ CASES = {
     "self_attention qk 8 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,64,64) fwd+bwd": ("self", (4, 64, 64, 64), 8),
+    "self_attention qk 8 v 64 (1,64,32,32) fwd+bwd": ("self", (1, 64, 32, 32), 8),
+    "self_attention qk 8 v 64 (1,64,64,64) fwd+bwd": ("self", (1, 64, 64, 64), 8),
+    "self_attention qk 8 v 64 (2,64,32,32) fwd+bwd": ("self", (2, 64, 32, 32), 8),
+    "self_attention qk 8 v 64 channels_last (1,64,64,64) fwd+bwd": ("self_last", (1, 64, 64, 64), 8),
     "self_attention qk 64 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 64),
     "self_attention qk 64 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 64),
     "self_attention qk 256 v 2048 (8,2048,4,4) fwd": ("self_fwd", (8, 2048, 4, 4), 256),
@@ -102,6 +106,8 @@ def call(kind, shape, *extra):
         run = (lambda: ops.soft_attention(x, scores, normalize, 1.0)) if normalize != "pool" else (
             lambda: ops.soft_attention_pool(x, scores, 1.0))
     else:
+        if kind.endswith("last"):
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         qk, v = extra[0], c
         params = [torch.randn(2 * qk + v, c) / c**0.5, torch.zeros(2 * qk + v), torch.randn(c, v) / v**0.5,
                   torch.zeros(c), torch.full((1,), 0.5)]

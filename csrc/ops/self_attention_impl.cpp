@@ -243,7 +243,7 @@ at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
 // the channels and the keys many: the default block (one head, dv = C, all keys) where P > C,
 // never at deep stages (P < C).
 bool sums_through_grad_y(const SelfAttentionBackend& backend, const Geometry& g) {
-  if (backend.probability_sums == nullptr) return false;
+  if (backend.value_gradients_through_sums == nullptr) return false;
   const double queries = static_cast<double>(g.positions),
                keys = static_cast<double>(g.key_positions);
   const double channels = static_cast<double>(g.channels);
@@ -266,47 +266,29 @@ double softmax_scale(const SelfAttentionSizes& sizes) {
   return 1.0 / std::sqrt(static_cast<double>(sizes.qk_head_dim()));
 }
 
-// Where sums_through_grad_y: T = p^T grad_y per head, written into `sums` (H, count, Pk, C),
-// contiguous, from grad_y's tokens (count, P, C: rows or, channels first, columns of a sample's
-// map, read in place) and the heads' q, k and lse. Head-major, so that each head's sums are one
-// (count * Pk, C) matrix.
-void grad_y_sums(const SelfAttentionBackend& backend, const at::Tensor& grad_tokens,
-                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale,
-                 const at::Tensor& sums) {
-  const int64_t count = q.size(0), heads = q.size(1), positions = q.size(2);
-  const at::Tensor rows =
-      grad_tokens.unsqueeze(1).expand({count, heads, positions, grad_tokens.size(2)});
-  backend.probability_sums(q, k, lse, scale, rows, sums.permute({1, 0, 2, 3}));
-}
-
-// G's part from T: T_h^T v_h summed over the chunk's samples and keys, head h's columns of
-// (C, v), in the accumulation dtype.
-at::Tensor sums_output_product(const SelfAttentionBackend& backend, const at::Tensor& sums,
-                               const at::Tensor& v) {
-  const int64_t heads = v.size(1), dv = v.size(3);
-  const at::Tensor product =
-      at::empty({sums.size(3), heads * dv}, v.options().dtype(at::toOpMathType(v.scalar_type())));
-  for (int64_t h = 0; h < heads; ++h) {
-    backend.position_sum_product(sums.select(0, h), v.select(1, h), product.narrow(1, h * dv, dv),
-                                 false);
+// Tensors carved one after another out of `memory` (1-D, contiguous), each on a 64-byte boundary
+// (16 elements: kernels may read their operands in aligned vectors), or of their own where
+// `memory` has no room left.
+class Carving {
+ public:
+  explicit Carving(at::Tensor memory) : memory_(std::move(memory)) {}
+  at::Tensor take(at::IntArrayRef sizes) {
+    const int64_t numel = c10::multiply_integers(sizes);
+    if (used_ + numel > memory_.numel()) return at::empty(sizes, memory_.options());
+    at::Tensor part = memory_.narrow(0, used_, numel).view(sizes);
+    used_ = std::min(memory_.numel(), (used_ + numel + 15) / 16 * 16);
+    return part;
   }
-  return product;
-}
-
-// grad_v (count, H, Pk, dv) = gamma * T_h out_weight_h per head, out_weight_h the head's
-// columns of out_weight (C, v): p^T (grad_y out_weight) gamma, with the product over channels
-// done once per key instead of once per query.
-void value_gradient_from_sums(const SelfAttentionBackend& backend, const at::Tensor& sums,
-                              const at::Tensor& out_weight, const at::Tensor& gamma_value,
-                              const at::Tensor& grad_v) {
-  const int64_t heads = sums.size(0), rows = sums.size(1) * sums.size(2), dv = grad_v.size(3);
-  for (int64_t h = 0; h < heads; ++h) {
-    const at::Tensor head_grad_v = grad_v.select(1, h);
-    backend.matmul(head_grad_v.view({rows, dv}), sums.select(0, h).view({rows, sums.size(3)}),
-                   out_weight.narrow(1, h * dv, dv), false);
-    head_grad_v.mul_(gamma_value);
+  // What is left (undefined where nothing is).
+  at::Tensor rest() const {
+    return used_ < memory_.numel() ? memory_.narrow(0, used_, memory_.numel() - used_)
+                                   : at::Tensor();
   }
-}
+
+ private:
+  at::Tensor memory_;
+  int64_t used_ = 0;
+};
 
 }  // namespace
 
@@ -422,6 +404,8 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   const bool sums_may_serve = x.scalar_type() == at::toOpMathType(x.scalar_type()) &&
                               sums_through_grad_y(backend, g) && all_finite(out_weight) &&
                               all_finite(gamma);
+  const double gamma_number = sums_may_serve ? gamma_value.item<double>() : 0.0;
+  const at::Tensor dense_out_weight = sums_may_serve ? out_weight.contiguous() : out_weight;
   at::Tensor grad_x = feature_map_like(x);
   // G = the sum over positions of grad^T attn (C, v): over the chunks' recomputed heads, or
   // their sums T^T v.
@@ -433,7 +417,7 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     const at::Tensor chunk_grad_tokens = grad_tokens.narrow(0, first, count);
     const at::Tensor chunk_x_tokens = x_tokens.narrow(0, first, count);
     // The chunk's part of grad_x is written last: until then it holds the chunk's temporaries
-    // as large as its tokens (the heads' output gradient, T).
+    // (the heads' output gradient, or in T's way q's and k's gradients and partial sums).
     const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);
     // The projection (the forward's, if it kept it) again: the same products on the same rows
     // as the forward's, so the same bits (and the heads and lse it gives are the forward's).
@@ -443,45 +427,48 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                v = heads_of(p.kv, sizes.qk_dim, heads, dv);
     const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
-    // grad_attn = gamma * grad_y @ out_weight, (count, P, v), the heads' output gradient.
-    const auto heads_gradient = [&] {
-      const at::Tensor grad_attn = in_memory_of(chunk_grad_x, {count, g.positions, sizes.v_dim});
-      tokens_mm_into(backend.matmul, grad_attn, chunk_grad_tokens, out_weight);
-      return grad_attn.mul_(gamma_value);
-    };
     // The projection's gradient grad_qkv (count, P, R), and grad_kv (count, Pk, qk + v), a view
     // of it, or with pooled keys and values their gradients, sent back below to the positions
     // that won their windows.
     at::Tensor grad_qkv, grad_kv;
+    const bool over_projection = !projection.has_value();
     if (sums_may_serve) {
-      // T's way, in the order that lets the projection's gradient be written over the
-      // projection (never over the forward's kept one, autograd's saved tensor): the attention's
-      // backward gives q's and k's gradients (it reads v), then T (from q and k) gives G (it
-      // reads v) and grad_v over v, and last q's and k's gradients are copied over them.
-      const at::Tensor grad_q = at::empty({count, g.positions, sizes.qk_dim}, x.options());
-      const at::Tensor grad_k = at::empty({count, g.key_positions, sizes.qk_dim}, x.options());
-      backend.attention_backward(heads_of(heads_gradient(), 0, heads, dv), q, k, v, at::Tensor(),
-                                 chunk_lse, softmax_scale(sizes), heads_of(grad_q, 0, heads, dq),
-                                 heads_of(grad_k, 0, heads, dq), at::Tensor());
-      const at::Tensor sums =
-          in_memory_of(chunk_grad_x, {heads, count, g.key_positions, g.channels});
-      grad_y_sums(backend, chunk_grad_tokens, q, k, chunk_lse, softmax_scale(sizes), sums);
-      const at::Tensor out_part = sums_output_product(backend, sums, v);
+      // T's way, where the chunk holds its projection and little else (never the forward's kept
+      // projection, autograd's saved tensor, which gets a gradient of its own): the heads'
+      // output gradient is formed a block of queries at a time inside the kernel that gives q's
+      // and k's gradients, which go to the chunk's part of grad_x (written last) with the
+      // kernels' partial sums; then T, a block of keys at a time, gives G's part and the value
+      // gradient, written over v; last q's and k's gradients are copied over q and k.
+      Carving region(in_memory_of(chunk_grad_x, {chunk_grad_x.numel()}));
+      const at::Tensor grad_q = region.take({count, g.positions, sizes.qk_dim});
+      const at::Tensor grad_k = region.take({count, g.key_positions, sizes.qk_dim});
+      const at::Tensor workspace = region.rest();
+      backend.query_key_gradients(chunk_grad_tokens, dense_out_weight, gamma_number, q, k, v,
+                                  chunk_lse, softmax_scale(sizes), heads_of(grad_q, 0, heads, dq),
+                                  heads_of(grad_k, 0, heads, dq), workspace);
+      grad_qkv = over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
+      grad_kv = over_projection ? p.kv
+                : sizes.kv_stride == 1
+                    ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
+                    : at::empty({count, g.key_positions, kv_columns}, x.options());
+      const at::Tensor out_part = backend.value_gradients_through_sums(
+          chunk_grad_tokens, dense_out_weight, gamma_number, q, k, v, chunk_lse,
+          softmax_scale(sizes), heads_of(grad_kv, sizes.qk_dim, heads, dv), workspace);
       // Every element of T^T v sums a term of each element of T's row and of v's column, so it
-      // is finite where both T and v are (checked before it joins G). Where it is not, the
-      // chunk takes the heads' way below.
+      // is finite where both T and v are. Where it is not, the chunk takes the heads' way below,
+      // from its projection again where v now holds its gradient.
       if (all_finite(out_part)) {
         grad_out_product = grad_out_product.defined() ? grad_out_product.add_(out_part) : out_part;
-        const bool over_projection = !projection.has_value();
-        grad_qkv = over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
-        grad_kv = over_projection ? p.kv
-                  : sizes.kv_stride == 1
-                      ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
-                      : at::empty({count, g.key_positions, kv_columns}, x.options());
-        value_gradient_from_sums(backend, sums, out_weight, gamma_value,
-                                 heads_of(grad_kv, sizes.qk_dim, heads, dv));
         grad_kv.narrow(2, 0, sizes.qk_dim).copy_(grad_k);
         grad_qkv.narrow(2, 0, sizes.qk_dim).copy_(grad_q);
+      } else {
+        grad_qkv = grad_kv = at::Tensor();
+        if (over_projection) {
+          p = project(backend.matmul, chunk_x_tokens, qkv_weight, qkv_bias, part, std::nullopt);
+          q = heads_of(p.qkv, 0, heads, dq);
+          k = heads_of(p.kv, 0, heads, dq);
+          v = heads_of(p.kv, sizes.qk_dim, heads, dv);
+        }
       }
     }
     if (!grad_qkv.defined()) {
@@ -495,13 +482,17 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
                                heads_out.transpose(1, 2).reshape({count, g.positions, sizes.v_dim}),
                                grad_out_product);
       if (!backend.attention_backward_reads_out) heads_out.reset();
-      const bool over_projection =
-          backend.attention_backward_over_inputs && !projection.has_value() && sizes.kv_stride == 1;
-      grad_qkv = over_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
+      const bool over_heads_projection =
+          backend.attention_backward_over_inputs && over_projection && sizes.kv_stride == 1;
+      grad_qkv = over_heads_projection ? p.qkv : at::empty({count, g.positions, rows}, x.options());
       grad_kv = sizes.kv_stride == 1 ? grad_qkv.narrow(2, sizes.qk_dim, kv_columns)
                                      : at::empty({count, g.key_positions, kv_columns}, x.options());
-      backend.attention_backward(heads_of(heads_gradient(), 0, heads, dv), q, k, v, heads_out,
-                                 chunk_lse, softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
+      // grad_attn = gamma * grad_y @ out_weight, (count, P, v), the heads' output gradient.
+      const at::Tensor grad_attn = in_memory_of(chunk_grad_x, {count, g.positions, sizes.v_dim});
+      tokens_mm_into(backend.matmul, grad_attn, chunk_grad_tokens, out_weight);
+      grad_attn.mul_(gamma_value);
+      backend.attention_backward(heads_of(grad_attn, 0, heads, dv), q, k, v, heads_out, chunk_lse,
+                                 softmax_scale(sizes), heads_of(grad_qkv, 0, heads, dq),
                                  heads_of(grad_kv, 0, heads, dq),
                                  heads_of(grad_kv, sizes.qk_dim, heads, dv));
     }

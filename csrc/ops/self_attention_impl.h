@@ -105,23 +105,35 @@ struct SelfAttentionBackend {
                                                           const at::Tensor& v, double scale);
   // Writes grad_q, grad_k and grad_v: views shaped like q, k and v with a unit last stride,
   // in the dtype of q, whose contents on entry are undefined (slices of the projection's
-  // gradient, so that nothing is copied afterwards, or, where the caller takes the value
-  // gradient from probability_sums, q's and k's gradients apart). out and lse are
-  // attention_forward's results for the same q, k and v (out undefined unless
-  // attention_backward_reads_out). grad_v is undefined where the caller takes the value gradient
-  // from probability_sums.
+  // gradient, so that nothing is copied afterwards). out and lse are attention_forward's results
+  // for the same q, k and v (out undefined unless attention_backward_reads_out).
   void (*attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                              const at::Tensor& grad_v);
-  // Writes sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w), p = softmax(q k^T * scale)
-  // from lse, in the dtype of q: the probability-weighted sums of any rows over the queries (the
-  // value gradient is p^T grad_out). sums has a unit last stride, rows a unit stride on one of
-  // its last two dims (the channels of a token, or the positions of a channels-first map).
+  // T's way (self_attention_impl.cpp, sums_through_grad_y), for float32 and float64; both
   // nullptr where the backend has none (the backward then recomputes the heads and takes grad_v
-  // from attention_backward).
-  void (*probability_sums)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                           double scale, const at::Tensor& rows, const at::Tensor& sums);
+  // from attention_backward). grad_tokens (N, P, C) are grad_y's tokens (rows, or the columns of
+  // a channels-first map), out_weight (C, H dv), and the output gradient of the heads is
+  // grad_attn = gamma * grad_tokens @ out_weight, which neither call holds whole. `workspace`
+  // (1-D, may be undefined) is memory the caller lends for partial sums; as much of it is used as
+  // the shape allows, the rest comes from the allocator.
+  // query_key_gradients writes grad_q and grad_k (tensors of their own) as attention_backward
+  // would, given grad_attn.
+  void (*query_key_gradients)(const at::Tensor& grad_tokens, const at::Tensor& out_weight,
+                              double gamma, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& lse, double scale,
+                              const at::Tensor& grad_q, const at::Tensor& grad_k,
+                              const at::Tensor& workspace);
+  // value_gradients_through_sums, with T_h = p_h^T grad_tokens (Pk, C) per head, writes
+  // grad_v = gamma * T_h out_weight_h (grad_v may be v itself) and returns G = the sum of
+  // T_h^T v_h (C, H dv) over samples and keys.
+  at::Tensor (*value_gradients_through_sums)(const at::Tensor& grad_tokens,
+                                             const at::Tensor& out_weight, double gamma,
+                                             const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& lse,
+                                             double scale, const at::Tensor& grad_v,
+                                             const at::Tensor& workspace);
   // out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`: 2-D tensors with any
   // strides, `out` written in place (see MatmulFn).
   MatmulFn matmul;

@@ -51,11 +51,12 @@ struct BlockGroups {
   int64_t count, blocks_per_group;
 };
 
-// `blocks` blocks of each of `batch_heads` (sample, head) pairs in groups: the split depends on
-// the shape only, so results are the same for every thread count.
-BlockGroups group_blocks(int64_t blocks, int64_t batch_heads) {
-  const int64_t wanted =
-      std::max<int64_t>(1, std::min(blocks, (kMinBackwardTasks + batch_heads - 1) / batch_heads));
+// `blocks` blocks of each of `batch_heads` (sample, head) pairs in groups (at most `max_groups`):
+// the split depends on the shape only, so results are the same for every thread count.
+BlockGroups group_blocks(int64_t blocks, int64_t batch_heads,
+                         int64_t max_groups = std::numeric_limits<int64_t>::max()) {
+  const int64_t wanted = std::max<int64_t>(
+      1, std::min({blocks, (kMinBackwardTasks + batch_heads - 1) / batch_heads, max_groups}));
   const int64_t per_group = std::max<int64_t>(1, (blocks + wanted - 1) / wanted);
   return {(blocks + per_group - 1) / per_group, per_group};
 }
@@ -63,8 +64,9 @@ BlockGroups group_blocks(int64_t blocks, int64_t batch_heads) {
 // Strides of a (N, H, rows, d) view with a unit last stride, and its data.
 template <typename T>
 struct HeadRows {
-  T* data;
-  int64_t batch_stride, head_stride, row_stride;
+  T* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
+  HeadRows() = default;
   explicit HeadRows(const at::Tensor& t)
       : data(t.data_ptr<T>()),
         batch_stride(t.stride(0)),
@@ -74,6 +76,64 @@ struct HeadRows {
     return data + n * batch_stride + h * head_stride + first_row * row_stride;
   }
 };
+
+// The output gradient's rows (N, H, P, dv) that a backward task reads: a tensor's, or, where the
+// caller has not formed them (T's way, see self_attention_impl.cpp), a block of rows formed where
+// it is read, gamma * grad_y @ out_weight_h, from grad_y's tokens (N, P, C: rows, or the columns
+// of a channels-first map) and the head's columns of out_weight (C, H dv): each element the same
+// chain of multiply-adds as the caller's product, times gamma, with no (N, P, v) tensor.
+template <typename T>
+struct HeadsGradient {
+  HeadRows<T> given;
+  const T* tokens = nullptr;
+  int64_t token_batch_stride = 0, token_row = 0, token_col = 0, channels = 0;
+  const T* out_weight = nullptr;
+  int64_t out_weight_ld = 0, dv = 0;
+  T gamma = T(0);
+
+  explicit HeadsGradient(const at::Tensor& grad_out) : given(grad_out) {}
+  HeadsGradient(const at::Tensor& grad_tokens, const at::Tensor& weight, T gamma_value,
+                int64_t head_dim)
+      : tokens(grad_tokens.const_data_ptr<T>()),
+        token_batch_stride(grad_tokens.stride(0)),
+        token_row(grad_tokens.stride(1)),
+        token_col(grad_tokens.stride(2)),
+        channels(grad_tokens.size(2)),
+        out_weight(weight.const_data_ptr<T>()),
+        out_weight_ld(weight.stride(0)),
+        dv(head_dim),
+        gamma(gamma_value) {}
+
+  bool formed() const { return tokens != nullptr; }
+  // Rows [first, first + count) of pair (n, h) and their row stride: the given tensor's, or
+  // formed into `buffer` (count x dv).
+  std::pair<const T*, int64_t> rows(int64_t n, int64_t h, int64_t first, int64_t count,
+                                    T* buffer) const {
+    if (!formed()) return {given.rows(n, h, first), given.row_stride};
+    block_product<T>(count, dv, channels, gamma,
+                     tokens + n * token_batch_stride + first * token_row, token_row, token_col,
+                     out_weight + h * dv, out_weight_ld, false, buffer, dv);
+    return {buffer, dv};
+  }
+};
+
+// A buffer of `sizes` for a pass's partial sums: the front of the caller's `workspace` where it
+// is large enough (memory the caller holds anyway), else a tensor of its own.
+at::Tensor partial_buffer(const at::Tensor& workspace, at::IntArrayRef sizes,
+                          const at::TensorOptions& options) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (workspace.defined() && workspace.numel() >= numel) {
+    return workspace.narrow(0, 0, numel).view(sizes);
+  }
+  return at::empty(sizes, options);
+}
+
+// How many partial sums of `each` values fit the caller's workspace (at least one), or no limit
+// without one.
+int64_t partials_that_fit(const at::Tensor& workspace, int64_t each) {
+  if (!workspace.defined()) return std::numeric_limits<int64_t>::max();
+  return std::max<int64_t>(1, workspace.numel() / std::max<int64_t>(1, each));
+}
 
 // A task's scratch buffer, left uninitialized: each task writes every element it reads
 // (std::vector would zero a few hundred KiB per task and call).
@@ -324,23 +384,27 @@ bool one_task_per_pair(int64_t positions, int64_t key_positions, int64_t batch_h
 // last (from its copy of the keys), after the key and value gradients, which read its query
 // rows: where one_task_per_pair, the gradients may be the very views q, k and v.
 template <typename T>
-void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q,
+void single_block_backward_typed(const HeadsGradient<T>& grads, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                                  T scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                 const at::Tensor& grad_v) {
+                                 const at::Tensor& grad_v, const at::Tensor& workspace) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3), batch_heads = batch * heads;
   TORCH_INTERNAL_ASSERT(key_positions <= kKeyBlock);
   const bool with_values = grad_v.defined();
   const int64_t query_rows = single_block_query_rows(positions, batch_heads, with_values);
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
-  const int64_t wave = wave_size(batch_heads, query_blocks);
-  const bool one_wave = wave == query_blocks;
-  // (slots, N, H, Pk, dq [+ dv]): a block's key and value gradients side by side.
+  // (slots, N, H, Pk, dq [+ dv]): a block's key and value gradients side by side, as many
+  // slots as fit the workspace.
   const int64_t widths = with_values ? dq + dv : dq;
+  int64_t wave = wave_size(batch_heads, query_blocks);
+  const int64_t fit = partials_that_fit(workspace, batch_heads * key_positions * widths);
+  if (wave - (wave == query_blocks ? 1 : 0) > fit) wave = fit;
+  const bool one_wave = wave == query_blocks;
   const int64_t slots = one_wave ? wave - 1 : wave;
-  const at::Tensor partials = at::empty({slots, batch, heads, key_positions, widths}, q.options());
-  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out);
+  const at::Tensor partials =
+      partial_buffer(workspace, {slots, batch, heads, key_positions, widths}, q.options());
+  const HeadRows<T> queries(q), keys(k), values(v);
   const HeadRows<T> grad_queries(grad_q), grad_keys(grad_k);
   const HeadRows<T> grad_values(with_values ? grad_v : grad_k);  // unread without grad_v
   const T* lse_data = lse.const_data_ptr<T>();
@@ -352,14 +416,15 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
       const auto probs = scratch<T>(kQueryBlock * kKeyBlock),
                  grad_scores = scratch<T>(kQueryBlock * kKeyBlock);
       const auto key_columns = scratch<T>(dq * kKeyBlock), key_rows = scratch<T>(kKeyBlock * dq),
-                 value_columns = scratch<T>(dv * kKeyBlock);
+                 value_columns = scratch<T>(dv * kKeyBlock),
+                 grad_rows = scratch<T>(grads.formed() ? query_rows * dv : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_blocks, block = wave_first + task % wave_blocks;
         const int64_t n = nh / heads, h = nh % heads;
         const int64_t first = block * query_rows, rows = std::min(query_rows, positions - first);
         const T* key = keys.rows(n, h, 0);
         const T* query = queries.rows(n, h, first);
-        const T* grad = grads.rows(n, h, first);
+        const auto [grad, grad_stride] = grads.rows(n, h, first, rows, grad_rows.get());
         transpose_rows(key, keys.row_stride, key_positions, dq, key_columns.get(), kKeyBlock);
         for (int64_t j = 0; j < key_positions; ++j) {
           std::copy_n(key + j * keys.row_stride, dq, key_rows.get() + j * dq);
@@ -369,8 +434,8 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
         recompute_probs<T>(rows, key_positions, dq, scale, query, queries.row_stride,
                            key_columns.get(), lse_data + nh * positions + first, probs.get());
         // dp = grad_out v^T into grad_scores, then the score gradients in place.
-        block_product<T>(rows, key_positions, dv, T(1), grad, grads.row_stride, 1,
-                         value_columns.get(), kKeyBlock, false, grad_scores.get(), kKeyBlock);
+        block_product<T>(rows, key_positions, dv, T(1), grad, grad_stride, 1, value_columns.get(),
+                         kKeyBlock, false, grad_scores.get(), kKeyBlock);
         score_gradients(rows, key_positions, probs.get(), grad_scores.get(), kKeyBlock);
         // grad_k (+)= scale * grad_scores^T q and grad_v (+)= p^T grad_out over these rows.
         T* grad_key = grad_keys.rows(n, h, 0);
@@ -386,7 +451,7 @@ void single_block_backward_typed(const at::Tensor& grad_out, const at::Tensor& q
                          queries.row_stride, false, grad_key, ld_key);
         if (with_values) {
           block_product<T>(key_positions, dv, rows, T(1), probs.get(), 1, kKeyBlock, grad,
-                           grads.row_stride, false, grad_value, ld_value);
+                           grad_stride, false, grad_value, ld_value);
         }
         // grad_q = scale * grad_scores k, whole rows.
         block_product<T>(rows, dq, key_positions, scale, grad_scores.get(), kKeyBlock, 1,
@@ -427,18 +492,20 @@ int64_t rows_pass_rows(int64_t key_positions) {
 // buffer, added to grad_k in group order. The value gradient, which needs p alone, is
 // value_pass_typed's.
 template <typename T>
-void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+void rows_pass_typed(const HeadsGradient<T>& grads, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& lse, T scale, const at::Tensor& grad_q,
-                     const at::Tensor& grad_k) {
+                     const at::Tensor& grad_k, const at::Tensor& workspace) {
   const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
   const int64_t key_positions = k.size(2), dv = v.size(3), batch_heads = batch * heads;
   const int64_t query_rows = rows_pass_rows(key_positions);
   const int64_t query_blocks = (positions + query_rows - 1) / query_rows;
   const BlockGroups query_groups = group_blocks(query_blocks, batch_heads);
   const int64_t groups = query_groups.count, blocks_per_group = query_groups.blocks_per_group;
-  const int64_t wave = wave_size(batch_heads, groups);
-  const at::Tensor partials = at::empty({wave, batch, heads, key_positions, dq}, q.options());
-  const HeadRows<T> queries(q), keys(k), values(v), grads(grad_out), grad_queries(grad_q);
+  const int64_t wave = std::min(wave_size(batch_heads, groups),
+                                partials_that_fit(workspace, batch_heads * key_positions * dq));
+  const at::Tensor partials =
+      partial_buffer(workspace, {wave, batch, heads, key_positions, dq}, q.options());
+  const HeadRows<T> queries(q), keys(k), values(v), grad_queries(grad_q);
   const T* lse_data = lse.const_data_ptr<T>();
   T* partial_data = partials.data_ptr<T>();
   const int64_t ld = key_positions;
@@ -452,7 +519,8 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
     at::parallel_for(0, batch_heads * wave_groups, 1, [&](int64_t begin, int64_t end) {
       const auto probs = scratch<T>(query_rows * ld), grad_scores = scratch<T>(query_rows * ld);
       const auto key_columns = scratch<T>(dq * columns_ld),
-                 value_columns = scratch<T>(dv * columns_ld);
+                 value_columns = scratch<T>(dv * columns_ld),
+                 grad_rows = scratch<T>(grads.formed() ? query_rows * dv : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / wave_groups, slot = task % wave_groups;
         const int64_t group = wave_first + slot, n = nh / heads, h = nh % heads;
@@ -468,7 +536,7 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const int64_t first = block * query_rows;
           const int64_t rows = std::min(query_rows, positions - first);
           const T* query = queries.rows(n, h, first);
-          const T* grad = grads.rows(n, h, first);
+          const auto [grad, grad_stride] = grads.rows(n, h, first, rows, grad_rows.get());
           for (int64_t key_first = 0; key_first < key_positions; key_first += kKeyBlock) {
             const int64_t cols = std::min(kKeyBlock, key_positions - key_first);
             const int64_t column = transpose_once ? key_first : 0;
@@ -481,7 +549,7 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
             recompute_probs<T>(rows, cols, dq, scale, query, queries.row_stride,
                                key_columns.get() + column, lse_data + nh * positions + first,
                                probs.get() + key_first, ld, columns_ld);
-            block_product<T>(rows, cols, dv, T(1), grad, grads.row_stride, 1,
+            block_product<T>(rows, cols, dv, T(1), grad, grad_stride, 1,
                              value_columns.get() + column, columns_ld, false,
                              grad_scores.get() + key_first, ld);
           }
@@ -501,38 +569,58 @@ void rows_pass_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::
   }
 }
 
-// sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w): the value gradient (rows: grad_out), the
-// backward's second pass where the keys do not fit one block, or the probability-weighted sums
-// of any rows (probability_sums_cpu). A task per group of key blocks of a (sample, head), each
-// summing over every query block in order into its own rows of sums. p is recomputed once more
-// (dq multiply-adds and an exponential per pair): summing grad_v in the rows pass instead would
-// take a partial buffer of dv values per key for every group of a wave. Rows stored by columns
-// (a unit stride between rows: the tokens of a channels-first map) are read a query block at a
-// time through a transposing copy, rather than copied whole by the caller.
-template <typename T>
-void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& lse, T scale, const at::Tensor& sums) {
-  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
-  const int64_t key_positions = k.size(2), width = sums.size(3), batch_heads = batch * heads;
+// The key blocks of the probability sums' tasks: a task per group of key blocks of a (sample,
+// head).
+struct SumsBlocks {
+  int64_t key_block, key_blocks;
+  BlockGroups groups;
+};
+
+SumsBlocks sums_blocks(int64_t key_positions, int64_t batch_heads,
+                       int64_t max_groups = std::numeric_limits<int64_t>::max()) {
   const int64_t key_block = backward_key_block(key_positions, batch_heads);
   const int64_t key_blocks = (key_positions + key_block - 1) / key_block;
-  const BlockGroups key_groups = group_blocks(key_blocks, batch_heads);
-  const int64_t groups = key_groups.count, blocks_per_group = key_groups.blocks_per_group;
+  return {key_block, key_blocks, group_blocks(key_blocks, batch_heads, max_groups)};
+}
+
+// sums (N, H, Pk, w) = p^T rows for rows (N, H, P, w): the value gradient (rows: grad_out), the
+// backward's second pass where the keys do not fit one block, or T = p^T grad_y
+// (value_gradients_through_sums_typed). A task per group of key blocks of a (sample, head),
+// each summing over every query block in order into its own rows of sums. p is recomputed once
+// more (dq multiply-adds and an exponential per pair): summing grad_v in the rows pass instead
+// would take a partial buffer of dv values per key for every group of a wave. Rows stored by
+// columns (a unit stride between rows: the tokens of a channels-first map) are read a query block
+// at a time through a transposing copy, rather than copied whole by the caller. Where `sums` is
+// undefined, a key block's sums are formed in the task's buffer instead and handed, complete, to
+// finish(n, h, task, first_of_group, key_first, cols, block_sums, ld), task = (n * H + h) *
+// groups + group.
+template <typename T, typename Finish>
+void probability_sums_blocks(const at::Tensor& rows, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& lse, T scale, const SumsBlocks& blocks,
+                             const at::Tensor& sums, const Finish& finish) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dq = q.size(3);
+  const int64_t key_positions = k.size(2), width = rows.size(3), batch_heads = batch * heads;
+  const int64_t key_block = blocks.key_block, key_blocks = blocks.key_blocks;
+  const int64_t groups = blocks.groups.count, blocks_per_group = blocks.groups.blocks_per_group;
   const bool rows_by_columns = width > 1 && rows.stride(3) != 1;
   TORCH_INTERNAL_ASSERT(!rows_by_columns || rows.stride(2) == 1);
   const int64_t column_stride = rows.stride(3);
-  const HeadRows<T> queries(q), keys(k), row_data(rows), sum_rows(sums);
+  const HeadRows<T> queries(q), keys(k), row_data(rows);
+  const HeadRows<T> sum_rows = sums.defined() ? HeadRows<T>(sums) : HeadRows<T>();
   const T* lse_data = lse.const_data_ptr<T>();
   at::parallel_for(0, batch_heads * groups, 1, [&](int64_t begin, int64_t end) {
     const auto probs = scratch<T>(kQueryBlock * kKeyBlock);
     const auto key_columns = scratch<T>(dq * kKeyBlock);
     const auto row_block = scratch<T>(rows_by_columns ? kQueryBlock * width : 0);
+    const auto block_sums = scratch<T>(sums.defined() ? 0 : key_block * width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / groups, group = task % groups, n = nh / heads, h = nh % heads;
       const int64_t block_end = std::min(key_blocks, (group + 1) * blocks_per_group);
       for (int64_t block = group * blocks_per_group; block < block_end; ++block) {
         const int64_t key_first = block * key_block;
         const int64_t cols = std::min(key_block, key_positions - key_first);
+        T* target = sums.defined() ? sum_rows.rows(n, h, key_first) : block_sums.get();
+        const int64_t target_ld = sums.defined() ? sum_rows.row_stride : width;
         transpose_rows(keys.rows(n, h, key_first), keys.row_stride, cols, dq, key_columns.get(),
                        kKeyBlock);
         for (int64_t first = 0; first < positions; first += kQueryBlock) {
@@ -548,12 +636,68 @@ void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const a
             block_row_stride = width;
           }
           block_product<T>(cols, width, query_rows, T(1), probs.get(), 1, kKeyBlock, block_rows,
-                           block_row_stride, first != 0, sum_rows.rows(n, h, key_first),
-                           sum_rows.row_stride);
+                           block_row_stride, first != 0, target, target_ld);
+        }
+        if (!sums.defined()) {
+          finish(n, h, task, block == group * blocks_per_group, key_first, cols,
+                 static_cast<const T*>(target), target_ld);
         }
       }
     }
   });
+}
+
+template <typename T>
+void probability_sums_typed(const at::Tensor& rows, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& lse, T scale, const at::Tensor& sums) {
+  probability_sums_blocks<T>(rows, q, k, lse, scale, sums_blocks(k.size(2), q.size(0) * q.size(1)),
+                             sums, [](auto&&...) {});
+}
+
+// T's way (see sums_through_grad_y in self_attention_impl.cpp) with T = p^T grad_y never whole:
+// each key block's sums T_b (cols x C), complete, give G's part T_b^T v_b (C x dv, summed over a
+// group's blocks in order into the group's partial) and the value gradient gamma T_b
+// out_weight_h, written once the block's values are read (grad_v may be v itself: no other task
+// reads those rows). G (C, H dv) = the partials added in order of sample and group, for each
+// head. The groups are as many as leave a partial for each in the workspace: the split depends
+// on the shape only.
+template <typename T>
+at::Tensor value_gradients_through_sums_typed(const at::Tensor& grad_tokens,
+                                              const at::Tensor& out_weight, T gamma,
+                                              const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& lse, T scale,
+                                              const at::Tensor& grad_v,
+                                              const at::Tensor& workspace) {
+  const int64_t batch = q.size(0), heads = q.size(1), positions = q.size(2), dv = v.size(3);
+  const int64_t channels = grad_tokens.size(2), batch_heads = batch * heads;
+  const SumsBlocks blocks = sums_blocks(k.size(2), batch_heads,
+                                        partials_that_fit(workspace, batch_heads * channels * dv));
+  const int64_t groups = blocks.groups.count;
+  const at::Tensor partials =
+      partial_buffer(workspace, {batch, heads, groups, channels, dv}, q.options());
+  T* partial_data = partials.data_ptr<T>();
+  const HeadRows<T> values(v), grad_values(grad_v);
+  const T* weight = out_weight.const_data_ptr<T>();
+  const int64_t weight_ld = out_weight.stride(0);
+  const auto finish = [&](int64_t n, int64_t h, int64_t task, bool first_of_group,
+                          int64_t key_first, int64_t cols, const T* block_sums, int64_t ld) {
+    block_product<T>(channels, dv, cols, T(1), block_sums, 1, ld, values.rows(n, h, key_first),
+                     values.row_stride, !first_of_group, partial_data + task * channels * dv, dv);
+    block_product<T>(cols, dv, channels, gamma, block_sums, ld, 1, weight + h * dv, weight_ld,
+                     false, grad_values.rows(n, h, key_first), grad_values.row_stride);
+  };
+  const at::Tensor rows = grad_tokens.unsqueeze(1).expand({batch, heads, positions, channels});
+  probability_sums_blocks<T>(rows, q, k, lse, scale, blocks, at::Tensor(), finish);
+  const at::Tensor product = at::empty({channels, heads * dv}, q.options());
+  for (int64_t h = 0; h < heads; ++h) {
+    const at::Tensor head_product = product.narrow(1, h * dv, dv);
+    for (int64_t n = 0; n < batch; ++n) {
+      for (int64_t group = 0; group < groups; ++group) {
+        add_partial(head_product, partials[n][h][group], n == 0 && group == 0);
+      }
+    }
+  }
+  return product;
 }
 
 at::ScalarType accumulation_type(const at::Tensor& t) { return at::toOpMathType(t.scalar_type()); }
@@ -618,13 +762,14 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_backward_cpu", [&] {
     const auto scale_value = static_cast<scalar_t>(scale);
+    const HeadsGradient<scalar_t> grads(grad_acc);
     if (k.size(2) <= kKeyBlock) {
-      single_block_backward_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value,
-                                            grad_q_acc, grad_k_acc, grad_v_acc);
+      single_block_backward_typed<scalar_t>(grads, q_acc, k_acc, v_acc, lse_acc, scale_value,
+                                            grad_q_acc, grad_k_acc, grad_v_acc, at::Tensor());
       return;
     }
-    rows_pass_typed<scalar_t>(grad_acc, q_acc, k_acc, v_acc, lse_acc, scale_value, grad_q_acc,
-                              grad_k_acc);
+    rows_pass_typed<scalar_t>(grads, q_acc, k_acc, v_acc, lse_acc, scale_value, grad_q_acc,
+                              grad_k_acc, at::Tensor());
     if (grad_v.defined()) {
       probability_sums_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
     }
@@ -634,17 +779,43 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   copy_from_accumulator(grad_v, grad_v_acc);
 }
 
-void probability_sums_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                          double scale, const at::Tensor& rows, const at::Tensor& sums) {
-  const auto acc = accumulation_type(q);
-  const at::Tensor sums_acc = accumulator(sums, acc);
-  const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc), rows_acc = rows.to(acc);
-  const at::Tensor lse_acc = lse.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "self_attention_probability_sums_cpu", [&] {
-    probability_sums_typed<scalar_t>(rows_acc, q_acc, k_acc, lse_acc, static_cast<scalar_t>(scale),
-                                     sums_acc);
+// T's way takes float32 and float64 only (half dtypes take the heads' way: see
+// self_attention_impl.cpp), so these read and write their tensors in place.
+void query_key_gradients_cpu(const at::Tensor& grad_tokens, const at::Tensor& out_weight,
+                             double gamma, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& lse, double scale,
+                             const at::Tensor& grad_q, const at::Tensor& grad_k,
+                             const at::Tensor& workspace) {
+  TORCH_INTERNAL_ASSERT(accumulation_type(q) == q.scalar_type());
+  const at::Tensor lse_acc = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "self_attention_query_key_gradients_cpu", [&] {
+    const HeadsGradient<scalar_t> grads(grad_tokens, out_weight, static_cast<scalar_t>(gamma),
+                                        v.size(3));
+    const auto scale_value = static_cast<scalar_t>(scale);
+    if (k.size(2) <= kKeyBlock) {
+      single_block_backward_typed<scalar_t>(grads, q, k, v, lse_acc, scale_value, grad_q, grad_k,
+                                            at::Tensor(), workspace);
+    } else {
+      rows_pass_typed<scalar_t>(grads, q, k, v, lse_acc, scale_value, grad_q, grad_k, workspace);
+    }
   });
-  copy_from_accumulator(sums, sums_acc);
+}
+
+at::Tensor value_gradients_through_sums_cpu(const at::Tensor& grad_tokens,
+                                            const at::Tensor& out_weight, double gamma,
+                                            const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& lse,
+                                            double scale, const at::Tensor& grad_v,
+                                            const at::Tensor& workspace) {
+  TORCH_INTERNAL_ASSERT(accumulation_type(q) == q.scalar_type());
+  const at::Tensor lse_acc = lse.contiguous();
+  at::Tensor product;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "self_attention_value_gradients_cpu", [&] {
+    product = value_gradients_through_sums_typed<scalar_t>(
+        grad_tokens, out_weight, static_cast<scalar_t>(gamma), q, k, v, lse_acc,
+        static_cast<scalar_t>(scale), grad_v, workspace);
+  });
+  return product;
 }
 
 // Rows (positions of all samples) per partial sum of position_sum_product_cpu.
@@ -655,8 +826,11 @@ constexpr int64_t kPositionChunk = 1024;
 // the result is the same for every thread count. Samples of fewer than kPositionChunk
 // positions have their rows stacked (a copy where they do not follow each other in memory,
 // positions-sized), so that a few positions of many samples make one product and one partial
-// rather than a weight-sized partial per sample. The worker threads get the caller's
-// thread-local state (below autograd, grad mode), as at::launch does.
+// rather than a weight-sized partial per sample. One sample (or one stack) is one product
+// over all its positions, written into (or added to) `out` itself, its tiles shared among the
+// threads: no partials. Otherwise the chunks run in waves of one per thread, so that the
+// partials held are as many as the threads, not the chunks. The worker threads get the
+// caller's thread-local state (below autograd, grad mode), as at::launch does.
 void position_sum_product_cpu(const at::Tensor& a_samples, const at::Tensor& b_samples,
                               const at::Tensor& out, bool accumulate) {
   const bool stack = a_samples.size(1) < kPositionChunk;
@@ -665,37 +839,39 @@ void position_sum_product_cpu(const at::Tensor& a_samples, const at::Tensor& b_s
   };
   const at::Tensor a = rows_of(a_samples), b = rows_of(b_samples);
   const int64_t batch = a.size(0), positions = a.size(1);
+  if (batch == 1) {
+    cpu::fixed_order_matmul(out, a.select(0, 0).t(), b.select(0, 0), accumulate);
+    return;
+  }
   const int64_t chunks_per_sample = (positions + kPositionChunk - 1) / kPositionChunk;
-  const auto chunk_product = [&](int64_t chunk, const at::Tensor& product, bool add) {
+  const int64_t chunks = batch * chunks_per_sample;
+  const auto chunk_product = [&](int64_t chunk, const at::Tensor& product) {
     const int64_t n = chunk / chunks_per_sample, first = chunk % chunks_per_sample * kPositionChunk;
     const int64_t length = std::min(kPositionChunk, positions - first);
     cpu::fixed_order_matmul(product, a.select(0, n).narrow(0, first, length).t(),
-                            b.select(0, n).narrow(0, first, length), add);
+                            b.select(0, n).narrow(0, first, length), false);
   };
-  // One chunk is written into (or added to) `out` itself (a partial would be one more
-  // weight-sized tensor at the peak), and its product shares its tiles among the threads
-  // (inside a task it would run on one).
-  if (batch * chunks_per_sample == 1) {
-    chunk_product(0, out, accumulate);
-    return;
-  }
-  const at::Tensor partials =
-      at::empty({batch * chunks_per_sample, a.size(2), b.size(2)}, out.options());
+  const int64_t wave = std::clamp<int64_t>(at::get_num_threads(), 1, chunks);
+  const at::Tensor partials = at::empty({wave, a.size(2), b.size(2)}, out.options());
   const at::ThreadLocalState caller;
-  at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      chunk_product(chunk, partials.select(0, chunk), false);
+  for (int64_t wave_first = 0; wave_first < chunks; wave_first += wave) {
+    const int64_t wave_chunks = std::min(wave, chunks - wave_first);
+    at::parallel_for(0, wave_chunks, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(caller);
+      for (int64_t slot = begin; slot < end; ++slot) {
+        chunk_product(wave_first + slot, partials.select(0, slot));
+      }
+    });
+    for (int64_t slot = 0; slot < wave_chunks; ++slot) {
+      add_partial(out, partials.select(0, slot), wave_first + slot == 0 && !accumulate);
     }
-  });
-  for (int64_t chunk = 0; chunk < batch * chunks_per_sample; ++chunk) {
-    add_partial(out, partials.select(0, chunk), chunk == 0 && !accumulate);
   }
 }
 
 constexpr SelfAttentionBackend kCpuBackend{attention_forward_cpu,
                                            attention_backward_cpu,
-                                           probability_sums_cpu,
+                                           query_key_gradients_cpu,
+                                           value_gradients_through_sums_cpu,
                                            cpu::fixed_order_matmul,
                                            position_sum_product_cpu,
                                            /*attention_backward_reads_out=*/false,

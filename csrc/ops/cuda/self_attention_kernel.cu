@@ -308,11 +308,12 @@ void position_sum_product_cuda(const at::Tensor& a, const at::Tensor& b, const a
   }
 }
 
-// No probability_sums: the backward recomputes the heads and attention_backward always writes
-// grad_v (it reads out).
+// Not T's way: the backward recomputes the heads and attention_backward always writes grad_v (it
+// reads out).
 constexpr SelfAttentionBackend kCudaBackend{attention_forward_cuda,
                                             attention_backward_cuda,
-                                            /*probability_sums=*/nullptr,
+                                            /*query_key_gradients=*/nullptr,
+                                            /*value_gradients_through_sums=*/nullptr,
                                             blas_matmul,
                                             position_sum_product_cuda,
                                             /*attention_backward_reads_out=*/true,
