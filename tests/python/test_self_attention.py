@@ -195,15 +195,19 @@ def test_empty_inputs_give_empty_results_and_zero_parameter_gradients(device, sh
         assert g.shape == p.shape and torch.count_nonzero(g) == 0, name
 
 
-def test_no_channels():
+@pytest.mark.parametrize("shape,qk_dim,v_dim,num_heads,dtype",
+                         [((2, 0, 5), 2, 4, 1, torch.float32), ((2, 0, 2, 2), 6, 3, 3, torch.float64)])
+def test_no_channels(shape, qk_dim, v_dim, num_heads, dtype):
     # C = 0: queries, keys and values come from the biases alone, but there is nothing to
-    # add them to.
-    x = torch.randn(2, 0, 5, requires_grad=True)
-    params = [torch.randn(8, 0), torch.randn(8), torch.randn(0, 4), torch.randn(0), torch.ones(1)]
-    params = [p.requires_grad_(True) for p in params]
-    y = op(x, *params, 2, 1, 1)
-    assert y.shape == (2, 0, 5)
-    grads = torch.autograd.grad(y.sum(), [x, *params])
+    # add them to. The backward takes T's way (no channels to sum), whose kernels form the
+    # heads' output gradient from grad_y's empty tokens (storage without an address).
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    rows = 2 * qk_dim + v_dim
+    params = [torch.randn(rows, 0), torch.randn(rows), torch.randn(0, v_dim), torch.randn(0), torch.ones(1)]
+    params = [p.to(dtype).requires_grad_(True) for p in params]
+    y = op(x, *params, qk_dim, num_heads, 1)
+    assert y.shape == shape
+    grads = torch.autograd.grad(y, [x, *params], torch.empty(shape, dtype=dtype))
     for g, t in zip(grads, [x, *params]):
         assert g.shape == t.shape and torch.count_nonzero(g) == 0
 

@@ -85,6 +85,7 @@ struct HeadRows {
 template <typename T>
 struct HeadsGradient {
   HeadRows<T> given;
+  bool formed_here = false;
   const T* tokens = nullptr;
   int64_t token_batch_stride = 0, token_row = 0, token_col = 0, channels = 0;
   const T* out_weight = nullptr;
@@ -94,7 +95,8 @@ struct HeadsGradient {
   explicit HeadsGradient(const at::Tensor& grad_out) : given(grad_out) {}
   HeadsGradient(const at::Tensor& grad_tokens, const at::Tensor& weight, T gamma_value,
                 int64_t head_dim)
-      : tokens(grad_tokens.const_data_ptr<T>()),
+      : formed_here(true),
+        tokens(grad_tokens.const_data_ptr<T>()),
         token_batch_stride(grad_tokens.stride(0)),
         token_row(grad_tokens.stride(1)),
         token_col(grad_tokens.stride(2)),
@@ -104,7 +106,7 @@ struct HeadsGradient {
         dv(head_dim),
         gamma(gamma_value) {}
 
-  bool formed() const { return tokens != nullptr; }
+  bool formed() const { return formed_here; }
   // Rows [first, first + count) of pair (n, h) and their row stride: the given tensor's, or
   // formed into `buffer` (count x dv).
   std::pair<const T*, int64_t> rows(int64_t n, int64_t h, int64_t first, int64_t count,
