@@ -490,8 +490,9 @@ int64_t rows_pass_rows(int64_t key_positions) {
 // p and dp = grad_out v^T (computed a key block at a time into row buffers) and computes the
 // correction term from them (see weighted_sum), then grad_scores, its rows of the query
 // gradient, whole, and the key gradient summed over its rows, accumulated over the group's
-// blocks in order. The groups run in waves (wave_size), each group's key gradient in a partial
-// buffer, added to grad_k in group order. The value gradient, which needs p alone, is
+// blocks in order. The groups run in waves (wave_size, or as many as have a partial buffer in
+// the caller's workspace), each group's key gradient in a partial buffer, added to grad_k in
+// group order. The value gradient, which needs p alone, is
 // value_pass_typed's.
 template <typename T>
 void rows_pass_typed(const HeadsGradient<T>& grads, const at::Tensor& q, const at::Tensor& k,
