@@ -47,6 +47,7 @@ CASES = {
     "self_attention qk 8 v 64 (4,64,32,32) fwd": ("self_fwd", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,32,32) fwd+bwd": ("self", (4, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (4,64,64,64) fwd+bwd": ("self", (4, 64, 64, 64), 8),
+    "self_attention qk 8 v 64 (1,64,64,64) fwd": ("self_fwd", (1, 64, 64, 64), 8),
     "self_attention qk 8 v 64 (1,64,32,32) fwd+bwd": ("self", (1, 64, 32, 32), 8),
     "self_attention qk 8 v 64 (1,64,64,64) fwd+bwd": ("self", (1, 64, 64, 64), 8),
     "self_attention qk 8 v 64 (2,64,32,32) fwd+bwd": ("self", (2, 64, 32, 32), 8),
