@@ -693,6 +693,30 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
     assert peak <= 1.01 * counted * 4, f"peak {peak / 4 / counted:.3f}x the counted values"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_one_sample_backward_holds_as_much_with_more_threads(layout):
+    """One sample of 1024 positions at 2 and at 8 intra-op threads: the backward's partial sums
+    (the key gradients of a wave of query groups, G's per group of key blocks) live in the
+    memory of grad_x before it is written, as many as fit there, and one sample's weight
+    gradient is one product with no partials, so the peak does not grow with the threads (2.01x
+    at 8 threads against 1.67x at 2 when each thread of a wave had a partial key gradient of
+    its own and each chunk of 1024 positions a weight-sized partial)."""
+    m = SelfAttention(64)
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = in_layout(torch.randn(1, 64, 32, 32), layout).requires_grad_(True)
+    grad = in_layout(torch.randn(x.shape), layout)
+    before = torch.get_num_threads()
+    peaks = []
+    try:
+        for threads in (2, 8):
+            torch.set_num_threads(threads)
+            peaks.append(_peak_cpu_bytes(lambda: m(x).backward(grad)))
+    finally:
+        torch.set_num_threads(before)
+    assert peaks[1] <= peaks[0], f"peak at 8 threads {peaks[1] / peaks[0]:.3f}x the peak at 2"
+
+
 def test_deep_stage_backward_holds_little_beyond_the_weight_gradients():
     """A non-local block at ResNet-50's last stage, (8, 2048, 4, 4): 128 tokens against 9.4 M
     weights, so the weights' gradients (36 MiB) are most of what forward+backward must hold.
