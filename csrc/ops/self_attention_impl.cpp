@@ -379,14 +379,14 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
   const at::Tensor gamma_value = gamma.reshape({});
   const at::Tensor grad_sum = position_sums(backend, grad_tokens);  // (C,)
   // The attention's backward runs on chunks of samples: its temporaries (the recomputed
-  // projection and the projection's gradient, the heads; the heads' gradient and T in the
-  // chunk's part of grad_x) then take a chunk's share of memory on top of what the backward
-  // must hold (grad_x). A chunk of kChunkPositions positions keeps each call's work large next to
-  // its fixed costs; a chunk of at most a quarter of the samples keeps those temporaries (about
-  // twice |Q| + |K| + |V| + |out| per position) at half of the call's |Q| + |K| + |V| + |out|
-  // or less. Where the two disagree (small maps) memory wins. But every chunk reads the
-  // weights again in its products, and where a product packs a transposed weight, copies it:
-  // where the whole batch's temporaries are no larger than the weights
+  // projection, which its gradient overwrites where it may, the heads; in the chunk's part of
+  // grad_x the heads' gradient, or q's and k's gradients and partial sums) then take a chunk's
+  // share of memory on top of what the backward must hold (grad_x). A chunk of kChunkPositions
+  // positions keeps each call's work large next to its fixed costs; a chunk of at most a quarter of
+  // the samples keeps those temporaries (about twice |Q| + |K| + |V| + |out| per position) at half
+  // of the call's |Q| + |K| + |V| + |out| or less. Where the two disagree (small maps) memory wins.
+  // But every chunk reads the weights again in its products, and where a product packs a transposed
+  // weight, copies it: where the whole batch's temporaries are no larger than the weights
   // (few_tokens_for_their_channels), the batch is one chunk. (With 4 samples of 64 positions
   // the peak is 1.43 times |Q| + |K| + |V| + |out|, of which y and grad_x are 0.89 and the
   // weights' gradients 0.25: see test_small_map_backward_holds_one_sample_of_temporaries.)

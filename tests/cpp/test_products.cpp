@@ -33,6 +33,17 @@ torch::Tensor buffer_of(const torch::Tensor& view) {
   return view.as_strided({size}, {1}, 0);
 }
 
+// The elements of `view`'s buffer outside the view, compared with `before` (a copy of the
+// buffer taken before `view` was written): nothing is written outside it.
+void expect_only_view_written(const torch::Tensor& view, const torch::Tensor& before,
+                              const std::string& where) {
+  const torch::Tensor untouched = torch::ones_like(before, torch::kBool);
+  untouched.as_strided(view.sizes(), view.strides(), 0).fill_(false);
+  EXPECT_TRUE(
+      torch::equal(buffer_of(view).masked_select(untouched), before.masked_select(untouched)))
+      << where;
+}
+
 TEST(CopyMatrix, TransposingCopiesEqualATensAndWriteNothingElse) {
   torch::manual_seed(0);
   for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
@@ -49,11 +60,7 @@ TEST(CopyMatrix, TransposingCopiesEqualATensAndWriteNothingElse) {
             const torch::Tensor before = buffer_of(dst).clone();
             copy_matrix(dst, src);
             EXPECT_TRUE(torch::equal(dst, src)) << where;
-            const torch::Tensor untouched = torch::ones_like(before, torch::kBool);
-            untouched.as_strided(dst.sizes(), dst.strides(), 0).fill_(false);
-            EXPECT_TRUE(torch::equal(buffer_of(dst).masked_select(untouched),
-                                     before.masked_select(untouched)))
-                << where;
+            expect_only_view_written(dst, before, where);
           }
         }
       }
@@ -123,11 +130,7 @@ TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
           const torch::Tensor before = buffer_of(out).clone();
           fixed_order_matmul(out, a, b, accumulate);
           EXPECT_TRUE(torch::equal(out, expected)) << where;
-          const torch::Tensor untouched = torch::ones_like(before, torch::kBool);
-          untouched.as_strided(out.sizes(), out.strides(), 0).fill_(false);
-          EXPECT_TRUE(torch::equal(buffer_of(out).masked_select(untouched),
-                                   before.masked_select(untouched)))
-              << where;
+          expect_only_view_written(out, before, where);
         }
       }
     }

@@ -445,11 +445,11 @@ def _peak_cpu_bytes(fn) -> int:
     return max(itertools.accumulate(_cpu_memory_records(fn), initial=0))
 
 
-def _peak_cpu_bytes_on_two_threads(fn) -> int:
-    """_peak_cpu_bytes at 2 intra-op threads: the backward keeps a wave of partial sums, one
-    per thread."""
+def _peak_cpu_bytes_on_threads(fn, threads: int = 2) -> int:
+    """_peak_cpu_bytes at `threads` intra-op threads: the backward runs waves of partial sums, up
+    to one per thread, where they do not fit the memory of grad_x."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         return _peak_cpu_bytes(fn)
     finally:
@@ -632,7 +632,7 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, batch, s
     def forward_backward():
         m(x).backward(grad)
 
-    peak = _peak_cpu_bytes_on_two_threads(forward_backward)
+    peak = _peak_cpu_bytes_on_threads(forward_backward)
     assert peak <= 1.5 * qkv_out, f"peak {peak / qkv_out:.2f}x |Q| + |K| + |V| + |out|"
 
 
@@ -659,7 +659,7 @@ def test_small_map_backward_holds_one_sample_of_temporaries(layout):
     counted = (2 * batch * positions * channels + batch * positions + channels
                + channels * channels + rows * channels + rows
                + positions * rows + max(positions * channels, rows * channels))
-    peak = _peak_cpu_bytes_on_two_threads(lambda: m(x).backward(grad))
+    peak = _peak_cpu_bytes_on_threads(lambda: m(x).backward(grad))
     assert peak <= 1.01 * counted * 4, f"peak {peak / 4 / counted:.3f}x the counted values"
 
 
@@ -689,7 +689,7 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
     grad = in_layout(torch.randn(x.shape), layout)
     counted = (2 * positions * channels + positions + channels + positions * rows
                + channels * channels + rows * channels + rows + max(rows * channels, 8192))
-    peak = _peak_cpu_bytes_on_two_threads(lambda: m(x).backward(grad))
+    peak = _peak_cpu_bytes_on_threads(lambda: m(x).backward(grad))
     assert peak <= 1.01 * counted * 4, f"peak {peak / 4 / counted:.3f}x the counted values"
 
 
@@ -706,14 +706,7 @@ def test_one_sample_backward_holds_as_much_with_more_threads(layout):
         m.gamma.fill_(0.5)
     x = in_layout(torch.randn(1, 64, 32, 32), layout).requires_grad_(True)
     grad = in_layout(torch.randn(x.shape), layout)
-    before = torch.get_num_threads()
-    peaks = []
-    try:
-        for threads in (2, 8):
-            torch.set_num_threads(threads)
-            peaks.append(_peak_cpu_bytes(lambda: m(x).backward(grad)))
-    finally:
-        torch.set_num_threads(before)
+    peaks = [_peak_cpu_bytes_on_threads(lambda: m(x).backward(grad), threads) for threads in (2, 8)]
     assert peaks[1] <= peaks[0], f"peak at 8 threads {peaks[1] / peaks[0]:.3f}x the peak at 2"
 
 

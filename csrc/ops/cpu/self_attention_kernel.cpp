@@ -723,13 +723,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 
 // float32 and float64 results are written in place; half ones in float32 first, then copied.
 at::Tensor accumulator(const at::Tensor& result, at::ScalarType acc) {
-  if (!result.defined()) return result;
   return acc == result.scalar_type() ? result.zero_()
                                      : at::zeros(result.sizes(), result.options().dtype(acc));
 }
 
 void copy_from_accumulator(const at::Tensor& result, const at::Tensor& acc_result) {
-  if (result.defined() && !result.is_same(acc_result)) result.copy_(acc_result);
+  if (!result.is_same(acc_result)) result.copy_(acc_result);
 }
 
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -743,12 +742,11 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   // kernel, that task reads its inputs before it writes over them; elsewhere the inputs are
   // copied first.
   const bool gradients_over_inputs = grad_q.data_ptr() == q.data_ptr();
-  TORCH_INTERNAL_ASSERT(
-      gradients_over_inputs == (grad_k.data_ptr() == k.data_ptr()) &&
-      (!grad_v.defined() || gradients_over_inputs == (grad_v.data_ptr() == v.data_ptr())));
+  TORCH_INTERNAL_ASSERT(gradients_over_inputs == (grad_k.data_ptr() == k.data_ptr()) &&
+                        gradients_over_inputs == (grad_v.data_ptr() == v.data_ptr()));
   const bool overwrites_read_inputs = gradients_over_inputs && acc == q.scalar_type();
   const bool reads_before_writes =
-      one_task_per_pair(q.size(2), k.size(2), q.size(0) * q.size(1), grad_v.defined());
+      one_task_per_pair(q.size(2), k.size(2), q.size(0) * q.size(1), /*with_values=*/true);
   const auto input = [&](const at::Tensor& t) {
     return overwrites_read_inputs && !reads_before_writes ? t.clone() : t.to(acc);
   };
@@ -773,9 +771,7 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
     }
     rows_pass_typed<scalar_t>(grads, q_acc, k_acc, v_acc, lse_acc, scale_value, grad_q_acc,
                               grad_k_acc, at::Tensor());
-    if (grad_v.defined()) {
-      probability_sums_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
-    }
+    probability_sums_typed<scalar_t>(grad_acc, q_acc, k_acc, lse_acc, scale_value, grad_v_acc);
   });
   copy_from_accumulator(grad_q, grad_q_acc);
   copy_from_accumulator(grad_k, grad_k_acc);
