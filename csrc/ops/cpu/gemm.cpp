@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <utility>
 
@@ -178,12 +179,47 @@ void copy_matrix(const at::Tensor& dst, const at::Tensor& src) {
   });
 }
 
-// The values of out^T that fixed_order_matmul's transposed form forms at once where it is
-// formed in blocks (32 KiB in float32), unless that is fewer than kMinBlockColumns of out's
-// columns: a block of a (C, P) channels-first map's columns is a small part of the map, and a
-// block's product stays large next to its fixed costs.
-constexpr int64_t kBlockValues = 1 << 13;
+// The transposed form's tiles of out^T: at most kTileValues values (32 KiB in float32), in a
+// buffer of each task's own, so that no out^T is held whole (a channels-first map's gradient,
+// (C, P) from P tokens, would be one more map).
+constexpr int64_t kTileValues = 1 << 13;
 constexpr int64_t kMinBlockColumns = 64;
+
+// out (m x n, a unit stride between its rows: out^T's rows are out's columns) = bt (n x k, any
+// strides) @ at (k x m, rows of unit stride) transposed, or out += it: the transposed form's
+// product, all in one dtype T. Each task takes a block of out^T as the direct form's tasks do,
+// forms it a tile of rows at a time in its buffer (with `accumulate`, from out's values copied in)
+// and stores the tile's transpose into out: one parallel region, and each element the same chain
+// of fused multiply-adds as the direct form's.
+template <typename T>
+void transposed_product(T* out, int64_t ld_out, const T* bt, int64_t bt_row, int64_t bt_col,
+                        const T* at, int64_t ld_at, int64_t m, int64_t n, int64_t k,
+                        bool accumulate) {
+  const auto [row_block, column_block] = task_blocks(n, m, at::get_num_threads());
+  const int64_t row_blocks = blocks(n, row_block), column_blocks = blocks(m, column_block);
+  const int64_t tile_columns = std::min(column_block, m);
+  const int64_t tile_rows = std::min(
+      row_block, std::max<int64_t>(kRowUnit, kTileValues / tile_columns / kRowUnit * kRowUnit));
+  const int64_t task_work = row_block * column_block * std::max<int64_t>(k, 1);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / task_work);
+  at::parallel_for(0, row_blocks * column_blocks, grain, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<T[]> tile(new T[tile_rows * tile_columns]);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first_row = task / column_blocks * row_block;
+      const int64_t first_column = task % column_blocks * column_block;
+      const int64_t rows_end = std::min(first_row + row_block, n);
+      const int64_t columns = std::min(column_block, m - first_column);
+      for (int64_t row = first_row; row < rows_end; row += tile_rows) {
+        const int64_t rows = std::min(tile_rows, rows_end - row);
+        T* out_tile = out + first_column * ld_out + row;
+        if (accumulate) transpose_rows(out_tile, ld_out, columns, rows, tile.get(), columns);
+        block_product<T>(rows, columns, k, T(1), bt + row * bt_row, bt_row, bt_col,
+                         at + first_column, ld_at, accumulate, tile.get(), columns);
+        transpose_rows(tile.get(), columns, rows, columns, out_tile, ld_out);
+      }
+    }
+  });
+}
 
 void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool accumulate) {
@@ -197,12 +233,11 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   // (m n). The transposed form, out^T = b^T a^T, reads b^T in place as the `a` operand (any
   // strides) and needs a^T's rows (m k values where a is stored by rows) and out^T's: it is
   // taken where it copies fewer values (a few tokens times a transposed weight; a weight
-  // gradient from a channels-first map's tokens, whose columns are rows of the map). Its
-  // out^T of its own is at most half the size of b (read in place) where m <= k / 2, and is
-  // formed a block of out's columns at a time elsewhere (kBlockValues values, or
-  // kMinBlockColumns columns: a channels-first map's gradient, (C, P) from P tokens' R < 2 C
-  // values). Every element is the same chain of fused multiply-adds over l whatever the form and
-  // the blocks (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
+  // gradient from a channels-first map's tokens, whose columns are rows of the map). Where out
+  // is not stored by columns, out^T is formed a tile at a time in each task's buffer
+  // (transposed_product), or in half dtypes a block of out's columns at a time. Every element is
+  // the same chain of fused multiply-adds over l whatever the form and the blocks
+  // (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
   const auto rows_in_place = [&](const at::Tensor& t) {
     return t.scalar_type() == acc && (t.stride(1) == 1 || t.size(1) == 1);
   };
@@ -224,7 +259,18 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
       return;
     }
     const at::Tensor a_t = rows_in_place(a.t()) ? a.t() : dense_copy(a.t());
-    const int64_t block = 2 * m > k ? std::max(kMinBlockColumns, kBlockValues / m) : n;
+    if (out.scalar_type() == acc && out.stride(1) == 1) {
+      AT_DISPATCH_FLOATING_TYPES(acc, "fixed_order_matmul", [&] {
+        transposed_product<scalar_t>(
+            out.data_ptr<scalar_t>(), out.stride(0), b.const_data_ptr<scalar_t>(), b.stride(1),
+            b.stride(0), a_t.const_data_ptr<scalar_t>(), a_t.stride(0), m, n, k, accumulate);
+      });
+      return;
+    }
+    // Half dtypes (and an out with no unit stride): a block of out's columns at a time
+    // (kTileValues values, at least kMinBlockColumns columns), b's columns widened and out^T's
+    // sums rounded once into out.
+    const int64_t block = std::max(kMinBlockColumns, kTileValues / m);
     for (int64_t first = 0; first < n; first += block) {
       const int64_t width = std::min(block, n - first);
       const at::Tensor out_block = out.narrow(1, first, width);
