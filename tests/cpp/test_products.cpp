@@ -88,17 +88,18 @@ using cnn_attention::ops::cpu::fixed_order_matmul;
 
 // out = a @ b (or out += it) through fixed_order_matmul with every operand stored by rows or by
 // columns, with padded lines: every layout takes a form of the product (in place, packed,
-// transposed, transposed in blocks of out's columns where m > k / 2 and out has more columns
-// than a block) whose every element is the same chain of fused multiply-adds, so the result has
-// the bits of the product of dense operands, and it writes nothing outside out's view.
+// transposed with out^T formed a tile at a time in each task's buffer, or in bfloat16 a block
+// of out's columns at a time) whose every element is the same chain of fused multiply-adds, so
+// the result has the bits of the product of dense operands, and it writes nothing outside out's
+// view.
 TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
   torch::manual_seed(2);
   struct Shape {
     int64_t m, k, n;
   };
   // (64, 80, 1000): a channels-first map's gradient from its tokens' projection gradient (out^T
-  // in blocks); (16, 128, 2048): an MLP's second product (out^T whole); (80, 1000, 64): a weight
-  // gradient; one row, one column, one term.
+  // in several tiles a task); (16, 128, 2048): an MLP's second product; (80, 1000, 64): a
+  // weight gradient; one row, one column, one term.
   for (const Shape shape : {Shape{64, 80, 1000}, Shape{16, 128, 2048}, Shape{80, 1000, 64},
                             Shape{1, 300, 70}, Shape{70, 300, 1}, Shape{33, 1, 40}}) {
     for (auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {

@@ -233,11 +233,13 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   // (m n). The transposed form, out^T = b^T a^T, reads b^T in place as the `a` operand (any
   // strides) and needs a^T's rows (m k values where a is stored by rows) and out^T's: it is
   // taken where it copies fewer values (a few tokens times a transposed weight; a weight
-  // gradient from a channels-first map's tokens, whose columns are rows of the map). Where out
-  // is not stored by columns, out^T is formed a tile at a time in each task's buffer
-  // (transposed_product), or in half dtypes a block of out's columns at a time. Every element is
-  // the same chain of fused multiply-adds over l whatever the form and the blocks
-  // (fma(x, y, s) = fma(y, x, s)), so the result has the same bits.
+  // gradient from a channels-first map's tokens, whose columns are rows of the map; a
+  // channels-first map from tokens, whose b, the tokens' transpose, it reads in place). Where
+  // out is not stored by columns, out^T is formed a tile at a time in each task's buffer
+  // (transposed_product: no copy of m n values), or in half dtypes a block of out's columns at
+  // a time (m n values copied). Every element is the same chain of fused multiply-adds over l
+  // whatever the form and the blocks (fma(x, y, s) = fma(y, x, s)), so the result has the same
+  // bits.
   const auto rows_in_place = [&](const at::Tensor& t) {
     return t.scalar_type() == acc && (t.stride(1) == 1 || t.size(1) == 1);
   };
@@ -251,15 +253,16 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   const auto widened = [&](const at::Tensor& t) { return t.scalar_type() == acc ? 0 : t.numel(); };
   const int64_t direct_copies =
       widened(a) + (rows_in_place(b) ? 0 : k * n) + (rows_in_place(out) ? 0 : m * n);
-  const int64_t transposed_copies =
-      widened(b) + (rows_in_place(a.t()) ? 0 : m * k) + (rows_in_place(out.t()) ? 0 : m * n);
+  const bool out_in_tiles = out.scalar_type() == acc && out.stride(1) == 1;
+  const int64_t transposed_copies = widened(b) + (rows_in_place(a.t()) ? 0 : m * k) +
+                                    (rows_in_place(out.t()) || out_in_tiles ? 0 : m * n);
   if (n > 1 && transposed_copies < direct_copies) {
     if (rows_in_place(out.t())) {
       fixed_order_matmul(out.t(), b.t(), a.t(), accumulate);
       return;
     }
     const at::Tensor a_t = rows_in_place(a.t()) ? a.t() : dense_copy(a.t());
-    if (out.scalar_type() == acc && out.stride(1) == 1) {
+    if (out_in_tiles) {
       AT_DISPATCH_FLOATING_TYPES(acc, "fixed_order_matmul", [&] {
         transposed_product<scalar_t>(
             out.data_ptr<scalar_t>(), out.stride(0), b.const_data_ptr<scalar_t>(), b.stride(1),
