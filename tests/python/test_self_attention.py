@@ -689,7 +689,8 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
     gradient, the weight-sized sums (G, the projection's weight and bias gradients: C v + R C +
     R) and one more temporary, a weight-sized one (R C). Nothing else: a product's transposed
     result (grad_x's, channels first) is formed a tile at a time in each task's own buffer
-    (8192 values of its own were 1.57x at P = 1024, 1.51x now); the heads' output gradient is
+    (with a block of 8192 values of its own, P = 1024 channels first held 1.57x |Q| + |K| +
+    |V| + |out|, 1.51x now); the heads' output gradient is
     formed a block of queries at a time inside the kernel that gives q's and k's gradients,
     which go to the sample's part of grad_x with the kernel's partial key gradients; T = p^T
     grad_y is formed a block of keys at a time, each block giving its part of G (partials in

@@ -185,15 +185,15 @@ void copy_matrix(const at::Tensor& dst, const at::Tensor& src) {
 constexpr int64_t kTileValues = 1 << 13;
 constexpr int64_t kMinBlockColumns = 64;
 
-// out (m x n, a unit stride between its rows: out^T's rows are out's columns) = bt (n x k, any
-// strides) @ at (k x m, rows of unit stride) transposed, or out += it: the transposed form's
+// out (m x n, a unit stride between its rows: out^T's rows are out's columns) = b_t (n x k, any
+// strides) @ a_t (k x m, rows of unit stride) transposed, or out += it: the transposed form's
 // product, all in one dtype T. Each task takes a block of out^T as the direct form's tasks do,
 // forms it a tile of rows at a time in its buffer (with `accumulate`, from out's values copied in)
 // and stores the tile's transpose into out: one parallel region, and each element the same chain
 // of fused multiply-adds as the direct form's.
 template <typename T>
-void transposed_product(T* out, int64_t ld_out, const T* bt, int64_t bt_row, int64_t bt_col,
-                        const T* at, int64_t ld_at, int64_t m, int64_t n, int64_t k,
+void transposed_product(T* out, int64_t ld_out, const T* b_t, int64_t b_t_row, int64_t b_t_col,
+                        const T* a_t, int64_t ld_a_t, int64_t m, int64_t n, int64_t k,
                         bool accumulate) {
   const auto [row_block, column_block] = task_blocks(n, m, at::get_num_threads());
   const int64_t row_blocks = blocks(n, row_block), column_blocks = blocks(m, column_block);
@@ -213,8 +213,8 @@ void transposed_product(T* out, int64_t ld_out, const T* bt, int64_t bt_row, int
         const int64_t rows = std::min(tile_rows, rows_end - row);
         T* out_tile = out + first_column * ld_out + row;
         if (accumulate) transpose_rows(out_tile, ld_out, columns, rows, tile.get(), columns);
-        block_product<T>(rows, columns, k, T(1), bt + row * bt_row, bt_row, bt_col,
-                         at + first_column, ld_at, accumulate, tile.get(), columns);
+        block_product<T>(rows, columns, k, T(1), b_t + row * b_t_row, b_t_row, b_t_col,
+                         a_t + first_column, ld_a_t, accumulate, tile.get(), columns);
         transpose_rows(tile.get(), columns, rows, columns, out_tile, ld_out);
       }
     }
