@@ -13,6 +13,10 @@ rounds; a training step is forward, backward and an SGD step):
   blocks in the same places; the cost over the plain network. Two reference modules in the
   same places (a copy of x, and x times its mean over positions) show what writing a new map,
   and reading x once more, cost inside the network.
+- ``--table stages``: the families put in every bottleneck (ours, timm's SE and CBAM, the
+  references), each module timed inside the network during inference (forward hooks; median
+  per call over the rounds, by stage) and summed over the network's 16 modules: what each
+  costs where its input comes from the layer before it rather than from a benchmark's cache.
 - ``--table profile``: where the time of a training step of ResNet-50 with our CBAM goes
   (torch.profiler, self CPU time per step): each of our operators, the score head's
   convolution, and the whole step; then our operators per call by input shape.
@@ -25,6 +29,8 @@ rounds; a training step is forward, backward and an SGD step):
 import argparse
 import copy
 import os
+import random
+import statistics
 import sys
 import time
 
@@ -35,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import interleaved_ms, measure_all  # noqa: E402
+from common import interleaved_ms, measure_all, sync  # noqa: E402
 from cnn_attention.convert import recognised_blocks  # noqa: E402
 
 
@@ -230,6 +236,58 @@ def families_table(args, x, labels):
     print()
 
 
+# The classes of the modules that the families table puts in every bottleneck.
+BOTTLENECK_MODULES = ("ChannelAttention", "CBAM", "SoftAttention", "SEModule", "CbamModule", "Copy", "MeanScale")
+
+
+def stages_table(args, x, labels):
+    models, calls = {}, {}
+    for name, where, make in configurations(args.size):
+        if not where.startswith("every bottleneck"):
+            continue
+        torch.manual_seed(0)
+        model = make().to(args.device).eval()
+        times = calls[name] = {}
+
+        def start(module, inputs):
+            sync(args.device)
+            module.started = time.perf_counter()
+
+        def stop(module, inputs, output, times=times):
+            sync(args.device)
+            times.setdefault(inputs[0].shape[1], []).append((time.perf_counter() - module.started) * 1e3)
+
+        for module in model.modules():
+            if type(module).__name__ in BOTTLENECK_MODULES:
+                module.register_forward_pre_hook(start)
+                module.register_forward_hook(stop)
+        models[name] = model
+    order = list(models)
+    shuffle = random.Random(0).shuffle
+    with torch.no_grad():
+        for round_index in range(args.repeat + 2):
+            if round_index == 2:  # the first two rounds warm up
+                for times in calls.values():
+                    times.clear()
+            shuffle(order)
+            for name in order:
+                models[name](x)
+    stages = sorted(next(iter(calls.values())))
+    print(f"### The modules in every bottleneck of timm resnet50, timed inside the network during inference: batch "
+          f"{args.batch}, {args.size}x{args.size}, float32, {args.device}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; median ms per call over {args.repeat} interleaved rounds, by the stage's channels, "
+          f"and their sum over the network's modules")
+    print()
+    print("| module | " + " | ".join(f"C = {c} ({len(calls[order[0]][c]) // args.repeat} calls)" for c in stages)
+          + " | all modules per inference |")
+    print("|---|" + "---|" * (len(stages) + 1))
+    for name, times in calls.items():
+        medians = {c: statistics.median(times[c]) for c in stages}
+        total = sum(medians[c] * len(times[c]) / args.repeat for c in stages)
+        print(f"| {name} | " + " | ".join(f"{medians[c]:.3f}" for c in stages) + f" | {total:.2f} |")
+    print()
+
+
 def is_score_head_convolution(event) -> bool:
     """A convolution event of the score head: one of its inputs is a (1, 2, k, ...) weight."""
     return "convolution" in event.key and any(len(shape) >= 3 and shape[:2] == [1, 2] for shape in event.input_shapes)
@@ -283,7 +341,7 @@ def profile_table(args, x, labels):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["zoo", "blocks", "families", "profile", "all"], default="all")
+    parser.add_argument("--table", choices=["zoo", "blocks", "families", "stages", "profile", "all"], default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
@@ -300,6 +358,8 @@ def main():
         blocks_table(args, x, labels)
     if args.table in ("families", "all"):
         families_table(args, x, labels)
+    if args.table in ("stages", "all"):
+        stages_table(args, x, labels)
     if args.table in ("profile", "all"):
         profile_table(args, x, labels)
 
