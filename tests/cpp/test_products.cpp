@@ -88,10 +88,10 @@ using cnn_attention::ops::cpu::fixed_order_matmul;
 
 // out = a @ b (or out += it) through fixed_order_matmul with every operand stored by rows or by
 // columns, with padded lines: every layout takes a form of the product (in place, packed,
-// transposed with out^T formed a tile at a time in each task's buffer, or in bfloat16 a block
-// of out's columns at a time) whose every element is the same chain of fused multiply-adds, so
-// the result has the bits of the product of dense operands, and it writes nothing outside out's
-// view.
+// transposed with out^T written in place, formed a tile at a time in each task's buffer, or in
+// half dtypes and for an out with no unit stride a block of out's columns at a time) whose every
+// element is the same chain of fused multiply-adds, so the result has the bits of the product
+// of dense operands, and it writes nothing outside out's view.
 TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
   torch::manual_seed(2);
   struct Shape {
@@ -102,7 +102,7 @@ TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
   // weight gradient; one row, one column, one term.
   for (const Shape shape : {Shape{64, 80, 1000}, Shape{16, 128, 2048}, Shape{80, 1000, 64},
                             Shape{1, 300, 70}, Shape{70, 300, 1}, Shape{33, 1, 40}}) {
-    for (auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {
+    for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
       const torch::Tensor a_dense = torch::randn({shape.m, shape.k}).to(dtype);
       const torch::Tensor b_dense = torch::randn({shape.k, shape.n}).to(dtype);
       const torch::Tensor start = torch::randn({shape.m, shape.n}).to(dtype);
@@ -114,6 +114,7 @@ TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
                         : torch::zeros({shape.m, shape.n}, torch::kDouble)) +
             torch::matmul(a_dense.to(torch::kDouble), b_dense.to(torch::kDouble));
         const double tolerance = dtype == torch::kBFloat16 ? 0.1
+                                 : dtype == torch::kHalf   ? 0.05
                                  : dtype == torch::kFloat  ? 1e-3
                                                            : 1e-10;
         EXPECT_TRUE(torch::allclose(expected.to(torch::kDouble), exact, tolerance, tolerance))
@@ -133,6 +134,20 @@ TEST(FixedOrderMatmul, EveryLayoutGivesTheBitsOfDenseOperands) {
           EXPECT_TRUE(torch::equal(out, expected)) << where;
           expect_only_view_written(out, before, where);
         }
+        // An out with no unit stride (every other column of a padded buffer), of operands
+        // stored by columns: the transposed form, a block of out's columns at a time.
+        const std::string where = std::string(c10::toString(dtype)) + " " +
+                                  std::to_string(shape.m) + "x" + std::to_string(shape.k) + "x" +
+                                  std::to_string(shape.n) + " strided out" +
+                                  (accumulate ? " accumulate" : "");
+        const torch::Tensor out =
+            torch::full({shape.m, 2 * shape.n + 3}, -7.0, dtype).slice(1, 0, 2 * shape.n, 2);
+        out.copy_(start);
+        const torch::Tensor before = buffer_of(out).clone();
+        fixed_order_matmul(out, source(shape.m, shape.k, false, 3, dtype).copy_(a_dense),
+                           source(shape.k, shape.n, false, 3, dtype).copy_(b_dense), accumulate);
+        EXPECT_TRUE(torch::equal(out, expected)) << where;
+        expect_only_view_written(out, before, where);
       }
     }
   }
