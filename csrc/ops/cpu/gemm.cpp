@@ -270,10 +270,10 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
       });
       return;
     }
-    // Half dtypes (and an out with no unit stride): a block of out's columns at a time
-    // (kTileValues values, at least kMinBlockColumns columns), b's columns widened and out^T's
-    // sums rounded once into out.
-    const int64_t block = std::max(kMinBlockColumns, kTileValues / m);
+    // Half dtypes (and an out with no unit stride): out^T of its own, rounded once into out,
+    // whole where it is at most half the size of b (m <= k / 2), else a block of out's columns
+    // at a time (kTileValues values, at least kMinBlockColumns columns), b's columns widened.
+    const int64_t block = 2 * m > k ? std::max(kMinBlockColumns, kTileValues / m) : n;
     for (int64_t first = 0; first < n; first += block) {
       const int64_t width = std::min(block, n - first);
       const at::Tensor out_block = out.narrow(1, first, width);
