@@ -236,10 +236,10 @@ void fixed_order_matmul(const at::Tensor& out, const at::Tensor& a, const at::Te
   // gradient from a channels-first map's tokens, whose columns are rows of the map; a
   // channels-first map from tokens, whose b, the tokens' transpose, it reads in place). Where
   // out is not stored by columns, out^T is formed a tile at a time in each task's buffer
-  // (transposed_product: no copy of m n values), or in half dtypes a block of out's columns at
-  // a time (m n values copied). Every element is the same chain of fused multiply-adds over l
-  // whatever the form and the blocks (fma(x, y, s) = fma(y, x, s)), so the result has the same
-  // bits.
+  // (transposed_product: no copy of m n values), or in half dtypes in an out^T of its own,
+  // whole or a block of out's columns at a time. Every element is the same chain of fused
+  // multiply-adds over l whatever the form and the blocks (fma(x, y, s) = fma(y, x, s)), so the
+  // result has the same bits.
   const auto rows_in_place = [&](const at::Tensor& t) {
     return t.scalar_type() == acc && (t.stride(1) == 1 || t.size(1) == 1);
   };
