@@ -235,7 +235,7 @@ at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
 
 // Whether the backward takes the output projection's gradient and the value gradient from
 // T = p^T grad_y, the probability-weighted sums of grad_y's C channels over the queries (per
-// head; backend.probability_sums): G = T^T v and grad_v = gamma * T out_weight^T, instead of
+// head; backend.value_gradients_through_sums): G = T^T v and grad_v = gamma * T out_weight^T, instead of
 // recomputing the heads for G = grad_y^T attn and summing grad_v = p^T grad_attn. By the
 // multiply-adds per sample and head, with P queries and Pk keys: T takes P Pk (dq + C) (p
 // recomputed, then C channels per pair) and its two products 2 Pk C dv; the heads take

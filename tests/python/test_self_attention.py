@@ -633,7 +633,7 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, batch, s
     sample's temporaries are its recomputed projection, which its gradient overwrites (80 values
     per position), and nothing else as large as its tokens outside its part of grad_x (see
     test_one_sample_backward_holds_its_projection_and_little_more): one sample of 4096
-    positions is 1.48x (2.57x while the heads' gradient, T and the projection's gradient were
+    positions is 1.47x (2.57x while the heads' gradient, T and the projection's gradient were
     tensors of their own; 1.67x while q's and k's gradients and the partial key gradients
     were). At P = 64 (see test_small_map_backward_holds_one_sample_of_temporaries) the heads
     are recomputed, the projection's gradient is written over the projection, and each
@@ -695,7 +695,7 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
     which go to the sample's part of grad_x with the kernel's partial key gradients; T = p^T
     grad_y is formed a block of keys at a time, each block giving its part of G (partials in
     grad_x too) and its value gradient, written over v; and the weight gradient's product over
-    one sample's positions has no partial sums. 1.48x |Q| + |K| + |V| + |out| at P = 4096 (y
+    one sample's positions has no partial sums. 1.47x |Q| + |K| + |V| + |out| at P = 4096 (y
     and grad_x alone are 0.89x, the projection 0.56x); it was 1.67x with q's and k's gradients
     and two partial key gradients (2 P qk each) as tensors of their own, 2.57x with the heads'
     gradient, T or the projection's gradient (64 or 80 values per position) as well."""
