@@ -276,8 +276,13 @@ class Carving {
     const int64_t numel = c10::multiply_integers(sizes);
     if (used_ + numel > memory_.numel()) return at::empty(sizes, memory_.options());
     at::Tensor part = memory_.narrow(0, used_, numel).view(sizes);
-    used_ = std::min(memory_.numel(), (used_ + numel + 15) / 16 * 16);
+    used_ = used_after(used_, numel, memory_.numel());
     return part;
+  }
+  // How much of `memory` values is used once a part of `numel` is taken after `used`.
+  static int64_t used_after(int64_t used, int64_t numel, int64_t memory) {
+    if (used + numel > memory) return used;
+    return std::min(memory, (used + numel + 15) / 16 * 16);
   }
   // What is left (undefined where nothing is).
   at::Tensor rest() const {
@@ -289,6 +294,203 @@ class Carving {
   at::Tensor memory_;
   int64_t used_ = 0;
 };
+
+// The memory T's way lends its kernels for their partial sums, in values (none: the kernels
+// allocate what they need): what the chunk's part of grad_x leaves after q's and k's gradients,
+// up to room for four partial key gradients (qk values per position each), so that four groups
+// of query blocks of a (sample, head) run side by side, or for two of G's weight-sized partials
+// per (sample, head). It sets how many groups of key blocks G's sums are cut into, and so their
+// order: both of T's ways lend this much, from that part of grad_x or from memory of their own
+// (values_in_grad_x_backward).
+int64_t sums_workspace_values(const Geometry& part) {
+  const SelfAttentionSizes& sizes = part.sizes;
+  const int64_t memory = part.batch * part.positions * part.channels;
+  const int64_t used = Carving::used_after(
+      Carving::used_after(0, part.batch * part.positions * sizes.qk_dim, memory),
+      part.batch * part.key_positions * sizes.qk_dim, memory);
+  return std::min(memory - used,
+                  part.batch * std::max(4 * part.positions * sizes.qk_dim,
+                                        2 * sizes.num_heads * part.channels * sizes.v_head_dim()));
+}
+
+// sums_workspace_values(part) carved out of `region`, or undefined where that is none.
+at::Tensor sums_workspace(Carving& region, const Geometry& part) {
+  const int64_t values = sums_workspace_values(part);
+  return values > 0 ? region.take({values}) : at::Tensor();
+}
+
+// Whether `map` starts on in_memory_of's 64-byte boundary, so that a tensor as large as it is
+// laid in its memory rather than allocated.
+bool aligned_for_memory_of(const at::Tensor& map) {
+  return reinterpret_cast<uintptr_t>(map.data_ptr()) % 64 == 0;
+}
+
+// A channels-first sample's tokens A (P, C), token-major, transposed into (C, P) in their own
+// memory with a scratch of about half of it: A's top rows are copied out (two column blocks);
+// the result's first `left` rows then lie where those rows were (left P <= top C) and take the
+// copies' and A's bottom rows' left columns; A's bottom right block is copied out (into the first
+// block's place where it fits, else after the copies) before the result's last rows cover it.
+struct InPlaceTransposition {
+  int64_t top, left, bottom, right, bottom_right_at;
+  InPlaceTransposition(int64_t positions, int64_t channels)
+      : top((positions + 1) / 2),
+        left(channels / 2),
+        bottom(positions - top),
+        right(channels - left),
+        bottom_right_at(bottom * right <= top * left ? 0 : top * channels) {}
+  int64_t scratch_values() const {
+    return std::max(top * (left + right), bottom_right_at + bottom * right);
+  }
+};
+
+// The values of values_in_grad_x_backward's side tensor: q's and k's columns and their gradients
+// (each rounded up to 16 elements by Carving), the kernels' workspace, and for a channels-first
+// map the transposition's scratch, which reuses all of it.
+int64_t side_values(const Geometry& part) {
+  const int64_t query_key_values = part.batch * part.positions * 2 * part.sizes.qk_dim;
+  const int64_t carved = 2 * ((query_key_values + 15) / 16 * 16) + sums_workspace_values(part);
+  if (part.layout == Layout::ChannelsLast) return carved;
+  return std::max(carved, InPlaceTransposition(part.positions, part.channels).scratch_values());
+}
+
+// Whether a chunk of T's way keeps its values, and then their gradient, in its part of grad_x
+// (values_in_grad_x_backward): where the batch is that one chunk (one sample), so that the
+// chunk's temporaries come on top of y and grad_x for it alone and the whole projection (80
+// values a position for the default module) would take the peak to 1.5 times |Q| + |K| + |V| +
+// |out|; a chunk of a larger batch holds a share of the batch's y and grad_x, and the projection
+// whole costs fewer calls. And where it recomputes the projection (not the forward's kept one),
+// its keys and values are not pooled, a value row is as wide as a token of grad_x (v = C), so
+// that the values fill that part exactly, row for row, and the side tensor is smaller than the
+// projection (q and k narrow next to C: the default block's qk = C / 8).
+bool values_fit_grad_x(const Geometry& part, bool whole_batch, bool recomputed,
+                       const at::Tensor& chunk_grad_x) {
+  const SelfAttentionSizes& sizes = part.sizes;
+  return whole_batch && recomputed && sizes.kv_stride == 1 && sizes.v_dim == part.channels &&
+         aligned_for_memory_of(chunk_grad_x) &&
+         side_values(part) < part.batch * part.positions * (2 * sizes.qk_dim + sizes.v_dim);
+}
+
+// T's way for a chunk (values_fit_grad_x) whose values v, as many as the chunk's part of grad_x
+// holds, are written there by the projection: nothing reads that part until it is written
+// last, and the value gradient is written over v (value_gradients_through_sums). So the chunk's
+// temporaries are one `side` tensor of q's and k's columns, their gradients and the kernels'
+// partial sums (2 * 2 qk + max(4 qk, 2 H C dv / P) values per position: 64 against the whole
+// projection's 80 for the default module), not the projection (N, P, R) on top of grad_x.
+// grad_x is then written over the value gradient a tile of positions at a time, each tile's rows
+// of the projection's gradient first copied into the side tensor's free part: a token's
+// gradient reads that token's value-gradient row alone, which it is written over. A
+// channels-first map gets the tokens' gradients token-major first and then transposed in place
+// (InPlaceTransposition), grad_y added as they go. Every element is the same sum as T's way with
+// the whole projection gives (self_attention_backward): the products are split by rows or
+// columns of their results, never within a sum, and the kernels are lent as much workspace.
+//
+// Adds the chunk's parts to the projection's weight and bias gradients (defined after the first
+// chunk) and returns its part of G, or an undefined tensor where that is not finite (the caller
+// then takes the heads' way, from the projection again: grad_x's part then holds nothing).
+at::Tensor values_in_grad_x_backward(const SelfAttentionBackend& backend, const Geometry& part,
+                                     const at::Tensor& grad_tokens, const at::Tensor& grad_dense,
+                                     const at::Tensor& x_tokens, const at::Tensor& qkv_weight,
+                                     const std::optional<at::Tensor>& qkv_bias,
+                                     const at::Tensor& out_weight, double gamma,
+                                     const at::Tensor& lse, const at::Tensor& chunk_grad_x,
+                                     at::Tensor& grad_qkv_weight, at::Tensor& grad_qkv_bias) {
+  const SelfAttentionSizes& sizes = part.sizes;
+  const int64_t count = part.batch, positions = part.positions, channels = part.channels;
+  const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
+  const int64_t qk = sizes.qk_dim, query_key = 2 * qk, rows = query_key + channels;
+  // The values (count, P, C): the chunk's part of grad_x as token rows, whatever its layout.
+  const at::Tensor values = in_memory_of(chunk_grad_x, {count, positions, channels});
+  TORCH_INTERNAL_ASSERT(values.data_ptr() == chunk_grad_x.data_ptr());
+  const at::Tensor side = at::empty({side_values(part)}, x_tokens.options());
+  Carving region(side);
+  const at::Tensor grad_query_key = region.take({count, positions, query_key});
+  // Where Carving puts q's and k's columns: from there on the side tensor is free once the
+  // kernels have run.
+  const int64_t free_from = (count * positions * query_key + 15) / 16 * 16;
+  const at::Tensor query_key_rows = region.take({count, positions, query_key});
+  const at::Tensor workspace = sums_workspace(region, part);
+  // The projection, by rows of the weight: q's and k's columns, then v's into grad_x.
+  const auto bias_rows = [&](int64_t first, int64_t length) -> std::optional<at::Tensor> {
+    if (!qkv_bias.has_value()) return std::nullopt;
+    return qkv_bias->narrow(0, first, length);
+  };
+  tokens_mm_into(backend.matmul, query_key_rows, x_tokens, qkv_weight.narrow(0, 0, query_key).t(),
+                 bias_rows(0, query_key));
+  tokens_mm_into(backend.matmul, values, x_tokens, qkv_weight.narrow(0, query_key, channels).t(),
+                 bias_rows(query_key, channels));
+  const at::Tensor q = heads_of(query_key_rows, 0, heads, dq),
+                   k = heads_of(query_key_rows, qk, heads, dq), v = heads_of(values, 0, heads, dv);
+  const double scale = softmax_scale(sizes);
+  backend.query_key_gradients(grad_tokens, out_weight, gamma, q, k, v, lse, scale,
+                              heads_of(grad_query_key, 0, heads, dq),
+                              heads_of(grad_query_key, qk, heads, dq), workspace);
+  at::Tensor out_part = backend.value_gradients_through_sums(grad_tokens, out_weight, gamma, q, k,
+                                                             v, lse, scale, v, workspace);
+  if (!all_finite(out_part)) return at::Tensor();
+
+  // The projection's weight and bias gradients, by rows: q's and k's, then v's.
+  const bool accumulate = grad_qkv_weight.defined();
+  if (!accumulate) {
+    grad_qkv_weight = at::empty({rows, channels},
+                                x_tokens.options().dtype(at::toOpMathType(x_tokens.scalar_type())));
+  }
+  backend.position_sum_product(grad_query_key, x_tokens, grad_qkv_weight.narrow(0, 0, query_key),
+                               accumulate);
+  backend.position_sum_product(values, x_tokens, grad_qkv_weight.narrow(0, query_key, channels),
+                               accumulate);
+  const at::Tensor bias_part =
+      at::cat({position_sums(backend, grad_query_key), position_sums(backend, values)});
+  grad_qkv_bias = accumulate ? grad_qkv_bias.add_(bias_part) : bias_part;
+
+  // The tokens' gradients over the value gradient, a tile of rows at a time: channels last,
+  // grad_y's rows plus the product; channels first, the product alone (grad_y is added below).
+  const bool channels_last = part.layout == Layout::ChannelsLast;
+  const at::Tensor buffer = side.narrow(0, free_from, side.numel() - free_from);
+  const int64_t token_rows = count * positions;
+  const int64_t tile_rows = std::clamp<int64_t>(buffer.numel() / rows, 1, token_rows);
+  const at::Tensor grad_query_key_rows = grad_query_key.view({token_rows, query_key});
+  const at::Tensor token_gradients = values.view({token_rows, channels});
+  const at::Tensor grad_rows =
+      channels_last ? grad_tokens.reshape({token_rows, channels}) : at::Tensor();
+  for (int64_t first = 0; first < token_rows; first += tile_rows) {
+    const int64_t length = std::min(tile_rows, token_rows - first);
+    const at::Tensor tile = buffer.narrow(0, 0, length * rows).view({length, rows});
+    tile.narrow(1, 0, query_key).copy_(grad_query_key_rows.narrow(0, first, length));
+    tile.narrow(1, query_key, channels).copy_(token_gradients.narrow(0, first, length));
+    const at::Tensor out = token_gradients.narrow(0, first, length);
+    if (channels_last) out.copy_(grad_rows.narrow(0, first, length));
+    backend.matmul(out, tile, qkv_weight, channels_last);
+  }
+  if (!channels_last) {
+    const InPlaceTransposition t(positions, channels);
+    const int64_t top = t.top, left = t.left, bottom = t.bottom, right = t.right;
+    const at::Tensor left_top = side.narrow(0, 0, top * left).view({top, left});
+    const at::Tensor right_top = side.narrow(0, top * left, top * right).view({top, right});
+    const at::Tensor right_bottom =
+        side.narrow(0, t.bottom_right_at, bottom * right).view({bottom, right});
+    const auto add_into = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+      at::add_out(out, a, b);
+    };
+    for (int64_t n = 0; n < count; ++n) {
+      const at::Tensor tokens = values.select(0, n);
+      const at::Tensor out = chunk_grad_x.select(0, n).view({channels, positions});
+      const at::Tensor grad = grad_dense.select(0, n).view({channels, positions});
+      left_top.copy_(tokens.narrow(0, 0, top).narrow(1, 0, left));
+      right_top.copy_(tokens.narrow(0, 0, top).narrow(1, left, right));
+      add_into(out.narrow(0, 0, left).narrow(1, 0, top), grad.narrow(0, 0, left).narrow(1, 0, top),
+               left_top.t());
+      add_into(out.narrow(0, 0, left).narrow(1, top, bottom),
+               grad.narrow(0, 0, left).narrow(1, top, bottom),
+               tokens.narrow(0, top, bottom).narrow(1, 0, left).t());
+      right_bottom.copy_(tokens.narrow(0, top, bottom).narrow(1, left, right));
+      add_into(out.narrow(0, left, right).narrow(1, 0, top),
+               grad.narrow(0, left, right).narrow(1, 0, top), right_top.t());
+      add_into(out.narrow(0, left, right).narrow(1, top, bottom),
+               grad.narrow(0, left, right).narrow(1, top, bottom), right_bottom.t());
+    }
+  }
+  return out_part;
+}
 
 }  // namespace
 
@@ -419,6 +621,20 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
     // The chunk's part of grad_x is written last: until then it holds the chunk's temporaries
     // (the heads' output gradient, or in T's way q's and k's gradients and partial sums).
     const at::Tensor chunk_grad_x = grad_x.narrow(0, first, count);
+    const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
+    const bool over_projection = !projection.has_value();
+    bool through_sums = sums_may_serve;
+    if (through_sums && values_fit_grad_x(part, chunk == g.batch, over_projection, chunk_grad_x)) {
+      const at::Tensor out_part = values_in_grad_x_backward(
+          backend, part, chunk_grad_tokens, grad_dense.narrow(0, first, count), chunk_x_tokens,
+          qkv_weight, qkv_bias, dense_out_weight, gamma_number, chunk_lse, chunk_grad_x,
+          grad_qkv_weight, grad_qkv_bias);
+      if (out_part.defined()) {
+        grad_out_product = grad_out_product.defined() ? grad_out_product.add_(out_part) : out_part;
+        continue;
+      }
+      through_sums = false;  // G is not finite: the heads' way, as below
+    }
     // The projection (the forward's, if it kept it) again: the same products on the same rows
     // as the forward's, so the same bits (and the heads and lse it gives are the forward's).
     Projection p = project(
@@ -426,13 +642,11 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
         projection.has_value() ? std::optional(projection->narrow(0, first, count)) : std::nullopt);
     at::Tensor q = heads_of(p.qkv, 0, heads, dq), k = heads_of(p.kv, 0, heads, dq),
                v = heads_of(p.kv, sizes.qk_dim, heads, dv);
-    const at::Tensor chunk_lse = lse.narrow(0, first, count).contiguous();
     // The projection's gradient grad_qkv (count, P, R), and grad_kv (count, Pk, qk + v), a view
     // of it, or with pooled keys and values their gradients, sent back below to the positions
     // that won their windows.
     at::Tensor grad_qkv, grad_kv;
-    const bool over_projection = !projection.has_value();
-    if (sums_may_serve) {
+    if (through_sums) {
       // T's way, where the chunk holds its projection and little else (never the forward's kept
       // projection, autograd's saved tensor, which gets a gradient of its own): the heads'
       // output gradient is formed a block of queries at a time inside the kernel that gives q's
@@ -442,7 +656,7 @@ self_attention_backward(const SelfAttentionBackend& backend, const at::Tensor& g
       Carving region(in_memory_of(chunk_grad_x, {chunk_grad_x.numel()}));
       const at::Tensor grad_q = region.take({count, g.positions, sizes.qk_dim});
       const at::Tensor grad_k = region.take({count, g.key_positions, sizes.qk_dim});
-      const at::Tensor workspace = region.rest();
+      const at::Tensor workspace = sums_workspace(region, part);
       backend.query_key_gradients(chunk_grad_tokens, dense_out_weight, gamma_number, q, k, v,
                                   chunk_lse, softmax_scale(sizes), heads_of(grad_q, 0, heads, dq),
                                   heads_of(grad_k, 0, heads, dq), workspace);

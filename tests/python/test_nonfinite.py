@@ -201,6 +201,49 @@ def test_self_attention_non_finite_output_gradient_in_one_sample(device, dtype, 
         check(a, b, f"{what}: gradient of {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_self_attention_non_finite_output_gradient_of_a_lone_sample(dtype, value, layout):
+    """A batch of one sample whose values are as wide as its tokens (v = C; T's way), where the
+    CPU backward writes the values, and then their gradient, into grad_x's memory: a NaN or
+    infinity in the output gradient makes G non-finite, and the backward takes the heads' way
+    from the projection again. NaN and infinity positions as in the reference (gamma's gradient
+    non-finite where the reference's is: see
+    test_self_attention_non_finite_output_gradient_in_one_sample)."""
+    op = BY_NAME["self_attention"]
+    what = f"self_attention lone sample {value} in grad_y, {layout}"
+    g = torch.Generator().manual_seed(zlib.crc32(what.encode()))
+    channels, qk_dim = 16, 2  # q and k narrow next to v: the values go to grad_x's memory
+    x = torch.randn(1, channels, 8, 8, dtype=torch.float64, generator=g)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    tensors = {
+        "x": x,
+        # Logits of about unit size: no probability underflows to 0 in float32 (0 * inf is NaN
+        # where the reference has an infinity).
+        "qkv_weight": torch.randn(2 * qk_dim + channels, channels, dtype=torch.float64, generator=g)
+        / channels**0.5,
+        "qkv_bias": 0.1 * torch.randn(2 * qk_dim + channels, dtype=torch.float64, generator=g),
+        "out_weight": torch.randn(channels, channels, dtype=torch.float64, generator=g) / channels**0.5,
+        "out_bias": 0.1 * torch.randn(channels, dtype=torch.float64, generator=g),
+        "gamma": torch.full((1,), 0.8, dtype=torch.float64),
+    }
+    sample = Sample(op, {name: t.to(dtype) for name, t in tensors.items()},
+                    {"qk_dim": qk_dim, "num_heads": 1, "kv_stride": 1})
+    leaves = {name: t.detach().clone().requires_grad_(name in op.differentiable)
+              for name, t in sample.tensors.items()}
+    ref_leaves = {name: t.detach().double().requires_grad_(name in op.differentiable)
+                  for name, t in sample.tensors.items()}
+    out, expected = sample.output(sample.call(leaves)), sample.reference(ref_leaves)
+    grad = poison(torch.randn(out.shape, dtype=torch.float64, generator=g), value, 3, g)
+    got = torch.autograd.grad(out, sample.inputs_to_differentiate(leaves), grad.to(dtype))
+    want = torch.autograd.grad(expected, sample.inputs_to_differentiate(ref_leaves), grad)
+    for name, a, b in zip(sample.differentiable_names(sample.tensors), got, want):
+        check = assert_nonfinite_where_reference_is if name == "gamma" else assert_same_values
+        check(a, b, f"{what}: gradient of {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_nan_score_rows(device):
     """A sample whose scores are all NaN: softmax weights are NaN (as torch.softmax gives),

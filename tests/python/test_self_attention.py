@@ -565,6 +565,38 @@ def test_the_backward_reads_the_kept_projection(spatial, dtype, kv_stride, layou
     assert not torch.equal(other[0], kept[0]) and not torch.equal(other[1], kept[1])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "channels,qk_dim,spatial",
+    [(64, 8, (33, 31)), (65, 8, (20, 21)), (16, 2, (9, 10)), (32, 2, (80,)), (24, 3, (4, 5, 6))],
+    ids=str,
+)
+def test_one_sample_with_values_in_grad_x(channels, qk_dim, spatial, dtype, layout):
+    """One sample whose values are as wide as its tokens (v = C) and more positions than
+    channels (T's way; odd P, odd C, 1-D and 3-D maps): recomputing the projection, the backward
+    writes the values, and then their gradient, into grad_x's memory, keeps q's and k's columns
+    apart, and writes grad_x over the value gradient in tiles of tokens (channels first:
+    token-major, then transposed in place, grad_y added as it goes): it holds less than given
+    the forward's projection, whose gradient is a tensor of its own. Both give the same bits (the
+    products are split by rows or columns of their results, never within a sum, and the kernels
+    are lent the same workspace), and those match the float64 reference."""
+    x = in_layout(torch.randn((1, channels) + spatial, dtype=dtype), layout)
+    params = make_params(channels, qk_dim, channels, dtype, "cpu")
+    grad = in_layout(torch.randn(x.shape, dtype=dtype), layout)
+    _, _, lse, projection = forward_op(x, *params, qk_dim, 1, 1, True)
+    kept, recomputed = [], []
+    kept_peak = _peak_cpu_bytes_on_threads(
+        lambda: kept.extend(backward_op(grad, x, *params, lse, qk_dim, 1, 1, projection)))
+    recomputed_peak = _peak_cpu_bytes_on_threads(
+        lambda: recomputed.extend(backward_op(grad, x, *params, lse, qk_dim, 1, 1)))
+    assert recomputed_peak < kept_peak
+    assert recomputed[0].stride() == kept[0].stride()
+    for name, a, b in zip(NAMES, kept, recomputed):
+        assert torch.equal(a, b), name
+    check_against_reference(x, params, qk_dim, 1, 1)
+
+
 @pytest.mark.parametrize("spatial", [(1, 1), (2, 2)])
 def test_few_tokens_backward_leaves_grad_y_as_it_was(spatial):
     """With few tokens, the backward of a channels-first map adds grad_x's sum into its own
@@ -621,7 +653,7 @@ def test_torch_compile_of_few_and_many_tokens_gives_the_eager_results():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("batch,size", [(4, 8), (4, 16), (4, 32), (4, 64), (2, 16), (2, 32), (2, 64), (1, 64)])
+@pytest.mark.parametrize("batch,size", [(4, 8), (4, 16), (4, 32), (4, 64), (2, 16), (2, 32), (2, 64), (1, 32), (1, 64)])
 def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, batch, size):
     """Forward+backward of the default module on (N, 64, S, S), P >= 64, at 2 threads: the
     backward recomputes the projection a sample at a time (also where a sample has fewer than
@@ -631,11 +663,13 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, batch, s
     + 64 values per position), one sample's temporaries, the weight gradients summed so far.
     Where P > C (T = p^T grad_y gives the output projection's and the values' gradients), a
     sample's temporaries are its recomputed projection, which its gradient overwrites (80 values
-    per position), and nothing else as large as its tokens outside its part of grad_x (see
-    test_one_sample_backward_holds_its_projection_and_little_more): one sample of 4096
-    positions is 1.47x (2.57x while the heads' gradient, T and the projection's gradient were
-    tensors of their own; 1.67x while q's and k's gradients and the partial key gradients
-    were). At P = 64 (see test_small_map_backward_holds_one_sample_of_temporaries) the heads
+    per position), and nothing else as large as its tokens outside its part of grad_x; where the
+    sample is the batch, its values live in grad_x's memory and the projection's q and k columns
+    apart (64 values per position with the kernels' partial sums; see
+    test_one_sample_backward_holds_its_queries_and_keys_and_little_more): one sample of 4096
+    positions is 1.36x, of 1024 1.41x (1.47x and 1.51x with the projection whole; 2.57x while
+    the heads' gradient, T and the projection's gradient were tensors of their own; 1.67x while
+    q's and k's gradients and the partial key gradients were). At P = 64 (see test_small_map_backward_holds_one_sample_of_temporaries) the heads
     are recomputed, the projection's gradient is written over the projection, and each
     sample's parts of the weights' gradients are added into their sums as they are formed."""
     m = SelfAttention(64)  # qk_dim = 8, v_dim = 64
@@ -682,23 +716,23 @@ def test_small_map_backward_holds_one_sample_of_temporaries(layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("size", [32, 64])
-def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
+def test_one_sample_backward_holds_its_queries_and_keys_and_little_more(layout, size):
     """One sample, (1, 64, S, S), P > C: the batch is one chunk, so the backward's temporaries
     are the whole call's. What the peak may hold, counted in values: y and grad_x (2 P C), lse
-    (P) and grad_y's channel sums (C), the recomputed projection (P R), which becomes its
-    gradient, the weight-sized sums (G, the projection's weight and bias gradients: C v + R C +
-    R) and one more temporary, a weight-sized one (R C). Nothing else: a product's transposed
-    result (grad_x's, channels first) is formed a tile at a time in each task's own buffer
-    (with a block of 8192 values of its own, P = 1024 channels first held 1.57x |Q| + |K| +
-    |V| + |out|, 1.51x now); the heads' output gradient is
-    formed a block of queries at a time inside the kernel that gives q's and k's gradients,
-    which go to the sample's part of grad_x with the kernel's partial key gradients; T = p^T
-    grad_y is formed a block of keys at a time, each block giving its part of G (partials in
-    grad_x too) and its value gradient, written over v; and the weight gradient's product over
-    one sample's positions has no partial sums. 1.47x |Q| + |K| + |V| + |out| at P = 4096 (y
-    and grad_x alone are 0.89x, the projection 0.56x); it was 1.67x with q's and k's gradients
-    and two partial key gradients (2 P qk each) as tensors of their own, 2.57x with the heads'
-    gradient, T or the projection's gradient (64 or 80 values per position) as well."""
+    (P) and grad_y's channel sums (C), one side tensor of the recomputed q's and k's columns and
+    their gradients (4 qk P) and the kernels' partial sums (max(4 qk P, 2 C v): four partial key
+    gradients or two of G's), the weight-sized sums (G, the projection's weight and bias
+    gradients: C v + R C + R) and the bias gradient's two parts (R). Nothing else: the values,
+    then their gradient, live in grad_x's memory, which grad_x is written over a tile of tokens
+    at a time (channels first, token-major and then transposed in place through the side tensor);
+    the heads' output gradient is formed a block of queries at a time inside the kernel that
+    gives q's and k's gradients; T = p^T grad_y is formed a block of keys at a time, each block
+    giving its part of G and its value gradient, written over v; and the weight gradient's product
+    over one sample's positions has no partial sums. 1.36x |Q| + |K| + |V| + |out| at P = 4096
+    (y and grad_x alone are 0.89x, the side tensor 0.44x); with the whole projection (P R) held
+    instead of the side tensor it was 1.47x (1.51x at P = 1024, now 1.41x), 1.67x with q's and k's
+    gradients and two partial key gradients (2 P qk each) as tensors of their own, 2.57x with the
+    heads' gradient, T or the projection's gradient (64 or 80 values per position) as well."""
     channels, qk_dim, positions = 64, 8, size * size
     rows = 2 * qk_dim + channels
     m = SelfAttention(channels)
@@ -706,8 +740,9 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
         m.gamma.fill_(0.5)
     x = in_layout(torch.randn(1, channels, size, size), layout).requires_grad_(True)
     grad = in_layout(torch.randn(x.shape), layout)
-    counted = (2 * positions * channels + positions + channels + positions * rows
-               + channels * channels + rows * channels + rows + rows * channels)
+    side = 4 * qk_dim * positions + max(4 * qk_dim * positions, 2 * channels * channels)
+    counted = (2 * positions * channels + positions + channels + side
+               + channels * channels + rows * channels + rows + rows)
     peak = _peak_cpu_bytes_on_threads(lambda: m(x).backward(grad))
     assert peak <= 1.01 * counted * 4, f"peak {peak / 4 / counted:.3f}x the counted values"
 
@@ -715,9 +750,10 @@ def test_one_sample_backward_holds_its_projection_and_little_more(layout, size):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_one_sample_backward_holds_as_much_with_more_threads(layout):
     """One sample of 1024 positions at 2 and at 8 intra-op threads: the backward's partial sums
-    (the key gradients of a wave of query groups, G's per group of key blocks) live in the
-    memory of grad_x before it is written, as many as fit there, and one sample's weight
-    gradient is one product with no partials, so the peak does not grow with the threads (2.01x
+    (the key gradients of a wave of query groups, G's per group of key blocks) live in a
+    workspace whose size the shape sets (four partial key gradients or two of G's: as many as
+    fit run side by side), and one sample's weight gradient is one product with no partials, so
+    the peak does not grow with the threads (2.01x
     at 8 threads against 1.67x at 2 when each thread of a wave had a partial key gradient of
     its own and each chunk of 1024 positions a weight-sized partial)."""
     m = SelfAttention(64)
