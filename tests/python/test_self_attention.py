@@ -669,9 +669,10 @@ def test_forward_backward_peak_is_at_most_one_and_a_half_inputs(layout, batch, s
     test_one_sample_backward_holds_its_queries_and_keys_and_little_more): one sample of 4096
     positions is 1.36x, of 1024 1.41x (1.47x and 1.51x with the projection whole; 2.57x while
     the heads' gradient, T and the projection's gradient were tensors of their own; 1.67x while
-    q's and k's gradients and the partial key gradients were). At P = 64 (see test_small_map_backward_holds_one_sample_of_temporaries) the heads
-    are recomputed, the projection's gradient is written over the projection, and each
-    sample's parts of the weights' gradients are added into their sums as they are formed."""
+    q's and k's gradients and the partial key gradients were). At P = 64 (see
+    test_small_map_backward_holds_one_sample_of_temporaries) the heads are recomputed, the
+    projection's gradient is written over the projection, and each sample's parts of the
+    weights' gradients are added into their sums as they are formed."""
     m = SelfAttention(64)  # qk_dim = 8, v_dim = 64
     with torch.no_grad():
         m.gamma.fill_(0.5)
@@ -753,9 +754,9 @@ def test_one_sample_backward_holds_as_much_with_more_threads(layout):
     (the key gradients of a wave of query groups, G's per group of key blocks) live in a
     workspace whose size the shape sets (four partial key gradients or two of G's: as many as
     fit run side by side), and one sample's weight gradient is one product with no partials, so
-    the peak does not grow with the threads (2.01x
-    at 8 threads against 1.67x at 2 when each thread of a wave had a partial key gradient of
-    its own and each chunk of 1024 positions a weight-sized partial)."""
+    the peak does not grow with the threads (2.01x at 8 threads against 1.67x at 2 when each
+    thread of a wave had a partial key gradient of its own and each chunk of 1024 positions a
+    weight-sized partial)."""
     m = SelfAttention(64)
     with torch.no_grad():
         m.gamma.fill_(0.5)
