@@ -597,6 +597,23 @@ def test_one_sample_with_values_in_grad_x(channels, qk_dim, spatial, dtype, layo
     check_against_reference(x, params, qk_dim, 1, 1)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_one_sample_with_values_in_grad_x_across_thread_counts(layout):
+    """The one-sample backward that keeps its values in grad_x's memory (1023 positions: several
+    groups of query blocks and of key blocks, and of tiles of tokens) gives the same bits for 1
+    to 4 intra-op threads: its workspace, which sets G's groups, depends on the shape alone."""
+    m = SelfAttention(64, gamma_init=0.5)
+    x = in_layout(torch.randn(1, 64, 33, 31), layout)
+    grad = in_layout(torch.randn(x.shape), layout)
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf)
+        return [y.detach(), *torch.autograd.grad(y, [leaf, *m.parameters()], grad)]
+
+    assert_bitwise_identical_across_thread_counts(run)
+
+
 @pytest.mark.parametrize("spatial", [(1, 1), (2, 2)])
 def test_few_tokens_backward_leaves_grad_y_as_it_was(spatial):
     """With few tokens, the backward of a channels-first map adds grad_x's sum into its own
