@@ -75,6 +75,12 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
   return out;
 }
 
+// Whether `map` starts on a 64-byte boundary, as a new tensor does: in_memory_of lays a tensor in
+// its memory only then.
+bool aligned_for_memory_of(const at::Tensor& map) {
+  return reinterpret_cast<uintptr_t>(map.data_ptr()) % 64 == 0;
+}
+
 // A new contiguous tensor of `sizes`, in the memory of `map` where it fits: `map` is dense (in
 // any layout) and nothing reads it before it is written again (the backward's part of grad_x
 // for a chunk of samples, written last), so a temporary as large as the chunk's tokens costs
@@ -82,9 +88,8 @@ at::Tensor tokens_mm(MatmulFn matmul, const at::Tensor& a, const at::Tensor& b,
 // (a later chunk of a map with an odd number of values per sample does not): kernels may read
 // their operands in aligned vectors.
 at::Tensor in_memory_of(const at::Tensor& map, at::IntArrayRef sizes) {
-  constexpr uintptr_t kAlignment = 64;
   const int64_t numel = c10::multiply_integers(sizes);
-  if (numel > map.numel() || reinterpret_cast<uintptr_t>(map.data_ptr()) % kAlignment != 0) {
+  if (numel > map.numel() || !aligned_for_memory_of(map)) {
     return at::empty(sizes, map.options());
   }
   return map.as_strided({numel}, {1}).view(sizes);
@@ -284,11 +289,6 @@ class Carving {
     if (used + numel > memory) return used;
     return std::min(memory, (used + numel + 15) / 16 * 16);
   }
-  // What is left (undefined where nothing is).
-  at::Tensor rest() const {
-    return used_ < memory_.numel() ? memory_.narrow(0, used_, memory_.numel() - used_)
-                                   : at::Tensor();
-  }
 
  private:
   at::Tensor memory_;
@@ -317,12 +317,6 @@ int64_t sums_workspace_values(const Geometry& part) {
 at::Tensor sums_workspace(Carving& region, const Geometry& part) {
   const int64_t values = sums_workspace_values(part);
   return values > 0 ? region.take({values}) : at::Tensor();
-}
-
-// Whether `map` starts on in_memory_of's 64-byte boundary, so that a tensor as large as it is
-// laid in its memory rather than allocated.
-bool aligned_for_memory_of(const at::Tensor& map) {
-  return reinterpret_cast<uintptr_t>(map.data_ptr()) % 64 == 0;
 }
 
 // A channels-first sample's tokens A (P, C), token-major, transposed into (C, P) in their own
