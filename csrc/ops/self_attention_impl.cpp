@@ -287,8 +287,10 @@ class Carving {
   // How much of `memory` values is used once a part of `numel` is taken after `used`.
   static int64_t used_after(int64_t used, int64_t numel, int64_t memory) {
     if (used + numel > memory) return used;
-    return std::min(memory, (used + numel + 15) / 16 * 16);
+    return std::min(memory, on_boundary(used + numel));
   }
+  // `values` rounded up to the next part's boundary.
+  static int64_t on_boundary(int64_t values) { return (values + 15) / 16 * 16; }
 
  private:
   at::Tensor memory_;
@@ -338,11 +340,11 @@ struct InPlaceTransposition {
 };
 
 // The values of values_in_grad_x_backward's side tensor: q's and k's columns and their gradients
-// (each rounded up to 16 elements by Carving), the kernels' workspace, and for a channels-first
+// (each up to Carving's next boundary), the kernels' workspace, and for a channels-first
 // map the transposition's scratch, which reuses all of it.
 int64_t side_values(const Geometry& part) {
   const int64_t query_key_values = part.batch * part.positions * 2 * part.sizes.qk_dim;
-  const int64_t carved = 2 * ((query_key_values + 15) / 16 * 16) + sums_workspace_values(part);
+  const int64_t carved = 2 * Carving::on_boundary(query_key_values) + sums_workspace_values(part);
   if (part.layout == Layout::ChannelsLast) return carved;
   return std::max(carved, InPlaceTransposition(part.positions, part.channels).scratch_values());
 }
@@ -400,7 +402,7 @@ at::Tensor values_in_grad_x_backward(const SelfAttentionBackend& backend, const 
   const at::Tensor grad_query_key = region.take({count, positions, query_key});
   // Where Carving puts q's and k's columns: from there on the side tensor is free once the
   // kernels have run.
-  const int64_t free_from = (count * positions * query_key + 15) / 16 * 16;
+  const int64_t free_from = Carving::on_boundary(grad_query_key.numel());
   const at::Tensor query_key_rows = region.take({count, positions, query_key});
   const at::Tensor workspace = sums_workspace(region, part);
   // The projection, by rows of the weight: q's and k's columns, then v's into grad_x.
