@@ -339,14 +339,12 @@ struct InPlaceTransposition {
   }
 };
 
-// The values of values_in_grad_x_backward's side tensor: q's and k's columns and their gradients
-// (each up to Carving's next boundary), the kernels' workspace, and for a channels-first
-// map the transposition's scratch, which reuses all of it.
+// The values values_in_grad_x_backward holds beside y and grad_x while its kernels run: q's and
+// k's gradients, and q's and k's columns with the kernels' workspace (each up to Carving's next
+// boundary).
 int64_t side_values(const Geometry& part) {
   const int64_t query_key_values = part.batch * part.positions * 2 * part.sizes.qk_dim;
-  const int64_t carved = 2 * Carving::on_boundary(query_key_values) + sums_workspace_values(part);
-  if (part.layout == Layout::ChannelsLast) return carved;
-  return std::max(carved, InPlaceTransposition(part.positions, part.channels).scratch_values());
+  return 2 * Carving::on_boundary(query_key_values) + sums_workspace_values(part);
 }
 
 // Whether a chunk of T's way keeps its values, and then their gradient, in its part of grad_x
@@ -356,8 +354,9 @@ int64_t side_values(const Geometry& part) {
 // |out|; a chunk of a larger batch holds a share of the batch's y and grad_x, and the projection
 // whole costs fewer calls. And where it recomputes the projection (not the forward's kept one),
 // its keys and values are not pooled, a value row is as wide as a token of grad_x (v = C), so
-// that the values fill that part exactly, row for row, and the side tensor is smaller than the
-// projection (q and k narrow next to C: the default block's qk = C / 8).
+// that the values fill that part exactly, row for row, and what it holds beside them while its
+// kernels run is less than the projection (q and k narrow next to C: the default block's
+// qk = C / 8).
 bool values_fit_grad_x(const Geometry& part, bool whole_batch, bool recomputed,
                        const at::Tensor& chunk_grad_x) {
   const SelfAttentionSizes& sizes = part.sizes;
@@ -369,16 +368,18 @@ bool values_fit_grad_x(const Geometry& part, bool whole_batch, bool recomputed,
 // T's way for a chunk (values_fit_grad_x) whose values v, as many as the chunk's part of grad_x
 // holds, are written there by the projection: nothing reads that part until it is written
 // last, and the value gradient is written over v (value_gradients_through_sums). So the chunk's
-// temporaries are one `side` tensor of q's and k's columns, their gradients and the kernels'
-// partial sums (2 * 2 qk + max(4 qk, 2 H C dv / P) values per position: 64 against the whole
-// projection's 80 for the default module), not the projection (N, P, R) on top of grad_x.
-// grad_x is then written over the value gradient a tile of positions at a time, each tile's rows
-// of the projection's gradient first copied into the side tensor's free part: a token's
-// gradient reads that token's value-gradient row alone, which it is written over. A
-// channels-first map gets the tokens' gradients token-major first and then transposed in place
-// (InPlaceTransposition), grad_y added as they go. Every element is the same sum as T's way with
-// the whole projection gives (self_attention_backward): the products are split by rows or
-// columns of their results, never within a sum, and the kernels are lent as much workspace.
+// temporaries are q's and k's gradients and a scratch tensor of q's and k's columns and the
+// kernels' partial sums (2 * 2 qk + max(4 qk, 2 H C dv / P) values per position: 64 against the
+// whole projection's 80 for the default module), not the projection (N, P, R) on top of grad_x.
+// The scratch goes before the weights' gradients are formed (at small maps they are as large as
+// it). grad_x is then written over the value gradient a tile of positions at a time, each
+// tile's rows of the projection's gradient first copied into a buffer of a quarter of the
+// projection's gradient: a token's gradient reads that token's value-gradient row alone, which it
+// is written over. A channels-first map gets the tokens' gradients token-major first and then
+// transposed in place (InPlaceTransposition, once q's and k's gradients are gone), grad_y added
+// as they go. Every element is the same sum as T's way with the whole projection gives
+// (self_attention_backward): the products are split by rows or columns of their results, never
+// within a sum, and the kernels are lent as much workspace.
 //
 // Adds the chunk's parts to the projection's weight and bias gradients (defined after the first
 // chunk) and returns its part of G, or an undefined tensor where that is not finite (the caller
@@ -394,34 +395,37 @@ at::Tensor values_in_grad_x_backward(const SelfAttentionBackend& backend, const 
   const int64_t count = part.batch, positions = part.positions, channels = part.channels;
   const int64_t heads = sizes.num_heads, dq = sizes.qk_head_dim(), dv = sizes.v_head_dim();
   const int64_t qk = sizes.qk_dim, query_key = 2 * qk, rows = query_key + channels;
+  const int64_t token_rows = count * positions;
   // The values (count, P, C): the chunk's part of grad_x as token rows, whatever its layout.
   const at::Tensor values = in_memory_of(chunk_grad_x, {count, positions, channels});
   TORCH_INTERNAL_ASSERT(values.data_ptr() == chunk_grad_x.data_ptr());
-  const at::Tensor side = at::empty({side_values(part)}, x_tokens.options());
-  Carving region(side);
-  const at::Tensor grad_query_key = region.take({count, positions, query_key});
-  // Where Carving puts q's and k's columns: from there on the side tensor is free once the
-  // kernels have run.
-  const int64_t free_from = Carving::on_boundary(grad_query_key.numel());
-  const at::Tensor query_key_rows = region.take({count, positions, query_key});
-  const at::Tensor workspace = sums_workspace(region, part);
-  // The projection, by rows of the weight: q's and k's columns, then v's into grad_x.
-  const auto bias_rows = [&](int64_t first, int64_t length) -> std::optional<at::Tensor> {
-    if (!qkv_bias.has_value()) return std::nullopt;
-    return qkv_bias->narrow(0, first, length);
-  };
-  tokens_mm_into(backend.matmul, query_key_rows, x_tokens, qkv_weight.narrow(0, 0, query_key).t(),
-                 bias_rows(0, query_key));
-  tokens_mm_into(backend.matmul, values, x_tokens, qkv_weight.narrow(0, query_key, channels).t(),
-                 bias_rows(query_key, channels));
-  const at::Tensor q = heads_of(query_key_rows, 0, heads, dq),
-                   k = heads_of(query_key_rows, qk, heads, dq), v = heads_of(values, 0, heads, dv);
-  const double scale = softmax_scale(sizes);
-  backend.query_key_gradients(grad_tokens, out_weight, gamma, q, k, v, lse, scale,
-                              heads_of(grad_query_key, 0, heads, dq),
-                              heads_of(grad_query_key, qk, heads, dq), workspace);
-  at::Tensor out_part = backend.value_gradients_through_sums(grad_tokens, out_weight, gamma, q, k,
-                                                             v, lse, scale, v, workspace);
+  at::Tensor grad_query_key = at::empty({count, positions, query_key}, x_tokens.options());
+  at::Tensor out_part;
+  {
+    const at::Tensor scratch = at::empty(
+        {side_values(part) - Carving::on_boundary(grad_query_key.numel())}, x_tokens.options());
+    Carving region(scratch);
+    const at::Tensor query_key_rows = region.take({count, positions, query_key});
+    const at::Tensor workspace = sums_workspace(region, part);
+    // The projection, by rows of the weight: q's and k's columns, then v's into grad_x.
+    const auto bias_rows = [&](int64_t first, int64_t length) -> std::optional<at::Tensor> {
+      if (!qkv_bias.has_value()) return std::nullopt;
+      return qkv_bias->narrow(0, first, length);
+    };
+    tokens_mm_into(backend.matmul, query_key_rows, x_tokens, qkv_weight.narrow(0, 0, query_key).t(),
+                   bias_rows(0, query_key));
+    tokens_mm_into(backend.matmul, values, x_tokens, qkv_weight.narrow(0, query_key, channels).t(),
+                   bias_rows(query_key, channels));
+    const at::Tensor q = heads_of(query_key_rows, 0, heads, dq),
+                     k = heads_of(query_key_rows, qk, heads, dq),
+                     v = heads_of(values, 0, heads, dv);
+    const double scale = softmax_scale(sizes);
+    backend.query_key_gradients(grad_tokens, out_weight, gamma, q, k, v, lse, scale,
+                                heads_of(grad_query_key, 0, heads, dq),
+                                heads_of(grad_query_key, qk, heads, dq), workspace);
+    out_part = backend.value_gradients_through_sums(grad_tokens, out_weight, gamma, q, k, v, lse,
+                                                    scale, v, workspace);
+  }
   if (!all_finite(out_part)) return at::Tensor();
 
   // The projection's weight and bias gradients, by rows: q's and k's, then v's.
@@ -441,29 +445,32 @@ at::Tensor values_in_grad_x_backward(const SelfAttentionBackend& backend, const 
   // The tokens' gradients over the value gradient, a tile of rows at a time: channels last,
   // grad_y's rows plus the product; channels first, the product alone (grad_y is added below).
   const bool channels_last = part.layout == Layout::ChannelsLast;
-  const at::Tensor buffer = side.narrow(0, free_from, side.numel() - free_from);
-  const int64_t token_rows = count * positions;
-  const int64_t tile_rows = std::clamp<int64_t>(buffer.numel() / rows, 1, token_rows);
-  const at::Tensor grad_query_key_rows = grad_query_key.view({token_rows, query_key});
   const at::Tensor token_gradients = values.view({token_rows, channels});
-  const at::Tensor grad_rows =
-      channels_last ? grad_tokens.reshape({token_rows, channels}) : at::Tensor();
-  for (int64_t first = 0; first < token_rows; first += tile_rows) {
-    const int64_t length = std::min(tile_rows, token_rows - first);
-    const at::Tensor tile = buffer.narrow(0, 0, length * rows).view({length, rows});
-    tile.narrow(1, 0, query_key).copy_(grad_query_key_rows.narrow(0, first, length));
-    tile.narrow(1, query_key, channels).copy_(token_gradients.narrow(0, first, length));
-    const at::Tensor out = token_gradients.narrow(0, first, length);
-    if (channels_last) out.copy_(grad_rows.narrow(0, first, length));
-    backend.matmul(out, tile, qkv_weight, channels_last);
+  {
+    const int64_t tile_rows = (token_rows + 3) / 4;
+    const at::Tensor buffer = at::empty({tile_rows, rows}, x_tokens.options());
+    const at::Tensor grad_query_key_rows = grad_query_key.view({token_rows, query_key});
+    const at::Tensor grad_rows =
+        channels_last ? grad_tokens.reshape({token_rows, channels}) : at::Tensor();
+    for (int64_t first = 0; first < token_rows; first += tile_rows) {
+      const int64_t length = std::min(tile_rows, token_rows - first);
+      const at::Tensor tile = buffer.narrow(0, 0, length);
+      tile.narrow(1, 0, query_key).copy_(grad_query_key_rows.narrow(0, first, length));
+      tile.narrow(1, query_key, channels).copy_(token_gradients.narrow(0, first, length));
+      const at::Tensor out = token_gradients.narrow(0, first, length);
+      if (channels_last) out.copy_(grad_rows.narrow(0, first, length));
+      backend.matmul(out, tile, qkv_weight, channels_last);
+    }
   }
+  grad_query_key.reset();
   if (!channels_last) {
     const InPlaceTransposition t(positions, channels);
     const int64_t top = t.top, left = t.left, bottom = t.bottom, right = t.right;
-    const at::Tensor left_top = side.narrow(0, 0, top * left).view({top, left});
-    const at::Tensor right_top = side.narrow(0, top * left, top * right).view({top, right});
+    const at::Tensor scratch = at::empty({t.scratch_values()}, x_tokens.options());
+    const at::Tensor left_top = scratch.narrow(0, 0, top * left).view({top, left});
+    const at::Tensor right_top = scratch.narrow(0, top * left, top * right).view({top, right});
     const at::Tensor right_bottom =
-        side.narrow(0, t.bottom_right_at, bottom * right).view({bottom, right});
+        scratch.narrow(0, t.bottom_right_at, bottom * right).view({bottom, right});
     const auto add_into = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
       at::add_out(out, a, b);
     };
