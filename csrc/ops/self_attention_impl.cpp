@@ -371,8 +371,8 @@ bool values_fit_grad_x(const Geometry& part, bool whole_batch, bool recomputed,
 // temporaries are q's and k's gradients and a scratch tensor of q's and k's columns and the
 // kernels' partial sums (2 * 2 qk + max(4 qk, 2 H C dv / P) values per position: 64 against the
 // whole projection's 80 for the default module), not the projection (N, P, R) on top of grad_x.
-// The scratch goes before the weights' gradients are formed (at small maps they are as large as
-// it). grad_x is then written over the value gradient a tile of positions at a time, each
+// The scratch goes before the weights' gradients are formed (at small maps they and G are nearly
+// as large as it). grad_x is then written over the value gradient a tile of positions at a time, each
 // tile's rows of the projection's gradient first copied into a buffer of a quarter of the
 // projection's gradient: a token's gradient reads that token's value-gradient row alone, which it
 // is written over. A channels-first map gets the tokens' gradients token-major first and then
