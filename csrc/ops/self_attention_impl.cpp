@@ -240,8 +240,8 @@ at::Tensor ordered_sum(MatmulFn matmul, const at::Tensor& t) {
 
 // Whether the backward takes the output projection's gradient and the value gradient from
 // T = p^T grad_y, the probability-weighted sums of grad_y's C channels over the queries (per
-// head; backend.value_gradients_through_sums): G = T^T v and grad_v = gamma * T out_weight^T, instead of
-// recomputing the heads for G = grad_y^T attn and summing grad_v = p^T grad_attn. By the
+// head; backend.value_gradients_through_sums): G = T^T v and grad_v = gamma * T out_weight^T,
+// instead of recomputing the heads for G = grad_y^T attn and summing grad_v = p^T grad_attn. By the
 // multiply-adds per sample and head, with P queries and Pk keys: T takes P Pk (dq + C) (p
 // recomputed, then C channels per pair) and its two products 2 Pk C dv; the heads take
 // P Pk (dq + dv), grad_v P Pk dv and G P C dv. T wins where a head's values are wide next to
@@ -372,12 +372,12 @@ bool values_fit_grad_x(const Geometry& part, bool whole_batch, bool recomputed,
 // kernels' partial sums (2 * 2 qk + max(4 qk, 2 H C dv / P) values per position: 64 against the
 // whole projection's 80 for the default module), not the projection (N, P, R) on top of grad_x.
 // The scratch goes before the weights' gradients are formed (at small maps they and G are nearly
-// as large as it). grad_x is then written over the value gradient a tile of positions at a time, each
-// tile's rows of the projection's gradient first copied into a buffer of a quarter of the
-// projection's gradient: a token's gradient reads that token's value-gradient row alone, which it
-// is written over. A channels-first map gets the tokens' gradients token-major first and then
-// transposed in place (InPlaceTransposition, once q's and k's gradients are gone), grad_y added
-// as they go. Every element is the same sum as T's way with the whole projection gives
+// as large as it). grad_x is then written over the value gradient a tile of positions at a
+// time, each tile's rows of the projection's gradient first copied into a buffer of a quarter of
+// the projection's gradient: a token's gradient reads that token's value-gradient row alone,
+// which it is written over. A channels-first map gets the tokens' gradients token-major first and
+// then transposed in place (InPlaceTransposition, once q's and k's gradients are gone), grad_y
+// added as they go. Every element is the same sum as T's way with the whole projection gives
 // (self_attention_backward): the products are split by rows or columns of their results, never
 // within a sum, and the kernels are lent as much workspace.
 //
@@ -402,8 +402,9 @@ at::Tensor values_in_grad_x_backward(const SelfAttentionBackend& backend, const 
   at::Tensor grad_query_key = at::empty({count, positions, query_key}, x_tokens.options());
   at::Tensor out_part;
   {
-    const at::Tensor scratch = at::empty(
-        {side_values(part) - Carving::on_boundary(grad_query_key.numel())}, x_tokens.options());
+    const at::Tensor scratch =
+        at::empty({Carving::on_boundary(grad_query_key.numel()) + sums_workspace_values(part)},
+                  x_tokens.options());
     Carving region(scratch);
     const at::Tensor query_key_rows = region.take({count, positions, query_key});
     const at::Tensor workspace = sums_workspace(region, part);
