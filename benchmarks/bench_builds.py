@@ -24,6 +24,8 @@ CASES = {
     "channel_attention avgmax (8,256,56,56) fwd+bwd": ("channel", (8, 256, 56, 56), 16, "avgmax"),
     "channel_attention avg (32,2048,7,7) fwd+bwd": ("channel", (32, 2048, 7, 7), 16, "avg"),
     "channel_attention avg (32,2048,7,7) fwd": ("channel_fwd", (32, 2048, 7, 7), 16, "avg"),
+    "channel_attention avg (8,2048,4,4) fwd": ("channel_fwd", (8, 2048, 4, 4), 16, "avg"),
+    "channel_attention avg (8,2048,4,4) fwd+bwd": ("channel", (8, 2048, 4, 4), 16, "avg"),
     "cbam (8,256,56,56) fwd": ("cbam_fwd", (8, 256, 56, 56)),
     "cbam (8,256,56,56) fwd+bwd": ("cbam", (8, 256, 56, 56)),
     "cbam channels_last (8,256,56,56) fwd+bwd": ("cbam_last", (8, 256, 56, 56)),

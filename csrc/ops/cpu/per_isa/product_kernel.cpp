@@ -33,19 +33,25 @@ constexpr int kTileRows = 8;
 // 4 rows by 3 vectors: 12 of the 16 vector registers hold sums.
 constexpr int kTileRows = 4;
 #endif
-// The last columns, fewer than a vector, run as tiles of one vector with masked loads and
-// stores where the instruction set has them. A column computed one at a time is a chain of
-// dependent multiply-adds, bound by their latency: with products 49 columns wide (a 7 x 7 map's
-// positions) the forward of a 2048-channel block took 110 ms that way, 77 ms with the mask.
+// The last columns, fewer than a vector, run as tiles of one vector where the instruction set
+// has masked stores: their b rows are read from a copy padded with zeros to whole vectors
+// (pad_last_columns, or pack_b's last chunk) and only the tile's sums are stored or loaded
+// with a mask. A column computed one at a time is a chain of dependent multiply-adds, bound by
+// their latency: with products 49 columns wide (a 7 x 7 map's positions) the forward of a
+// 2048-channel block took 110 ms that way, 77 ms with the mask. b itself read with masked
+// loads along k ran at half the speed of whole vectors in the AVX-512 build: GCC cannot move
+// the sums' stores out of a loop that holds AVX-512's masked-load builtin, and stored every sum
+// to the stack at every step.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 constexpr bool kMaskedLastColumns = true;
 #else
 constexpr bool kMaskedLastColumns = false;
 #endif
 
-// How a tile reads and writes the columns of its vectors: all of a vector's lanes
-// (WholeVectors), or only the first `count`, fewer than a vector (FirstLanes: the others load
-// as zero, are never stored, and no memory beyond the first `count` elements is touched).
+// How a tile reads and writes the columns of its sums: all of a vector's lanes (WholeVectors),
+// or only the first `count`, fewer than a vector (FirstLanes: the others load as zero, are
+// never stored, and no memory beyond the first `count` elements is touched). b's rows are
+// always read as whole vectors.
 template <typename T>
 struct WholeVectors {
   using Vec = at::vec::Vectorized<T>;
@@ -87,8 +93,9 @@ struct FirstLanes {
 #endif
 };
 
-// A b of at most this many bytes stays in a core's L2 cache (512 KiB on the AMD EPYC measured,
-// more on Intel's) while each row group streams all of it: one pass over k, nothing copied.
+// A b of at most this many bytes (its rows counted as read_width) stays in a core's L2 cache
+// (512 KiB on the AMD EPYC measured, more on Intel's) while each row group streams all of it:
+// one pass over k, nothing copied but the last columns' padded rows.
 constexpr int64_t kOnePassBytes = 256 * 1024;
 // A larger b runs in blocks: depth blocks of kDepthBlock steps along k, each in panels of b's
 // columns (kPanelBytes of b rows), each panel copied into a buffer tile by tile (pack_b) where
@@ -133,9 +140,9 @@ struct Sums {
 
 // The sums of a (kRows x kVecs vectors) tile over l < k of a(i, l) * b(l, :), with
 // a(i, l) = a[i * a_row + l * a_col] (any strides: a row-major block, or with a_row = 1 a
-// transposed one) and b row-major with contiguous rows. The sums stay in registers; b's vectors
-// are loaded once per l for all kRows rows. `lanes` reads and writes the vectors' columns (all,
-// or the first few with kVecs = 1).
+// transposed one) and b row-major with contiguous rows of whole vectors. The sums stay in
+// registers; b's vectors are loaded once per l for all kRows rows. `lanes` reads and writes the
+// sums' columns (all, or the first few with kVecs = 1).
 template <DepthStage kStage, typename T, int kRows, int kVecs, typename Lanes>
 C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b,
                                     int64_t ldb, const Sums<T>& ends, const Lanes& lanes) {
@@ -154,7 +161,7 @@ C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_
   for (int r = 0; r < kRows; ++r) a_rows[r] = a + r * a_row;
   for (int64_t l = 0; l < k; ++l, b += ldb) {
     Vec b_columns[kVecs];
-    for (int v = 0; v < kVecs; ++v) b_columns[v] = lanes.load(b + v * Vec::size());
+    for (int v = 0; v < kVecs; ++v) b_columns[v] = Vec::loadu(b + v * Vec::size());
     for (int r = 0; r < kRows; ++r) {
       const Vec weight(*a_rows[r]);
       a_rows[r] += a_col;
@@ -255,22 +262,40 @@ void pack_a(int64_t m, int64_t first, int64_t depth, const T* a, int64_t a_row, 
   });
 }
 
+// The width of the rows in which tiles read `columns` columns of b: with masked last columns,
+// rounded up to whole vectors (the last ones from a copy padded with zeros).
+template <typename T>
+constexpr int64_t read_width(int64_t columns) {
+  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
+  return kMaskedLastColumns ? (columns + kWidth - 1) / kWidth * kWidth : columns;
+}
+
+// Copies `depth` rows of `count` columns of b (fewer than a vector) into `padded`, one vector
+// per row, the lanes past `count` zero.
+template <typename T>
+void pad_last_columns(int64_t depth, int64_t count, const T* b, int64_t ldb, T* padded) {
+  using Vec = at::vec::Vectorized<T>;
+  const FirstLanes<T> lanes(count);
+  for (int64_t l = 0; l < depth; ++l) lanes.load(b + l * ldb).store(padded + l * Vec::size());
+}
+
 // The tile of the row group of kRows rows from i (rows_tag) and the column tile from j
-// (vectors tag, or a count of columns fewer than a vector).
+// (vectors tag, or a count of columns fewer than a vector), whose b columns begin at b_tile:
+// with a count and masked last columns, rows of whole vectors (padded).
 template <DepthStage kStage, typename T, typename RowsTag, typename Width>
 C10_ALWAYS_INLINE void tile(int64_t i, RowsTag, int64_t j, Width width, const AOperand<T>& a,
-                            const T* b, int64_t ldb, const Sums<T>& sums) {
+                            const T* b_tile, int64_t ldb, const Sums<T>& sums) {
   constexpr int kRows = RowsTag::value;
   const auto [a_rows, a_row, a_col] = a.group(i, kRows);
   const Sums<T> ends = sums.at(i, j);
   if constexpr (!std::is_integral_v<Width>) {
-    product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends,
+    product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b_tile, ldb, ends,
                                                  WholeVectors<T>{});
   } else if constexpr (kMaskedLastColumns) {
-    product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b + j, ldb, ends,
+    product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b_tile, ldb, ends,
                                       FirstLanes<T>(width));
   } else {
-    product_tail<kStage, T, kRows>(a.depth, width, a_rows, a_row, a_col, b + j, ldb, ends);
+    product_tail<kStage, T, kRows>(a.depth, width, a_rows, a_row, a_col, b_tile, ldb, ends);
   }
 }
 
@@ -281,9 +306,19 @@ C10_ALWAYS_INLINE void tile(int64_t i, RowsTag, int64_t j, Width width, const AO
 template <DepthStage kStage, typename T>
 C10_NOINLINE void tiles_by_rows(int64_t m, int64_t n, const AOperand<T>& a, const T* b, int64_t ldb,
                                 const Sums<T>& sums) {
+  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
+  const int64_t whole = n / kWidth * kWidth;
+  const bool padded = kMaskedLastColumns && whole < n;
+  const std::unique_ptr<T[]> last_columns(padded ? new T[a.depth * kWidth] : nullptr);
+  if (padded) pad_last_columns(a.depth, n - whole, b + whole, ldb, last_columns.get());
   for_each_row_group(m, [&](int64_t i, auto rows_tag) {
-    for_each_column_tile<T>(
-        n, [&](int64_t j, auto width) { tile<kStage>(i, rows_tag, j, width, a, b, ldb, sums); });
+    for_each_column_tile<T>(n, [&](int64_t j, auto width) {
+      if (padded && j == whole) {
+        tile<kStage>(i, rows_tag, j, width, a, last_columns.get(), kWidth, sums);
+      } else {
+        tile<kStage>(i, rows_tag, j, width, a, b + j, ldb, sums);
+      }
+    });
   });
 }
 
@@ -292,8 +327,8 @@ template <typename T>
 constexpr int64_t kChunkColumns = 3 * at::vec::Vectorized<T>::size();
 
 // Copies the first `depth` rows of b's columns [0, width) into `packed`, in chunks of
-// kChunkColumns columns: chunk c is the `depth` rows of its columns (fewer in the last chunk),
-// one after another.
+// kChunkColumns columns: chunk c is the `depth` rows of its columns (fewer in the last chunk,
+// its rows read_width apart, padded with zeros), one after another.
 template <typename T>
 void pack_b(int64_t depth, int64_t width, const T* b, int64_t ldb, T* packed) {
   using Vec = at::vec::Vectorized<T>;
@@ -309,11 +344,13 @@ void pack_b(int64_t depth, int64_t width, const T* b, int64_t ldb, T* packed) {
         }
       }
     } else {
+      const int64_t stride = read_width<T>(columns);
       for (int64_t l = 0; l < depth; ++l) {
-        std::memcpy(packed + l * columns, b + l * ldb + j, columns * sizeof(T));
+        std::memcpy(packed + l * stride, b + l * ldb + j, columns * sizeof(T));
+        std::memset(packed + l * stride + columns, 0, (stride - columns) * sizeof(T));
       }
     }
-    packed += depth * columns;
+    packed += depth * read_width<T>(columns);
   }
 }
 
@@ -326,11 +363,12 @@ C10_NOINLINE void tiles_of_packed_panel(int64_t m, int64_t width, const AOperand
     const T* chunk = packed;
     for (int64_t j = 0; j < width; j += kChunkColumns<T>) {
       const int64_t columns = std::min(kChunkColumns<T>, width - j);
+      const int64_t stride = read_width<T>(columns);
       const Sums<T> chunk_sums = sums.at(0, j);
       for_each_column_tile<T>(columns, [&](int64_t jj, auto tile_width) {
-        tile<kStage>(i, rows_tag, jj, tile_width, a, chunk, columns, chunk_sums);
+        tile<kStage>(i, rows_tag, jj, tile_width, a, chunk + jj, stride, chunk_sums);
       });
-      chunk += a.depth * columns;
+      chunk += a.depth * stride;
     }
   });
 }
@@ -359,7 +397,7 @@ void block_product_kernel(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
                           int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c,
                           int64_t ldc) {
   const Sums<T> into_c{nullptr, 0, c, ldc, alpha, accumulate};
-  if (k * n * static_cast<int64_t>(sizeof(T)) <= kOnePassBytes) {
+  if (k * read_width<T>(n) * static_cast<int64_t>(sizeof(T)) <= kOnePassBytes) {
     // One pass, row group by row group (all of b stays in the cache), reading a in place.
     tiles_by_rows<DepthStage::kWhole, T>(m, n, AOperand<T>{a, a_row, a_col, k, false}, b, ldb,
                                          into_c);
