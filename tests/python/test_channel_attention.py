@@ -44,6 +44,20 @@ def test_channels_last_vector_lanes_and_block_tails(device, dtype, channels, poo
     check_against_reference(Sample(BY_NAME["channel_attention"], tensors, options))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 4, 8, 9, 16, 17, 24, 33])
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_mlp_products_of_every_width(dtype, batch, pool):
+    # The MLP's products are as wide as the samples times the pooled branches: widths below
+    # one vector, between vectors and past whole tiles, whose last columns the CPU product
+    # reads from rows padded to whole vectors.
+    x = torch.randn(batch, 96, 3, 2).to(dtype)
+    w1, b1, w2, b2 = make_params(96, 40, dtype, "cpu")
+    tensors = {"x": x, "fc1_weight": w1, "fc1_bias": b1, "fc2_weight": w2, "fc2_bias": b2}
+    options = {"pool": pool, "gate": "sigmoid", "activation": "relu"}
+    check_against_reference(Sample(BY_NAME["channel_attention"], tensors, options))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_softmax_gate_of_uniform_logits_is_identity(device):
     # Zero weights and biases give equal logits: C * softmax = 1 for every channel.
