@@ -313,7 +313,7 @@ C10_NOINLINE void tiles_by_rows(int64_t m, int64_t n, const AOperand<T>& a, cons
   if (padded) pad_last_columns(a.depth, n - whole, b + whole, ldb, last_columns.get());
   for_each_row_group(m, [&](int64_t i, auto rows_tag) {
     for_each_column_tile<T>(n, [&](int64_t j, auto width) {
-      if (padded && j == whole) {
+      if constexpr (kMaskedLastColumns && std::is_integral_v<decltype(width)>) {
         tile<kStage>(i, rows_tag, j, width, a, last_columns.get(), kWidth, sums);
       } else {
         tile<kStage>(i, rows_tag, j, width, a, b + j, ldb, sums);
