@@ -49,6 +49,8 @@ for dtype in float32 bfloat16; do
 done
 "$PYTHON" benchmarks/bench_spatial_attention.py --device cuda --dtype float32 --repeat 50 || status=1
 echo
+"$PYTHON" benchmarks/bench_cbam.py --device cuda --repeat 30 --no-compile || status=1
+echo
 "$PYTHON" benchmarks/bench_self_attention.py --device cuda --dtype bfloat16 --batch 8 --channels 256 --heads 4 --sizes 32,64 || status=1
 echo
 "$PYTHON" benchmarks/bench_self_attention.py --device cuda --dtype bfloat16 || status=1

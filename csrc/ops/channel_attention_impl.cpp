@@ -623,54 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_spatial_backward(
           grad_conv_bias.to(conv_weight.scalar_type())};
 }
 
-// ---- cbam's passes with ATen calls ----
-
-namespace {
-
-// A feature map dense in its layout as (N, C, P) in the accumulation dtype.
-at::Tensor as_rows(const at::Tensor& t) {
-  return t.reshape({t.size(0), t.size(1), -1}).to(at::toOpMathType(t.scalar_type()));
-}
-
-// terms(g) of PositionTerms on (N, C, P) rows.
-at::Tensor with_terms(at::Tensor g, const PositionTerms& terms) {
-  if (terms.scale.defined()) g = g * terms.scale.unsqueeze(1);
-  if (terms.shift.defined()) g = g + terms.shift.unsqueeze(1);
-  if (terms.at_argmax.defined()) {
-    const at::Tensor channel = at::arange(g.size(1), terms.argmax.options()).view({1, -1, 1});
-    g = g + at::where(channel == terms.argmax.unsqueeze(1), terms.at_argmax.unsqueeze(1), 0);
-  }
-  return g;
-}
-
-}  // namespace
-
-WeightedChannelPool aten_weighted_channel_pool(const at::Tensor& x, const at::Tensor& weights,
-                                               const at::Tensor& grad_y, Layout) {
-  const at::Tensor x1 = as_rows(x) * weights.unsqueeze(2);
-  const auto [max, argmax] = x1.max(1);
-  WeightedChannelPool out{at::stack({x1.mean(1), max}, 1).contiguous(), argmax.contiguous()};
-  if (grad_y.defined()) out.grad_dot = (as_rows(grad_y) * x1).sum(1).contiguous();
-  return out;
-}
-
-void aten_apply_with_positions(const at::Tensor& in, const PositionTerms& terms,
-                               const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& at_argmax, const at::Tensor& argmax,
-                               at::Tensor& out, Layout) {
-  at::Tensor v = with_terms(as_rows(in), terms) * scale.unsqueeze(2);
-  if (shift.defined()) v = v + shift.unsqueeze(2);
-  if (at_argmax.defined()) {
-    const at::Tensor position = at::arange(v.size(2), argmax.options()).view({1, 1, -1});
-    v = v + at::where(position == argmax.unsqueeze(2), at_argmax.unsqueeze(2), 0);
-  }
-  out.view({out.size(0), out.size(1), -1}).copy_(v);
-}
-
-at::Tensor aten_reduce_with_positions(const at::Tensor& x, const at::Tensor& grad_y,
-                                      const PositionTerms& terms, Layout) {
-  return (with_terms(as_rows(grad_y), terms) * as_rows(x)).sum(2);
-}
+// ---- cbam's score head with ATen calls ----
 
 namespace {
 

@@ -217,15 +217,7 @@ struct ChannelAttentionBackend {
                                           double temperature, double factor, Layout layout);
 };
 
-// cbam's passes with ATen calls (any device): for devices without their own kernels.
-WeightedChannelPool aten_weighted_channel_pool(const at::Tensor& x, const at::Tensor& weights,
-                                               const at::Tensor& grad_y, Layout layout);
-void aten_apply_with_positions(const at::Tensor& in, const PositionTerms& terms,
-                               const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& at_argmax, const at::Tensor& argmax,
-                               at::Tensor& out, Layout layout);
-at::Tensor aten_reduce_with_positions(const at::Tensor& x, const at::Tensor& grad_y,
-                                      const PositionTerms& terms, Layout layout);
+// cbam's score head with ATen's convolution (any device).
 at::Tensor aten_score_conv(const at::Tensor& pooled, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::IntArrayRef sizes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_score_conv_backward(
