@@ -19,6 +19,7 @@ from helpers import (
     channel_attention_reference,
     channel_pool_reference,
     hard_attention_reference,
+    in_layout,
     soft_attention_reference,
 )
 from torch import nn
@@ -340,6 +341,60 @@ def test_cbam_without_a_backward_finds_no_argmax_for_one(device):
             y = module(x)
         assert recorded.names == ["cnn_attention.cbam.default"], context
         assert not y.requires_grad and torch.equal(y, trained)
+
+
+def _gradients_on(device, op, x, params, grad):
+    inputs = [t.detach().to(device).requires_grad_() for t in [x, *params]]
+    y = op(*inputs)
+    return [y.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(y, inputs, grad.to(device)))]
+
+
+# Many channels (the CUDA pooling's channel slices and warps hold several each) and maps long
+# enough for the CUDA reductions to split their rows.
+CUDA_CBAM_SHAPES = [(3, 70, 9, 13), (2, 40, 64, 80), (2, 37, 11)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", CUDA_CBAM_SHAPES, ids=str)
+def test_cbam_on_cuda_is_the_cpu_result(shape, layout):
+    """cbam's CUDA passes (the pooling of x * w over the channels, the position terms of the
+    backward's reduction and apply) against the CPU's, in float64, forward and every gradient."""
+    generator = torch.Generator().manual_seed(5)
+    channels, k = shape[1], 5
+    x = in_layout(torch.randn(shape, generator=generator, dtype=torch.float64), layout)
+    params = [torch.randn(size, generator=generator, dtype=torch.float64) * scale for size, scale in [
+        ((channels // 4, channels), channels ** -0.5), ((channels // 4,), 0.1),
+        ((channels, channels // 4), (channels // 4) ** -0.5), ((channels,), 0.1),
+        ((1, 2) + (k,) * (len(shape) - 2), 0.2), ((1,), 0.1)]]
+    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
+    on_cpu, on_cuda = (_gradients_on(device, CF.cbam, x, params, grad) for device in ("cpu", "cuda"))
+    for name, a, b in zip(["y", "x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight",
+                           "conv_bias"], on_cuda, on_cpu):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", CUDA_CBAM_SHAPES, ids=str)
+def test_cbam_spatial_on_cuda_sends_tied_maxima_to_the_first_channel(shape, layout, dtype):
+    """Small integers tie across the channels at most positions; the max's gradient must go to
+    the first of them on CUDA as on the CPU (a later one would differ by a whole term)."""
+    generator = torch.Generator().manual_seed(6)
+    x = in_layout(torch.randint(-3, 4, shape, generator=generator).to(dtype), layout)
+    weight = (torch.randn((1, 2) + (3,) * (len(shape) - 2), generator=generator) * 0.2).to(dtype)
+    bias = torch.randn(1, generator=generator).to(dtype)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    for normalize, temperature in [("sigmoid", 1.0), ("softmax", 0.7)]:
+        def op(x, weight, bias):
+            return CF.cbam_spatial(x, weight, bias, normalize, temperature)
+
+        on_cpu, on_cuda = (_gradients_on(device, op, x, [weight, bias], grad) for device in ("cpu", "cuda"))
+        tolerance = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+        for name, a, b in zip(["y", "x", "conv_weight", "conv_bias"], on_cuda, on_cpu):
+            torch.testing.assert_close(a.double(), b.double(), rtol=tolerance, atol=tolerance / 10,
+                                       msg=f"{normalize}: {name}")
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
