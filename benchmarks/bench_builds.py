@@ -30,6 +30,11 @@ CASES = {
     "cbam (8,256,56,56) fwd+bwd": ("cbam", (8, 256, 56, 56)),
     "cbam channels_last (8,256,56,56) fwd+bwd": ("cbam_last", (8, 256, 56, 56)),
     "cbam (8,2048,4,4) fwd+bwd": ("cbam", (8, 2048, 4, 4)),
+    "cbam channels_last (8,256,56,56) fwd": ("cbam_last_fwd", (8, 256, 56, 56)),
+    "cbam (8,256,32,32) fwd": ("cbam_fwd", (8, 256, 32, 32)),
+    "cbam (8,512,16,16) fwd": ("cbam_fwd", (8, 512, 16, 16)),
+    "cbam (8,1024,8,8) fwd": ("cbam_fwd", (8, 1024, 8, 8)),
+    "cbam (8,2048,4,4) fwd": ("cbam_fwd", (8, 2048, 4, 4)),
     "channel_pool (8,256,56,56) fwd+bwd": ("channel_pool", (8, 256, 56, 56)),
     "channel_pool channels_last (8,256,56,56) fwd+bwd": ("channel_pool_last", (8, 256, 56, 56)),
     "SoftAttention module (8,64,112,112) fwd": ("soft_module_fwd", (8, 64, 112, 112)),
@@ -85,7 +90,7 @@ def call(kind, shape, *extra):
         params = [p.requires_grad_(True) for p in params]
         run = lambda: ops.channel_attention(x, *params, extra[1], "sigmoid")
     elif kind.startswith("cbam"):
-        if kind.endswith("last"):
+        if "last" in kind:
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         hidden = max(c // 16, 8)
         params = [torch.randn(hidden, c) / c**0.5, torch.zeros(hidden), torch.randn(c, hidden) / hidden**0.5,

@@ -337,8 +337,10 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const ChannelAttentionB
 
 // ---- cbam: channel attention, then spatial attention on x1 = x * w, without writing x1 ----
 //
-// Forward:  stats = reduce(x); w = gate(mlp(stats)); pooled = weighted_channel_pool(x, w);
-//           ws = sigmoid(conv(pooled)); y = x * w * ws                        (4|x| bytes)
+// Forward:  stats = reduce(x); w = gate(mlp(stats)); then the backend's spatial_half:
+//           pooled = weighted_channel_pool(x, w); ws = sigmoid(conv(pooled)); y = x * w * ws
+//           (4|x| bytes; on the CPU, where the samples are small, one task per sample rereads
+//           its x from cache)
 // Backward: the forward's channel statistics (mean, max and its position per channel, saved
 //           by _cbam_forward); the same pooling (which also sums grad_y * x * w over the
 //           channels: d loss / d ws); the convolution's backward gives the gradient of the
@@ -357,6 +359,11 @@ PositionTerms gradient_terms(const at::Tensor& spatial_weights, const at::Tensor
   return {spatial_weights,
           (grad_pooled_map.select(1, 0) / static_cast<double>(channels)).contiguous(),
           grad_pooled_map.select(1, 1).contiguous(), channel_argmax};
+}
+
+// An optional tensor in `dtype`.
+std::optional<at::Tensor> converted(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t ? std::optional<at::Tensor>(t->to(dtype)) : std::nullopt;
 }
 
 // What cbam's forward and backward both compute before their last passes.
@@ -381,7 +388,7 @@ CbamWeights cbam_weights(const ChannelAttentionBackend& backend, const at::Tenso
 
   const at::ScalarType acc = out.channel_weights.scalar_type();
   out.conv_weight = conv_weight.to(acc);
-  if (conv_bias.has_value()) out.conv_bias = conv_bias->to(acc);
+  out.conv_bias = converted(conv_bias, acc);
   const at::Tensor scores =
       backend.score_conv(out.pool.pooled, out.conv_weight, out.conv_bias, input.sizes().slice(2));
   out.spatial_weights = backend.sigmoid(scores);
@@ -412,13 +419,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_pass(
   ChannelStats stats =
       backend.reduce(input, at::Tensor(), for_backward, layout, at::Tensor(), at::Tensor());
   at::Tensor pooled = stats.pooled, argmax = stats.argmax;
-  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation,
-                stats.mean.scalar_type(), backend.matmul);
-  const CbamWeights weights = cbam_weights(backend, input, at::Tensor(), mlp, std::move(stats),
-                                           modes.gate, conv_weight, conv_bias, layout);
-  backend.apply_with_positions(input, PositionTerms{weights.spatial_weights},
-                               weights.channel_weights, at::Tensor(), at::Tensor(), at::Tensor(), y,
-                               layout);
+  const at::ScalarType acc = stats.mean.scalar_type();
+  const Mlp mlp(fc1_weight, fc1_bias, fc2_weight, fc2_bias, modes.activation, acc, backend.matmul);
+  const at::Tensor channel_weights =
+      apply_gate(mlp_forward(mlp, stats.pooled).logits, modes.gate, backend.sigmoid).contiguous();
+  backend.spatial_half(input, channel_weights, conv_weight.to(acc), converted(conv_bias, acc), 1.0,
+                       y, layout);
   return {y, pooled, argmax};
 }
 
@@ -512,7 +518,8 @@ cbam_backward(const ChannelAttentionBackend& backend, const at::Tensor& grad_y, 
 
 // ---- cbam_spatial: cbam's spatial half alone, on x itself ----
 //
-// Forward:  pooled = weighted_channel_pool(x, 1); w = normalize(conv(pooled)); y = x * w  (3|x|)
+// Forward:  pooled = weighted_channel_pool(x, 1); w = normalize(conv(pooled)); y = x * w  (3|x|;
+//           with the sigmoid, the backend's spatial_half with channel weights of one)
 // Backward: the same pooling, which also sums grad_y * x over the channels (d loss / d w);
 //           the normalization's and the convolution's backward give the gradient of the pooled
 //           map; grad_x = grad_y * w + d mean / C + d max at the channel of the max   (4|x|)
@@ -536,7 +543,7 @@ SpatialWeights spatial_weights(const ChannelAttentionBackend& backend, const at:
   SpatialWeights out;
   const at::ScalarType acc = pooled.scalar_type();
   out.conv_weight = conv_weight.to(acc);
-  if (conv_bias.has_value()) out.conv_bias = conv_bias->to(acc);
+  out.conv_bias = converted(conv_bias, acc);
   const at::Tensor scores = backend.score_conv(pooled, out.conv_weight, out.conv_bias, sizes);
   if (mode == SoftNormalize::Sigmoid) {
     out.weights = backend.sigmoid(temperature == 1.0 ? scores : scores / temperature);
@@ -570,6 +577,12 @@ at::Tensor cbam_spatial_forward(const ChannelAttentionBackend& backend, const at
 
   const at::Tensor input = to_layout(x, layout);
   const at::Tensor ones = unit_channel_weights(x);
+  if (mode == SoftNormalize::Sigmoid) {
+    const at::ScalarType acc = ones.scalar_type();
+    backend.spatial_half(input, ones, conv_weight.to(acc), converted(conv_bias, acc), temperature,
+                         y, layout);
+    return y;
+  }
   const WeightedChannelPool pool = backend.weighted_channel_pool(input, ones, at::Tensor(), layout);
   const SpatialWeights w = spatial_weights(backend, pool.pooled, conv_weight, conv_bias, mode,
                                            temperature, x.sizes().slice(2));

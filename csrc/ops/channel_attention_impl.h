@@ -197,6 +197,13 @@ struct ChannelAttentionBackend {
   // (N, C) in the accumulation dtype: sum over positions of terms(grad_y) * x, one read of each.
   at::Tensor (*reduce_with_positions)(const at::Tensor& x, const at::Tensor& grad_y,
                                       const PositionTerms& terms, Layout layout);
+  // cbam's forward after the channel weights (and cbam_spatial's with the sigmoid, `weights`
+  // all ones): out = x * weights[n, c] * sigmoid(score_conv(pooled) / temperature)[n, p], with
+  // `pooled` weighted_channel_pool's of x * weights; `conv_weight` and `conv_bias` in the
+  // accumulation dtype. Reads x twice and writes out once.
+  void (*spatial_half)(const at::Tensor& x, const at::Tensor& weights,
+                       const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                       double temperature, at::Tensor& out, Layout layout);
   // cbam's score head, in the accumulation dtype: scores (N, P) = the same-padded convolution
   // of the pooled map (N, 2, P), whose spatial sizes are `sizes`, with weight (1, 2, k, ..., k)
   // and bias; and its backward: (grad_pooled (N, 2, P), grad_weight, grad_bias) from

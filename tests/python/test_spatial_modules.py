@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import bad_calls
 from helpers import (
     DEVICES,
+    assert_bitwise_identical_across_thread_counts,
     assert_close,
     channel_attention_reference,
     channel_pool_reference,
@@ -341,6 +342,28 @@ def test_cbam_without_a_backward_finds_no_argmax_for_one(device):
             y = module(x)
         assert recorded.names == ["cnn_attention.cbam.default"], context
         assert not y.requires_grad and torch.equal(y, trained)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 24, 9, 11), (3, 10, 37), (3, 6, 3, 5, 7)], ids=str)
+def test_cbam_forward_by_sample_is_the_forward_over_the_batch(shape, layout, dtype):
+    """The CPU forward's spatial half (cbam, cbam_spatial with the sigmoid) runs one task per
+    sample where every thread gets a sample (1 to 3 threads here) and each step over the batch
+    where not (4 threads): the same bits, with and without a temperature."""
+    generator = torch.Generator().manual_seed(7)
+    channels, k = shape[1], 3
+    x = in_layout(torch.randn(shape, generator=generator).to(dtype), layout)
+    params = [(torch.randn(size, generator=generator) * 0.3).to(dtype) for size in [
+        (channels // 2, channels), (channels // 2,), (channels, channels // 2), (channels,),
+        (1, 2) + (k,) * (len(shape) - 2), (1,)]]
+
+    def run():
+        with torch.no_grad():
+            return [CF.cbam(x, *params), CF.cbam_spatial(x, params[4], params[5], "sigmoid", 1.0),
+                    CF.cbam_spatial(x, params[4], params[5], "sigmoid", 0.7)]
+
+    assert_bitwise_identical_across_thread_counts(run, threads=(1, 2, 3, 4))
 
 
 def _gradients_on(device, op, x, params, grad):

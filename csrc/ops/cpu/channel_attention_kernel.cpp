@@ -557,187 +557,204 @@ struct WeightedPoolArgs {
 // infinities of both signs meet) the mean over channels is NaN too, so every score that the
 // position's maximum enters is NaN, and so is the position's gradient in every channel,
 // whichever channel the maximum's term goes to.
+//
+// Channels first, one task: positions [block * kPositionBlock, ...) of sample n. The blocks
+// start at multiples of every vector width, so a position takes the vector or the scalar path
+// whatever the tasks around it.
 template <bool kWithGrad, typename scalar_t>
-void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
+void weighted_pool_block(const WeightedPoolArgs<scalar_t>& a, int64_t n, int64_t block) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
   constexpr int64_t kLanes = Vec::size();
   const int64_t channels = a.channels, positions = a.positions;
-  const int64_t blocks = (positions + kPositionBlock - 1) / kPositionBlock;
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
-  const int64_t grain = grain_for(kPositionBlock * channels);
-  at::parallel_for(0, a.batch * blocks, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) opmath_t sum[kPositionBlock], best[kPositionBlock], where[kPositionBlock];
-    alignas(64) opmath_t dot[kPositionBlock];
-    int64_t where_index[kPositionBlock];  // the scalar path's best channels
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks;
-      const int64_t p0 = (task % blocks) * kPositionBlock;
-      const int64_t width = std::min(kPositionBlock, positions - p0);
-      const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
-      std::fill_n(sum, width, opmath_t(0));
-      std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
-      if constexpr (kWithGrad) {
-        std::fill_n(dot, width, opmath_t(0));
-        std::fill_n(where, width, opmath_t(0));
-        std::fill_n(where_index, width, int64_t(0));
+  alignas(64) opmath_t sum[kPositionBlock], best[kPositionBlock], where[kPositionBlock];
+  alignas(64) opmath_t dot[kPositionBlock];
+  int64_t where_index[kPositionBlock];  // the scalar path's best channels
+  const int64_t p0 = block * kPositionBlock;
+  const int64_t width = std::min(kPositionBlock, positions - p0);
+  const int64_t vector_width = exact_channel_numbers ? width / V::size() * V::size() : 0;
+  std::fill_n(sum, width, opmath_t(0));
+  std::fill_n(best, width, -std::numeric_limits<opmath_t>::infinity());
+  if constexpr (kWithGrad) {
+    std::fill_n(dot, width, opmath_t(0));
+    std::fill_n(where, width, opmath_t(0));
+    std::fill_n(where_index, width, int64_t(0));
+  }
+  // Channels `first` to `first + kChannels - 1` into the accumulators, in channel order for
+  // every position (so any kChannels gives the same bits); several channels per load and
+  // store of the accumulators.
+  const auto add_channels = [&]<int kChannels>(int64_t first) {
+    const scalar_t* xc[kChannels];
+    const scalar_t* gc[kChannels];
+    opmath_t w[kChannels];
+    Vec vw[kChannels], channel[kChannels];
+    for (int u = 0; u < kChannels; ++u) {
+      const int64_t offset = (n * channels + first + u) * positions + p0;
+      xc[u] = a.x + offset;
+      gc[u] = kWithGrad ? a.grad_y + offset : nullptr;
+      w[u] = a.weights[n * channels + first + u];
+      vw[u] = Vec(w[u]);
+      channel[u] = Vec(static_cast<opmath_t>(first + u));
+    }
+    int64_t j = 0;
+    for (; j < vector_width; j += V::size()) {
+      typename V::Chunk total, running, running_where, running_dot;
+      for (int k = 0; k < V::kVecs; ++k) {
+        const int64_t at = j + k * kLanes;
+        total[k] = Vec::loadu(sum + at);
+        running[k] = Vec::loadu(best + at);
+        if constexpr (kWithGrad) {
+          running_where[k] = Vec::loadu(where + at);
+          running_dot[k] = Vec::loadu(dot + at);
+        }
       }
-      // Channels `first` to `first + kChannels - 1` into the accumulators, in channel order for
-      // every position (so any kChannels gives the same bits); several channels per load and
-      // store of the accumulators.
-      const auto add_channels = [&]<int kChannels>(int64_t first) {
-        const scalar_t* xc[kChannels];
-        const scalar_t* gc[kChannels];
-        opmath_t w[kChannels];
-        Vec vw[kChannels], channel[kChannels];
-        for (int u = 0; u < kChannels; ++u) {
-          const int64_t offset = (n * channels + first + u) * positions + p0;
-          xc[u] = a.x + offset;
-          gc[u] = kWithGrad ? a.grad_y + offset : nullptr;
-          w[u] = a.weights[n * channels + first + u];
-          vw[u] = Vec(w[u]);
-          channel[u] = Vec(static_cast<opmath_t>(first + u));
-        }
-        int64_t j = 0;
-        for (; j < vector_width; j += V::size()) {
-          typename V::Chunk total, running, running_where, running_dot;
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = j + k * kLanes;
-            total[k] = Vec::loadu(sum + at);
-            running[k] = Vec::loadu(best + at);
-            if constexpr (kWithGrad) {
-              running_where[k] = Vec::loadu(where + at);
-              running_dot[k] = Vec::loadu(dot + at);
-            }
-          }
-          for (int u = 0; u < kChannels; ++u) {
-            const auto chunk = V::load(xc[u] + j);
-            typename V::Chunk grad;
-            if constexpr (kWithGrad) grad = V::load(gc[u] + j);
-            for (int k = 0; k < V::kVecs; ++k) {
-              const Vec v = chunk[k] * vw[u];
-              total[k] = total[k] + v;
-              const Vec improved = v > running[k];
-              running[k] = Vec::blendv(running[k], v, improved);
-              if constexpr (kWithGrad) {
-                running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
-                running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
-              }
-            }
-          }
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = j + k * kLanes;
-            total[k].store(sum + at);
-            running[k].store(best + at);
-            if constexpr (kWithGrad) {
-              running_where[k].store(where + at);
-              running_dot[k].store(dot + at);
-            }
+      for (int u = 0; u < kChannels; ++u) {
+        const auto chunk = V::load(xc[u] + j);
+        typename V::Chunk grad;
+        if constexpr (kWithGrad) grad = V::load(gc[u] + j);
+        for (int k = 0; k < V::kVecs; ++k) {
+          const Vec v = chunk[k] * vw[u];
+          total[k] = total[k] + v;
+          const Vec improved = v > running[k];
+          running[k] = Vec::blendv(running[k], v, improved);
+          if constexpr (kWithGrad) {
+            running_where[k] = Vec::blendv(running_where[k], channel[u], improved);
+            running_dot[k] = at::vec::fmadd(grad[k], v, running_dot[k]);
           }
         }
-        for (int u = 0; u < kChannels; ++u) {
-          for (int64_t i = j; i < width; ++i) {
-            const opmath_t v = static_cast<opmath_t>(xc[u][i]) * w[u];
-            sum[i] += v;
-            if (v > best[i]) {
-              best[i] = v;
-              if constexpr (kWithGrad) where_index[i] = first + u;
-            }
-            if constexpr (kWithGrad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
-          }
-        }
-      };
-      int64_t c = 0;
-      for (; c + 4 <= channels; c += 4) add_channels.template operator()<4>(c);
-      for (; c < channels; ++c) add_channels.template operator()<1>(c);
-      opmath_t* mean_out = a.pooled + n * 2 * positions + p0;
-      opmath_t* max_out = mean_out + positions;
-      for (int64_t j = 0; j < width; ++j) {
-        mean_out[j] = sum[j] / static_cast<opmath_t>(channels);
-        max_out[j] = best[j];
       }
-      if constexpr (kWithGrad) {
-        int64_t* argmax_out = a.argmax + n * positions + p0;
-        for (int64_t j = 0; j < width; ++j) {
-          argmax_out[j] = j < vector_width ? static_cast<int64_t>(where[j]) : where_index[j];
+      for (int k = 0; k < V::kVecs; ++k) {
+        const int64_t at = j + k * kLanes;
+        total[k].store(sum + at);
+        running[k].store(best + at);
+        if constexpr (kWithGrad) {
+          running_where[k].store(where + at);
+          running_dot[k].store(dot + at);
         }
-        std::copy_n(dot, width, a.grad_dot + n * positions + p0);
       }
     }
-  });
+    for (int u = 0; u < kChannels; ++u) {
+      for (int64_t i = j; i < width; ++i) {
+        const opmath_t v = static_cast<opmath_t>(xc[u][i]) * w[u];
+        sum[i] += v;
+        if (v > best[i]) {
+          best[i] = v;
+          if constexpr (kWithGrad) where_index[i] = first + u;
+        }
+        if constexpr (kWithGrad) dot[i] += static_cast<opmath_t>(gc[u][i]) * v;
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4) add_channels.template operator()<4>(c);
+  for (; c < channels; ++c) add_channels.template operator()<1>(c);
+  opmath_t* mean_out = a.pooled + n * 2 * positions + p0;
+  opmath_t* max_out = mean_out + positions;
+  for (int64_t j = 0; j < width; ++j) {
+    mean_out[j] = sum[j] / static_cast<opmath_t>(channels);
+    max_out[j] = best[j];
+  }
+  if constexpr (kWithGrad) {
+    int64_t* argmax_out = a.argmax + n * positions + p0;
+    for (int64_t j = 0; j < width; ++j) {
+      argmax_out[j] = j < vector_width ? static_cast<int64_t>(where[j]) : where_index[j];
+    }
+    std::copy_n(dot, width, a.grad_dot + n * positions + p0);
+  }
+}
+
+int64_t position_blocks(int64_t positions) {
+  return (positions + kPositionBlock - 1) / kPositionBlock;
 }
 
 template <bool kWithGrad, typename scalar_t>
-void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
+void weighted_pool_channels_first(const WeightedPoolArgs<scalar_t>& a) {
+  const int64_t blocks = position_blocks(a.positions);
+  at::parallel_for(0, a.batch * blocks, grain_for(kPositionBlock * a.channels),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t task = begin; task < end; ++task) {
+                       weighted_pool_block<kWithGrad>(a, task / blocks, task % blocks);
+                     }
+                   });
+}
+
+// Channels last, one task: the position `pixel` (n * P + p).
+template <bool kWithGrad, typename scalar_t>
+void weighted_pool_pixel(const WeightedPoolArgs<scalar_t>& a, int64_t pixel) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
   const int64_t channels = a.channels, positions = a.positions;
+  const int64_t n = pixel / positions, p = pixel % positions;
+  const scalar_t* xp = a.x + pixel * channels;
+  const scalar_t* gp = kWithGrad ? a.grad_y + pixel * channels : nullptr;
+  const opmath_t* w = a.weights + n * channels;
+  // Each lane keeps the first maximum of its channels and that channel's number (exact
+  // below 2^24 channels; beyond, the scalar loop takes every channel).
+  Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity()), vdot(opmath_t(0));
+  Vec vwhere(opmath_t(0));
+  const Vec lane_offset = Vec::arange(opmath_t(0), opmath_t(1));
   const bool exact_channel_numbers = channels < (int64_t(1) << 24);
-  alignas(64) opmath_t lane_numbers[Vec::size()];
-  for (int64_t lane = 0; lane < Vec::size(); ++lane) lane_numbers[lane] = opmath_t(lane);
-  const Vec lane_offset = Vec::loadu(lane_numbers);
-  const Vec no_channel(std::numeric_limits<opmath_t>::infinity());
-  at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
-    for (int64_t pixel = begin; pixel < end; ++pixel) {
-      const int64_t n = pixel / positions, p = pixel % positions;
-      const scalar_t* xp = a.x + pixel * channels;
-      const scalar_t* gp = kWithGrad ? a.grad_y + pixel * channels : nullptr;
-      const opmath_t* w = a.weights + n * channels;
-      // Each lane keeps the first maximum of its channels and that channel's number (exact
-      // below 2^24 channels; beyond, the scalar loop takes every channel).
-      Vec vsum(opmath_t(0)), vmax(-std::numeric_limits<opmath_t>::infinity()), vdot(opmath_t(0));
-      Vec vwhere(opmath_t(0));
-      const int64_t vector_channels = exact_channel_numbers ? channels / V::size() * V::size() : 0;
-      int64_t c = 0;
-      for (; c < vector_channels; c += V::size()) {
-        const auto chunk = V::load(xp + c);
-        const auto weight = V::load_opmath(w + c);
-        typename V::Chunk grad;
-        if constexpr (kWithGrad) grad = V::load(gp + c);
-        for (int k = 0; k < V::kVecs; ++k) {
-          const Vec v = chunk[k] * weight[k];
-          vsum += v;
-          const Vec improved = v > vmax;
-          vmax = Vec::blendv(vmax, v, improved);
-          if constexpr (kWithGrad) {
-            vwhere = Vec::blendv(
-                vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())), improved);
-            vdot = at::vec::fmadd(grad[k], v, vdot);
-          }
-        }
-      }
-      opmath_t sum = 0, best = -std::numeric_limits<opmath_t>::infinity(), dot = 0;
-      int64_t where = 0;
-      if (c > 0) {
-        sum = lane_sum(vsum);
-        // No lane holds a NaN (`>` never takes one), so the maximum is exact; among the lanes
-        // that hold it the lowest channel wins, without a branch per lane.
-        best = lane_max(vmax);
-        if constexpr (kWithGrad) {
-          dot = lane_sum(vdot);
-          where = static_cast<int64_t>(
-              -lane_max(Vec::blendv(no_channel, vwhere, vmax == Vec(best)).neg()));
-        }
-      }
-      for (; c < channels; ++c) {
-        const opmath_t v = static_cast<opmath_t>(xp[c]) * w[c];
-        sum += v;
-        if (v > best) {
-          best = v;
-          if constexpr (kWithGrad) where = c;
-        }
-        if constexpr (kWithGrad) dot += static_cast<opmath_t>(gp[c]) * v;
-      }
-      a.pooled[n * 2 * positions + p] = sum / static_cast<opmath_t>(channels);
-      a.pooled[(n * 2 + 1) * positions + p] = best;
+  const int64_t vector_channels = exact_channel_numbers ? channels / V::size() * V::size() : 0;
+  int64_t c = 0;
+  for (; c < vector_channels; c += V::size()) {
+    const auto chunk = V::load(xp + c);
+    const auto weight = V::load_opmath(w + c);
+    typename V::Chunk grad;
+    if constexpr (kWithGrad) grad = V::load(gp + c);
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec v = chunk[k] * weight[k];
+      vsum += v;
+      const Vec improved = v > vmax;
+      vmax = Vec::blendv(vmax, v, improved);
       if constexpr (kWithGrad) {
-        a.argmax[pixel] = where;
-        a.grad_dot[pixel] = dot;
+        vwhere = Vec::blendv(vwhere, lane_offset + Vec(static_cast<opmath_t>(c + k * Vec::size())),
+                             improved);
+        vdot = at::vec::fmadd(grad[k], v, vdot);
       }
     }
-  });
+  }
+  opmath_t sum = 0, best = -std::numeric_limits<opmath_t>::infinity(), dot = 0;
+  int64_t where = 0;
+  if (c > 0) {
+    sum = lane_sum(vsum);
+    // No lane holds a NaN (`>` never takes one), so the maximum is exact; among the lanes
+    // that hold it the lowest channel wins, without a branch per lane.
+    best = lane_max(vmax);
+    if constexpr (kWithGrad) {
+      dot = lane_sum(vdot);
+      const Vec no_channel(std::numeric_limits<opmath_t>::infinity());
+      where =
+          static_cast<int64_t>(-lane_max(Vec::blendv(no_channel, vwhere, vmax == Vec(best)).neg()));
+    }
+  }
+  for (; c < channels; ++c) {
+    const opmath_t v = static_cast<opmath_t>(xp[c]) * w[c];
+    sum += v;
+    if (v > best) {
+      best = v;
+      if constexpr (kWithGrad) where = c;
+    }
+    if constexpr (kWithGrad) dot += static_cast<opmath_t>(gp[c]) * v;
+  }
+  a.pooled[n * 2 * positions + p] = sum / static_cast<opmath_t>(channels);
+  a.pooled[(n * 2 + 1) * positions + p] = best;
+  if constexpr (kWithGrad) {
+    a.argmax[pixel] = where;
+    a.grad_dot[pixel] = dot;
+  }
+}
+
+template <bool kWithGrad, typename scalar_t>
+void weighted_pool_channels_last(const WeightedPoolArgs<scalar_t>& a) {
+  at::parallel_for(0, a.batch * a.positions, grain_for(a.channels),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t pixel = begin; pixel < end; ++pixel) {
+                       weighted_pool_pixel<kWithGrad>(a, pixel);
+                     }
+                   });
 }
 
 WeightedChannelPool weighted_channel_pool_cpu(const at::Tensor& x, const at::Tensor& weights,
@@ -786,6 +803,9 @@ struct RawTerms {
         shift(t.shift.defined() ? t.shift.const_data_ptr<opmath_t>() : nullptr),
         at_argmax(t.at_argmax.defined() ? t.at_argmax.const_data_ptr<opmath_t>() : nullptr),
         argmax(t.at_argmax.defined() ? t.argmax.const_data_ptr<int64_t>() : nullptr) {}
+  // The scale alone (cbam's forward).
+  explicit RawTerms(const opmath_t* scale)
+      : scale(scale), shift(nullptr), at_argmax(nullptr), argmax(nullptr) {}
 
   // The terms of one element of channel c at flat (n, p) index `i`.
   opmath_t element(opmath_t in, int64_t c, int64_t i) const {
@@ -823,45 +843,82 @@ struct ApplyWithPositionsArgs {
   }
 };
 
+// Channels first, one row (n, c) without the argmax terms (ApplyWithPositionsArgs::fix adds them).
 template <typename scalar_t>
-void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
+void apply_row(const ApplyWithPositionsArgs<scalar_t>& a, int64_t row) {
   using V = OpmathVec<scalar_t>;
   using opmath_t = typename V::opmath_t;
   using Vec = typename V::Vec;
+  const int64_t positions = a.positions;
+  const int64_t n = row / a.channels;
+  const scalar_t* in = a.in + row * positions;
+  scalar_t* out = a.out + row * positions;
+  const opmath_t* rs = a.terms.scale ? a.terms.scale + n * positions : nullptr;
+  const opmath_t* rb = a.terms.shift ? a.terms.shift + n * positions : nullptr;
+  const opmath_t s = a.scale[row], b = a.shift ? a.shift[row] : opmath_t(0);
+  const Vec vs(s), vb(b);
+  int64_t p = 0;
+  for (; p + V::size() <= positions; p += V::size()) {
+    auto chunk = V::load(in + p);
+    for (int k = 0; k < V::kVecs; ++k) {
+      const int64_t at = p + k * Vec::size();
+      Vec t = chunk[k];
+      if (rs) t = t * Vec::loadu(rs + at);
+      if (rb) t = t + Vec::loadu(rb + at);
+      chunk[k] = at::vec::fmadd(t, vs, vb);
+    }
+    V::store(out + p, chunk);
+  }
+  for (; p < positions; ++p) {
+    const opmath_t t =
+        static_cast<opmath_t>(in[p]) * (rs ? rs[p] : opmath_t(1)) + (rb ? rb[p] : opmath_t(0));
+    out[p] = static_cast<scalar_t>(t * s + b);
+  }
+}
+
+// Channels last, one position `pixel` (n * P + p) without the argmax terms.
+template <typename scalar_t>
+void apply_pixel(const ApplyWithPositionsArgs<scalar_t>& a, int64_t pixel) {
+  using V = OpmathVec<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using Vec = typename V::Vec;
+  const int64_t channels = a.channels;
+  const int64_t n = pixel / a.positions;
+  const scalar_t* in = a.in + pixel * channels;
+  scalar_t* out = a.out + pixel * channels;
+  const opmath_t* scale = a.scale + n * channels;
+  const opmath_t* shift = a.shift ? a.shift + n * channels : nullptr;
+  const opmath_t ts = a.terms.scale ? a.terms.scale[pixel] : opmath_t(1);
+  const opmath_t tb = a.terms.shift ? a.terms.shift[pixel] : opmath_t(0);
+  const Vec vts(ts), vtb(tb);
+  int64_t c = 0;
+  for (; c + V::size() <= channels; c += V::size()) {
+    auto chunk = V::load(in + c);
+    const auto s = V::load_opmath(scale + c);
+    for (int k = 0; k < V::kVecs; ++k) {
+      const Vec t = at::vec::fmadd(chunk[k], vts, vtb);
+      chunk[k] =
+          shift ? at::vec::fmadd(t, s[k], Vec::loadu(shift + c + k * Vec::size())) : t * s[k];
+    }
+    V::store(out + c, chunk);
+  }
+  for (; c < channels; ++c) {
+    const opmath_t t = static_cast<opmath_t>(in[c]) * ts + tb;
+    out[c] = static_cast<scalar_t>(t * scale[c] + (shift ? shift[c] : opmath_t(0)));
+  }
+}
+
+template <typename scalar_t>
+void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
   const int64_t channels = a.channels, positions = a.positions;
-  const opmath_t* ps = a.terms.scale;
-  const opmath_t* pb = a.terms.shift;
   if (a.layout == Layout::ChannelsFirst) {
     std::optional<InverseIndex> by_channel;
     if (a.terms.argmax) by_channel.emplace(a.terms.argmax, a.batch, positions, channels);
     at::parallel_for(0, a.batch * channels, grain_for(positions), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / channels;
-        const scalar_t* in = a.in + row * positions;
-        scalar_t* out = a.out + row * positions;
-        const opmath_t* rs = ps ? ps + n * positions : nullptr;
-        const opmath_t* rb = pb ? pb + n * positions : nullptr;
-        const opmath_t s = a.scale[row], b = a.shift ? a.shift[row] : opmath_t(0);
-        const Vec vs(s), vb(b);
-        int64_t p = 0;
-        for (; p + V::size() <= positions; p += V::size()) {
-          auto chunk = V::load(in + p);
-          for (int k = 0; k < V::kVecs; ++k) {
-            const int64_t at = p + k * Vec::size();
-            Vec t = chunk[k];
-            if (rs) t = t * Vec::loadu(rs + at);
-            if (rb) t = t + Vec::loadu(rb + at);
-            chunk[k] = at::vec::fmadd(t, vs, vb);
-          }
-          V::store(out + p, chunk);
-        }
-        for (; p < positions; ++p) {
-          const opmath_t t = static_cast<opmath_t>(in[p]) * (rs ? rs[p] : opmath_t(1)) +
-                             (rb ? rb[p] : opmath_t(0));
-          out[p] = static_cast<scalar_t>(t * s + b);
-        }
+        apply_row(a, row);
         // Each fix computes its element whole, so one that both terms touch ends the same.
-        const int64_t c = row - n * channels;
+        const int64_t n = row / channels, c = row - n * channels;
         if (by_channel) by_channel->for_each(n, c, [&](int64_t at) { a.fix(n, c, at); });
         if (a.argmax) a.fix(n, c, a.argmax[row]);
       }
@@ -871,30 +928,9 @@ void apply_with_positions_typed(const ApplyWithPositionsArgs<scalar_t>& a) {
     if (a.argmax) by_position.emplace(a.argmax, a.batch, channels, positions);
     at::parallel_for(0, a.batch * positions, grain_for(channels), [&](int64_t begin, int64_t end) {
       for (int64_t pixel = begin; pixel < end; ++pixel) {
-        const int64_t n = pixel / positions;
-        const scalar_t* in = a.in + pixel * channels;
-        scalar_t* out = a.out + pixel * channels;
-        const opmath_t* scale = a.scale + n * channels;
-        const opmath_t* shift = a.shift ? a.shift + n * channels : nullptr;
-        const opmath_t ts = ps ? ps[pixel] : opmath_t(1), tb = pb ? pb[pixel] : opmath_t(0);
-        const Vec vts(ts), vtb(tb);
-        int64_t c = 0;
-        for (; c + V::size() <= channels; c += V::size()) {
-          auto chunk = V::load(in + c);
-          const auto s = V::load_opmath(scale + c);
-          for (int k = 0; k < V::kVecs; ++k) {
-            const Vec t = at::vec::fmadd(chunk[k], vts, vtb);
-            chunk[k] =
-                shift ? at::vec::fmadd(t, s[k], Vec::loadu(shift + c + k * Vec::size())) : t * s[k];
-          }
-          V::store(out + c, chunk);
-        }
-        for (; c < channels; ++c) {
-          const opmath_t t = static_cast<opmath_t>(in[c]) * ts + tb;
-          out[c] = static_cast<scalar_t>(t * scale[c] + (shift ? shift[c] : opmath_t(0)));
-        }
+        apply_pixel(a, pixel);
         // Each fix computes its element whole, so one that both terms touch ends the same.
-        const int64_t p = pixel - n * positions;
+        const int64_t n = pixel / positions, p = pixel - n * positions;
         if (a.terms.argmax) a.fix(n, a.terms.argmax[pixel], p);
         if (by_position) by_position->for_each(n, p, [&](int64_t c) { a.fix(n, c, p); });
       }
@@ -1127,25 +1163,31 @@ void correlate_lines(const std::vector<const T*>& lines, const T* taps, int64_t 
   for (; x0 < width; x0 += kLanes) block.template operator()<1>(x0);
 }
 
+// Output row `row` = (n, z, y) of the scores from zero_padded's map. `lines` holds the row's
+// 2 * KD * KH padded input lines, in the weight's (channel, i, j) order.
+template <typename T>
+void score_conv_row(const T* padded, const T* weight, const T* bias, T* scores,
+                    const ScoreConvShape& g, int64_t row, std::vector<const T*>& lines) {
+  const int64_t n = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
+  for (int64_t channel = 0, r = 0; channel < 2; ++channel) {
+    for (int64_t i = 0; i < g.kd; ++i) {
+      for (int64_t j = 0; j < g.kh; ++j, ++r) {
+        lines[r] = padded + (((n * 2 + channel) * g.pd() + z + i) * g.ph() + y + j) * g.pw();
+      }
+    }
+  }
+  correlate_lines(lines, weight, g.kw, bias ? bias[0] : T(0), scores + row * g.w, g.w);
+}
+
 template <typename T>
 void score_conv_typed(const T* pooled, const T* weight, const T* bias, T* scores,
                       const ScoreConvShape& g) {
   const std::vector<T> padded = zero_padded(pooled, g);
   const int64_t rows = g.batch * g.d * g.h;
   at::parallel_for(0, rows, grain_for(g.w * g.taps()), [&](int64_t begin, int64_t end) {
-    // The padded input lines of one output row, in the weight's (channel, i, j) order.
     std::vector<const T*> lines(2 * g.kd * g.kh);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / (g.d * g.h), z = row / g.h % g.d, y = row % g.h;
-      for (int64_t channel = 0, r = 0; channel < 2; ++channel) {
-        for (int64_t i = 0; i < g.kd; ++i) {
-          for (int64_t j = 0; j < g.kh; ++j, ++r) {
-            lines[r] =
-                padded.data() + (((n * 2 + channel) * g.pd() + z + i) * g.ph() + y + j) * g.pw();
-          }
-        }
-      }
-      correlate_lines(lines, weight, g.kw, bias ? bias[0] : T(0), scores + row * g.w, g.w);
+      score_conv_row(padded.data(), weight, bias, scores, g, row, lines);
     }
   });
 }
@@ -1259,24 +1301,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
 // vectors with the last one partial, so that every element gets the same instructions whatever the
 // thread split; this code is built for AVX2 only, so every CPU runs the same instructions
 // (ATen's vectorized sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
+// w = sigmoid(s) for the vectors [begin, end) of a map of `numel` values (`w` may be `s`).
+template <typename T>
+void sigmoid_vectors(const T* s, T* w, int64_t numel, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kSize = Vec::size();
+  const Vec one(T(1));
+  for (int64_t v = begin; v < end; ++v) {
+    const int64_t count = std::min(kSize, numel - v * kSize);
+    const Vec z = Vec::loadu(s + v * kSize, count);
+    (one / (one + z.neg().exp())).store(w + v * kSize, count);
+  }
+}
+
+template <typename T>
+int64_t vectors_of(int64_t numel) {
+  return (numel + at::vec::Vectorized<T>::size() - 1) / at::vec::Vectorized<T>::size();
+}
+
 at::Tensor sigmoid_cpu(const at::Tensor& scores) {
   at::Tensor out = at::empty_like(scores);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "sigmoid_cpu", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    constexpr int64_t kSize = Vec::size();
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
     scalar_t* w = out.data_ptr<scalar_t>();
-    const int64_t numel = scores.numel(), vectors = (numel + kSize - 1) / kSize;
-    at::parallel_for(0, vectors, grain_for(kSize), [&](int64_t begin, int64_t end) {
-      const Vec one(scalar_t(1));
-      for (int64_t v = begin; v < end; ++v) {
-        const int64_t count = std::min(kSize, numel - v * kSize);
-        const Vec z = Vec::loadu(s + v * kSize, count);
-        (one / (one + z.neg().exp())).store(w + v * kSize, count);
-      }
-    });
+    const int64_t numel = scores.numel();
+    at::parallel_for(0, vectors_of<scalar_t>(numel),
+                     grain_for(at::vec::Vectorized<scalar_t>::size()),
+                     [&](int64_t begin, int64_t end) { sigmoid_vectors(s, w, numel, begin, end); });
   });
   return out;
+}
+
+// Samples of x up to this size take spatial_half_cpu's one task per sample.
+constexpr int64_t kSampleTaskBytes = 512 * 1024;
+
+// cbam's forward after the channel weights, and cbam_spatial's with the sigmoid (weights of one):
+// y = x * w[n, c] * sigmoid(conv(pool(x * w)) / T)[n, p]. Where the samples are small (the deep
+// stages' maps) and each thread gets one or more, one task per sample pools it, runs the score
+// head and writes its y: the last step rereads the sample's x from cache, and one parallel region
+// replaces four (at (8, 1024, 8, 8) and (8, 2048, 4, 4), 0.91x the time of the steps over the
+// batch; at 32 x 32 maps and larger no faster). Otherwise each step runs over the batch in
+// parallel. Either way each value is computed by the same code on the same position blocks,
+// rows and vectors, so the result does not depend on the number of threads.
+void spatial_half_cpu(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& conv_weight,
+                      const std::optional<at::Tensor>& conv_bias, double temperature,
+                      at::Tensor& out, Layout layout) {
+  const int64_t batch = x.size(0), channels = x.size(1), positions = num_positions(x);
+  if (batch < at::get_num_threads() ||
+      channels * positions * static_cast<int64_t>(x.element_size()) > kSampleTaskBytes) {
+    at::Tensor scores =
+        score_conv_cpu(weighted_channel_pool_cpu(x, weights, at::Tensor(), layout).pooled,
+                       conv_weight, conv_bias, x.sizes().slice(2));
+    if (temperature != 1.0) scores = scores / temperature;
+    apply_with_positions_cpu(x, PositionTerms{sigmoid_cpu(scores)}, weights, at::Tensor(),
+                             at::Tensor(), at::Tensor(), out, layout);
+    return;
+  }
+  const at::Tensor w = conv_weight.contiguous();
+  // One sample's geometry: its rows are those of sample 0.
+  const ScoreConvShape sample(1, x.sizes().slice(2), conv_weight.size(2));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_spatial_half_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const opmath_t* conv = w.const_data_ptr<opmath_t>();
+        const opmath_t* bias = conv_bias ? conv_bias->const_data_ptr<opmath_t>() : nullptr;
+        const opmath_t divisor = static_cast<opmath_t>(temperature);
+        at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+          // The pooled map, then the spatial weights, of one sample at a time.
+          std::vector<opmath_t> pooled(2 * positions), spatial(positions);
+          std::vector<const opmath_t*> lines(2 * sample.kd * sample.kh);
+          for (int64_t n = begin; n < end; ++n) {
+            // The passes' arguments for sample n alone (a batch of one at its offset).
+            const WeightedPoolArgs<scalar_t> pool{
+                x.const_data_ptr<scalar_t>() + n * channels * positions,
+                weights.const_data_ptr<opmath_t>() + n * channels,
+                nullptr,
+                pooled.data(),
+                nullptr,
+                nullptr,
+                1,
+                channels,
+                positions};
+            if (layout == Layout::ChannelsFirst) {
+              for (int64_t block = 0; block < position_blocks(positions); ++block) {
+                weighted_pool_block<false>(pool, 0, block);
+              }
+            } else {
+              for (int64_t p = 0; p < positions; ++p) weighted_pool_pixel<false>(pool, p);
+            }
+            const std::vector<opmath_t> padded = zero_padded(pooled.data(), sample);
+            for (int64_t row = 0; row < sample.d * sample.h; ++row) {
+              score_conv_row(padded.data(), conv, bias, spatial.data(), sample, row, lines);
+            }
+            if (temperature != 1.0) {
+              for (opmath_t& score : spatial) score /= divisor;
+            }
+            sigmoid_vectors(spatial.data(), spatial.data(), positions, 0,
+                            vectors_of<opmath_t>(positions));
+            const ApplyWithPositionsArgs<scalar_t> apply{
+                pool.x,
+                out.data_ptr<scalar_t>() + n * channels * positions,
+                RawTerms<opmath_t>(static_cast<const opmath_t*>(spatial.data())),
+                pool.weights,
+                nullptr,
+                nullptr,
+                nullptr,
+                1,
+                channels,
+                positions,
+                layout};
+            if (layout == Layout::ChannelsFirst) {
+              for (int64_t c = 0; c < channels; ++c) apply_row(apply, c);
+            } else {
+              for (int64_t p = 0; p < positions; ++p) apply_pixel(apply, p);
+            }
+          }
+        });
+      });
 }
 
 constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu,
@@ -1285,6 +1426,7 @@ constexpr ChannelAttentionBackend kCpuBackend{reduce_cpu,
                                               weighted_channel_pool_cpu,
                                               apply_with_positions_cpu,
                                               reduce_with_positions_cpu,
+                                              spatial_half_cpu,
                                               score_conv_cpu,
                                               score_conv_backward_cpu,
                                               sigmoid_cpu,

@@ -523,12 +523,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cuda(
           grad_bias.to(weight.scalar_type())};
 }
 
+// The spatial half's steps one after the other over the whole batch.
+void spatial_half_cuda(const at::Tensor& x, const at::Tensor& weights,
+                       const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                       double temperature, at::Tensor& out, Layout layout) {
+  at::Tensor scores =
+      score_conv_cuda(weighted_channel_pool_cuda(x, weights, at::Tensor(), layout).pooled,
+                      conv_weight, conv_bias, x.sizes().slice(2));
+  if (temperature != 1.0) scores = scores / temperature;
+  apply_with_positions_cuda(x, PositionTerms{sigmoid_cuda(scores)}, weights, at::Tensor(),
+                            at::Tensor(), at::Tensor(), out, layout);
+}
+
 constexpr ChannelAttentionBackend kCudaBackend{reduce_cuda,
                                                apply_cuda,
                                                blas_matmul,
                                                weighted_channel_pool_cuda,
                                                apply_with_positions_cuda,
                                                reduce_with_positions_cuda,
+                                               spatial_half_cuda,
                                                score_conv_cuda,
                                                score_conv_backward_cuda,
                                                sigmoid_cuda,
