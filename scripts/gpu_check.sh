@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine, sized to fit one device command of 10 minutes (on an H200 with
 # 16 cores the build took 66-77 s, the CUDA tests 84-97 s, memcheck over float32 about 30 s and
-# these benchmarks about 3 minutes; racecheck and initcheck not yet timed): build with CUDA,
-# the CUDA tests (pytest -m cuda, including the large-tensor and determinism tests),
-# compute-sanitizer over every operator, forward and backward, and the GPU benchmarks. The CPU
-# tests are CI's (make test); GPU_CHECK_ALL_TESTS=1 runs them here too.
+# these benchmarks without bench_cbam's about 3 minutes; racecheck, initcheck and bench_cbam not
+# yet timed): build with CUDA, the CUDA tests (pytest -m cuda, including the large-tensor and
+# determinism tests), compute-sanitizer over every operator, forward and backward, and the GPU
+# benchmarks. The CPU tests are CI's (make test); GPU_CHECK_ALL_TESTS=1 runs them here too.
 # Usage: bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
