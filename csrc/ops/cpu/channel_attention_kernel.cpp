@@ -1300,7 +1300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_conv_backward_cpu(
 // sigmoid of channel_attention's and cbam's gate logits and of cbam's scores, 1 / (1 + exp(-s)), in
 // vectors with the last one partial, so that every element gets the same instructions whatever the
 // thread split; this code is built for AVX2 only, so every CPU runs the same instructions
-// (ATen's vectorized sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels).
+// (ATen's vectorized sigmoid rounds float64 differently in its AVX2 and AVX-512 kernels). Here
 // w = sigmoid(s) for the vectors [begin, end) of a map of `numel` values (`w` may be `s`).
 template <typename T>
 void sigmoid_vectors(const T* s, T* w, int64_t numel, int64_t begin, int64_t end) {
