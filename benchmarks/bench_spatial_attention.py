@@ -6,11 +6,14 @@ score parameters).
   `torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)`, conv, sigmoid, multiply.
 - softmax: soft_attention(normalize="softmax") vs `x * P * softmax(scores over positions)`.
 - hard: hard_attention(mode="topk", k = P / 4) vs the eager straight-through composition
-  (`topk` + `scatter` for the mask, `mask - soft.detach() + soft`, multiply).
+  (`topk` + `scatter` for the mask, `mask - soft.detach() + soft`, multiply). Both return
+  (y, mask), the operator's outputs: with C score channels the mask is as large as x, and a
+  composition returning y alone would never write it.
 - pool: soft_attention_pool vs `(x * softmax(scores over positions)).sum(positions)`.
 - sigmoid, threshold (not in the default set): soft_attention(normalize="sigmoid") vs
-  `x * sigmoid(scores)`, hard_attention(mode="threshold") vs its straight-through composition;
-  with --channel-scores these take the per-element path.
+  `x * sigmoid(scores)`, hard_attention(mode="threshold") vs its straight-through composition
+  (both returning (y, mask), as for hard); with --channel-scores these take the per-element
+  path.
 
     python benchmarks/bench_spatial_attention.py                  # CPU, float32, (8, 64, 112, 112)
     python benchmarks/bench_spatial_attention.py --device cuda --dtype bfloat16
@@ -25,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cnn_attention  # noqa: E402
-from common import block_arguments, measure_all, median_ms, print_table  # noqa: E402
+from common import block_arguments, first_output, measure_all, median_ms, print_table  # noqa: E402
 
 # Bytes an operator must move, in units of |x|: (forward, backward). soft_attention and
 # hard_attention read x and write y, then read grad_y and x and write grad_x;
@@ -68,14 +71,15 @@ def eager_hard_topk(k):
         soft = torch.sigmoid(scores)
         index = scores.flatten(2).topk(k, -1).indices
         mask = torch.zeros_like(soft.flatten(2)).scatter_(-1, index, 1.0).view_as(soft)
-        return x * (mask - soft.detach() + soft)
+        return x * (mask - soft.detach() + soft), mask
 
     return run
 
 
 def eager_hard_threshold(x, scores):
     soft = torch.sigmoid(scores)
-    return x * ((soft > 0.5).to(x.dtype) - soft.detach() + soft)
+    mask = (soft > 0.5).to(x.dtype)
+    return x * (mask - soft.detach() + soft), mask
 
 
 def eager_pool(x, scores):
@@ -98,14 +102,14 @@ def candidates_for(op, shape, device, dtype, compile_eager, score_channels, layo
         ours = WithScores(cnn_attention.functional.soft_attention, scores)
         eager = WithScores(lambda x, s: x * torch.sigmoid(s), scores.clone())
     elif op == "threshold":
-        ours = WithScores(lambda x, s: cnn_attention.functional.hard_attention(x, s)[0], scores)
+        ours = WithScores(cnn_attention.functional.hard_attention, scores)
         eager = WithScores(eager_hard_threshold, scores.clone())
     elif op == "softmax":
         ours = WithScores(lambda x, s: cnn_attention.functional.soft_attention(x, s, "softmax"), scores)
         eager = WithScores(eager_softmax, scores.clone())
     elif op == "hard":
         k = positions // 4
-        ours = WithScores(lambda x, s: cnn_attention.functional.hard_attention(x, s, "topk", k=k)[0], scores)
+        ours = WithScores(lambda x, s: cnn_attention.functional.hard_attention(x, s, "topk", k=k), scores)
         eager = WithScores(eager_hard_topk(k), scores.clone())
     else:
         ours = WithScores(cnn_attention.functional.soft_attention_pool, scores)
@@ -144,7 +148,7 @@ def main() -> None:
             found = candidates_for(op, shape, device, dtype, not args.no_compile,
                                    shape[1] if args.channel_scores else 1, layout)
             with torch.no_grad():
-                grad = torch.randn_like(found["cnn_attention"](x))
+                grad = torch.randn_like(first_output(found["cnn_attention"](x)))
             results = measure_all(found, x, grad, device, args.repeat)
             rows.append((f"{op}, {layout}", results))
             if device == "cuda" and op in FLOORS:

@@ -80,10 +80,17 @@ def interleaved_ms(fns, device: str, repeat: int, warmup: int = 3):
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
+def first_output(output):
+    """A module's output, or the first of several (y of an operator that also returns outputs
+    without a gradient, as hard_attention's mask)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repeat: int, references=None):
     """{name: ((forward median, min), (forward+backward median, min))} in ms, side by side.
-    `references` ({name: function}) are timed in the forward+backward rounds as well, and
-    returned as {name: (median, min)} after the modules' results."""
+    The backward runs from the modules' first outputs (`first_output`). `references`
+    ({name: function}) are timed in the forward+backward rounds as well, and returned as
+    {name: (median, min)} after the modules' results."""
     xg = x.detach().requires_grad_(True)
 
     def forward(module):
@@ -97,7 +104,7 @@ def measure_all(modules, x: torch.Tensor, grad: torch.Tensor, device: str, repea
         def run():
             # As for an activation inside a network: x's gradient is stored, not accumulated.
             xg.grad = None
-            module(xg).backward(grad)
+            first_output(module(xg)).backward(grad)
 
         return run
 
