@@ -1339,8 +1339,8 @@ constexpr int64_t kSampleTaskBytes = 512 * 1024;
 // y = x * w[n, c] * sigmoid(conv(pool(x * w)) / T)[n, p]. Where the samples are small (the deep
 // stages' maps) and each thread gets one or more, one task per sample pools it, runs the score
 // head and writes its y: the last step rereads the sample's x from cache, and one parallel region
-// replaces four (at 4 x 4 to 16 x 16 maps 0.90x to 0.93x the time of the steps over the
-// batch; at 32 x 32 and larger no faster). Otherwise each step runs over the batch in
+// replaces four. Larger samples gain nothing from it (the whole x is then read from the
+// last-level cache either way: see docs/benchmarks.md), and each step runs over the batch in
 // parallel. Either way each value is computed by the same code on the same position blocks,
 // rows and vectors, so the result does not depend on the number of threads.
 void spatial_half_cpu(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& conv_weight,
