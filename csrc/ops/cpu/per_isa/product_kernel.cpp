@@ -4,7 +4,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -33,10 +33,10 @@ constexpr int kTileRows = 8;
 // 4 rows by 3 vectors: 12 of the 16 vector registers hold sums.
 constexpr int kTileRows = 4;
 #endif
-// The last columns, fewer than a vector, run as tiles of one vector where the instruction set
-// has masked stores: their b rows are read from a copy padded with zeros to whole vectors
-// (pad_last_columns, or pack_b's last chunk) and only the tile's sums are stored or loaded
-// with a mask. A column computed one at a time is a chain of dependent multiply-adds, bound by
+// The last columns, fewer than a vector, run as tiles of one vector (of half the width where they
+// fit in it, HalfLanes) where the instruction set has masked stores: their b rows are read from
+// a copy padded with zeros to whole vectors (pad_last_columns, or pack_b's last chunk) and only
+// the tile's sums are stored or loaded with a mask. A column computed one at a time is a chain of dependent multiply-adds, bound by
 // their latency: with products 49 columns wide (a 7 x 7 map's positions) the forward of a
 // 2048-channel block took 110 ms that way, 77 ms with the mask. b itself read with masked
 // loads along k ran at half the speed of whole vectors in the AVX-512 build: GCC cannot move
@@ -93,6 +93,91 @@ struct FirstLanes {
 #endif
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// A vector of AVX2's width (8 floats, 4 doubles) with what product_tile asks of a vector type.
+template <typename T>
+struct HalfNative {
+  using type = __m256;
+};
+template <>
+struct HalfNative<double> {
+  using type = __m256d;
+};
+
+template <typename T>
+struct HalfVector {
+  using Native = typename HalfNative<T>::type;
+  Native v;
+
+  HalfVector() = default;
+  HalfVector(Native v) : v(v) {}
+  explicit HalfVector(T value) {
+    if constexpr (std::is_same_v<T, float>) {
+      v = _mm256_set1_ps(value);
+    } else {
+      v = _mm256_set1_pd(value);
+    }
+  }
+  static constexpr int64_t size() { return 32 / sizeof(T); }
+  static HalfVector loadu(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_loadu_ps(p);
+    } else {
+      return _mm256_loadu_pd(p);
+    }
+  }
+  HalfVector operator*(const HalfVector& other) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_mul_ps(v, other.v);
+    } else {
+      return _mm256_mul_pd(v, other.v);
+    }
+  }
+  HalfVector operator+(const HalfVector& other) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_add_ps(v, other.v);
+    } else {
+      return _mm256_add_pd(v, other.v);
+    }
+  }
+};
+
+template <typename T>
+HalfVector<T> fmadd(const HalfVector<T>& a, const HalfVector<T>& b, const HalfVector<T>& c) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_fmadd_ps(a.v, b.v, c.v);
+  } else {
+    return _mm256_fmadd_pd(a.v, b.v, c.v);
+  }
+}
+
+// The first `count` columns, at most half a vector, in vectors of half the width, with
+// AVX-512VL's masks: a 512-bit multiply-add with half its lanes masked off costs what a whole
+// one does (on AMD's Zen 4, which runs it as two 256-bit halves, twice what a 256-bit one
+// does), and products a few columns wide are common (the channel MLP's forward has one column
+// per sample). Each lane's chain of fused multiply-adds is the same at either width.
+template <typename T>
+struct HalfLanes {
+  using Vec = HalfVector<T>;
+  __mmask8 mask;
+  explicit HalfLanes(int64_t count) : mask(static_cast<__mmask8>((1u << count) - 1)) {}
+  Vec load(const T* p) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_maskz_loadu_ps(mask, p);
+    } else {
+      return _mm256_maskz_loadu_pd(mask, p);
+    }
+  }
+  void store(const Vec& v, T* p) const {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_mask_storeu_ps(p, mask, v.v);
+    } else {
+      _mm256_mask_storeu_pd(p, mask, v.v);
+    }
+  }
+};
+#endif
+
 // A b of at most this many bytes (its rows counted as read_width) stays in a core's L2 cache
 // (512 KiB on the AMD EPYC measured, more on Intel's) while each row group streams all of it:
 // one pass over k, nothing copied but the last columns' padded rows.
@@ -141,12 +226,13 @@ struct Sums {
 // The sums of a (kRows x kVecs vectors) tile over l < k of a(i, l) * b(l, :), with
 // a(i, l) = a[i * a_row + l * a_col] (any strides: a row-major block, or with a_row = 1 a
 // transposed one) and b row-major with contiguous rows of whole vectors. The sums stay in
-// registers; b's vectors are loaded once per l for all kRows rows. `lanes` reads and writes the
-// sums' columns (all, or the first few with kVecs = 1).
+// registers; b's vectors are loaded once per l for all kRows rows. `lanes` gives the vector type
+// and reads and writes the sums' columns (all, or the first few with kVecs = 1).
 template <DepthStage kStage, typename T, int kRows, int kVecs, typename Lanes>
 C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b,
                                     int64_t ldb, const Sums<T>& ends, const Lanes& lanes) {
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = typename Lanes::Vec;
+  using at::vec::fmadd;
   Vec sums[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
@@ -165,7 +251,7 @@ C10_ALWAYS_INLINE void product_tile(int64_t k, const T* a, int64_t a_row, int64_
     for (int r = 0; r < kRows; ++r) {
       const Vec weight(*a_rows[r]);
       a_rows[r] += a_col;
-      for (int v = 0; v < kVecs; ++v) sums[r][v] = at::vec::fmadd(weight, b_columns[v], sums[r][v]);
+      for (int v = 0; v < kVecs; ++v) sums[r][v] = fmadd(weight, b_columns[v], sums[r][v]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -292,6 +378,13 @@ C10_ALWAYS_INLINE void tile(int64_t i, RowsTag, int64_t j, Width width, const AO
     product_tile<kStage, T, kRows, Width::value>(a.depth, a_rows, a_row, a_col, b_tile, ldb, ends,
                                                  WholeVectors<T>{});
   } else if constexpr (kMaskedLastColumns) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (width <= HalfVector<T>::size()) {
+      product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b_tile, ldb, ends,
+                                        HalfLanes<T>(width));
+      return;
+    }
+#endif
     product_tile<kStage, T, kRows, 1>(a.depth, a_rows, a_row, a_col, b_tile, ldb, ends,
                                       FirstLanes<T>(width));
   } else {
