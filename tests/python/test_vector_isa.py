@@ -99,8 +99,8 @@ for dtype in (torch.float32, torch.float64):
     module = cnn_attention.ChannelAttention(72, reduction=4, pool="avgmax")
     x = torch.randn(5, 72, 9, 7, generator=torch.Generator().manual_seed(4))
     trained(f"channel-{dtype}", module.to(dtype), x.to(dtype))
-    # Three samples: the MLP's forward products are three columns wide, at most half a vector
-    # of either dtype in either build (the AVX-512 build's half-width tiles).
+    # Three samples: the MLP's forward products are three columns wide, at most half an
+    # AVX-512 vector of either dtype (the AVX-512 build's 256-bit tiles).
     torch.manual_seed(3)
     module = cnn_attention.ChannelAttention(72, reduction=4, pool="avg")
     x = torch.randn(3, 72, 9, 7, generator=torch.Generator().manual_seed(4))
