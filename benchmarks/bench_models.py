@@ -17,6 +17,7 @@ rounds; a training step is forward, backward and an SGD step):
   references), each module timed inside the network during inference (forward hooks; median
   per call over the rounds, by stage) and summed over the network's 16 modules: what each
   costs where its input comes from the layer before it rather than from a benchmark's cache.
+  With ``--warm-parameters`` each module's parameters are read just before its timed call.
 - ``--table profile``: where the time of a training step of ResNet-50 with our CBAM goes
   (torch.profiler, self CPU time per step): each of our operators, the score head's
   convolution, and the whole step; then our operators per call by input shape.
@@ -250,6 +251,9 @@ def stages_table(args, x, labels):
         times = calls[name] = {}
 
         def start(module, inputs):
+            if args.warm_parameters:
+                for parameter in module.parameters():
+                    parameter.sum()
             sync(args.device)
             module.started = time.perf_counter()
 
@@ -276,7 +280,9 @@ def stages_table(args, x, labels):
     print(f"### The modules in every bottleneck of timm resnet50, timed inside the network during inference: batch "
           f"{args.batch}, {args.size}x{args.size}, float32, {args.device}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; median ms per call over {args.repeat} interleaved rounds, by the stage's channels, "
-          f"and their sum over the network's modules")
+          f"and their sum over the network's modules"
+          + ("; each module's parameters read just before its call, outside the timed part" if args.warm_parameters
+             else ""))
     print()
     print("| module | " + " | ".join(f"C = {c} ({len(calls[order[0]][c]) // args.repeat} calls)" for c in stages)
           + " | all modules per inference |")
@@ -348,6 +354,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the eager models")
     parser.add_argument("--models", default="", help="only the zoo models whose names contain this text")
+    parser.add_argument("--warm-parameters", action="store_true",
+                        help="stages table: read each module's parameters just before its timed call (what the "
+                             "parameters' trip from memory costs inside the network is the difference)")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
